@@ -1,0 +1,91 @@
+"""Presets are small functions deriving from `base()`: state what differs, inherit the rest.
+
+- tiny:  the whole end-to-end pipeline on a 2-core CPU in minutes (2 layers, hidden 64).
+- small: one H200 (~1.2B total / ~0.15B activated parameters, 64K context).
+- v32:   DeepSeek-V3.2's real dimensions, for planning and meta-device instantiation.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from dsaforge.config.base import ConfigError
+from dsaforge.config.sections import Config
+
+
+def base() -> Config:
+    """Defaults: DeepSeek-V3.2's architecture (the model section's defaults) and the paper's stage settings."""
+    return Config(preset="base")
+
+
+def v32() -> Config:
+    cfg = base()
+    cfg.preset = "v32"
+    cfg.model.n_mtp_layers = 1
+    cfg.data.seq_len = 131072
+    cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.pp = 8, 64, 8
+    cfg.parallel.nproc_per_node, cfg.parallel.nnodes = 8, 256
+    cfg.pipeline.gpus_per_stage = 8
+    return cfg
+
+
+def small() -> Config:
+    cfg = base()
+    cfg.preset = "small"
+    m = cfg.model
+    m.vocab_size, m.dim, m.inter_dim, m.moe_inter_dim = 32768, 1024, 2816, 512
+    m.n_layers, m.n_dense_layers, m.n_heads = 12, 1, 16
+    m.n_routed_experts, m.n_shared_experts, m.n_activated_experts = 64, 1, 6
+    m.n_expert_groups, m.n_limited_groups = 8, 4
+    m.q_lora_rank, m.kv_lora_rank = 384, 256
+    m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim = 64, 64, 64
+    m.index_n_heads, m.index_head_dim, m.index_topk = 16, 128, 2048
+    m.max_seq_len, m.original_seq_len, m.rope_factor = 65536, 4096, 16.0
+    cfg.data.seq_len = 4096
+    t = cfg.train
+    t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size, t.pretrain.seq_len = 2000, 6e-4, 32, 4096
+    t.warmup.steps, t.warmup.batch_size, t.warmup.seq_len = 200, 8, 16384
+    t.sparse.steps, t.sparse.lr, t.sparse.batch_size, t.sparse.seq_len = 500, 7.3e-6, 8, 16384
+    cfg.pipeline.gpus_per_stage = 1
+    cfg.synth.tasks_per_class, cfg.synth.envs_per_class = 2000, 200
+    return cfg
+
+
+def tiny() -> Config:
+    cfg = base()
+    cfg.preset = "tiny"
+    m = cfg.model
+    m.vocab_size, m.dim, m.inter_dim, m.moe_inter_dim = 2048, 64, 128, 32
+    m.n_layers, m.n_dense_layers, m.n_heads = 2, 1, 4
+    m.n_routed_experts, m.n_shared_experts, m.n_activated_experts = 8, 1, 2
+    m.n_expert_groups, m.n_limited_groups = 4, 2
+    m.q_lora_rank, m.kv_lora_rank = 32, 32
+    m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim = 16, 8, 16
+    m.index_n_heads, m.index_head_dim, m.index_topk = 4, 16, 32
+    m.max_seq_len, m.original_seq_len, m.rope_factor = 512, 512, 1.0
+    d = cfg.data
+    d.max_documents, d.seq_len, d.shard_sequences, d.val_fraction = 400, 128, 1024, 0.05
+    d.tokenizer_train_bytes = 4_000_000
+    t = cfg.train
+    t.dtype = "float32"
+    t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size, t.pretrain.seq_len = 200, 3e-3, 8, 128
+    t.pretrain.warmup_steps = 20
+    t.warmup.steps, t.warmup.batch_size, t.warmup.seq_len = 60, 4, 128
+    t.sparse.steps, t.sparse.lr, t.sparse.batch_size, t.sparse.seq_len = 60, 3e-4, 4, 128
+    for s in (t.pretrain, t.warmup, t.sparse):
+        s.eval_every, s.ckpt_every, s.eval_batches = 20, 50, 2
+    cfg.rl.steps, cfg.rl.group_size, cfg.rl.prompts_per_step, cfg.rl.max_new_tokens = 4, 4, 4, 32
+    cfg.synth.tasks_per_class, cfg.synth.envs_per_class, cfg.synth.pass_k = 6, 3, 2
+    cfg.synth.max_difficulty = 2
+    cfg.eval.max_samples, cfg.eval.max_new_tokens = 16, 32
+    cfg.tracking.system_metrics_interval_s = 2.0
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], Config]] = {"tiny": tiny, "small": small, "v32": v32, "base": base}
+
+
+def preset(name: str) -> Config:
+    """The named preset, validated as a whole (presets assign fields one by one, so cross-field checks run here)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return Config.model_validate(PRESETS[name]().model_dump())

@@ -1,0 +1,154 @@
+"""One typed section per concern. Every field has a default so a preset only states what differs."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from dsaforge.config.base import Section
+from dsaforge.config.model import ModelConfig
+
+
+class DataConfig(Section):
+    sources: list[str] = Field(
+        default_factory=lambda: ["python-stdlib"],
+        description="Local files/dirs (.txt, .jsonl, .parquet), fsspec URIs (s3://...), or the built-in 'python-stdlib'.")
+    text_field: str = Field("text", description="Column/key holding the text in jsonl and parquet inputs.")
+    max_documents: Optional[int] = Field(None, gt=0, description="Stop ingesting after this many documents.")
+    min_doc_bytes: int = Field(16, ge=1)
+    max_doc_bytes: int = Field(1_000_000, gt=0, description="Longer documents are truncated at a UTF-8 boundary.")
+    dedup: bool = Field(True, description="Drop exact duplicate documents (by sha256 of the text).")
+    seq_len: int = Field(4096, gt=1, description="Tokens per packed training sequence.")
+    val_fraction: float = Field(0.02, ge=0, lt=1, description="Share of documents held out for validation.")
+    shard_sequences: int = Field(8192, gt=0, description="Packed sequences per Parquet shard.")
+    tokenizer_train_bytes: int = Field(200_000_000, gt=0, description="Corpus bytes the BPE tokenizer is trained on.")
+    seed: int = 0
+
+
+class StageTrainConfig(Section):
+    steps: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(8, gt=0, description="Sequences per optimizer step (global).")
+    micro_batch_size: int = Field(1, gt=0)
+    seq_len: int = Field(4096, gt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    indexer_loss_weight: float = Field(1.0, ge=0)
+    eval_every: int = Field(100, gt=0)
+    eval_batches: int = Field(4, gt=0)
+    ckpt_every: int = Field(500, gt=0)
+    keep_last: int = Field(2, gt=0)
+
+
+class TrainConfig(Section):
+    # Paper §2.1: dense warm-up at lr 1e-3 trains only the indexer; sparse training at lr 7.3e-6 trains all.
+    pretrain: StageTrainConfig = Field(default_factory=lambda: StageTrainConfig(steps=1000, lr=3e-4, warmup_steps=100))
+    warmup: StageTrainConfig = Field(default_factory=lambda: StageTrainConfig(steps=1000, lr=1e-3, batch_size=16, seq_len=131072))
+    sparse: StageTrainConfig = Field(default_factory=lambda: StageTrainConfig(steps=15000, lr=7.3e-6, batch_size=480, seq_len=131072))
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    deterministic: bool = False
+
+
+class ParallelConfig(Section):
+    tp: int = Field(1, gt=0, description="Tensor-parallel size.")
+    pp: int = Field(1, gt=0, description="Pipeline-parallel size.")
+    ep: int = Field(1, gt=0, description="Expert-parallel size.")
+    nproc_per_node: int = Field(1, gt=0)
+    nnodes: int = Field(1, gt=0)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelConfig":
+        if self.world_size % (self.tp * self.pp):
+            raise ValueError(f"world size {self.world_size} is not divisible by tp*pp = {self.tp * self.pp}")
+        return self
+
+
+class RLConfig(Section):
+    steps: int = Field(100, gt=0)
+    lr: float = Field(1e-6, gt=0)
+    group_size: int = Field(16, gt=1, description="G samples per prompt (GRPO).")
+    prompts_per_step: int = Field(32, gt=0)
+    clip_eps_low: float = Field(0.2, gt=0)
+    clip_eps_high: float = Field(0.28, gt=0)
+    kl_coef: float = Field(0.001, ge=0, description="Weight of the unbiased K3 KL to the reference policy.")
+    opsm_delta: float = Field(0.1, ge=0, description="Off-policy sequence masking threshold on mean log(pi_old/pi_theta).")
+    keep_routing: bool = True
+    keep_sampling_mask: bool = True
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = no top-k truncation.")
+    max_new_tokens: int = Field(1024, gt=0)
+    length_penalty: float = Field(0.0, ge=0)
+
+
+class SandboxConfig(Section):
+    backend: Literal["bwrap", "unsafe-subprocess"] = "bwrap"
+    cpu_seconds: int = Field(10, gt=0)
+    wall_seconds: float = Field(20.0, gt=0)
+    memory_mb: int = Field(1024, gt=0)
+    max_processes: int = Field(64, gt=0)
+    max_output_bytes: int = Field(1_000_000, gt=0)
+
+
+class SynthConfig(Section):
+    agent_classes: list[Literal["general", "code", "search", "code_interpreter"]] = Field(
+        default_factory=lambda: ["general", "code", "search", "code_interpreter"])
+    tasks_per_class: int = Field(1000, gt=0)
+    envs_per_class: int = Field(100, gt=0)
+    max_difficulty: int = Field(5, gt=0)
+    pass_k: int = Field(8, gt=0, description="Samples for the non-zero pass@k filter.")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of environments held out for evaluation.")
+    workers: int = Field(2, gt=0)
+    seed: int = 0
+    llm_endpoint: Optional[str] = Field(None, description="OpenAI-compatible base URL for the LLM-driven mode.")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+
+
+class EvalConfig(Section):
+    suites: list[str] = Field(default_factory=lambda: ["lm", "synth-heldout"])
+    max_samples: int = Field(500, gt=0)
+    max_new_tokens: int = Field(1024, gt=0)
+    temperature: float = Field(0.0, ge=0)
+
+
+class TrackingConfig(Section):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else SQLite under pipeline.home.")
+    experiment: str = "dsaforge"
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+
+class PipelineConfig(Section):
+    home: str = Field(".dsaforge", description="Local state: MLflow store, KFP outputs, run records.")
+    image: str = Field("dsaforge:0.1.0", description="Container image for cluster runs.")
+    namespace: str = "kubeflow"
+    gpu_type: str = Field("nvidia.com/gpu", description="Accelerator resource name on the cluster.")
+    gpus_per_stage: int = Field(0, ge=0)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    gpu_toleration: bool = True
+    caching: bool = False
+
+
+class Config(Section):
+    preset: str = "base"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)

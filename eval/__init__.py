@@ -1,0 +1,1 @@
+"""dsaforge.eval."""
