@@ -1,0 +1,1 @@
+"""Corpus ingestion, tokenizer training and packed Parquet token shards."""
