@@ -1,0 +1,287 @@
+"""Sandbox for every piece of untrusted code in task synthesis: tools, verifiers, reference solutions,
+model-written code, and the tests of code-agent tasks.
+
+Backend "bwrap" (bubblewrap, Debian package `bubblewrap`): new network, PID, IPC and UTS namespaces, the host
+root mounted read-only, home directories hidden, one private writable directory mounted at /tmp, and
+CPU / address-space / process / file-size limits applied with `prlimit` inside the sandbox; a wall-clock timer
+and an output cap are enforced from outside.
+
+Why the limits are applied *inside* the sandbox, after the uid change: RLIMIT_NPROC does not apply to uid 0
+(the kernel exempts INIT_USER), so when dsaforge runs as root the sandboxed process first drops to a
+per-process unprivileged uid with `setpriv`; as an ordinary user bwrap creates a user namespace instead, and the
+process limit is then counted inside that namespace only, not against the user's other processes.
+
+Backend "unsafe-subprocess" runs the same command as a plain subprocess with the same rlimits but no
+isolation; it exists for machines without bubblewrap and must be asked for by name.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from dsaforge.config import SandboxConfig
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap is missing or cannot create namespaces here, and the unsafe fallback was not asked for."""
+
+
+@dataclass
+class SandboxResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    timed_out: bool = False
+    output_truncated: bool = False
+    killed_by: Optional[str] = None      # "wall", "output", or the signal name that ended the process
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and not self.output_truncated
+
+    def describe(self) -> str:
+        if self.timed_out:
+            return f"wall-clock limit reached after {self.wall_s:.1f}s"
+        if self.output_truncated:
+            return "output limit reached"
+        if self.killed_by:
+            return f"killed by {self.killed_by}"
+        return f"exit code {self.returncode}"
+
+
+# Signals that mean "a limit was hit" when they end the sandboxed process.
+_LIMIT_SIGNALS = {signal.SIGXCPU: "SIGXCPU (cpu limit)", signal.SIGKILL: "SIGKILL", signal.SIGXFSZ: "SIGXFSZ (file size limit)",
+                  signal.SIGSEGV: "SIGSEGV", signal.SIGABRT: "SIGABRT"}
+
+
+def _python_roots() -> list[str]:
+    """Directories the interpreter needs; re-exposed when home directories are hidden."""
+    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    roots.add(os.path.dirname(os.path.realpath(sys.executable)))
+    return sorted(roots)
+
+
+@dataclass
+class Sandbox:
+    """`Sandbox(cfg).run([python, "job.py"], files={"job.py": src})` -> SandboxResult.
+
+    `hide` lists host paths made invisible inside the sandbox (an empty file over a file, an empty tmpfs over a
+    directory): the synthesis output directory (gold patches, answers) and, for code-agent tasks, the pristine
+    copy of the module a bug was injected into.
+    """
+    cfg: SandboxConfig = field(default_factory=SandboxConfig)
+    hide: Sequence[str] = ()
+    uid_base: int = 60000          # root case: sandboxed processes run as uid_base + pid % 20000
+
+    def __post_init__(self) -> None:
+        self.backend = self.cfg.backend
+        if self.backend == "bwrap":
+            problem = bwrap_problem()
+            if problem:
+                raise SandboxUnavailable(
+                    f"the bubblewrap sandbox is unavailable: {problem}. Install the Debian package `bubblewrap` "
+                    "(apt-get install -y bubblewrap), or set synth.sandbox.backend=unsafe-subprocess to run "
+                    "untrusted code without isolation (never on shared machines).")
+
+    @property
+    def python(self) -> str:
+        return sys.executable
+
+    # -- command construction ------------------------------------------------------------------------------------
+    def _limits(self) -> list[str]:
+        c = self.cfg
+        mem = c.memory_mb * 1024 * 1024
+        # --fsize caps each file written in the private directory (disk abuse); --core=0: no core dumps there.
+        return ["prlimit", f"--as={mem}", f"--cpu={c.cpu_seconds}", f"--nproc={c.max_processes}",
+                f"--fsize={max(mem, c.max_output_bytes)}", "--core=0", "--nofile=256", "--"]
+
+    def _bwrap_argv(self, workdir: str, argv: Sequence[str]) -> list[str]:
+        root = os.geteuid() == 0
+        cmd = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        # Hide home directories (credentials, other users' work) but keep the interpreter reachable.
+        for home in ("/root", "/home"):
+            if os.path.isdir(home):
+                cmd += ["--tmpfs", home]
+        made: set[str] = set()
+        for r in _python_roots():
+            if r.startswith(("/root/", "/home/")):
+                # bwrap would create the parents as 0700 root-owned; the sandbox uid must traverse them.
+                parts = Path(r).parts
+                for i in range(3, len(parts)):
+                    d = str(Path(*parts[:i]))
+                    if d not in made:
+                        made.add(d)
+                        cmd += ["--perms", "0755", "--dir", d]
+                cmd += ["--ro-bind", r, r]
+        for h in self.hide:
+            if os.path.isdir(h):
+                cmd += ["--tmpfs", h]
+            elif os.path.exists(h):
+                cmd += ["--ro-bind", _empty_file(), h]   # /dev/null would be a device node on a nodev mount
+        cmd += ["--bind", workdir, "/tmp", "--chdir", "/tmp",
+                "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+                "--die-with-parent", "--new-session"]
+        if root:
+            uid = str(self.uid_base + os.getpid() % 20000)
+            cmd += ["--", "setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--no-new-privs",
+                    "--inh-caps=-all", "--bounding-set=-all"]
+        else:
+            cmd += ["--unshare-user", "--cap-drop", "ALL"]
+        return cmd + ["--"] + self._limits() + list(argv)
+
+    def _env(self) -> dict[str, str]:
+        path = os.pathsep.join([os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"])
+        return {"PATH": path, "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
+                "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": "/tmp", "OPENBLAS_NUM_THREADS": "1",
+                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    # -- running -------------------------------------------------------------------------------------------------
+    def run(self, argv: Sequence[str], files: Optional[Mapping[str, str | bytes]] = None,
+            workdir: Optional[str | Path] = None, stdin: Optional[str] = None,
+            wall_seconds: Optional[float] = None) -> SandboxResult:
+        """Run argv with `files` written into a fresh private directory (or into `workdir`, which is used as the
+        private directory and kept). Paths in argv refer to the sandbox's view: the private directory is /tmp."""
+        own = workdir is None
+        wd = Path(tempfile.mkdtemp(prefix="dsaforge-sbx-")) if own else Path(workdir)
+        try:
+            for rel, data in (files or {}).items():
+                p = wd / rel
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(data.encode() if isinstance(data, str) else data)
+            return self._run_in(wd, argv, stdin, wall_seconds or self.cfg.wall_seconds)
+        finally:
+            if own:
+                shutil.rmtree(wd, ignore_errors=True)
+
+    def _run_in(self, wd: Path, argv: Sequence[str], stdin: Optional[str], wall: float) -> SandboxResult:
+        if self.backend == "bwrap":
+            if os.geteuid() == 0:
+                uid = self.uid_base + os.getpid() % 20000
+                for p in [wd, *wd.rglob("*")]:
+                    os.lchown(p, uid, uid)
+            cmd, cwd, preexec = self._bwrap_argv(str(wd), argv), None, None
+        else:
+            cmd, cwd = self._limits() + [a.replace("/tmp/", f"{wd}/") if a.startswith("/tmp/") else a for a in argv], str(wd)
+            preexec = None
+        env = self._env()
+        if self.backend != "bwrap":
+            env["HOME"] = env["TMPDIR"] = str(wd)
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec)
+        cap = self.cfg.max_output_bytes
+        out, err, over = bytearray(), bytearray(), threading.Event()
+
+        def pump(stream, buf):
+            # Read in chunks and stop keeping bytes past the cap: a process printing forever must not fill memory.
+            while True:
+                chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+                if not chunk:
+                    break
+                room = cap - len(out) - len(err)
+                if room > 0:
+                    buf += chunk[:room]
+                if len(chunk) > max(room, 0):
+                    over.set()
+                    _kill(proc)
+                    break
+
+        threads = [threading.Thread(target=pump, args=(proc.stdout, out), daemon=True),
+                   threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
+        for t in threads:
+            t.start()
+        if stdin is not None:
+            try:
+                proc.stdin.write(stdin.encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        timed_out = False
+        try:
+            proc.wait(timeout=wall)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill(proc)
+            proc.wait()
+        for t in threads:
+            t.join(timeout=5)
+        rc = proc.returncode
+        killed_by = None
+        if timed_out:
+            killed_by = "wall"
+        elif over.is_set():
+            killed_by = "output"
+        elif rc < 0:
+            killed_by = _LIMIT_SIGNALS.get(-rc, f"signal {-rc}")
+        elif rc >= 128 and self.backend == "bwrap" and (rc - 128) in _LIMIT_SIGNALS:
+            killed_by = _LIMIT_SIGNALS[rc - 128]   # bwrap reports a signalled child as 128 + signo
+        return SandboxResult(rc, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - t0,
+                             timed_out=timed_out, output_truncated=over.is_set(), killed_by=killed_by)
+
+    def run_python(self, source: str, files: Optional[Mapping[str, str | bytes]] = None,
+                   stdin: Optional[str] = None, wall_seconds: Optional[float] = None) -> SandboxResult:
+        files = dict(files or {})
+        files["__main__.py"] = source
+        return self.run([self.python, "-I", "/tmp/__main__.py"], files=files, stdin=stdin, wall_seconds=wall_seconds)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    # The sandbox runs in its own session; killing the group takes bwrap, and with it (--die-with-parent, PID
+    # namespace) every process inside.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+_EMPTY: list[str] = []
+
+
+def _empty_file() -> str:
+    if not _EMPTY or not os.path.exists(_EMPTY[0]):
+        fd, path = tempfile.mkstemp(prefix="dsaforge-sbx-empty-")
+        os.close(fd)
+        os.chmod(path, 0o444)
+        _EMPTY[:] = [path]
+    return _EMPTY[0]
+
+
+_PROBE: dict[str, Optional[str]] = {}
+
+
+def bwrap_problem() -> Optional[str]:
+    """None when bubblewrap can start a sandbox here, else why not (cached per process)."""
+    if "r" in _PROBE:
+        return _PROBE["r"]
+    exe = shutil.which("bwrap")
+    if exe is None:
+        _PROBE["r"] = "`bwrap` is not on PATH"
+        return _PROBE["r"]
+    for tool in ("prlimit", "setpriv") if os.geteuid() == 0 else ("prlimit",):
+        if shutil.which(tool) is None:
+            _PROBE["r"] = f"`{tool}` (util-linux) is not on PATH"
+            return _PROBE["r"]
+    probe = Sandbox.__new__(Sandbox)
+    probe.cfg, probe.hide, probe.uid_base, probe.backend = SandboxConfig(), (), 60000, "bwrap"
+    wd = tempfile.mkdtemp(prefix="dsaforge-sbx-probe-")
+    try:
+        if os.geteuid() == 0:
+            os.chown(wd, 60000 + os.getpid() % 20000, 60000 + os.getpid() % 20000)
+        r = subprocess.run(probe._bwrap_argv(wd, ["/bin/true"]), capture_output=True, text=True, timeout=30,
+                           env=probe._env())
+        _PROBE["r"] = None if r.returncode == 0 else f"bwrap failed: {r.stderr.strip()[-300:]}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _PROBE["r"] = f"bwrap failed: {e}"
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+    return _PROBE["r"]
