@@ -32,7 +32,7 @@ class ModelConfig(Section):
     seq_aux_loss_alpha: float = Field(0.0, ge=0, description="Sequence-wise balance loss weight (0 = off).")
     bias_update_speed: float = Field(1e-3, ge=0, description="Auxiliary-loss-free balancing: step of the correction bias.")
     # mla
-    q_lora_rank: int = Field(1536, ge=0, description="0 means no low-rank query projection.")
+    q_lora_rank: int = Field(1536, gt=0, description="Query latent width; the indexer reads this latent, so it cannot be 0.")
     kv_lora_rank: int = Field(512, gt=0)
     qk_nope_head_dim: int = Field(128, gt=0)
     qk_rope_head_dim: int = Field(64, gt=0)
@@ -70,6 +70,10 @@ class ModelConfig(Section):
             per_group = self.n_routed_experts // self.n_expert_groups
             if self.n_activated_experts > self.n_limited_groups * per_group:
                 raise ValueError("n_activated_experts exceeds the experts reachable in n_limited_groups groups")
+            if self.n_expert_groups > 1 and self.score_func == "sigmoid" and per_group < 2:
+                # Group-limited routing ranks a group by the sum of its two best biased scores.
+                raise ValueError(f"each expert group needs >= 2 experts (n_routed_experts {self.n_routed_experts} / "
+                                 f"n_expert_groups {self.n_expert_groups} = {per_group})")
         if self.qk_rope_head_dim % 2 or self.index_head_dim % 2:
             raise ValueError("qk_rope_head_dim and index_head_dim must be even (RoPE rotates pairs)")
         if self.qk_rope_head_dim > self.index_head_dim:

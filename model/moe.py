@@ -1,0 +1,99 @@
+"""DeepSeekMoE: sigmoid router with a correction bias, group-limited top-k, shared expert, aux-loss-free balancing.
+
+N = B*S tokens, E = n_routed_experts, k = n_activated_experts, G = n_expert_groups.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsaforge.config.model import ModelConfig
+from dsaforge.model.layers import MLP
+
+
+class Gate(nn.Module):
+    """Router. The correction bias only steers *which* experts are chosen; the mixing weights come from the
+    unbiased scores, so the bias never enters the LM loss (DeepSeek-V3's auxiliary-loss-free balancing)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups = cfg.n_activated_experts, cfg.n_expert_groups, cfg.n_limited_groups
+        self.score_func, self.route_scale = cfg.score_func, cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # A buffer, not a parameter: it is moved by `update_router_bias`, never by the optimizer.
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Group-limited top-k on scores [N, E] -> expert indices [N, k]."""
+        biased = scores + self.bias if self.score_func == "sigmoid" else scores
+        if self.n_groups > 1:
+            grouped = biased.view(scores.shape[0], self.n_groups, -1)                     # [N, G, E/G]
+            # Sigmoid routing ranks groups by their two best biased scores; softmax (V2) by the best one.
+            group_scores = grouped.topk(2, -1)[0].sum(-1) if self.score_func == "sigmoid" else grouped.amax(-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1)[1]                         # [N, topk_groups]
+            drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            biased = grouped.masked_fill(drop[..., None], float("-inf")).flatten(1)
+        return biased.topk(self.topk, dim=-1)[1]
+
+    def forward(self, x: torch.Tensor, forced: Optional[torch.Tensor] = None):
+        """x [N, dim] -> (weights [N, k], indices [N, k], scores [N, E]). With `forced` indices the scores are still
+        computed, so the router keeps its gradient through the mixing weights (Keep Routing)."""
+        logits = F.linear(x.float(), self.weight.float())                                 # [N, E] fp32
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(-1)
+        with torch.no_grad():
+            indices = self.select(scores.detach()) if forced is None else forced
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(-1, keepdim=True)
+        return (weights * self.route_scale).to(x.dtype), indices, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
+        self.aux_alpha, self.bias_update_speed = cfg.seq_aux_loss_alpha, cfg.bias_update_speed
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        # Tokens routed to each expert since the last bias update (training only).
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor, forced: Optional[torch.Tensor] = None):
+        """x [B, S, dim], forced [B, S, k] or None -> (y [B, S, dim], indices [B, S, k], seq aux loss or None)."""
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)                                                           # [N, dim]
+        if forced is not None:
+            forced = forced.reshape(-1, self.topk).to(device=x.device, dtype=torch.long)
+        weights, indices, scores = self.gate(flat, forced)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)              # [E]
+        if self.training:
+            self.expert_load += counts.to(self.expert_load.dtype)
+        y = torch.zeros_like(flat)
+        for e in torch.nonzero(counts).flatten().tolist():   # only experts that received tokens
+            tok, slot = torch.where(indices == e)
+            y.index_add_(0, tok, self.experts[e](flat[tok]) * weights[tok, slot, None])
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        aux = self._seq_aux_loss(scores.view(b, s, -1), indices.view(b, s, -1)) if self.aux_alpha > 0 else None
+        return y.view(b, s, d), indices.view(b, s, self.topk), aux
+
+    def _seq_aux_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences.
+        f_i = E/(k S) * #tokens of the sequence routed to i; P_i = mean over the sequence of normalised scores."""
+        b, s, e = scores.shape
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)                               # [B, E]
+        f = torch.zeros(b, e, device=scores.device).scatter_add_(
+            1, indices.reshape(b, -1), torch.ones(b, s * self.topk, device=scores.device)) * (e / (self.topk * s))
+        return self.aux_alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """b_i += speed * sign(mean load - load_i): under-loaded experts become more likely to be picked."""
+        if self.expert_load.sum() > 0:
+            err = self.expert_load.mean() - self.expert_load
+            self.gate.bias += self.bias_update_speed * torch.sign(err)
+        self.expert_load.zero_()

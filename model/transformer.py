@@ -1,0 +1,269 @@
+"""DeepSeek-V3.2: embedding -> n_layers x (MLA+DSA, dense FFN or DeepSeekMoE) -> norm -> head, optional MTP.
+
+    model = Transformer(cfg.model)
+    out = model(tokens, mode="sparse")       # out.logits, out.indexer_loss (never added to anything for you)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsaforge.config.model import ModelConfig
+from dsaforge.kernels import causal_mask
+from dsaforge.model.attention import MLA, AttnContext, Form, LayerCache, Mode
+from dsaforge.model.layers import MLP, RMSNorm, rope_tables
+from dsaforge.model.moe import Gate, MoE
+
+MODES = ("dense", "warmup", "sparse")
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                                 # [B, S, V]
+    indexer_loss: Optional[torch.Tensor] = None          # mean of indexer_kl; None in dense mode
+    indexer_kl: Optional[list[torch.Tensor]] = None      # one scalar per layer (main layers, then MTP layers)
+    routing: Optional[list[torch.Tensor]] = None         # [B, S, k] expert indices per MoE layer that ran
+    aux_loss: Optional[torch.Tensor] = None              # sequence-wise balance loss (None when alpha = 0)
+    mtp_logits: Optional[list[torch.Tensor]] = None      # depth d: [B, S-d, V], position i predicts token i+d+1
+
+
+class Cache:
+    """Inference state for all main layers (MTP layers are not cached: they are a training-time objective)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache max_len {max_len} exceeds model max_seq_len {cfg.max_seq_len}")
+        self.batch_size, self.max_len = batch_size, max_len
+        self.layers = [LayerCache(batch_size, max_len, cfg, dtype, device) for _ in range(cfg.n_layers)]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
+
+    def forward(self, x, cos, sin, ctx: AttnContext, forced=None):
+        """x [B, S, dim] -> (x, indexer KL or None, expert indices or None, aux loss or None)."""
+        a, kl = self.attn(self.attn_norm(x), cos, sin, ctx)
+        x = x + a
+        if isinstance(self.ffn, MoE):
+            f, indices, aux = self.ffn(self.ffn_norm(x), forced)
+            return x + f, kl, indices, aux
+        return x + self.ffn(self.ffn_norm(x)), kl, None, None
+
+
+class MTPLayer(nn.Module):
+    """DeepSeek-V3 multi-token prediction depth: h' = eh_proj([enorm(emb(t_{i+d})); hnorm(h_i)]) -> Block.
+    The embedding and output head are the main model's (shared, as in the paper)."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg, moe)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)       # the shared head's own norm
+
+    def forward(self, h, emb, cos, sin, ctx, forced=None):
+        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
+        return self.block(x, cos, sin, ctx, forced)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # Presets assign fields one by one, so cross-field checks are re-run here.
+        self.cfg = cfg = ModelConfig.model_validate(cfg.model_dump())
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        has_moe = cfg.n_layers > cfg.n_dense_layers
+        self.mtp = nn.ModuleList(MTPLayer(cfg, moe=has_moe) for _ in range(cfg.n_mtp_layers))
+        self._rope: dict = {}      # device -> (cos, sin) in fp32; not buffers, so .to(bfloat16) cannot degrade them
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, Gate):
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for m in self.modules():   # router bias and load counters stay fp32 whatever the model dtype
+            if isinstance(m, MoE):
+                m.gate._buffers["bias"] = m.gate.bias.float()
+                m._buffers["expert_load"] = m.expert_load.float()
+        return self
+
+    def rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._rope:
+            self._rope[key] = rope_tables(self.cfg, device)
+        return self._rope[key]
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> Cache:
+        p = self.embed.weight
+        return Cache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, dtype=p.dtype, device=p.device)
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(isinstance(b.ffn, MoE) for b in self.layers)
+
+    def _check(self, tokens, mode, start_pos, cache, segment_ids, routing, attn_form) -> None:
+        cfg = self.cfg
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor [B, S], got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}"
+                             f"{'' if not isinstance(tokens, torch.Tensor) else ' ' + str(tokens.dtype)}")
+        b, s = tokens.shape
+        if s == 0:
+            raise ValueError("tokens has an empty sequence dimension")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if attn_form not in (None, "mha", "mqa"):
+            raise ValueError(f"attn_form must be None, 'mha' or 'mqa', got {attn_form!r}")
+        if start_pos < 0 or (start_pos > 0 and cache is None):
+            raise ValueError(f"start_pos={start_pos} needs a cache holding the earlier positions")
+        end = start_pos + s
+        if end > cfg.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed max_seq_len {cfg.max_seq_len}")
+        if cache is not None:
+            if b > cache.batch_size or end > cache.max_len:
+                raise ValueError(f"cache holds batch {cache.batch_size} x {cache.max_len} positions; this call needs "
+                                 f"batch {b} x {end}")
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) are for training forwards; not supported with a cache")
+        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size})")
+        if segment_ids is not None and tuple(segment_ids.shape) != (b, s):
+            raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must equal tokens shape {(b, s)}")
+        if routing is not None:
+            n_main = self.n_moe_layers
+            n_mtp = sum(isinstance(m.block.ffn, MoE) for m in self.mtp)
+            if len(routing) not in (n_main, n_main + n_mtp):
+                raise ValueError(f"routing has {len(routing)} entries; the model has {n_main} MoE layers "
+                                 f"(+{n_mtp} in MTP)")
+            for i, r in enumerate(routing):
+                if r is None:
+                    continue
+                want = (b, s if i < n_main else s - 1 - (i - n_main), cfg.n_activated_experts)
+                if tuple(r.shape) != want or r.is_floating_point():
+                    raise ValueError(f"routing[{i}] must be an integer tensor of shape {want}, got "
+                                     f"{tuple(r.shape)} {r.dtype}")
+                if r.min() < 0 or r.max() >= cfg.n_routed_experts:
+                    raise ValueError(f"routing[{i}] has expert ids outside [0, {cfg.n_routed_experts})")
+                if (r.sort(-1)[0].diff(dim=-1) == 0).any():
+                    raise ValueError(f"routing[{i}] repeats an expert within a token")
+
+    def forward(self, tokens: torch.Tensor, *, mode: Mode = "dense", start_pos: int = 0, cache: Optional[Cache] = None,
+                segment_ids: Optional[torch.Tensor] = None, routing: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                return_routing: bool = False, attn_form: Optional[Form] = None) -> ModelOutput:
+        """tokens [B, S] -> ModelOutput.
+
+        mode: "dense" (MLA only), "warmup" (dense attention + indexer KL to the head-summed attention),
+              "sparse" (top-k attention + indexer KL over the selected keys).
+        segment_ids [B, S]: packed documents; attention and indexer selection never cross a boundary.
+        routing: forced expert indices per MoE layer (entries may be None to route freely); the router still scores.
+        attn_form: force the MHA or absorbed-MQA form (default: MHA for multi-token dense/warmup calls, else MQA).
+        """
+        self._check(tokens, mode, start_pos, cache, segment_ids, routing, attn_form)
+        b, s = tokens.shape
+        end = start_pos + s
+        cos_all, sin_all = self.rope(tokens.device)
+        cos, sin = cos_all[start_pos:end], sin_all[start_pos:end]                 # [S, R/2]
+        allowed = causal_mask(s, end, tokens.device)[None]                         # [1, S, T]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])   # [B, S, S]
+
+        kls, routes, auxes = [], [], []
+        routing = list(routing) if routing is not None else []
+
+        def run(block, x, c, sn, mask, layer_cache, forced):
+            ctx = AttnContext(mode, start_pos, mask, self.cfg.index_topk, attn_form, layer_cache)
+            x, kl, idx, aux = block(x, c, sn, ctx, forced)
+            if kl is not None:
+                kls.append(kl)
+            if idx is not None:
+                routes.append(idx)
+            if aux is not None:
+                auxes.append(aux)
+            return x
+
+        h = self.embed(tokens)                                                     # [B, S, dim]
+        for i, block in enumerate(self.layers):
+            forced = routing[len(routes)] if len(routes) < len(routing) else None
+            h = run(block, h, cos, sin, allowed, cache.layers[i] if cache is not None else None, forced)
+        logits = self.head(self.norm(h))
+
+        mtp_logits = None
+        if len(self.mtp) and cache is None:
+            mtp_logits, h_prev = [], h
+            for d, layer in enumerate(self.mtp, start=1):
+                n = s - d
+                if n < 1:
+                    break
+                forced = routing[len(routes)] if len(routes) < len(routing) else None
+
+                def block_fn(x, c, sn, ctx, f, layer=layer, d=d):
+                    return layer(x, self.embed(tokens[:, d:]), c, sn, ctx, f)
+                h_prev = run(block_fn, h_prev[:, :-1], cos[:n], sin[:n], allowed[:, :n, :n], None, forced)
+                mtp_logits.append(self.head(layer.norm(h_prev)))
+
+        return ModelOutput(
+            logits=logits,
+            indexer_loss=torch.stack(kls).mean() if kls else None,
+            indexer_kl=kls or None,
+            routing=routes if return_routing else None,
+            aux_loss=torch.stack(auxes).sum() if auxes else None,
+            mtp_logits=mtp_logits,
+        )
+
+
+# ---------------------------------------------------------------- training helpers
+
+def indexer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The lightning indexers' parameters (the only ones the dense warm-up trains)."""
+    return [p for n, p in model.named_parameters() if ".indexer." in n]
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Everything except the indexers."""
+    return [p for n, p in model.named_parameters() if ".indexer." not in n]
+
+
+def set_trainable(model: nn.Module, mode: Mode) -> list[nn.Parameter]:
+    """Set requires_grad for a training stage and return the parameters to optimise.
+    warmup: only the indexer (paper §2.1). dense (pre-training): all but the indexer, which gets no signal there.
+    sparse: everything (the detach inside MLA keeps the two losses on their own parameters)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    idx = {id(p) for p in indexer_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(mode == "sparse" or (id(p) in idx) == (mode == "warmup"))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def update_router_bias(model: nn.Module) -> None:
+    """Auxiliary-loss-free balancing: call once after each optimizer step (uses the loads counted since the last call).
+    Under data parallelism, all-reduce each MoE's `expert_load` before calling this."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.update_bias()
+
+
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy: logits [B, S, V] at position i scored against tokens[:, i+1]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), ignore_index=ignore_index)
