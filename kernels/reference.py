@@ -50,3 +50,110 @@ def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scal
     probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)                   # rows with no key give 0
     out = torch.einsum("bshk,bskd->bshd", probs, gathered[..., :d_v].float())
     return out.to(q.dtype), lse
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extensions used by the fused kernels' tests: FP8 indexer simulation, varlen bounds, indexer KL, sparse decode.
+
+
+def key_bounds(s: int, t: int, cu_seqlens: torch.Tensor | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row the visible key range [start, end) (int32 [S] each), causal.
+
+    Without cu_seqlens the queries are the last S of T positions (one sequence). With cu_seqlens (int [N+1],
+    packed sequences, S == T) query s sees keys from its document's start up to and including itself.
+    """
+    pos = torch.arange(t - s, t, device=device, dtype=torch.int64)
+    end = pos + 1
+    if cu_seqlens is None:
+        start = torch.zeros_like(pos)
+    else:
+        if s != t:
+            raise ValueError(f"packed sequences need S == T, got S={s}, T={t}")
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        doc = torch.searchsorted(cu, pos, right=True) - 1                          # [S] document of each row
+        start = cu[doc]
+    return start.to(torch.int32), end.to(torch.int32)
+
+
+def bounds_mask(start: torch.Tensor, end: torch.Tensor, t: int) -> torch.Tensor:
+    """[S, T] bool from per-row [start, end)."""
+    ar = torch.arange(t, device=start.device)[None, :]
+    return (ar >= start[:, None].long()) & (ar < end[:, None].long())
+
+
+def act_quant_fp8(x: torch.Tensor, block: int = 128, round_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's `act_quant`: e4m3 with one fp32 scale per `block` of the last dim (amax/448, amax >= 1e-4,
+    the scale rounded up to a power of two as with scale_fmt=ue8m0). Returns (x_fp8, scale[..., D/block])."""
+    d = x.shape[-1]
+    if d % block:
+        raise ValueError(f"last dim {d} is not a multiple of the quantization block {block}")
+    xb = x.float().unflatten(-1, (d // block, block))
+    amax = xb.abs().amax(-1).clamp_min(1e-4)
+    scale = amax / 448.0
+    if round_scale:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    xq = (xb / scale[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return xq.flatten(-2), scale
+
+
+def indexer_fp8_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
+    """Quantize indexer inputs as DeepSeek's inference does: q per (token, head), k per token (head_dim 128 = one
+    block), and the q scale folded into the head weights. Returns (q_fp8, k_fp8, k_scale [B,T], w_folded [B,S,Hi])."""
+    q8, qs = act_quant_fp8(q, block=q.shape[-1])                                  # qs [B,S,Hi,1]
+    k8, ks = act_quant_fp8(k, block=k.shape[-1])                                  # ks [B,T,1]
+    return q8, k8, ks[..., 0].contiguous(), (w.float() * qs[..., 0]).contiguous()
+
+
+def indexer_scores_fp8(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, w_folded: torch.Tensor,
+                       causal: bool = True) -> torch.Tensor:
+    """I[b,s,t] = k_scale[b,t] * sum_j w_folded[b,s,j] * relu(q8[b,s,j] . k8[b,t]) (fp32; DeepSeek's fp8_index)."""
+    scores = indexer_scores(q8.float(), k8.float(), w_folded, causal=causal)
+    return scores * k_scale.float()[:, None, :]
+
+
+def attention_target(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, sm_scale: float,
+                     indices: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """The indexer's KL target p (paper §2.1): main-attention probabilities summed over heads, L1-normalised per row.
+
+    Sparse stage (indices given): [B,S,K] over the selected set (-1 slots get 0). Dense warm-up: [B,S,T] over the
+    causal row (reference only: it materialises the row scores, so keep it to test sizes).
+    """
+    if indices is not None:
+        valid = indices >= 0
+        safe = indices.clamp_min(0).long()
+        b, s, h, d = q.shape
+        kvg = torch.gather(kv[:, None].expand(b, s, *kv.shape[1:]), 2, safe[..., None].expand(*safe.shape, d))
+        logits = torch.einsum("bshd,bskd->bshk", q.double(), kvg.double()) * sm_scale
+        p = torch.exp(logits - lse.double()[..., None]).sum(2) * valid            # [B,S,K]
+    else:
+        start, end = key_bounds(q.shape[1], kv.shape[1], cu_seqlens, q.device)
+        mask = bounds_mask(start, end, kv.shape[1])
+        logits = torch.einsum("bshd,btd->bsht", q.double(), kv.double()) * sm_scale
+        p = (torch.exp(logits - lse.double()[..., None]) * mask[None, :, None, :]).sum(2)
+    return (p / p.sum(-1, keepdim=True).clamp_min(1e-30)).float()
+
+
+def indexer_kl(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
+               indices: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row KL(p || softmax(I)) [B,S] in fp32, differentiable in q, k, w (paper §2.1).
+
+    Sparse stage: I and p restricted to the selected set (indices [B,S,K], target [B,S,K]). Dense warm-up:
+    indices None, target [B,S,T] over the causal (or per-document) row.
+    """
+    b, s = q.shape[:2]
+    if indices is not None:
+        valid = indices >= 0
+        safe = indices.clamp_min(0).long()
+        kg = torch.gather(k[:, None].expand(b, s, *k.shape[1:]), 2,
+                          safe[..., None].expand(*safe.shape, k.shape[-1]))       # [B,S,K,D]
+        logits = torch.einsum("bshd,bskd->bshk", q.float(), kg.float()).relu()
+        scores = torch.einsum("bshk,bsh->bsk", logits, w.float())
+    else:
+        start, end = key_bounds(s, k.shape[1], cu_seqlens, q.device)
+        valid = bounds_mask(start, end, k.shape[1])[None].expand(b, -1, -1)
+        scores = indexer_scores(q, k, w, causal=False)
+    scores = scores.masked_fill(~valid, float("-inf"))
+    logp = torch.log_softmax(scores, dim=-1).masked_fill(~valid, 0.0)
+    p = target.float()
+    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
+    return (plogp - p * logp).sum(-1)

@@ -1,0 +1,5 @@
+import sys
+
+from dsaforge.cli import main
+
+sys.exit(main())

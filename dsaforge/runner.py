@@ -1,0 +1,109 @@
+"""Run a pipeline on KFP's local runner with MLflow tracking, and compile pipelines to KFP IR YAML."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsaforge.config import Config, to_yaml
+from dsaforge.tracking import resolve_tracking_uri, start_pipeline_run
+
+
+class PipelineFailed(RuntimeError):
+    """A pipeline task failed; the message names the stage and its error."""
+
+
+def _stage_errors(uri: str, parent_run_id: str) -> list[str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return [f"{r.data.tags.get('dsaforge.stage', r.info.run_name)}: {r.data.tags['dsaforge.error']}"
+            for r in runs if "dsaforge.error" in r.data.tags]
+
+
+@dataclass
+class PipelineResult:
+    name: str
+    run_id: str                 # the pipeline run id (kfp.pipeline_run_id)
+    mlflow_run_id: str
+    tracking_uri: str
+    run_dir: Path               # KFP's outputs of this run (one folder per task)
+    record: Path                # the resolved config and summary of this run
+    seconds: float
+    outputs: dict[str, str]
+
+
+def _latest_run_dir(root: Path, name: str, before: set[Path]) -> Path:
+    dirs = [p for p in root.glob(f"{name}-*") if p.is_dir() and p not in before]
+    if not dirs:
+        raise RuntimeError(f"KFP wrote no run folder under {root}")
+    return max(dirs, key=lambda p: p.stat().st_mtime)
+
+
+def run_local(name: str, cfg: Config) -> PipelineResult:
+    from kfp import local
+
+    from dsaforge.pipelines import get_pipeline
+
+    module = get_pipeline(name)
+    home = Path(cfg.pipeline.home).resolve()
+    kfp_root = home / "kfp"
+    kfp_root.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex
+    record = home / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{run_id[:8]}"
+    record.mkdir(parents=True)
+    (record / "config.yaml").write_text(to_yaml(cfg))
+    uri = resolve_tracking_uri(cfg)
+    cfg.tracking.uri = uri          # every component, in whatever process, writes to the same store
+    parent = start_pipeline_run(cfg, name, run_id, pipeline_run_url=record.as_uri())
+    parent.log_artifact(record / "config.yaml")
+
+    # The local orchestrator deletes workspace_root after every run, so it gets a fresh temporary directory.
+    workspace = Path(tempfile.mkdtemp(prefix="dsaforge-ws-"))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root),
+               workspace_root=str(workspace), raise_on_error=True, enable_caching=cfg.pipeline.caching)
+    before = set(kfp_root.glob(f"{name}-*"))
+    t0 = time.time()
+    try:
+        with warnings.catch_warnings():
+            # The local runner warns that the cluster image is not used; running in this interpreter is the point.
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+            module.build(cfg)(config_json=json.dumps(cfg.model_dump()), tracking_uri=uri, parent_run_id=parent.run_id)
+    except Exception as e:
+        errors = _stage_errors(uri, parent.run_id)
+        reason = "; ".join(errors) or re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        parent.set_tags({"dsaforge.error": reason[:4000]})
+        parent.finish("FAILED")
+        raise PipelineFailed(f"pipeline {name} failed: {reason} (logs: {kfp_root})") from e
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    seconds = time.time() - t0
+    run_dir = _latest_run_dir(kfp_root, name, before)
+    outputs = {p.parent.name: str(p) for p in sorted(run_dir.glob("*/*")) if p.name != "executor_output.json"}
+    summary = {"pipeline": name, "pipeline_run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": uri,
+               "kfp_run_dir": str(run_dir), "seconds": round(seconds, 1), "outputs": outputs}
+    (record / "summary.json").write_text(json.dumps(summary, indent=2))
+    parent.log_metrics({"pipeline_seconds": seconds})
+    parent.log_artifact(record / "summary.json")
+    # The exit handler closed the parent run from inside the pipeline; nothing more to mark here.
+    return PipelineResult(name, run_id, parent.run_id, uri, run_dir, record, seconds, outputs)
+
+
+def compile_pipeline(name: str, cfg: Config, out: Path) -> Path:
+    from kfp import compiler
+
+    from dsaforge.pipelines import get_pipeline
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(get_pipeline(name).build(cfg), str(out),
+                                pipeline_parameters={"config_json": json.dumps(cfg.model_dump())})
+    return out

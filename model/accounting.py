@@ -1,0 +1,102 @@
+"""Parameter and FLOP accounting for MFU and cost curves.
+
+count_params builds the model on the meta device (no memory), so it cannot drift from the architecture.
+flops_per_token counts matmul FLOPs (2 per multiply-add) of one token averaged over a causal sequence of
+length L; a query at position t sees t keys (1..L), so dense attention averages (L+1)/2 keys per query and
+top-k attention averages mean_t min(k, t).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from dsaforge.config.model import ModelConfig
+
+Mode = Literal["dense", "warmup", "sparse"]
+
+
+def count_params(cfg: ModelConfig, include_mtp: bool = False) -> tuple[int, int]:
+    """(total, activated per token). Activated counts the k routed experts a token visits, plus everything
+    else, embedding and head included. MTP modules are excluded unless asked: DeepSeek's 671B/37B exclude them."""
+    from dsaforge.model.moe import MoE
+    from dsaforge.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model_copy(update={"n_mtp_layers": cfg.n_mtp_layers if include_mtp else 0}))
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            per_expert = sum(p.numel() for p in m.experts[0].parameters())
+            idle += (m.n_experts - m.topk) * per_expert
+    return total, total - idle
+
+
+def _mean_keys(seq_len: int, k: int | None) -> float:
+    """Average number of keys a query attends to over positions 1..L (all of them, or at most k)."""
+    if k is None or k >= seq_len:
+        return (seq_len + 1) / 2
+    # positions 1..k see t keys, positions k+1..L see k keys
+    return (k * (k + 1) / 2 + (seq_len - k) * k) / seq_len
+
+
+def flops_breakdown(cfg: ModelConfig, seq_len: int, mode: Mode = "dense", training: bool = True) -> dict[str, float]:
+    """Forward(+backward) FLOPs per token, by part. Training counts backward as 2x forward for what trains:
+
+    - dense: everything trains except the indexer, which does not run.
+    - warmup: backbone forward only (frozen, and the indexer's inputs are detached so no backward reaches it);
+      indexer forward + backward over all causal keys.
+    - sparse: everything trains; core attention over top-k keys in MQA form; the indexer scores all causal keys
+      forward, but its KL backward only touches the selected keys.
+    """
+    if mode not in ("dense", "warmup", "sparse"):
+        raise ValueError(f"mode must be dense, warmup or sparse, got {mode!r}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    c = cfg
+    n_moe = c.n_layers - c.n_dense_layers
+    lin = lambda i, o: 2.0 * i * o   # noqa: E731
+    attn_proj = (lin(c.dim, c.q_lora_rank) + lin(c.q_lora_rank, c.n_heads * c.qk_head_dim)
+                 + lin(c.dim, c.kv_lora_rank + c.qk_rope_head_dim)
+                 + lin(c.kv_lora_rank, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim))   # W_UK, W_UV (either form)
+                 + lin(c.n_heads * c.v_head_dim, c.dim))
+    ffn_dense = 3 * lin(c.dim, c.inter_dim)
+    ffn_moe = ((c.n_activated_experts + c.n_shared_experts) * 3 * lin(c.dim, c.moe_inter_dim)
+               + lin(c.dim, c.n_routed_experts))
+    head = lin(c.dim, c.vocab_size)
+    idx_proj = (lin(c.q_lora_rank, c.index_n_heads * c.index_head_dim) + lin(c.dim, c.index_head_dim)
+                + lin(c.dim, c.index_n_heads))
+    dense_keys = _mean_keys(seq_len, None)
+    # per (query, key): q.k over heads, then weighted head sum
+    idx_pair = 2.0 * c.index_n_heads * c.index_head_dim + 2.0 * c.index_n_heads
+    if mode == "sparse":
+        # absorbed MQA: q.[c;k_pe] (C+R) and p.c (C) for each of the H heads
+        keys = _mean_keys(seq_len, c.index_topk)
+        core = keys * 2.0 * c.n_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+    else:
+        # MHA form: q.k (nope+rope) and p.v (v) per head
+        keys = dense_keys
+        core = keys * 2.0 * c.n_heads * (c.qk_head_dim + c.v_head_dim)
+    layers_fwd = (c.n_layers + c.n_mtp_layers) * (attn_proj + core)
+    layers_fwd += c.n_dense_layers * ffn_dense + (n_moe + c.n_mtp_layers) * ffn_moe
+    mtp_extra = c.n_mtp_layers * (lin(2 * c.dim, c.dim) + head)
+    backbone_fwd = layers_fwd + head + mtp_extra
+    n_idx_layers = c.n_layers + c.n_mtp_layers
+    idx_fwd = n_idx_layers * (idx_proj + dense_keys * idx_pair) if mode != "dense" else 0.0
+    if not training:
+        return {"backbone": backbone_fwd, "indexer": idx_fwd, "total": backbone_fwd + idx_fwd}
+    if mode == "dense":
+        backbone, indexer = 3 * backbone_fwd, 0.0
+    elif mode == "warmup":
+        backbone, indexer = backbone_fwd, 3 * idx_fwd
+    else:
+        sel = _mean_keys(seq_len, c.index_topk)
+        idx_bwd = n_idx_layers * 2 * (idx_proj + sel * idx_pair)
+        backbone, indexer = 3 * backbone_fwd, idx_fwd + idx_bwd
+    return {"backbone": backbone, "indexer": indexer, "total": backbone + indexer}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, mode: Mode = "dense", training: bool = True) -> float:
+    """Training (or, with training=False, forward/prefill) FLOPs per token at context length seq_len."""
+    return flops_breakdown(cfg, seq_len, mode, training)["total"]

@@ -1,0 +1,29 @@
+"""The end-to-end pipeline: prepare-data -> ... each stage as one component, all tracked under one MLflow run.
+
+Run locally: `dsaforge run end-to-end --preset tiny` (KFP local runner). Compile for a cluster:
+`dsaforge pipelines compile end-to-end --preset small`.
+"""
+
+from kfp import dsl
+
+from dsaforge.components.data import prepare_data
+from dsaforge.components.tracking import close_run, open_run
+from dsaforge.config import Config
+from dsaforge.pipelines.resources import cpu_task
+
+NAME = "end-to-end"
+
+
+def build(cfg: Config):
+    @dsl.pipeline(name=NAME, description="DeepSeek-V3.2 recipe end to end: data, DSA training, synthesis, RL, eval.")
+    def end_to_end(config_json: str, tracking_uri: str = "", parent_run_id: str = ""):
+        close = close_run(config_json=config_json, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                          pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        with dsl.ExitHandler(cpu_task(close, "1", "1G")):
+            run = cpu_task(open_run(config_json=config_json, tracking_uri=tracking_uri, pipeline=NAME,
+                                    pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, parent_run_id=parent_run_id),
+                           "1", "1G")
+            common = dict(config_json=config_json, tracking_uri=tracking_uri, parent_run_id=run.output)
+            cpu_task(prepare_data(**common).set_display_name("prepare-data"), "4", "16G")
+
+    return end_to_end

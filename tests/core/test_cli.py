@@ -1,0 +1,77 @@
+"""Run: python -m pytest tests/core/test_cli.py -q"""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def dsaforge(*args, cwd=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "dsaforge", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("cmd", [[], ["run"], ["stage"], ["config"], ["pipelines"], ["mlflow"]])
+def test_help_on_every_command(cmd):
+    out = dsaforge(*cmd, "--help").stdout
+    assert out.startswith("usage: dsaforge" + "".join(f" {c}" for c in cmd))
+    assert ("--debug" in out) == (not cmd)
+
+
+def test_config_show_schema_diff(tmp_path):
+    shown = yaml.safe_load(dsaforge("config", "show", "--preset", "small", "--set", "model.n_layers=3").stdout)
+    assert shown["preset"] == "small" and shown["model"]["n_layers"] == 3
+    as_json = json.loads(dsaforge("config", "show", "--format", "json").stdout)
+    assert as_json["preset"] == "tiny"
+    dsaforge("config", "schema", "--out", str(tmp_path / "s.json"))
+    assert json.loads((tmp_path / "s.json").read_text())["title"] == "Config"
+    f = tmp_path / "mine.yaml"
+    f.write_text("preset: tiny\nmodel:\n  dim: 96\n")
+    assert dsaforge("config", "diff", "tiny", str(f)).stdout.strip() == "model.dim  64 -> 96"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["config", "show", "--preset", "huge"], "dsaforge: error: unknown preset 'huge'; available: tiny, small, v32"),
+    (["config", "show", "--set", "model.dimm=3"], "dsaforge: error: --set model.dimm: unknown key 'dimm'"),
+    (["config", "show", "--set", "model.dim=big"], "dsaforge: error: config: model.dim: Input should be a valid integer"),
+    (["config", "show", "--config", "/nonexistent.yaml"], "dsaforge: error: config file not found: /nonexistent.yaml"),
+    (["run", "no-such-pipeline"], "dsaforge: error: unknown pipeline 'no-such-pipeline'; available: end-to-end"),
+    (["stage", "no-such-stage", "--out", "x"], "dsaforge: error: unknown stage 'no-such-stage'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    proc = dsaforge(*args, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+
+
+def test_debug_shows_traceback():
+    proc = dsaforge("--debug", "config", "show", "--preset", "huge", check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_pipelines_list_and_compile(tmp_path):
+    assert "end-to-end" in dsaforge("pipelines", "list").stdout
+    dsaforge("pipelines", "compile", "--preset", "small", "--out", str(tmp_path))
+    ir = yaml.safe_load((tmp_path / "end-to-end.yaml").read_text())
+    assert ir["pipelineInfo"]["name"] == "end-to-end" and ir["schemaVersion"] == "2.1.0"
+    executors = ir["deploymentSpec"]["executors"]
+    assert any("prepare-data" in name for name in executors)
+    assert json.loads(ir["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"])["preset"] == "small"
+
+
+def test_stage_in_process(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text(" ".join(f"word{i % 50}" for i in range(3000)))
+    proc = dsaforge("stage", "prepare-data", "--out", str(tmp_path / "ds"), "--no-track",
+                    "--set", f"data.sources=[{src}]", "--set", "data.seq_len=16", "--set", "data.val_fraction=0.0")
+    summary = json.loads(proc.stdout)
+    assert summary["documents"] == 1 and summary["train_sequences"] > 10
+    assert (tmp_path / "ds" / "manifest.json").exists()
+    again = dsaforge("stage", "prepare-data", "--out", str(tmp_path / "ds"), "--no-track",
+                     "--set", f"data.sources=[{src}]", check=False)
+    assert again.returncode == 2 and "output directory is not empty" in again.stderr

@@ -1,0 +1,61 @@
+"""The product's heartbeat: `dsaforge run end-to-end --preset tiny` on KFP's local runner with a SQLite MLflow store.
+
+Run: python -m pytest tests/test_end_to_end.py -q
+"""
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+
+def _run(home, *extra):
+    return subprocess.run([sys.executable, "-m", "dsaforge", "run", "end-to-end", "--preset", "tiny",
+                           "--set", f"pipeline.home={home}", "--set", "tracking.system_metrics_interval_s=1", *extra],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    home = tmp_path_factory.mktemp("e2e") / ".dsaforge"
+    proc = _run(home)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return home, proc.stdout
+
+
+def test_demo_prints_where_results_are(demo):
+    home, out = demo
+    assert "pipeline end-to-end finished" in out and "open the UI:   dsaforge mlflow ui" in out
+    assert str(home / "kfp") in out and str(home / "runs") in out
+
+
+def test_every_stage_is_a_finished_child_run(demo):
+    home, _ = demo
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dsaforge")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = {r.data.tags["dsaforge.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) >= {"prepare-data"}
+    for stage, run in children.items():
+        assert run.info.status == "FINISHED", stage
+        assert run.data.tags["kfp.pipeline_id"] == "end-to-end"
+        assert run.data.tags["kfp.pipeline_run_id"] == parent.data.tags["kfp.pipeline_run_id"]
+    data = children["prepare-data"]
+    assert data.data.metrics["documents"] == 400 and data.data.metrics["train_sequences"] > 1000
+    assert {a.path for a in client.list_artifacts(data.info.run_id)} >= {"manifest.json", "tokenizer.json"}
+    # system metrics are sampled in the stage's run
+    assert any(k.startswith("system/") for k in data.data.metrics)
+
+
+def test_failed_stage_fails_the_run_and_keeps_earlier_runs(demo, tmp_path):
+    home, _ = demo
+    proc = _run(home, "--set", f"data.sources=[{tmp_path / 'missing'}]")
+    assert proc.returncode != 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dsaforge")
+    statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id])
+                      if "mlflow.parentRunId" not in r.data.tags)
+    assert statuses == ["FAILED", "FINISHED"]
