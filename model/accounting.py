@@ -17,8 +17,9 @@ Mode = Literal["dense", "warmup", "sparse"]
 
 
 def count_params(cfg: ModelConfig, include_mtp: bool = False) -> tuple[int, int]:
-    """(total, activated per token). Activated counts the k routed experts a token visits, plus everything
-    else, embedding and head included. MTP modules are excluded unless asked: DeepSeek's 671B/37B exclude them."""
+    """(total, activated per token). Activated counts the k routed experts a token visits and every other weight
+    a token multiplies by (the output head included, the input embedding lookup not). MTP modules are excluded
+    unless asked: DeepSeek's 671B / 37B exclude them."""
     from dsaforge.model.moe import MoE
     from dsaforge.model.transformer import Transformer
 
@@ -30,7 +31,7 @@ def count_params(cfg: ModelConfig, include_mtp: bool = False) -> tuple[int, int]
         if isinstance(m, MoE):
             per_expert = sum(p.numel() for p in m.experts[0].parameters())
             idle += (m.n_experts - m.topk) * per_expert
-    return total, total - idle
+    return total, total - idle - model.embed.weight.numel()
 
 
 def _mean_keys(seq_len: int, k: int | None) -> float:
