@@ -117,6 +117,8 @@ def topk_indices(scores: torch.Tensor, top_k: int, start: torch.Tensor | None = 
     if start is not None:
         check(start.numel() == rows.shape[0] and end.numel() == rows.shape[0],
               f"start/end need one entry per row ({rows.shape[0]}), got {start.numel()} and {end.numel()}")
+    if start is None:
+        top_k = min(top_k, t)          # as the reference: never more slots than keys
     ok, why = use_triton(scores)
     if not ok:
         record("topk", "reference", why)

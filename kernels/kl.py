@@ -1,0 +1,255 @@
+"""Indexer KL loss, forward and backward, blockwise (paper §2.1): L_t = KL(p_t || softmax(I_t)).
+
+The target p_t is the main attention's probability mass summed over heads and L1-normalised over the row,
+recomputed on the fly from the attention's q, shared latent kv and LSE (MQA/absorbed form, as sparse_mla takes
+them: the absorbed logits equal the MHA ones). Two modes, one kernel:
+- sparse stage: I and p restricted to each row's selected set (indices [B,S,K]);
+- dense warm-up: the whole causal row (or the row's document with cu_seqlens), walked in key blocks.
+Neither mode holds an S x T tensor: one program owns one query row and streams its keys twice (pass 1: the
+softmax statistics and the loss; pass 2, backward only: g = softmax(I) - p and the indexer gradients, dk by atomics).
+
+The gradient reaches the indexer's q, k and head weights only; the target is detached, as in the paper.
+
+Run: CPU falls back to the reference (TRITON_INTERPRET=1 runs the kernel in the interpreter); one GPU runs Triton.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsaforge.kernels import reference as ref
+from dsaforge.kernels._dispatch import FLOAT_DTYPES, check, check_tensor, next_pow2, record, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+LOG2E = 1.4426950408889634
+KL_BLOCK_N = 32
+
+
+if triton is not None:
+
+    @triton.jit
+    def _indexer_kl_kernel(
+            IQ, IK, W, AQ, KV, LSE, IDX, START, END, GO, LOSS, DIQ, DIK, DW, scale_log2,
+            siqb, siqs, siqh, sikb, sikt, swb, sws, saqb, saqs, saqh, skvb, skvt, slb, sls, sib, sis,
+            S, T, K, HI, H,
+            DI: tl.constexpr, D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr,
+            HI_P: tl.constexpr, H_P: tl.constexpr, BLOCK_N: tl.constexpr,
+            SPARSE: tl.constexpr, GRAD: tl.constexpr):
+        s = tl.program_id(0)
+        b = tl.program_id(1)
+        b64 = b.to(tl.int64)
+        s64 = s.to(tl.int64)
+        offs_j = tl.arange(0, HI_P)
+        mask_j = offs_j < HI
+        offs_di = tl.arange(0, DI)
+        offs_h = tl.arange(0, H_P)
+        mask_h = offs_h < H
+        offs_v = tl.arange(0, D_V)
+        offs_p = tl.arange(0, D_PE_P)
+        mask_p = offs_p < D_PE
+        offs_n = tl.arange(0, BLOCK_N)
+
+        iq = tl.load(IQ + b64 * siqb + s64 * siqs + offs_j[:, None] * siqh + offs_di[None, :],
+                     mask=mask_j[:, None], other=0.0)                                          # [HI_P, DI]
+        w = tl.load(W + b64 * swb + s64 * sws + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+        aq_rows = AQ + b64 * saqb + s64 * saqs + offs_h[:, None] * saqh
+        aq_n = tl.load(aq_rows + offs_v[None, :], mask=mask_h[:, None], other=0.0)               # [H_P, D_V]
+        aq_p = tl.load(aq_rows + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+        lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h, mask=mask_h, other=float("-inf"))
+        h_ok = mask_h & (lse > float("-inf"))
+        lse2 = tl.where(h_ok, lse * 1.4426950408889634, 0.0)
+        if SPARSE:
+            lo = 0
+            n_keys = K
+        else:
+            lo = tl.load(START + s)
+            n_keys = tl.load(END + s) - lo
+        ik_base = IK + b64 * sikb
+        kv_base = KV + b64 * skvb
+        idx_row = IDX + b64 * sib + s64 * sis
+
+        # Pass 1: running max/sum of I (natural log domain), target mass Z, sum p*I and sum p*log p.
+        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        z_v = tl.zeros([BLOCK_N], tl.float32)
+        a_v = tl.zeros([BLOCK_N], tl.float32)
+        e_v = tl.zeros([BLOCK_N], tl.float32)
+        for n0 in range(0, n_keys, BLOCK_N):
+            pos = n0 + offs_n
+            if SPARSE:
+                idx = tl.load(idx_row + pos, mask=pos < n_keys, other=-1)
+                valid = (idx >= 0) & (idx < T)
+            else:
+                idx = lo + pos
+                valid = pos < n_keys
+            idx64 = tl.where(valid, idx, 0).to(tl.int64)
+            ki = tl.load(ik_base + idx64[:, None] * sikt + offs_di[None, :], mask=valid[:, None], other=0.0)
+            logits = tl.dot(iq, tl.trans(ki))                                                   # [HI_P, BN]
+            score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], 0)                              # [BN]
+            kv_rows = kv_base + idx64[:, None] * skvt
+            kn = tl.load(kv_rows + offs_v[None, :], mask=valid[:, None], other=0.0)
+            kp = tl.load(kv_rows + D_V + offs_p[None, :], mask=valid[:, None] & mask_p[None, :], other=0.0)
+            att = tl.dot(aq_n, tl.trans(kn))
+            att = tl.dot(aq_p, tl.trans(kp), att)                                                # [H_P, BN]
+            pa = tl.exp2(att * scale_log2 - lse2[:, None])
+            pa = tl.where(h_ok[:, None] & valid[None, :], pa, 0.0)
+            p = tl.sum(pa, 0)                                                                   # [BN]
+            # Elementwise online logsumexp (per lane), merged once after the loop.
+            score_m = tl.where(valid, score, float("-inf"))
+            m_new = tl.maximum(m_i, score_m)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_use) + tl.where(valid, tl.exp(score_m - m_use), 0.0)
+            m_i = m_new
+            z_v += p
+            a_v += tl.where(valid, p * score, 0.0)
+            e_v += tl.where(p > 0.0, p * tl.log(tl.where(p > 0.0, p, 1.0)), 0.0)
+        m_all = tl.max(m_i, 0)
+        m_all_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+        l_all = tl.sum(l_i * tl.exp(m_i - m_all_use), 0)
+        lse_i = tl.where(l_all > 0.0, m_all_use + tl.log(tl.where(l_all > 0.0, l_all, 1.0)), 0.0)
+        z = tl.sum(z_v, 0)
+        z_safe = tl.where(z > 0.0, z, 1.0)
+        loss = tl.sum(e_v, 0) / z_safe - tl.log(z_safe) - tl.sum(a_v, 0) / z_safe + lse_i
+        loss = tl.where((z > 0.0) & (l_all > 0.0), loss, 0.0)
+
+        if GRAD:
+            go = tl.load(GO + b64 * S + s64)
+            diq = tl.zeros([HI_P, DI], tl.float32)
+            dw = tl.zeros([HI_P], tl.float32)
+            for n0 in range(0, n_keys, BLOCK_N):
+                pos = n0 + offs_n
+                if SPARSE:
+                    idx = tl.load(idx_row + pos, mask=pos < n_keys, other=-1)
+                    valid = (idx >= 0) & (idx < T)
+                else:
+                    idx = lo + pos
+                    valid = pos < n_keys
+                idx64 = tl.where(valid, idx, 0).to(tl.int64)
+                ki = tl.load(ik_base + idx64[:, None] * sikt + offs_di[None, :], mask=valid[:, None], other=0.0)
+                logits = tl.dot(iq, tl.trans(ki))
+                relu = tl.maximum(logits, 0.0)
+                score = tl.sum(relu * w[:, None], 0)
+                kv_rows = kv_base + idx64[:, None] * skvt
+                kn = tl.load(kv_rows + offs_v[None, :], mask=valid[:, None], other=0.0)
+                kp = tl.load(kv_rows + D_V + offs_p[None, :], mask=valid[:, None] & mask_p[None, :], other=0.0)
+                att = tl.dot(aq_n, tl.trans(kn))
+                att = tl.dot(aq_p, tl.trans(kp), att)
+                pa = tl.exp2(att * scale_log2 - lse2[:, None])
+                p = tl.sum(tl.where(h_ok[:, None] & valid[None, :], pa, 0.0), 0)
+                g = tl.where(valid, (tl.exp(score - lse_i) - p / z_safe) * go, 0.0)                # dL/dI [BN]
+                dw += tl.sum(relu * g[None, :], 1)
+                m = tl.where(logits > 0.0, w[:, None] * g[None, :], 0.0)                          # dL/dlogits
+                diq = tl.dot(m.to(ki.dtype), ki, diq)
+                dki = tl.dot(tl.trans(m.to(iq.dtype)), iq)                                        # [BN, DI]
+                tl.atomic_add(DIK + b64 * T * DI + idx64[:, None] * DI + offs_di[None, :], dki,
+                              mask=valid[:, None], sem="relaxed")
+            tl.store(DIQ + ((b64 * S + s64) * HI + offs_j[:, None]) * DI + offs_di[None, :], diq, mask=mask_j[:, None])
+            tl.store(DW + (b64 * S + s64) * HI + offs_j, dw, mask=mask_j)
+        else:
+            tl.store(LOSS + b64 * S + s64, loss)
+
+
+def _check(iq, ik, w, q, kv, lse, indices):
+    check_tensor("index_q", iq, 4, FLOAT_DTYPES)
+    check_tensor("index_k", ik, 3, FLOAT_DTYPES)
+    check_tensor("index_w", w, 3, FLOAT_DTYPES)
+    check_tensor("q", q, 4, FLOAT_DTYPES)
+    check_tensor("kv", kv, 3, FLOAT_DTYPES)
+    check_tensor("lse", lse, 3, (torch.float32,))
+    b, s, hi, di = iq.shape
+    t = ik.shape[1]
+    check(tuple(ik.shape) == (b, t, di), f"index_k must be [B={b}, T, D={di}], got {tuple(ik.shape)}")
+    check(tuple(w.shape) == (b, s, hi), f"index_w must be [B={b}, S={s}, Hi={hi}], got {tuple(w.shape)}")
+    check(tuple(q.shape[:2]) == (b, s), f"q must be [B={b}, S={s}, H, Dqk], got {tuple(q.shape)}")
+    check(tuple(kv.shape) == (b, t, q.shape[3]), f"kv must be [B={b}, T={t}, Dqk={q.shape[3]}], got {tuple(kv.shape)}")
+    check(tuple(lse.shape) == tuple(q.shape[:3]), f"lse must be {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    if indices is not None:
+        check_tensor("indices", indices, 3, (torch.int32,))
+        check(tuple(indices.shape[:2]) == (b, s), f"indices must be [B={b}, S={s}, K], got {tuple(indices.shape)}")
+
+
+def _kernel_ok(iq, q, d_v) -> tuple[bool, str]:
+    di, d = iq.shape[-1], q.shape[-1]
+    if di != next_pow2(di) or di < 16:
+        return False, f"indexer head_dim {di} is not a power of two >= 16"
+    if d_v != next_pow2(d_v) or d_v < 16 or d - d_v > 128:
+        return False, f"attention dims d_v={d_v}, d_pe={d - d_v} not covered"
+    if iq.is_cuda and (iq.dtype == torch.float32 or q.dtype == torch.float32):
+        return False, "float32 on GPU (the kernels take bf16/fp16)"
+    return True, ""
+
+
+def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad):
+    b, s, hi, di = iq.shape
+    t = ik.shape[1]
+    h = q.shape[2]
+    dev = iq.device
+    loss = torch.empty(b, s, device=dev, dtype=torch.float32)
+    diq = torch.empty(b, s, hi, di, device=dev, dtype=torch.float32) if grad else loss
+    dik = torch.zeros(b, t, di, device=dev, dtype=torch.float32) if grad else loss
+    dw = torch.empty(b, s, hi, device=dev, dtype=torch.float32) if grad else loss
+    idx = indices if indices is not None else start
+    si = (indices.stride(0), indices.stride(1)) if indices is not None else (0, 0)
+    k = indices.shape[2] if indices is not None else 0
+    _indexer_kl_kernel[(s, b)](
+        iq, ik, w, q, kv, lse, idx, start, end, go if go is not None else loss, loss, diq, dik, dw,
+        sm_scale * LOG2E,
+        iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1), w.stride(0), w.stride(1),
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), lse.stride(0), lse.stride(1),
+        si[0], si[1], s, t, k, hi, h,
+        DI=di, D_V=d_v, D_PE=q.shape[3] - d_v, D_PE_P=max(16, next_pow2(q.shape[3] - d_v)),
+        HI_P=max(16, next_pow2(hi)), H_P=max(16, next_pow2(h)), BLOCK_N=KL_BLOCK_N,
+        SPARSE=indices is not None, GRAD=grad, num_warps=8, num_stages=1)
+    return loss, diq, dik, dw
+
+
+class IndexerKLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end):
+        loss = _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, None, False)[0]
+        ctx.save_for_backward(iq, ik, w, q, kv, lse, indices, start, end)
+        ctx.sm_scale, ctx.d_v, ctx.sparse = sm_scale, d_v, indices is not None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        iq, ik, w, q, kv, lse, indices, start, end = ctx.saved_tensors
+        go = grad_loss.float().contiguous()
+        _, diq, dik, dw = _launch(iq, ik, w, q, kv, lse, ctx.sm_scale, ctx.d_v, indices if ctx.sparse else None,
+                                  start, end, go, True)
+        return diq.to(iq.dtype), dik.to(ik.dtype), dw.to(w.dtype), None, None, None, None, None, None, None, None
+
+
+def indexer_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor, q: torch.Tensor,
+               kv: torch.Tensor, lse: torch.Tensor, sm_scale: float, d_v: int,
+               indices: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row indexer KL [B, S] fp32, differentiable in index_q, index_k and index_w.
+
+    index_q [B,S,Hi,Di], index_k [B,T,Di], index_w [B,S,Hi]: the indexer (inputs detached from the backbone by the
+    caller). q [B,S,H,Dqk], kv [B,T,Dqk], lse [B,S,H]: the main attention in absorbed form and its LSE (natural log),
+    e.g. from `sparse_mla` in the sparse stage or the dense attention in the warm-up. indices [B,S,K] selects the
+    sparse-stage set; without it the dense warm-up loss runs over each causal row (documents with cu_seqlens).
+    Sum or average the rows as the trainer's loss needs.
+    """
+    _check(index_q, index_k, index_w, q, kv, lse, indices)
+    b, s = index_q.shape[:2]
+    t = index_k.shape[1]
+    start, end = ref.key_bounds(s, t, cu_seqlens, index_q.device)
+    ok, why = use_triton(index_q, index_k, index_w, q, kv, lse)
+    if ok:
+        ok, why2 = _kernel_ok(index_q, q, d_v)
+        why = why2 or why
+    if not ok:
+        record("indexer_kl", "reference", why)
+        target = ref.attention_target(q, kv, lse, sm_scale, indices, cu_seqlens)
+        return ref.indexer_kl(index_q, index_k, index_w, target, indices, cu_seqlens)
+    record("indexer_kl", "triton", why)
+    return IndexerKLFunction.apply(index_q, index_k, index_w, q.detach(), kv.detach(), lse.detach(), sm_scale, d_v,
+                                   indices, start, end)
+
+
+__all__ = ["IndexerKLFunction", "indexer_kl"]
