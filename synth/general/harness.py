@@ -133,6 +133,12 @@ def main():
                 out.append({"error": "; ".join(problems)} if problems else solve(fam, tasks[item["key"]], item.get("seed")))
             elif job["op"] == "verify":
                 out.append(verify(fam, tasks[item["key"]], item["submission"]))
+            elif job["op"] == "call":
+                task = tasks[item["key"]]
+                tools = Tools(fam.make_tools(fresh_conn()), task["tools"])
+                for call in item.get("history") or []:
+                    tools.call(str(call.get("name")), call.get("arguments") or {})
+                out.append({"result": tools.call(str(item["call"].get("name")), item["call"].get("arguments") or {})})
             elif job["op"] == "reset":
                 before = db_hash("db.sqlite")
                 solve(fam, tasks[item["key"]], None)

@@ -97,7 +97,12 @@ def propose(conn, rng, difficulty):
     cost = plan_cost(conn, params, plan)
     params["budget"] = int(cost + max(10, cost * rng.uniform(0.0, 0.08 / difficulty)))
     prompt = render(params)
-    return params, {}, prompt
+    return params, {"reference_plan": plan}, prompt
+
+
+def leaks(hidden):
+    """The reference plan's restaurants and attractions (hotels may legitimately be the only option)."""
+    return sorted({d[k] for d in hidden["reference_plan"] for k in ("restaurant", "attraction")})
 
 
 def render(p):
