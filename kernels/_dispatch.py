@@ -47,8 +47,8 @@ def use_triton(*tensors: torch.Tensor) -> tuple[bool, str]:
     if not triton_available():
         return False, "triton is not installed"
     on_cuda = all(t.is_cuda for t in tensors)
-    if not on_cuda and not interpret():
-        return False, "CPU tensors (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+    if not on_cuda and not (interpret() and os.environ.get("DSAFORGE_KERNELS", "") == "interpret"):
+        return False, "CPU tensors (TRITON_INTERPRET=1 with DSAFORGE_KERNELS=interpret runs Triton's interpreter)"
     return True, "cuda" if on_cuda else "interpreter"
 
 
@@ -98,3 +98,28 @@ def patch_interpreter() -> None:
 
 
 patch_interpreter()
+
+
+_POISON = {"on": False}
+
+
+class poison_outputs:
+    """Within this context the wrappers fill every output buffer with NaN (floats) or -7 (ints) before the kernel
+    runs, so a check can tell an element the kernel never wrote from one it computed."""
+
+    def __enter__(self):
+        self._prev = _POISON["on"]
+        _POISON["on"] = True
+        return self
+
+    def __exit__(self, *exc):
+        _POISON["on"] = self._prev
+
+
+def empty(*shape, device, dtype) -> torch.Tensor:
+    """torch.empty for kernel outputs, poisoned inside `poison_outputs`."""
+    t = torch.empty(*shape, device=device, dtype=dtype)
+    if _POISON["on"]:
+        t.fill_(float("nan") if dtype.is_floating_point else -7)
+    return t
+

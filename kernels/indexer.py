@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from dsaforge.kernels import reference as ref
-from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_same_device, check_tensor, next_pow2, record,
-                                        use_triton)
+from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_same_device, check_tensor, empty,
+                                        next_pow2, record, use_triton)
 from dsaforge.kernels.topk import TOPK_BLOCK, TOPK_WARPS
 
 try:
@@ -139,7 +139,7 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, causal: bo
     start, end = ref.key_bounds(s, t, None, q.device)
     if not causal:
         start, end = torch.zeros_like(start), torch.full_like(end, t)
-    out = torch.empty(b, s, t, device=q.device, dtype=torch.float32)
+    out = empty(b, s, t, device=q.device, dtype=torch.float32)
     for bi in range(b):
         _launch_scores(q[bi], k[bi], w[bi], None if k_scale is None else k_scale[bi], out[bi], start, end, 0, s, True)
     return out
@@ -170,18 +170,18 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int,
         record("indexer_topk", "reference", why)
         return _reference_indexer_topk(q, k, w, top_k, k_scale, start, end)
     record("indexer_topk", "triton", why)
-    out = torch.empty(b, s, top_k, device=q.device, dtype=torch.int32)
+    out = empty(b, s, top_k, device=q.device, dtype=torch.int32)
     rows = max(1, min(s, workspace_bytes // (4 * t)))
     if rows < s:
         rows = max(128, rows // 128 * 128)
-    ws = torch.empty(rows, t, device=q.device, dtype=torch.float32)
+    ws = empty(rows, t, device=q.device, dtype=torch.float32)
     for bi in range(b):
         ks = None if k_scale is None else k_scale[bi]
         for r0 in range(0, s, rows):
             n = min(rows, s - r0)
             _launch_scores(q[bi], k[bi], w[bi], ks, ws, start, end, r0, n, False)
-            _radix_topk_kernel[(n,)](ws, start[r0:], end[r0:], out[bi, r0:], ws.stride(0), out.stride(1), top_k,
-                                     HAS_BOUNDS=True, BLOCK=TOPK_BLOCK, num_warps=TOPK_WARPS)
+            _radix_topk_kernel[(n,)](ws, start[r0:], end[r0:], out[bi, r0:], ws.stride(0), out.stride(1),
+                                             top_k, HAS_BOUNDS=True, BLOCK=TOPK_BLOCK, num_warps=TOPK_WARPS)
     return out
 
 

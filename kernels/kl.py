@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from dsaforge.kernels import reference as ref
-from dsaforge.kernels._dispatch import FLOAT_DTYPES, check, check_tensor, next_pow2, record, use_triton
+from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_tensor, empty, next_pow2, record,
+                                        use_triton)
 
 try:
     import triton
@@ -188,10 +189,10 @@ def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad)
     t = ik.shape[1]
     h = q.shape[2]
     dev = iq.device
-    loss = torch.empty(b, s, device=dev, dtype=torch.float32)
-    diq = torch.empty(b, s, hi, di, device=dev, dtype=torch.float32) if grad else loss
+    loss = empty(b, s, device=dev, dtype=torch.float32)
+    diq = empty(b, s, hi, di, device=dev, dtype=torch.float32) if grad else loss
     dik = torch.zeros(b, t, di, device=dev, dtype=torch.float32) if grad else loss
-    dw = torch.empty(b, s, hi, device=dev, dtype=torch.float32) if grad else loss
+    dw = empty(b, s, hi, device=dev, dtype=torch.float32) if grad else loss
     idx = indices if indices is not None else start
     si = (indices.stride(0), indices.stride(1)) if indices is not None else (0, 0)
     k = indices.shape[2] if indices is not None else 0

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from dsaforge.kernels import reference as ref
-from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_same_device, check_tensor, next_pow2, record,
-                                        use_triton)
+from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_same_device, check_tensor, empty,
+                                        next_pow2, record, use_triton)
 
 try:
     import triton
@@ -226,12 +226,12 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     k_per_split = triton.cdiv(triton.cdiv(k, num_splits), bk) * bk
     num_splits = triton.cdiv(k, k_per_split)
     if num_splits == 1:
-        out = torch.empty(b, s, h, d_v, device=q.device, dtype=q.dtype)
-        lse = torch.empty(b, s, h, device=q.device, dtype=torch.float32)
+        out = empty(b, s, h, d_v, device=q.device, dtype=q.dtype)
+        lse = empty(b, s, h, device=q.device, dtype=torch.float32)
         so, sl = (out.stride(0), out.stride(1), out.stride(2), 0), (lse.stride(0), lse.stride(1), lse.stride(2), 0)
     else:
-        out = torch.empty(b, s, num_splits, h, d_v, device=q.device, dtype=torch.float32)
-        lse = torch.empty(b, s, num_splits, h, device=q.device, dtype=torch.float32)
+        out = empty(b, s, num_splits, h, d_v, device=q.device, dtype=torch.float32)
+        lse = empty(b, s, num_splits, h, device=q.device, dtype=torch.float32)
         so = (out.stride(0), out.stride(1), out.stride(3), out.stride(2))
         sl = (lse.stride(0), lse.stride(1), lse.stride(3), lse.stride(2))
     grid = (s * nhb, b, num_splits)
@@ -291,7 +291,7 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     delta = delta.contiguous()
     bh, bk, warps, stages = _cfg(BWD_CONFIG, d_v, h, config)
     nhb = triton.cdiv(h, bh)
-    dq = torch.empty_like(q)
+    dq = empty(*q.shape, device=q.device, dtype=q.dtype)
     dkv = torch.zeros(b, t, d, device=q.device, dtype=torch.float32)
     meta = dict(D_V=d_v, D_PE=d - d_v, D_PE_P=max(16, next_pow2(d - d_v)), BLOCK_H=bh, BLOCK_K=bk, NUM_HB=nhb,
                 num_warps=warps, num_stages=stages)
@@ -316,7 +316,7 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
         for bi in range(b):
             for s0 in range(0, s, rows):
                 n = min(rows, s - s0)
-                part = torch.empty(n, nhb, k, d, device=q.device, dtype=torch.float32)
+                part = empty(n, nhb, k, d, device=q.device, dtype=torch.float32)
                 launch(n, s0, slice(bi, bi + 1), part, True)
                 keys = indices[bi, s0:s0 + n].long()[:, None, :].expand(n, nhb, k).reshape(-1)   # entry -> key
                 valid = (keys >= 0) & (keys < t)
@@ -327,7 +327,8 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
                 offs = torch.zeros(t + 1, device=q.device, dtype=torch.int64)
                 offs[1:] = torch.cumsum(torch.bincount(keys_sorted, minlength=t), 0)
                 block_d = min(256, next_pow2(d))
-                _segment_sum_kernel[(t, triton.cdiv(d, block_d))](part, order, offs, dkv[bi], d, BLOCK_D=block_d)
+                _segment_sum_kernel[(t, triton.cdiv(d, block_d))](part, order, offs, dkv[bi], d,
+                                                                          BLOCK_D=block_d)
     return dq, dkv.to(kv.dtype)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from dsaforge.kernels import reference as ref
-from dsaforge.kernels._dispatch import check, check_tensor, record, use_triton
+from dsaforge.kernels._dispatch import check, check_tensor, empty, record, use_triton
 
 try:
     import triton
@@ -124,14 +124,14 @@ def topk_indices(scores: torch.Tensor, top_k: int, start: torch.Tensor | None = 
         record("topk", "reference", why)
         return _reference_topk(rows, top_k, start, end).reshape(*lead, top_k)
     record("topk", "triton", why)
-    out = torch.empty(rows.shape[0], top_k, device=scores.device, dtype=torch.int32)
+    out = empty(rows.shape[0], top_k, device=scores.device, dtype=torch.int32)
     if start is None:
         s_t = e_t = torch.full((1,), t, device=scores.device, dtype=torch.int32)
     else:
         s_t = start.to(device=scores.device, dtype=torch.int32).contiguous()
         e_t = end.to(device=scores.device, dtype=torch.int32).contiguous()
     _radix_topk_kernel[(rows.shape[0],)](rows, s_t, e_t, out, rows.stride(0), out.stride(0), top_k,
-                                         HAS_BOUNDS=start is not None, BLOCK=TOPK_BLOCK, num_warps=TOPK_WARPS)
+                                                 HAS_BOUNDS=start is not None, BLOCK=TOPK_BLOCK, num_warps=TOPK_WARPS)
     return out.reshape(*lead, top_k)
 
 
