@@ -19,19 +19,37 @@ Mode = Literal["dense", "warmup", "sparse"]
 def count_params(cfg: ModelConfig, include_mtp: bool = False) -> tuple[int, int]:
     """(total, activated per token). Activated counts the k routed experts a token visits and every other weight
     a token multiplies by (the output head included, the input embedding lookup not). MTP modules are excluded
-    unless asked: DeepSeek's 671B / 37B exclude them."""
+    unless asked: DeepSeek's 671B / 37B exclude them.
+
+    Built on the meta device with one block of each kind (dense FFN, MoE) and scaled by the layer counts, so it
+    reads the real modules yet takes well under a second even for v32.
+    """
     from dsaforge.model.moe import MoE
     from dsaforge.model.transformer import Transformer
 
+    n_moe = cfg.n_layers - cfg.n_dense_layers
+    probe_dense, probe_moe = min(cfg.n_dense_layers, 1), min(n_moe, 1)
+    probe = cfg.model_copy(update={"n_layers": probe_dense + probe_moe, "n_dense_layers": probe_dense,
+                                   "n_mtp_layers": min(cfg.n_mtp_layers, 1) if include_mtp else 0})
     with torch.device("meta"):
-        model = Transformer(cfg.model_copy(update={"n_mtp_layers": cfg.n_mtp_layers if include_mtp else 0}))
-    total = sum(p.numel() for p in model.parameters())
-    idle = 0
-    for m in model.modules():
-        if isinstance(m, MoE):
-            per_expert = sum(p.numel() for p in m.experts[0].parameters())
-            idle += (m.n_experts - m.topk) * per_expert
-    return total, total - idle - model.embed.weight.numel()
+        model = Transformer(probe)
+
+    def numel(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    def idle(module) -> int:   # routed experts a token does not visit
+        return sum((m.n_experts - m.topk) * numel(m.experts[0]) for m in module.modules() if isinstance(m, MoE))
+
+    layers = list(model.layers)
+    dense = layers[0] if probe_dense else None
+    moe = layers[-1] if probe_moe else None
+    total = numel(model.embed) + numel(model.norm) + numel(model.head)
+    total += cfg.n_dense_layers * (numel(dense) if dense else 0) + n_moe * (numel(moe) if moe else 0)
+    idle_total = n_moe * (idle(moe) if moe else 0)
+    if include_mtp and cfg.n_mtp_layers:
+        total += cfg.n_mtp_layers * numel(model.mtp[0])
+        idle_total += cfg.n_mtp_layers * idle(model.mtp[0])
+    return total, total - idle_total - model.embed.weight.numel()
 
 
 def _mean_keys(seq_len: int, k: int | None) -> float:

@@ -151,7 +151,8 @@ class MLA(nn.Module):
             return o.transpose(1, 2), None
         logits = torch.einsum("bshd,bthd->bsht", q.float(), k.float()) * self.softmax_scale
         probs = logits.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)                   # [B, S, H, T]
-        return torch.einsum("bsht,bthd->bshd", probs.to(v.dtype), v), probs
+        o = probs.to(v.dtype).transpose(1, 2) @ v.transpose(1, 2)                                   # [B, H, S, v]
+        return o.transpose(1, 2), probs
 
     def _mqa_query(self, q_nope, q_pe):
         w_uk, _ = self._absorb_weights()

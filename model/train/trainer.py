@@ -1,0 +1,344 @@
+"""The training loop shared by the three stages of DeepSeek-V3.2's recipe (paper §2.1).
+
+    pretrain  mode "dense":  dense MLA+MoE language model, LM loss, the indexer idle
+    warmup    mode "warmup": dense attention, only the indexer trains, on its KL to the head-summed attention
+    sparse    mode "sparse": top-k attention, everything trains, LM loss + KL over the selected keys (the
+                             indexer's inputs are detached inside MLA, so each loss reaches only its own parameters)
+
+One process is one device; under torchrun the megatron bridge shards the same model over TP/EP/DP.
+Exact resume: the batch, learning rate and RNG of step i depend only on i and the checkpoint, so a run killed at any
+point and resumed from its last checkpoint retraces the uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from dsaforge.config import Config
+from dsaforge.model import Transformer, set_trainable, update_router_bias
+from dsaforge.model.accounting import flops_per_token
+from dsaforge.model.moe import MoE
+from dsaforge.model.train import checkpoint as ckpt
+from dsaforge.model.train.data import IGNORE, StepSampler, TokenRows, micro_batches, unigram_entropy
+from dsaforge.model.train.metrics import indexer_recall, memory_gib, peak_flops
+from dsaforge.progress import Progress
+from dsaforge.tracking import NullTracker, Tracker
+
+STAGE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse"}
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when a loss or gradient norm is NaN/Inf; the last complete checkpoint is left untouched."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM arrived: a checkpoint of the last finished step was written; exit status 143 asks for a retry."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(143)
+        self.step, self.path = step, path
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to `min_ratio * peak` at the last step."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps - 1)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the scored targets (IGNORE marks the others)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def export_final(out: Path, state: dict[str, torch.Tensor], cfg: Config, summary: dict) -> None:
+    """The consolidated single-device weights every later stage (and eval/RL) starts from, written atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(cfg.model.model_dump(), indent=2))
+    (tmp / "stage.json").write_text(json.dumps(summary, indent=2, default=str))
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+class Trainer:
+    """Build the model, data and optimizer for one stage; `fit()` runs it to the end (or resumes it)."""
+
+    def __init__(self, cfg: Config, stage: str, data_dir: Path, out_dir: Path, init_from: Optional[Path] = None,
+                 tracker: Optional[Tracker] = None, doc_mask: bool = False):
+        self.cfg, self.stage, self.mode = cfg, stage, STAGE_MODE[stage]
+        self.scfg = getattr(cfg.train, stage)
+        self.out_dir, self.ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
+        self.tracker = tracker or NullTracker()
+        self.device = resolve_device(cfg)
+        self.bridge = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from dsaforge.model import megatron_bridge as bridge
+            self.bridge = bridge
+            self.par = bridge.init_parallel(cfg, self.device)
+        else:
+            from dsaforge.model.train.seam import set_head_reduction
+            set_head_reduction(None)
+            self.par = None
+        self.is_main = self.par is None or self.par.is_main
+        dp_rank, dp = (self.par.dp_rank, self.par.dp) if self.par else (0, 1)
+
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        # Every rank builds the full model from the same seed, loads the same weights, then keeps its shard.
+        self.model = Transformer(cfg.model)
+        if init_from is not None:
+            self.model.load_state_dict(load_file(str(Path(init_from) / "final" / "model.safetensors")))
+        self.model.to(self.device)
+        if self.bridge:
+            self.bridge.parallelize(self.model, self.par)
+        self.params = set_trainable(self.model, self.mode)
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.scfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.scfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+        self.autocast = self.device.type == "cuda" and cfg.train.dtype == "bfloat16"
+
+        s = self.scfg
+        self.train_rows = TokenRows(data_dir, "train", s.seq_len, doc_mask)
+        self.val_rows = TokenRows(data_dir, "val", s.seq_len, doc_mask)
+        if s.batch_size % (s.micro_batch_size * dp):
+            raise ValueError(f"train.{stage}.batch_size {s.batch_size} must be a multiple of micro_batch_size "
+                             f"{s.micro_batch_size} x data-parallel size {dp}")
+        self.sampler = StepSampler(len(self.train_rows), s.batch_size, cfg.train.seed, dp_rank, dp)
+        self.flops_per_token = flops_per_token(cfg.model, s.seq_len, self.mode)
+        self.peak = peak_flops(self.device, cfg.train.dtype)
+        self.step, self.history = 0, {}
+        self.resumed_from = None
+        self._stop = False
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def objective(self, lm: torch.Tensor, kl: Optional[torch.Tensor], aux: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.mode == "warmup":                       # the backbone is frozen: the indexer KL is all there is
+            return self.scfg.indexer_loss_weight * kl
+        loss = lm if aux is None else lm + aux
+        if self.mode == "sparse":
+            loss = loss + self.scfg.indexer_loss_weight * kl
+        return loss
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.model.train()
+        lr = lr_at(self.step, self.scfg.lr, self.scfg.warmup_steps, self.scfg.steps, self.scfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.train_rows.batch(self.sampler.indices(self.step))
+        micro = micro_batches(batch, self.scfg.micro_batch_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = None
+        for mb in micro:
+            mb = mb.to(self.device)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                out = self.model(mb.inputs, mode=self.mode, segment_ids=mb.segment_ids)
+            lm = lm_loss(out.logits, mb.targets)
+            loss = self.objective(lm, out.indexer_loss, out.aux_loss)
+            if not torch.isfinite(loss):
+                self._diverged("loss", loss)
+            (loss / len(micro)).backward()
+            stats = torch.stack([lm.detach(), *[kl.detach() for kl in (out.indexer_kl or [])]])
+            sums = stats if sums is None else sums + stats
+        stats = sums / len(micro)
+        if self.bridge:
+            self.bridge.sync_grads(self.params, self.par)
+            gnorm = self.bridge.grad_norm(self.params, self.par)
+            stats = self.bridge.mean_over_dp(stats, self.par)
+        else:
+            gnorm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params if p.grad is not None]))
+        if not torch.isfinite(gnorm):
+            self._diverged("gradient norm", gnorm)
+        if self.scfg.grad_clip > 0:
+            coef = (self.scfg.grad_clip / (gnorm + 1e-6)).clamp(max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        self.optimizer.step()
+        if self.mode == "warmup":                       # routers are frozen: drop the loads counted meanwhile
+            for m in self.model.modules():
+                if isinstance(m, MoE):
+                    m.expert_load.zero_()
+        else:
+            if self.bridge:
+                self.bridge.sync_expert_load(self.model, self.par)
+            update_router_bias(self.model)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        tokens = self.scfg.batch_size * self.scfg.seq_len
+        stats = stats.tolist()
+        m = {"train/lm_loss": stats[0], "train/lr": lr, "train/grad_norm": float(gnorm),
+             "perf/tokens_per_s": tokens / dt, "perf/step_s": dt,
+             "perf/tflops_per_device": self.flops_per_token * tokens / dt / 1e12 / self._world(),
+             "train/epoch": self.sampler.epoch(self.step + 1), **memory_gib(self.device)}
+        if len(stats) > 1:
+            m["train/indexer_kl"] = sum(stats[1:]) / len(stats[1:])
+            m.update({f"train/indexer_kl/layer{i}": v for i, v in enumerate(stats[1:])})
+        if self.peak:
+            m["perf/mfu"] = m["perf/tflops_per_device"] * 1e12 / self.peak
+        return m
+
+    def _world(self) -> int:
+        return self.par.world if self.par else 1
+
+    def _diverged(self, what: str, value: torch.Tensor) -> None:
+        last = ckpt.latest_checkpoint(self.ckpt_dir)
+        raise NonFiniteLoss(f"{self.stage}: non-finite {what} ({float(value)}) at step {self.step + 1}; stopping. "
+                            f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}; lower "
+                            f"train.{self.stage}.lr or raise grad_clip and resume from it.")
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, mode: Optional[str] = None, prefix: str = "val") -> dict[str, float]:
+        """Mean validation LM loss (and indexer KL) over the first eval_batches x batch_size validation rows."""
+        mode = mode or self.mode
+        self.model.eval()
+        s = self.scfg
+        dp_rank, dp = (self.par.dp_rank, self.par.dp) if self.par else (0, 1)
+        n = min(len(self.val_rows), s.eval_batches * s.batch_size)
+        rows = list(range(n))[dp_rank::dp]
+        sums, count = None, 0
+        recall = {}
+        for i in range(0, len(rows), s.micro_batch_size):
+            mb = self.val_rows.batch(rows[i:i + s.micro_batch_size]).to(self.device)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                out = self.model(mb.inputs, mode=mode, segment_ids=mb.segment_ids)
+                if i == 0 and prefix == "val":      # sampled: the first validation micro-batch
+                    recall = indexer_recall(self.model, mb.inputs, mb.segment_ids, self.cfg.model.index_topk)
+            stats = torch.stack([lm_loss(out.logits, mb.targets), *(out.indexer_kl or [])])
+            sums = stats if sums is None else sums + stats
+            count += 1
+        stats = sums / max(count, 1)
+        if self.bridge:
+            stats = self.bridge.mean_over_dp(stats, self.par)
+        stats = stats.tolist()
+        m = {f"{prefix}/lm_loss": stats[0]}
+        if len(stats) > 1:
+            m[f"{prefix}/indexer_kl"] = sum(stats[1:]) / len(stats[1:])
+        m.update({f"{prefix}/{k}": v for k, v in recall.items()})
+        return m
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _shard_tag(self, name, t) -> str:
+        return self.bridge.shard_tag(name, t) if self.bridge else ""
+
+    def _layout(self) -> dict:
+        return self.par.layout() if self.par else {"world": 1, "tp": 1, "ep": 1, "pp": 1}
+
+    def save(self) -> Path:
+        state = {"step": self.step, "samples": self.step * self.scfg.batch_size, "history": self.history}
+        return ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self._shard_tag,
+                         self.scfg.keep_last, self._layout())
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint of this stage, if there is one."""
+        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        state = ckpt.load(path, self.model, self.optimizer, self._shard_tag, self._layout())
+        self.step, self.history, self.resumed_from = state["step"], state["history"], path
+        if self.is_main:   # metrics logged after the checkpoint belong to the lost run
+            log = self.out_dir / "metrics.jsonl"
+            if log.exists():
+                lines = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
+                log.write_text("".join(ln + "\n" for ln in lines))
+        return True
+
+    # ------------------------------------------------------------------ the stage
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop = True
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([float(self._stop)], device=self.device)
+        if self.bridge:                                 # stop together, or the checkpoint collectives would hang
+            flag = self.bridge.mean_over_dp(flag, self.par) * self.par.dp
+        return bool(flag.item() > 0)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        self.tracker.log_metrics(metrics, step=self.step)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def fit(self) -> dict:
+        s = self.scfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume():
+            start = self.evaluate()
+            if self.mode == "sparse":                   # the dense model this stage must stay close to
+                start.update(self.evaluate(mode="dense", prefix="val_dense"))
+            self.history["start"] = start
+            self.log(start)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        metrics: dict[str, float] = {}
+        try:
+            with Progress(self.stage, total=s.steps - self.step, unit="step",
+                          stream=None if self.is_main else open(os.devnull, "w")) as bar:
+                while self.step < s.steps:
+                    metrics = self.train_step()
+                    self.step += 1
+                    if self.step % s.eval_every == 0 or self.step == s.steps:
+                        metrics.update(self.evaluate())
+                    self.log(metrics)
+                    bar.update(1, loss=metrics["train/lm_loss"], **({"kl": metrics["train/indexer_kl"]}
+                                                                    if "train/indexer_kl" in metrics else {}))
+                    if self.step % s.ckpt_every == 0 or self.step == s.steps:
+                        self.save()
+                    if self._stop_requested():
+                        raise Preempted(self.step, self.save() if self.step % s.ckpt_every else
+                                        ckpt.latest_checkpoint(self.ckpt_dir))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        end = {k: v for k, v in metrics.items() if k.startswith("val")} or self.evaluate()
+        self.history["end"] = end
+        return self.finish()
+
+    def finish(self) -> dict:
+        start, end = self.history.get("start", {}), self.history.get("end", {})
+        summary = {"stage": self.stage, "mode": self.mode, "steps": self.step,
+                   "tokens": self.step * self.scfg.batch_size * self.scfg.seq_len,
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                   "layout": self._layout(), "start": start, "end": end}
+        if self.stage == "pretrain":
+            summary["unigram_entropy"] = unigram_entropy(self.val_rows)
+        state = self.bridge.consolidated_state_dict(self.model, self.par) if self.bridge else {
+            k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if self.is_main:
+            export_final(self.out_dir / "final", state, self.cfg, summary)
+            (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+        return summary
+
+    def close(self) -> None:
+        if self.bridge:
+            self.bridge.destroy(self.par)
