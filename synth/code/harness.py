@@ -1,0 +1,290 @@
+"""Code-agent machinery (standard library only; the test-running parts run inside the sandbox): procedural bug
+injection by AST-located text edits, unified diffs and a strict patch applier, a differential test runner with
+per-test time limits, and a baseline repair solver (coverage-localised search over inverse edits).
+
+As a script it reads a job {"op": ..., ...} on stdin and prints one JSON object on stdout.
+"""
+import ast
+import difflib
+import json
+import random
+import signal
+import sys
+import types
+
+SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+         ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Add: ast.Sub, ast.Sub: ast.Add,
+         ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult, ast.And: ast.Or, ast.Or: ast.And}
+
+
+# ---- bug injection ------------------------------------------------------------------------------------------
+def sites(source):
+    """Every single-line edit the injector (and the repair search) can make: (line, col, end_col, new_text, fn)."""
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    out = []
+
+    def seg(n):
+        return lines[n.lineno - 1][n.col_offset:n.end_col_offset]
+
+    def add(node, new, fn):
+        if node.lineno == node.end_lineno and new != seg(node):
+            try:
+                ast.parse(new.strip(), mode="eval")
+            except SyntaxError:
+                return
+            out.append((node.lineno, node.col_offset, node.end_col_offset, new, fn))
+
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in SWAPS:
+                m = ast.Compare(node.left, [SWAPS[type(node.ops[0])]()], node.comparators)
+                add(node, ast.unparse(m), fn.name)
+            elif isinstance(node, ast.BinOp) and type(node.op) in SWAPS:
+                add(node, "(" + ast.unparse(ast.BinOp(node.left, SWAPS[type(node.op)](), node.right)) + ")", fn.name)
+            elif isinstance(node, ast.BoolOp) and type(node.op) in SWAPS:
+                add(node, "(" + ast.unparse(ast.BoolOp(SWAPS[type(node.op)](), node.values)) + ")", fn.name)
+            elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+                add(node, "(" + ast.unparse(node.operand) + ")", fn.name)
+            elif isinstance(node, (ast.If, ast.While)) and not isinstance(node.test, ast.UnaryOp):
+                add(node.test, "not (" + ast.unparse(node.test) + ")", fn.name)
+            elif isinstance(node, ast.Constant) and type(node.value) is int and 0 <= node.value <= 16:
+                add(node, str(node.value + 1), fn.name)
+                if node.value > 0:
+                    add(node, str(node.value - 1), fn.name)
+            elif isinstance(node, ast.Constant) and type(node.value) is bool:
+                add(node, str(not node.value), fn.name)
+    return out
+
+
+def apply_sites(source, chosen):
+    """Apply non-overlapping single-line edits (right to left within a line, so columns stay valid)."""
+    lines = source.splitlines(keepends=True)
+    for ln, col, end, new, _ in sorted(chosen, key=lambda s: (s[0], s[1]), reverse=True):
+        line = lines[ln - 1]
+        lines[ln - 1] = line[:col] + new + line[end:]
+    return "".join(lines)
+
+
+def overlaps(a, b):
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
+def unified_diff(old, new, path):
+    return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                        f"a/{path}", f"b/{path}"))
+
+
+def apply_patch(source, patch):
+    """A strict unified-diff applier for one file: every context and removed line must match exactly."""
+    if not patch.strip():
+        return source
+    src = source.splitlines(keepends=True)
+    out, pos = [], 0
+    lines = patch.splitlines(keepends=True)
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if not line.startswith("@@"):
+            i += 1
+            continue
+        old_start = int(line.split()[1].split(",")[0][1:])
+        start = max(old_start - 1, 0)
+        if start < pos:
+            raise ValueError("overlapping hunks")
+        out.extend(src[pos:start])
+        pos = start
+        i += 1
+        while i < len(lines) and not lines[i].startswith("@@"):
+            body = lines[i]
+            if body.startswith("\\"):
+                i += 1
+                continue
+            tag, text = body[:1], body[1:]
+            if tag in (" ", "-"):
+                if pos >= len(src) or src[pos].rstrip("\r\n") != text.rstrip("\r\n"):
+                    raise ValueError(f"hunk does not apply at line {pos + 1}")
+                if tag == " ":
+                    out.append(src[pos])
+                pos += 1
+            elif tag == "+":
+                out.append(text if text.endswith("\n") else text + "\n")
+            elif body.startswith(("---", "+++")):
+                break
+            i += 1
+    out.extend(src[pos:])
+    return "".join(out)
+
+
+# ---- differential tests -------------------------------------------------------------------------------------
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def load_module(name, source):
+    mod = types.ModuleType(name)
+    mod.__file__ = f"/tmp/repo/{name}.py"
+    sys.modules[name] = mod          # dataclasses and pickling look the module up by name
+    try:
+        exec(compile(source, mod.__file__, "exec"), mod.__dict__)
+    finally:
+        sys.modules.pop(name, None)
+    return mod
+
+
+def adapter_fn(src):
+    if src.startswith("def "):
+        ns = {}
+        exec(src, ns)
+        return ns["run"]
+    return eval(src)
+
+
+def normalise(x):
+    return json.loads(json.dumps(x, default=repr))
+
+
+def call(mod, fn, args, seconds=0.1):
+    # Test inputs are tiny (microseconds on the pristine code), so a tenth of a second means an injected hang.
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return normalise(fn(mod, *args))
+    except _Timeout:
+        return {"raises": "Timeout"}
+    except BaseException as e:   # any failure of the code under test is a recorded outcome
+        return {"raises": type(e).__name__}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def run_tests(module, source, tests):
+    """{test name: passed}; a module that fails to import fails every test."""
+    try:
+        mod = load_module(module, source)
+    except BaseException:
+        return {name: False for name in tests}
+    out, hangs = {}, 0
+    for name, t in sorted(tests.items()):
+        if hangs >= 1:          # a variant that hangs fails the rest without burning the CPU budget
+            out[name] = False
+            continue
+        fn = adapter_fn(t["adapter"])
+        results = [call(mod, fn, c["args"]) for c in t["cases"]]
+        hangs += sum(r == {"raises": "Timeout"} for r in results)
+        out[name] = all(r == c["expect"] for r, c in zip(results, t["cases"]))
+    return out
+
+
+def record(module, source, tests):
+    mod = load_module(module, source)
+    for t in tests.values():
+        fn = adapter_fn(t["adapter"])
+        for c in t["cases"]:
+            c["expect"] = call(mod, fn, c["args"])
+    return tests
+
+
+# ---- baseline repair solver ---------------------------------------------------------------------------------
+def covered_lines(module, source, examples):
+    lines = set()
+    fname = f"/tmp/repo/{module}.py"
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename != fname:
+            return None
+        if event == "line":
+            lines.add(frame.f_lineno)
+        return tracer
+
+    try:
+        mod = load_module(module, source)
+    except BaseException:
+        return lines
+    for ex in examples:
+        sys.settrace(tracer)
+        try:
+            call(mod, adapter_fn(ex["adapter"]), ex["args"])
+        finally:
+            sys.settrace(None)
+    return lines
+
+
+def example_passes(module, source, examples):
+    try:
+        mod = load_module(module, source)
+    except BaseException:
+        return [False] * len(examples)
+    return [call(mod, adapter_fn(e["adapter"]), e["args"]) == e["expect"] for e in examples]
+
+
+def repair(module, source, examples, k, seed):
+    """Fault-localised search: edits on lines the issue's examples execute, kept when they fix an example
+    without breaking another; k attempts combine one random fixer per failing example."""
+    base = example_passes(module, source, examples)
+    cov = covered_lines(module, source, examples)
+    fixers = {i: [] for i, ok in enumerate(base) if not ok}
+    for s in sites(source):
+        if s[0] not in cov:
+            continue
+        res = example_passes(module, apply_sites(source, [s]), examples)
+        if any(b and not r for b, r in zip(base, res)):
+            continue
+        for i in fixers:
+            if res[i]:
+                fixers[i].append(s)
+    rng = random.Random(seed)
+    patches = []
+    for _ in range(k):
+        chosen = []
+        for i in sorted(fixers):
+            opts = [s for s in fixers[i] if not any(overlaps(s, c) for c in chosen)]
+            if opts:
+                chosen.append(rng.choice(opts))
+        patches.append(unified_diff(source, apply_sites(source, chosen), f"{module}.py"))
+    return patches
+
+
+def main():
+    job = json.load(sys.stdin)
+    op = job["op"]
+    if op == "record":
+        print(json.dumps(record(job["module"], job["source"], job["tests"])))
+    elif op == "evaluate":
+        print(json.dumps([run_tests(job["module"], s, job["tests"]) for s in job["sources"]]))
+    elif op == "verify":
+        tasks = json.load(open("hidden/tasks.json"))
+        tests = json.load(open("hidden/tests.json"))
+        out = []
+        for item in job["items"]:
+            t = tasks[item["key"]]
+            buggy = open(f"{item['key']}/repo/{t['module']}.py").read()
+            sub = item["submission"]
+            try:
+                patched = apply_patch(buggy, sub.get("patch") or "" if isinstance(sub, dict) else "")
+            except (ValueError, IndexError) as e:
+                out.append({"passed": False, "score": 0.0, "detail": f"patch does not apply: {e}"})
+                continue
+            res = run_tests(t["module"], patched, {n: tests[n] for n in t["FAIL_TO_PASS"] + t["PASS_TO_PASS"]})
+            f2p = sum(res[n] for n in t["FAIL_TO_PASS"])
+            p2p = sum(res[n] for n in t["PASS_TO_PASS"])
+            ok = f2p == len(t["FAIL_TO_PASS"]) and p2p == len(t["PASS_TO_PASS"])
+            out.append({"passed": ok, "score": 1.0 if ok else 0.0,
+                        "detail": f"FAIL_TO_PASS {f2p}/{len(t['FAIL_TO_PASS'])}, PASS_TO_PASS {p2p}/{len(t['PASS_TO_PASS'])}"})
+        print(json.dumps(out))
+    elif op == "repair":
+        out = []
+        for item in job["items"]:
+            src = open(f"{item['key']}/repo/{item['module']}.py").read()
+            out.append(repair(item["module"], src, item["examples"], job["k"], item["seed"]))
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
