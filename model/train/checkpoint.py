@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -121,7 +122,9 @@ def save(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opt
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dcp.save(tensor_state(model, optimizer, shard_tag), checkpoint_id=str(tmp))
+    with warnings.catch_warnings():   # single-process runs: DCP notes that it saves without a process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensor_state(model, optimizer, shard_tag), checkpoint_id=str(tmp))
     torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer-rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
@@ -150,7 +153,9 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         raise ValueError(f"{path} was written with parallel layout {saved}, this run uses {layout}; resume with the "
                          "same layout, or start a new stage from the consolidated final/ export")
     state = tensor_state(model, optimizer, shard_tag)
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
     trainer = torch.load(path / f"trainer-rank{_rank():05d}.pt", weights_only=False)
     set_rng_state(trainer.pop("rng"))
     return trainer

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -76,7 +77,6 @@ def export_final(out: Path, state: dict[str, torch.Tensor], cfg: Config, summary
     (tmp / "config.json").write_text(json.dumps(cfg.model.model_dump(), indent=2))
     (tmp / "stage.json").write_text(json.dumps(summary, indent=2, default=str))
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     os.replace(tmp, out)
 
