@@ -123,7 +123,7 @@ def cmd_mlflow(args) -> int:
     cfg = _load(args)
     uri = args.tracking_uri or resolve_tracking_uri(cfg)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(args.port)]
+           "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://127.0.0.1:{args.port}  (store: {uri}); Ctrl-C to stop", flush=True)
     os.execv(sys.executable, cmd)
     return 0

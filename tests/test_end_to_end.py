@@ -2,6 +2,7 @@
 
 Run: python -m pytest tests/test_end_to_end.py -q
 """
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import pytest
 def _run(home, *extra):
     return subprocess.run([sys.executable, "-m", "dsaforge", "run", "end-to-end", "--preset", "tiny",
                            "--set", f"pipeline.home={home}", "--set", "tracking.system_metrics_interval_s=1", *extra],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900,
+                          env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
 
 
 @pytest.fixture(scope="module")

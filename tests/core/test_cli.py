@@ -75,3 +75,37 @@ def test_stage_in_process(tmp_path):
     again = dsaforge("stage", "prepare-data", "--out", str(tmp_path / "ds"), "--no-track",
                      "--set", f"data.sources=[{src}]", check=False)
     assert again.returncode == 2 and "output directory is not empty" in again.stderr
+
+
+def test_unreachable_tracking_server_is_one_line(tmp_path):
+    proc = dsaforge("run", "end-to-end", "--set", "tracking.uri=http://127.0.0.1:9", "--set",
+                    f"pipeline.home={tmp_path}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("dsaforge: error: MLflow server at http://127.0.0.1:9 is unreachable")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_mlflow_ui_serves_the_local_store(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dsaforge", "mlflow", "ui", "--port", str(port), "--set",
+                             f"pipeline.home={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the MLflow UI did not answer within 90 s")
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -48,8 +48,7 @@ def _check(uri, cfg, parent_id, child_id):
     assert [a.path for a in client.list_artifacts(child_id)] == ["manifest.json"]
     assert child.inputs.dataset_inputs[0].dataset.digest == "abc123"
     assert parent.info.status == child.info.status == "FINISHED"
-    found = mlflow.search_runs(experiment_names=["dsaforge"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                               output_format="list")
+    found = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     assert [r.info.run_id for r in found] == [child_id]
 
 
@@ -59,7 +58,6 @@ def test_sqlite_store(tmp_path, monkeypatch):
     parent_id, child_id = _exercise(cfg, tmp_path)
     uri = f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
     assert (tmp_path / "home" / "mlflow.db").exists()
-    mlflow.set_tracking_uri(uri)
     _check(uri, cfg, parent_id, child_id)
     # artifacts sit under the home directory, not in the working directory
     assert list((tmp_path / "home" / "mlartifacts").rglob("manifest.json"))
@@ -99,7 +97,6 @@ def test_real_server(tmp_path, mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     cfg = _cfg(tmp_path)                         # no tracking.uri: the environment variable decides
     parent_id, child_id = _exercise(cfg, tmp_path)
-    mlflow.set_tracking_uri(mlflow_server)
     _check(mlflow_server, cfg, parent_id, child_id)
 
 
