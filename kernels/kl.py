@@ -33,12 +33,39 @@ KL_BLOCK_N = 32
 if triton is not None:
 
     @triton.jit
+    def _target_mass(aq_row, lse_row, kv_base, idx64, valid, saqh, skvt, scale_log2, H,
+                     D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr, H_P: tl.constexpr,
+                     BLOCK_HA: tl.constexpr, BLOCK_N: tl.constexpr):
+        """sum_h exp(scale * q_h . kv_t - lse_h) for a block of keys [BLOCK_N], heads taken BLOCK_HA at a time."""
+        offs_v = tl.arange(0, D_V)
+        offs_p = tl.arange(0, D_PE_P)
+        mask_p = offs_p < D_PE
+        kv_rows = kv_base + idx64[:, None] * skvt
+        kn = tl.load(kv_rows + offs_v[None, :], mask=valid[:, None], other=0.0)                  # [BN, D_V]
+        kp = tl.load(kv_rows + D_V + offs_p[None, :], mask=valid[:, None] & mask_p[None, :], other=0.0)
+        p = tl.zeros([BLOCK_N], tl.float32)
+        for h0 in tl.static_range(0, H_P, BLOCK_HA):
+            offs_h = h0 + tl.arange(0, BLOCK_HA)
+            mask_h = offs_h < H
+            aq = aq_row + offs_h[:, None] * saqh
+            aq_n = tl.load(aq + offs_v[None, :], mask=mask_h[:, None], other=0.0)                # [BHA, D_V]
+            aq_p = tl.load(aq + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+            lse = tl.load(lse_row + offs_h, mask=mask_h, other=float("-inf"))
+            h_ok = mask_h & (lse > float("-inf"))
+            lse2 = tl.where(h_ok, lse * 1.4426950408889634, 0.0)
+            att = tl.dot(aq_n, tl.trans(kn))
+            att = tl.dot(aq_p, tl.trans(kp), att)                                                # [BHA, BN]
+            pa = tl.exp2(att * scale_log2 - lse2[:, None])
+            p += tl.sum(tl.where(h_ok[:, None] & valid[None, :], pa, 0.0), 0)
+        return p
+
+    @triton.jit
     def _indexer_kl_kernel(
             IQ, IK, W, AQ, KV, LSE, IDX, START, END, GO, LOSS, DIQ, DIK, DW, scale_log2,
             siqb, siqs, siqh, sikb, sikt, swb, sws, saqb, saqs, saqh, skvb, skvt, slb, sls, sib, sis,
             S, T, K, HI, H,
             DI: tl.constexpr, D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr,
-            HI_P: tl.constexpr, H_P: tl.constexpr, BLOCK_N: tl.constexpr,
+            HI_P: tl.constexpr, H_P: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_N: tl.constexpr,
             SPARSE: tl.constexpr, GRAD: tl.constexpr):
         s = tl.program_id(0)
         b = tl.program_id(1)
@@ -47,22 +74,13 @@ if triton is not None:
         offs_j = tl.arange(0, HI_P)
         mask_j = offs_j < HI
         offs_di = tl.arange(0, DI)
-        offs_h = tl.arange(0, H_P)
-        mask_h = offs_h < H
-        offs_v = tl.arange(0, D_V)
-        offs_p = tl.arange(0, D_PE_P)
-        mask_p = offs_p < D_PE
         offs_n = tl.arange(0, BLOCK_N)
 
         iq = tl.load(IQ + b64 * siqb + s64 * siqs + offs_j[:, None] * siqh + offs_di[None, :],
                      mask=mask_j[:, None], other=0.0)                                          # [HI_P, DI]
         w = tl.load(W + b64 * swb + s64 * sws + offs_j, mask=mask_j, other=0.0).to(tl.float32)
-        aq_rows = AQ + b64 * saqb + s64 * saqs + offs_h[:, None] * saqh
-        aq_n = tl.load(aq_rows + offs_v[None, :], mask=mask_h[:, None], other=0.0)               # [H_P, D_V]
-        aq_p = tl.load(aq_rows + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
-        lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h, mask=mask_h, other=float("-inf"))
-        h_ok = mask_h & (lse > float("-inf"))
-        lse2 = tl.where(h_ok, lse * 1.4426950408889634, 0.0)
+        aq_row = AQ + b64 * saqb + s64 * saqs
+        lse_row = LSE + b64 * slb + s64 * sls
         if SPARSE:
             lo = 0
             n_keys = K
@@ -91,14 +109,8 @@ if triton is not None:
             ki = tl.load(ik_base + idx64[:, None] * sikt + offs_di[None, :], mask=valid[:, None], other=0.0)
             logits = tl.dot(iq, tl.trans(ki))                                                   # [HI_P, BN]
             score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], 0)                              # [BN]
-            kv_rows = kv_base + idx64[:, None] * skvt
-            kn = tl.load(kv_rows + offs_v[None, :], mask=valid[:, None], other=0.0)
-            kp = tl.load(kv_rows + D_V + offs_p[None, :], mask=valid[:, None] & mask_p[None, :], other=0.0)
-            att = tl.dot(aq_n, tl.trans(kn))
-            att = tl.dot(aq_p, tl.trans(kp), att)                                                # [H_P, BN]
-            pa = tl.exp2(att * scale_log2 - lse2[:, None])
-            pa = tl.where(h_ok[:, None] & valid[None, :], pa, 0.0)
-            p = tl.sum(pa, 0)                                                                   # [BN]
+            p = _target_mass(aq_row, lse_row, kv_base, idx64, valid, saqh, skvt, scale_log2, H,
+                             D_V, D_PE, D_PE_P, H_P, BLOCK_HA, BLOCK_N)                          # [BN]
             # Elementwise online logsumexp (per lane), merged once after the loop.
             score_m = tl.where(valid, score, float("-inf"))
             m_new = tl.maximum(m_i, score_m)
@@ -134,13 +146,8 @@ if triton is not None:
                 logits = tl.dot(iq, tl.trans(ki))
                 relu = tl.maximum(logits, 0.0)
                 score = tl.sum(relu * w[:, None], 0)
-                kv_rows = kv_base + idx64[:, None] * skvt
-                kn = tl.load(kv_rows + offs_v[None, :], mask=valid[:, None], other=0.0)
-                kp = tl.load(kv_rows + D_V + offs_p[None, :], mask=valid[:, None] & mask_p[None, :], other=0.0)
-                att = tl.dot(aq_n, tl.trans(kn))
-                att = tl.dot(aq_p, tl.trans(kp), att)
-                pa = tl.exp2(att * scale_log2 - lse2[:, None])
-                p = tl.sum(tl.where(h_ok[:, None] & valid[None, :], pa, 0.0), 0)
+                p = _target_mass(aq_row, lse_row, kv_base, idx64, valid, saqh, skvt, scale_log2, H,
+                                 D_V, D_PE, D_PE_P, H_P, BLOCK_HA, BLOCK_N)
                 g = tl.where(valid, (tl.exp(score - lse_i) - p / z_safe) * go, 0.0)                # dL/dI [BN]
                 dw += tl.sum(relu * g[None, :], 1)
                 m = tl.where(logits > 0.0, w[:, None] * g[None, :], 0.0)                          # dL/dlogits
@@ -203,7 +210,8 @@ def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad)
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), lse.stride(0), lse.stride(1),
         si[0], si[1], s, t, k, hi, h,
         DI=di, D_V=d_v, D_PE=q.shape[3] - d_v, D_PE_P=max(16, next_pow2(q.shape[3] - d_v)),
-        HI_P=max(16, next_pow2(hi)), H_P=max(16, next_pow2(h)), BLOCK_N=KL_BLOCK_N,
+        HI_P=max(16, next_pow2(hi)), H_P=max(16, next_pow2(h)), BLOCK_HA=min(64, max(16, next_pow2(h))),
+        BLOCK_N=KL_BLOCK_N,
         SPARSE=indices is not None, GRAD=grad, num_warps=8, num_stages=1)
     return loss, diq, dik, dw
 

@@ -45,9 +45,12 @@ def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scal
     gathered = torch.gather(kv[:, None].expand(b, s, *kv.shape[1:]), 2,
                             safe[..., None].expand(*safe.shape, d))              # [B, S, K, Dqk]
     logits = torch.einsum("bshd,bskd->bshk", q.float(), gathered.float()) * sm_scale
-    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+    # Rows with no valid key give out 0 and lse -inf; they are computed on zeros so that no NaN reaches autograd.
+    empty = ~valid.any(-1)[:, :, None, None]                                     # [B, S, 1, 1]
+    logits = logits.masked_fill(~valid[:, :, None, :] & ~empty, float("-inf")).masked_fill(empty, 0.0)
     lse = torch.logsumexp(logits, dim=-1)                                        # [B, S, H]
-    probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)                   # rows with no key give 0
+    probs = torch.exp(logits - lse[..., None]) * valid[:, :, None, :]
+    lse = lse.masked_fill(empty[..., 0], float("-inf"))
     out = torch.einsum("bshk,bskd->bshd", probs, gathered[..., :d_v].float())
     return out.to(q.dtype), lse
 

@@ -8,11 +8,11 @@ from dsaforge.kernels import indexer_kl, indexer_topk, last_path, sparse_mla
 B, S, T, HI, DI, H, DV, DPE, K, SCALE = 2, 6, 24, 4, 16, 3, 32, 8, 8, 0.2
 
 
-def _inputs():
+def _inputs(h=H):
     iq = torch.randn(B, S, HI, DI, requires_grad=True)
     ik = torch.randn(B, T, DI, requires_grad=True)
     w = torch.randn(B, S, HI, requires_grad=True)
-    q, kv = torch.randn(B, S, H, DV + DPE), torch.randn(B, T, DV + DPE)
+    q, kv = torch.randn(B, S, h, DV + DPE), torch.randn(B, T, DV + DPE)
     return iq, ik, w, q, kv
 
 
@@ -33,9 +33,9 @@ def _dense_lse(q, kv):
     return torch.logsumexp(logits.masked_fill(~mask, float("-inf")), -1)
 
 
-@pytest.mark.parametrize("mode", ["sparse", "dense"])
-def test_indexer_kl_forward_backward(interpret, report, mode):
-    iq, ik, w, q, kv = _inputs()
+@pytest.mark.parametrize("mode,heads", [("sparse", H), ("dense", H), ("sparse", 80)])
+def test_indexer_kl_forward_backward(interpret, report, mode, heads):
+    iq, ik, w, q, kv = _inputs(heads)
     if mode == "sparse":
         idx = _sparse_indices()
         lse = ref.sparse_mla(q, kv, idx, SCALE, DV)[1]
@@ -79,7 +79,7 @@ class TinyDSA(torch.nn.Module):
         self.iw = torch.nn.Linear(dim, idx_heads, bias=False)
         self.scale = (d_v + d_pe) ** -0.5
 
-    def forward(self, x):
+    def forward(self, x, indices=None):
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.heads, self.d_v + self.d_pe)                 # [B, S, H, Dqk]
         kv = self.wkv(x)                                                             # [B, S, Dqk]
@@ -87,10 +87,10 @@ class TinyDSA(torch.nn.Module):
         iq = self.iq(xd).view(b, s, self.idx_heads, self.idx_dim)                    # [B, S, Hi, Di]
         ik, iw = self.ik(xd), self.iw(xd) * self.idx_heads ** -0.5
         with torch.no_grad():
-            idx = indexer_topk(iq, ik, iw, self.top_k)                               # [B, S, K]
+            idx = indexer_topk(iq, ik, iw, self.top_k) if indices is None else indices  # [B, S, K]
         out, lse = sparse_mla(q, kv, idx, self.scale, self.d_v)                      # [B, S, H, d_v]
         kl = indexer_kl(iq, ik, iw, q.detach(), kv.detach(), lse.detach(), self.scale, self.d_v, indices=idx)
-        return self.wo(out.reshape(b, s, -1)), kl.mean()
+        return self.wo(out.reshape(b, s, -1)), kl.mean(), idx
 
 
 def _train_step(monkeypatch, kernels: str):
@@ -99,7 +99,7 @@ def _train_step(monkeypatch, kernels: str):
     layer = TinyDSA()
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     x, y = torch.randn(2, 40, 32), torch.randn(2, 40, 32)
-    out, kl = layer(x)
+    out, kl, _ = layer(x)
     loss = torch.nn.functional.mse_loss(out, y) + kl
     loss.backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}

@@ -1,0 +1,217 @@
+"""GPU correctness checks of the fused kernels against float64 references, on fresh random inputs.
+
+Every output buffer is poisoned (NaN / -7) before the kernel runs, so an unwritten element fails the check.
+Errors are relative Frobenius norms ||got - ref|| / ||ref|| (bf16 bound: 1e-2). Used by the `gpu` tests and by
+`python -m dsaforge.kernels.bench --checks`, which records the results under docs/benchmarks/.
+
+Run: one GPU (`python -m dsaforge.kernels.checks` prints a table).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from dsaforge.kernels import reference as ref
+from dsaforge.kernels._dispatch import last_path, poison_outputs
+from dsaforge.kernels.indexer import indexer_scores, indexer_topk
+from dsaforge.kernels.kl import indexer_kl
+from dsaforge.kernels.sparse_mla import sparse_mla_bwd, sparse_mla_decode, sparse_mla_fwd
+from dsaforge.kernels.topk import topk_indices
+
+BF16_TOL = 1e-2
+SHAPES = {"v32": dict(h=128, d_v=512, d_pe=64, hi=64, di=128), "small": dict(h=16, d_v=256, d_pe=64, hi=16, di=128)}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    finite = torch.isfinite(want)
+    if not torch.equal(torch.isfinite(got), finite):
+        return float("inf")
+    num = (got[finite] - want[finite]).norm()
+    return (num / want[finite].norm().clamp_min(1e-30)).item()
+
+
+def _indices(b: int, s_q: int, s_kv: int, k: int, dev, empty_frac: float = 0.0) -> torch.Tensor:
+    """Distinct random visible keys per row (queries are the last s_q of s_kv), ascending, some slots -1."""
+    pos = torch.arange(s_kv - s_q, s_kv, device=dev)
+    r = torch.rand(b, s_q, s_kv, device=dev)
+    r = r.masked_fill(torch.arange(s_kv, device=dev)[None, None] > pos[None, :, None], -1.0)
+    vals, idx = r.topk(k, dim=-1)
+    idx = idx.masked_fill(vals < 0, -1)
+    if empty_frac:
+        idx = idx.masked_fill(torch.rand(idx.shape, device=dev) < empty_frac, -1)
+    big = torch.iinfo(torch.int32).max
+    idx = idx.int().masked_fill(idx < 0, big).sort(-1)[0]
+    return idx.masked_fill(idx == big, -1).contiguous()
+
+
+def check_sparse_mla(shape: str, s_q: int = 128, s_kv: int = 8192, k: int = 2048, b: int = 1) -> dict:
+    cfg, dev = SHAPES[shape], "cuda"
+    d = cfg["d_v"] + cfg["d_pe"]
+    q = torch.randn(b, s_q, cfg["h"], d, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(b, s_kv, d, device=dev, dtype=torch.bfloat16)
+    idx = _indices(b, s_q, s_kv, k, dev, empty_frac=0.1)
+    idx[:, 0] = -1                                                   # a row with no key at all
+    scale = d ** -0.5
+    with poison_outputs():
+        out, lse = sparse_mla_fwd(q, kv, idx, scale, cfg["d_v"])
+    path = last_path("sparse_mla_fwd")[0]
+    qq, kk = q.double().requires_grad_(), kv.double().requires_grad_()
+    ro, rl = ref.sparse_mla(qq, kk, idx, scale, cfg["d_v"])
+    dout = torch.randn_like(out)
+    torch.autograd.backward([ro], [dout.double()])
+    with poison_outputs():
+        dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"])
+        dq_d, dkv_d = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], deterministic=True)
+        dq_d2, dkv_d2 = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], deterministic=True)
+    res = dict(check=f"sparse_mla fwd+bwd {shape}", shape=dict(b=b, s_q=s_q, s_kv=s_kv, k=k, **cfg), path=path,
+               out_rel_err=rel_err(out, ro), lse_rel_err=rel_err(lse, rl),
+               dq_rel_err=rel_err(dq, qq.grad), dkv_rel_err=rel_err(dkv, kk.grad),
+               dq_det_rel_err=rel_err(dq_d, qq.grad), dkv_det_rel_err=rel_err(dkv_d, kk.grad),
+               deterministic_bitwise=bool(torch.equal(dkv_d, dkv_d2) and torch.equal(dq_d, dq_d2)),
+               empty_row_ok=bool((out[:, 0] == 0).all() and torch.isneginf(lse[:, 0]).all()),
+               no_nan=not any(t.isnan().any() for t in (out, lse, dq, dkv, dq_d, dkv_d)))
+    errs = [v for kk_, v in res.items() if kk_.endswith("rel_err")]
+    res["passed"] = bool(max(errs) <= BF16_TOL and res["deterministic_bitwise"] and res["empty_row_ok"]
+                         and res["no_nan"] and path == "triton")
+    return res
+
+
+def check_decode(shape: str, b: int = 8, s_q: int = 2, s_kv: int = 65536, k: int = 2048) -> dict:
+    cfg, dev = SHAPES[shape], "cuda"
+    d = cfg["d_v"] + cfg["d_pe"]
+    q = torch.randn(b, s_q, cfg["h"], d, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(b, s_kv, d, device=dev, dtype=torch.bfloat16)
+    idx = _indices(b, s_q, s_kv, k, dev, empty_frac=0.05)
+    with poison_outputs():
+        out, lse = sparse_mla_decode(q, kv, idx, d ** -0.5, cfg["d_v"])
+    ro, rl = ref.sparse_mla(q.double(), kv.double(), idx, d ** -0.5, cfg["d_v"])
+    res = dict(check=f"sparse decode {shape}", shape=dict(b=b, s_q=s_q, s_kv=s_kv, k=k, **cfg),
+               path=last_path("sparse_mla_fwd")[0], out_rel_err=rel_err(out, ro), lse_rel_err=rel_err(lse, rl))
+    res["passed"] = bool(max(res["out_rel_err"], res["lse_rel_err"]) <= BF16_TOL and res["path"] == "triton")
+    return res
+
+
+def check_topk(rows: int = 64, t: int = 131072, k: int = 2048) -> dict:
+    dev = "cuda"
+    x = torch.randn(rows, t, device=dev)
+    x[1] = torch.randint(0, 7, (t,), device=dev).float()                 # ties: lower index must win
+    x[2] = 0.0
+    x[3, : k // 2] = float("-inf")
+    with poison_outputs():
+        got = topk_indices(x, k)
+    want = ref.topk_indices(x[None], k)[0]
+    same = bool(torch.equal(got.sort(-1)[0], want.sort(-1)[0]))
+    start = torch.randint(0, t // 2, (rows,), device=dev, dtype=torch.int32)
+    end = (start + torch.randint(k // 2, t // 2, (rows,), device=dev, dtype=torch.int32)).clamp_max(t)
+    with poison_outputs():
+        got_b = topk_indices(x, k, start, end)
+    mask = ref.bounds_mask(start, end, t)
+    want_b = ref.topk_indices(x.masked_fill(~mask, float("-inf"))[None], k)[0]
+    same_b = bool(torch.equal(got_b.sort(-1)[0], want_b.sort(-1)[0]))
+    return dict(check="topk radix select", shape=dict(rows=rows, t=t, k=k), path=last_path("topk")[0],
+                exact_match=same, exact_match_bounded=same_b, passed=same and same_b)
+
+
+def _recall(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Fraction of the exact top-k (valid slots) that the kernel selected."""
+    hits, total = 0, 0
+    for g, w in zip(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])):
+        w = w[w >= 0]
+        g = g[g >= 0]
+        hits += torch.isin(w, g).sum().item()
+        total += w.numel()
+    return hits / max(total, 1)
+
+
+def check_indexer(shape: str, s_q: int = 512, s_kv: int = 8192, k: int = 2048) -> dict:
+    cfg, dev = SHAPES[shape], "cuda"
+    q = torch.randn(1, s_q, cfg["hi"], cfg["di"], device=dev, dtype=torch.bfloat16)
+    kk = torch.randn(1, s_kv, cfg["di"], device=dev, dtype=torch.bfloat16)
+    w = torch.randn(1, s_q, cfg["hi"], device=dev, dtype=torch.float32) * cfg["hi"] ** -0.5
+    exact = ref.indexer_scores(q.double(), kk.double(), w.double())
+    with poison_outputs():
+        scores = indexer_scores(q, kk, w)
+        idx = indexer_topk(q, kk, w, k)
+    path = last_path("indexer_topk")[0]
+    want = ref.topk_indices(exact, k)
+    q8, k8, ks, wf = ref.indexer_fp8_inputs(q, kk, w)
+    with poison_outputs():
+        idx8 = indexer_topk(q8, k8, wf, k, k_scale=ks)
+        scores8 = indexer_scores(q8, k8, wf, k_scale=ks)
+    exact8 = ref.indexer_scores_fp8(q8.double(), k8.double(), ks.double(), wf.double())
+    want8 = ref.topk_indices(exact8, k)
+    res = dict(check=f"indexer+topk {shape}", shape=dict(s_q=s_q, s_kv=s_kv, k=k, **cfg), path=path,
+               scores_bf16_rel_err=rel_err(scores, exact), scores_fp8_rel_err=rel_err(scores8, exact8),
+               recall_bf16=_recall(idx, want), recall_fp8_vs_exact_scores=_recall(idx8, want),
+               recall_fp8_vs_fp8_formula=_recall(idx8, want8),
+               no_poison=bool((idx != -7).all() and (idx8 != -7).all()))
+    res["passed"] = bool(res["scores_bf16_rel_err"] <= BF16_TOL and res["scores_fp8_rel_err"] <= BF16_TOL
+                         and res["recall_bf16"] >= 0.999 and res["recall_fp8_vs_exact_scores"] >= 0.99
+                         and res["no_poison"] and path == "triton")
+    return res
+
+
+def check_kl(shape: str, s_q: int = 256, s_kv: int = 2048, k: int = 512) -> dict:
+    cfg, dev = SHAPES[shape], "cuda"
+    d = cfg["d_v"] + cfg["d_pe"]
+    h = min(cfg["h"], 32)
+    scale = d ** -0.5
+    iq = torch.randn(1, s_q, cfg["hi"], cfg["di"], device=dev, dtype=torch.bfloat16) * 0.3
+    ik = torch.randn(1, s_kv, cfg["di"], device=dev, dtype=torch.bfloat16) * 0.3
+    w = torch.randn(1, s_q, cfg["hi"], device=dev, dtype=torch.bfloat16) * cfg["hi"] ** -0.5
+    q = torch.randn(1, s_q, h, d, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(1, s_kv, d, device=dev, dtype=torch.bfloat16)
+    res = dict(check=f"indexer KL {shape}", shape=dict(s_q=s_q, s_kv=s_kv, k=k, h=h, d=d, hi=cfg["hi"], di=cfg["di"]))
+    ok = True
+    start, end = ref.key_bounds(s_q, s_kv, None, dev)
+    for mode in ("sparse", "dense"):
+        if mode == "sparse":
+            idx = _indices(1, s_q, s_kv, k, dev)
+            lse = ref.sparse_mla(q.double(), kv.double(), idx, scale, cfg["d_v"])[1].float()
+        else:
+            idx = None
+            logits = torch.einsum("bshd,btd->bsht", q.double(), kv.double()) * scale
+            mask = ref.bounds_mask(start, end, s_kv)[None, :, None, :]
+            lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), -1).float()
+        leaves = [x.detach().requires_grad_() for x in (iq, ik, w)]
+        go = torch.rand(1, s_q, device=dev)
+        loss = indexer_kl(*leaves, q, kv, lse, scale, cfg["d_v"], indices=idx)
+        grads = torch.autograd.grad(loss, leaves, go)
+        target = ref.attention_target(q.double(), kv.double(), lse.double(), scale, idx)
+        rl = [x.detach().double().requires_grad_() for x in (iq, ik, w)]
+        want = ref.indexer_kl(*rl, target.double(), idx)
+        wg = torch.autograd.grad(want, rl, go.double())
+        errs = dict(loss=rel_err(loss, want), d_index_q=rel_err(grads[0], wg[0]), d_index_k=rel_err(grads[1], wg[1]),
+                    d_index_w=rel_err(grads[2], wg[2]))
+        res[mode] = dict(path=last_path("indexer_kl")[0], **{f"{n}_rel_err": v for n, v in errs.items()})
+        ok = ok and max(errs.values()) <= BF16_TOL and res[mode]["path"] == "triton"
+    res["passed"] = bool(ok)
+    return res
+
+
+def run_all(log=print) -> list[dict]:
+    """Every check at both head shapes; an exception is recorded as a failed check, not raised."""
+    jobs = [("sparse_mla v32", check_sparse_mla, ("v32",)), ("sparse_mla small", check_sparse_mla, ("small",)),
+            ("decode v32", check_decode, ("v32",)), ("decode small", check_decode, ("small",)),
+            ("topk", check_topk, ()), ("indexer v32", check_indexer, ("v32",)),
+            ("indexer small", check_indexer, ("small",)), ("kl v32", check_kl, ("v32",)),
+            ("kl small", check_kl, ("small",))]
+    results = []
+    for name, fn, args in jobs:
+        t0 = time.time()
+        try:
+            r = fn(*args)
+        except Exception as e:  # a broken check must not hide the others
+            r = dict(check=name, passed=False, error=f"{type(e).__name__}: {e}"[:2000])
+        r["seconds"] = round(time.time() - t0, 2)
+        log(json.dumps(r))
+        results.append(r)
+        torch.cuda.empty_cache()
+    return results
+
+
+if __name__ == "__main__":
+    run_all()
