@@ -6,6 +6,8 @@ import sys
 import pytest
 import yaml
 
+from tests.helpers import free_port, stop, wait_http
+
 
 def dsaforge(*args, cwd=None, check=True):
     proc = subprocess.run([sys.executable, "-m", "dsaforge", *args], capture_output=True, text=True, cwd=cwd,
@@ -86,26 +88,12 @@ def test_unreachable_tracking_server_is_one_line(tmp_path):
 
 
 def test_mlflow_ui_serves_the_local_store(tmp_path):
-    import socket
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dsaforge", "mlflow", "ui", "--port", str(port), "--set",
-                             f"pipeline.home={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             f"pipeline.home={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
     try:
         assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("the MLflow UI did not answer within 90 s")
+        wait_http(f"http://127.0.0.1:{port}/health")
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)

@@ -1,15 +1,14 @@
 """Run: python -m pytest tests/core/test_tracking.py -q  (starts a real `mlflow server` on 127.0.0.1)"""
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import mlflow
 import pytest
 
 from dsaforge.config import ConfigError, config_hash, load_config
 from dsaforge.tracking import check_reachable, start_pipeline_run, start_stage_run
+from tests.helpers import free_port, stop, wait_http
 
 
 def _cfg(tmp_path, uri=None):
@@ -63,34 +62,20 @@ def test_sqlite_store(tmp_path, monkeypatch):
     assert list((tmp_path / "home" / "mlartifacts").rglob("manifest.json"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
                              "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(url + "/health", timeout=1).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start within 90 s")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    try:
+        wait_http(url + "/health")
+        yield url
+    finally:
+        stop(proc)
 
 
 def test_real_server(tmp_path, mlflow_server, monkeypatch):
@@ -101,7 +86,7 @@ def test_real_server(tmp_path, mlflow_server, monkeypatch):
 
 
 def test_unreachable_server_fails_fast_with_one_line(tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     cfg = _cfg(tmp_path, uri)
     t0 = time.time()
     with pytest.raises(ConfigError, match=rf"MLflow server at {uri} is unreachable"):
