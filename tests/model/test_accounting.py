@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dsaforge.config.presets import preset
 from dsaforge.model import Transformer
 from dsaforge.model.accounting import _mean_keys, count_params, flops_breakdown, flops_per_token
-from model_helpers import make_model, tiny_cfg
+from tests.model.model_helpers import make_model, tiny_cfg
 
 
 def _analytic_params(c):

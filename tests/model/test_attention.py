@@ -8,7 +8,7 @@ from dsaforge.kernels import causal_mask
 from dsaforge.model import MLA, indexer_kl
 from dsaforge.model.attention import AttnContext
 from dsaforge.model.layers import rope_tables
-from model_helpers import tiny_cfg
+from tests.model.model_helpers import tiny_cfg
 
 B, S = 2, 12
 

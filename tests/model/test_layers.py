@@ -6,7 +6,7 @@ import torch
 
 from dsaforge.model.layers import (MLP, RMSNorm, apply_rope, fp8_block_quant, hadamard, rope_tables, yarn_inv_freq,
                                    yarn_softmax_scale)
-from model_helpers import tiny_cfg
+from tests.model.model_helpers import tiny_cfg
 
 
 def test_rmsnorm_matches_formula():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dsaforge.model import Gate, MoE
-from model_helpers import tiny_cfg
+from tests.model.model_helpers import tiny_cfg
 
 
 def _moe(seed=0, **over):

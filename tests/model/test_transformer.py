@@ -7,7 +7,7 @@ import torch
 from dsaforge.model import (Indexer, MoE, Transformer, backbone_parameters, indexer_parameters, lm_loss,
                             set_trainable, update_router_bias)
 from dsaforge.kernels import topk_indices
-from model_helpers import make_model, rand_tokens
+from tests.model.model_helpers import make_model, rand_tokens
 
 MODES = [("dense", None), ("dense", "mqa"), ("warmup", None), ("sparse", None), ("sparse", "mha")]
 

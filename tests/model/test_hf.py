@@ -1,0 +1,164 @@
+"""HF interop: our export loads in transformers' DeepseekV32ForCausalLM with matching logits and top-k indices;
+transformers-saved directories import back. CPU, fp32, random tiny configs of several shapes."""
+import json
+
+import pytest
+import torch
+
+from dsaforge.kernels import topk_indices
+from dsaforge.model import Indexer
+from dsaforge.model.hf import export_hf, from_hf_config, import_hf, to_hf_config
+from tests.model.model_helpers import make_model, rand_tokens, tiny_cfg
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer  # noqa: E402
+
+SHAPES = {
+    # top-k < sequence length, YaRN active (max_seq_len > original_seq_len), 1 dense + 1 MoE layer
+    # (16 indexer heads: with few heads many keys score exactly 0 after the ReLU, and ties at the k-th place let
+    # the two implementations legitimately pick different keys)
+    "tiny-yarn-topk8": dict(index_topk=8, index_n_heads=16, max_seq_len=1024, original_seq_len=256, rope_factor=4.0),
+    # all-MoE, 2 shared experts, wider groups, narrow heads, v_head_dim != qk_nope_head_dim, no YaRN
+    "moe-narrow": dict(dim=32, n_heads=2, n_dense_layers=0, n_routed_experts=16, n_expert_groups=4,
+                       n_limited_groups=2, n_activated_experts=3, n_shared_experts=2, q_lora_rank=16,
+                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, index_n_heads=8,
+                       index_head_dim=8, index_topk=4, inter_dim=48, moe_inter_dim=8),
+    # all dense FFN, one expert group, top-k >= L (dense-equivalent), mscale 0.5
+    "dense-ffn-k-ge-L": dict(n_dense_layers=2, n_expert_groups=1, n_limited_groups=1, index_topk=64,
+                             max_seq_len=2048, original_seq_len=512, rope_factor=8.0, mscale=0.5),
+}
+S = 20
+TOL = 1e-4
+
+
+def _hf(path):
+    return transformers.DeepseekV32ForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                               dtype=torch.float32).eval()
+
+
+def _capture(model, cls):
+    out = []
+    hooks = [m.register_forward_hook(lambda mod, a, o: out.append(o)) for m in model.modules() if isinstance(m, cls)]
+    return out, hooks
+
+
+def _untied_rows_agree(scores, hf_idx, k):
+    """Compare selected sets row by row where the k-th and (k+1)-th scores are not tied."""
+    compared = 0
+    ours = topk_indices(scores, k)
+    for b in range(scores.shape[0]):
+        for t in range(scores.shape[1]):
+            visible = t + 1
+            theirs = {int(i) for i in hf_idx[b, t] if int(i) < visible}   # HF may list masked slots when t+1 < k
+            mine = {int(i) for i in ours[b, t] if int(i) >= 0}
+            if visible > k:
+                top = scores[b, t, :visible].sort(descending=True).values
+                if (top[k - 1] - top[k]).abs() <= 1e-6 * top[k - 1].abs().clamp_min(1):
+                    continue
+            assert mine == theirs, (b, t)
+            compared += 1
+    return compared
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_export_loads_in_transformers_with_matching_logits_and_topk(name, tmp_path):
+    model = make_model(seed=3, **SHAPES[name])
+    tokens = rand_tokens(2, S, vocab=model.cfg.vocab_size)
+    export_hf(model, tmp_path)
+    cfg_json = json.loads((tmp_path / "config.json").read_text())
+    assert cfg_json["model_type"] == "deepseek_v32"
+    hf = _hf(tmp_path)
+
+    ours_scores, h1 = _capture(model, Indexer)
+    hf_idx, h2 = _capture(hf, DeepseekV32Indexer)
+    with torch.no_grad():
+        ours = model(tokens, mode="sparse").logits
+        theirs = hf(tokens).logits
+    for h in h1 + h2:
+        h.remove()
+    assert len(ours_scores) == len(hf_idx) == model.cfg.n_layers
+    k = model.cfg.index_topk
+    compared = sum(_untied_rows_agree(s, i, k) for s, i in zip(ours_scores, hf_idx))
+    # Logits can only agree if no row has a tie at the k-th place (else either choice is right); the seeds
+    # above are chosen so that every row is untied, and this says so if a change breaks that.
+    assert compared == model.cfg.n_layers * 2 * S, "tied index scores at the top-k boundary: change the seed"
+    err = (ours - theirs).abs().max().item()
+    print(f"\n[{name}] max |logits - transformers| = {err:.2e}")
+    assert err <= TOL
+
+    # and back: import gives the very same model
+    again = import_hf(tmp_path)
+    assert again.cfg == model.cfg
+    mine = model.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in again.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens, mode="sparse").logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_published_names_mtp_layout_and_sharding(tmp_path):
+    from safetensors import safe_open
+    model = make_model(seed=4, index_topk=6, n_mtp_layers=1)
+    export_hf(model, tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    for key in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "model.layers.0.mlp.gate_proj.weight",
+                "model.layers.0.self_attn.indexer.k_norm.bias", "model.layers.0.self_attn.indexer.weights_proj.weight",
+                "model.layers.1.mlp.experts.7.down_proj.weight", "model.layers.1.mlp.gate.e_score_correction_bias",
+                "model.layers.1.mlp.shared_experts.up_proj.weight",
+                # MTP module = layer n_layers, with its own embedding/head copies (DeepSeek's layout)
+                "model.layers.2.enorm.weight", "model.layers.2.hnorm.weight", "model.layers.2.eh_proj.weight",
+                "model.layers.2.shared_head.norm.weight", "model.layers.2.shared_head.head.weight",
+                "model.layers.2.embed_tokens.weight", "model.layers.2.self_attn.indexer.wq_b.weight",
+                "model.layers.2.mlp.experts.0.gate_proj.weight"]:
+        assert key in index, key
+    with safe_open(str(tmp_path / index["model.layers.1.mlp.gate.e_score_correction_bias"]), "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+    tokens = rand_tokens(1, 12)
+    hf = _hf(tmp_path)                     # MTP tensors are ignored by transformers, the rest must load
+    with torch.no_grad():
+        ref = model(tokens, mode="sparse")
+        assert (ref.logits - hf(tokens).logits).abs().max() <= TOL
+        again = import_hf(tmp_path)(tokens, mode="sparse")
+    torch.testing.assert_close(again.mtp_logits[0], ref.mtp_logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_import_of_a_transformers_saved_checkpoint(tmp_path):
+    hf_cfg = transformers.DeepseekV32Config(
+        vocab_size=300, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_group=2,
+        topk_group=1, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, index_n_heads=16, index_head_dim=16, index_topk=5,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32, "beta_slow": 1,
+                         "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 1024})
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV32ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in n else 0.15 * torch.randn_like(p))
+        for n, b in hf.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
+    hf.save_pretrained(tmp_path)
+    ours = import_hf(tmp_path)
+    tokens = rand_tokens(2, 16, vocab=300)
+    ours_scores, h1 = _capture(ours, Indexer)
+    hf_idx, h2 = _capture(hf, DeepseekV32Indexer)
+    with torch.no_grad():
+        err = (ours(tokens, mode="sparse").logits - hf(tokens).logits).abs().max().item()
+    for h in h1 + h2:
+        h.remove()
+    compared = sum(_untied_rows_agree(s, i, 5) for s, i in zip(ours_scores, hf_idx))
+    assert compared == 2 * 2 * 16, "tied index scores at the top-k boundary: change the seed"
+    print(f"\n[transformers-saved] max |logits - transformers| = {err:.2e}")
+    assert err <= TOL
+
+
+def test_config_round_trip_and_unexportable_settings():
+    cfg = tiny_cfg(index_fp8=True, seq_aux_loss_alpha=1e-4, max_seq_len=1024, original_seq_len=256)
+    assert from_hf_config(to_hf_config(cfg)) == cfg
+    with pytest.raises(ValueError, match="sigmoid"):
+        to_hf_config(tiny_cfg(score_func="softmax"))
+    with pytest.raises(ValueError, match="model_type"):
+        from_hf_config({"model_type": "llama"})
