@@ -50,6 +50,9 @@ class AttnContext:
     top_k: int
     form: Optional[Form] = None      # None: MHA for multi-token dense/warmup calls, MQA otherwise
     cache: Optional[LayerCache] = None
+    # Long-context sparse path: top-k and the KL through the kernels' fused entry points (no [S, T] tensor).
+    fused: bool = False
+    cu_seqlens: Optional[torch.Tensor] = None   # [N+1] document starts for a packed B == 1 row (fused path)
 
 
 def indexer_kl(p: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -197,7 +200,20 @@ class MLA(nn.Module):
             raise ValueError(f"attention mask covers {mask.shape[-1]} keys but {kv_all.shape[1]} are visible")
 
         kl = None
-        if ctx.mode == "sparse":
+        if ctx.mode == "sparse" and ctx.fused and ctx.form != "mha":
+            # Same math as below without materialising the [B, S, T] index scores: the kernels select top-k
+            # chunk by chunk and recompute the KL target from (q_lat, kv, lse). Single-rank heads only: the
+            # tensor-parallel head reduction hooks `indexer_kl` below, which this path does not call.
+            q_i, w_i = self.indexer.queries(x_i, qr_i, cos, sin)                       # [B,S,Hi,Di], [B,S,Hi]
+            indices = kernels.indexer_topk(q_i.detach(), k_idx.detach().to(q_i.dtype), w_i.detach(), ctx.top_k,
+                                           cu_seqlens=ctx.cu_seqlens)                  # [B, S, K]
+            q_lat = self._mqa_query(q_nope, q_pe)
+            o_lat, lse = kernels.sparse_mla(q_lat, kv_all, indices, self.softmax_scale, self.kv_lora_rank)
+            o = torch.einsum("bshc,hvc->bshv", o_lat, self._absorb_weights()[1])
+            kl = kernels.indexer_kl(q_i, k_idx.to(q_i.dtype), w_i, q_lat.detach(), kv_all.detach(), lse.detach(),
+                                    self.softmax_scale, self.kv_lora_rank, indices=indices,
+                                    cu_seqlens=ctx.cu_seqlens).mean()                  # every row sees itself
+        elif ctx.mode == "sparse":
             scores = self.indexer(x_i, qr_i, cos, sin, k_idx).masked_fill(~mask, float("-inf"))   # [B, S, T]
             indices = kernels.topk_indices(scores.detach(), ctx.top_k)                 # [B, S, K], -1 = empty
             if (ctx.form or "mqa") == "mqa":

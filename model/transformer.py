@@ -88,6 +88,10 @@ class Transformer(nn.Module):
         has_moe = cfg.n_layers > cfg.n_dense_layers
         self.mtp = nn.ModuleList(MTPLayer(cfg, moe=has_moe) for _ in range(cfg.n_mtp_layers))
         self._rope: dict = {}      # device -> (cos, sin) in fp32; not buffers, so .to(bfloat16) cannot degrade them
+        # Long-context switch: sparse mode selects top-k and computes the indexer KL with the kernels' fused entry
+        # points (kernels.indexer_topk / indexer_kl), never holding an [S, T] score tensor. Packed documents need
+        # B == 1 there (cu_seqlens); other batches with segment_ids take the materialised path.
+        self.fused_dsa = False
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -188,11 +192,19 @@ class Transformer(nn.Module):
         if segment_ids is not None:
             allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])   # [B, S, S]
 
+        cu_seqlens = None
+        fused = self.fused_dsa and mode == "sparse"
+        if fused and segment_ids is not None:
+            cu_seqlens = _cu_seqlens(segment_ids)
+            fused = cu_seqlens is not None
+
         kls, routes, auxes = [], [], []
         routing = list(routing) if routing is not None else []
 
         def run(block, x, c, sn, mask, layer_cache, forced):
-            ctx = AttnContext(mode, start_pos, mask, self.cfg.index_topk, attn_form, layer_cache)
+            n = mask.shape[-1]
+            cu = None if cu_seqlens is None else cu_seqlens.clamp_max(n).unique_consecutive()   # MTP rows are shorter
+            ctx = AttnContext(mode, start_pos, mask, self.cfg.index_topk, attn_form, layer_cache, fused, cu)
             x, kl, idx, aux = block(x, c, sn, ctx, forced)
             if kl is not None:
                 kls.append(kl)
@@ -230,6 +242,17 @@ class Transformer(nn.Module):
             aux_loss=torch.stack(auxes).sum() if auxes else None,
             mtp_logits=mtp_logits,
         )
+
+
+def _cu_seqlens(segment_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """[N+1] document boundaries of a single packed row whose segments are contiguous runs; None otherwise."""
+    if segment_ids.shape[0] != 1:
+        return None
+    seg = segment_ids[0]
+    change = torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1
+    if seg[torch.cat((seg.new_zeros(1), change))].unique().numel() != change.numel() + 1:
+        return None   # a segment id reappears later: not contiguous, the mask path handles it
+    return torch.cat((change.new_zeros(1), change, change.new_full((1,), seg.numel()))).to(torch.int32)
 
 
 # ---------------------------------------------------------------- training helpers

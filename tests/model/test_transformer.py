@@ -194,3 +194,32 @@ def test_bad_configs_name_the_problem(over, msg):
         setattr(cfg, k, v)          # presets assign fields one by one, unvalidated; the model re-validates
     with pytest.raises(ValueError, match=msg):
         Transformer(cfg)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_long_context_path_matches_materialised_sparse(packed, monkeypatch):
+    from dsaforge import kernels
+    calls = []
+    real = kernels.indexer_topk
+    monkeypatch.setattr(kernels, "indexer_topk", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    model = make_model(index_topk=5, n_mtp_layers=1)
+    if packed:
+        tokens, seg = rand_tokens(1, 20), torch.tensor([[0] * 7 + [1] * 9 + [2] * 4])
+    else:
+        tokens, seg = rand_tokens(2, 16), None
+    outs, grads = [], []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.fused_dsa = fused
+        out = model(tokens, mode="sparse", segment_ids=seg)
+        out.indexer_loss.backward(retain_graph=True)
+        outs.append(out)
+        grads.append([p.grad.clone() for p in indexer_parameters(model)])
+    model.fused_dsa = False
+    assert len(calls) == 3                                   # 2 layers + MTP took the fused path
+    assert (calls[0]["cu_seqlens"] is not None) == packed
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1].mtp_logits[0], outs[0].mtp_logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1].indexer_loss, outs[0].indexer_loss, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
