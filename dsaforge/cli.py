@@ -42,10 +42,25 @@ def cmd_run(args) -> int:
         print(f"    {task:<18} {path}")
     print(f"  run record:    {result.record}")
     print(f"  MLflow run:    {result.mlflow_run_id}  (store: {result.tracking_uri})")
-    ui = "dsaforge mlflow ui" + ("" if result.tracking_uri == default_tracking_uri(cfg.pipeline.home)
-                                 else f" --tracking-uri {result.tracking_uri}")
+    default = default_tracking_uri(".dsaforge")           # what `dsaforge mlflow ui` opens from this directory
+    ui = f"{_self_command()} mlflow ui" + ("" if result.tracking_uri == default else f" --tracking-uri {result.tracking_uri}")
     print(f"  open the UI:   {ui}")
     return 0
+
+
+def _self_command() -> str:
+    """How the user can call dsaforge again: bare when it is on PATH, else the path that was used."""
+    import shutil
+
+    exe = Path(sys.argv[0]).resolve()
+    if exe.name == "dsaforge" and shutil.which("dsaforge") and Path(shutil.which("dsaforge")).resolve() == exe:
+        return "dsaforge"
+    venv_exe = Path(sys.executable).parent / "dsaforge"
+    target = venv_exe if venv_exe.exists() else exe
+    try:
+        return str(target.relative_to(Path.cwd()))
+    except ValueError:
+        return str(target)
 
 
 def cmd_stage(args) -> int:

@@ -76,6 +76,8 @@ def run_local(name: str, cfg: Config) -> PipelineResult:
         with warnings.catch_warnings():
             # The local runner warns that the cluster image is not used; running in this interpreter is the point.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+            # Resource and placement settings are for clusters; the local runner says so once per task.
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
             module.build(cfg)(config_json=json.dumps(cfg.model_dump()), tracking_uri=uri, parent_run_id=parent.run_id)
     except Exception as e:
         errors = _stage_errors(uri, parent.run_id)
