@@ -21,6 +21,7 @@ class Candidate:
     tools: list[dict]
     leaks: list[str] = field(default_factory=list)
     seed: int = 0
+    extra_gates: dict[str, bool] = field(default_factory=dict)   # class-specific acceptance checks, all must hold
 
 
 @dataclass

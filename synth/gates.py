@@ -5,7 +5,9 @@
 - deterministic: the verifier gives the same verdicts in a second, independent sandbox run;
 - prompt_clean: the prompt holds neither the answer nor hidden metadata;
 - env_resets: after the reference solution ran, resetting the environment restores its initial state;
-- solvable: non-zero pass@k for the configured solver (the paper keeps non-zero pass@100).
+- solvable: non-zero pass@k for the configured solver (the paper keeps non-zero pass@100);
+plus each agent class's own acceptance checks (Candidate.extra_gates), e.g. the search agent's ground-truth and
+distractor checks, the general agent's tool-only solution rule.
 """
 from __future__ import annotations
 
@@ -87,6 +89,7 @@ def validate_env(cls: AgentClass, draft: EnvDraft, sandbox: Sandbox, solver: Sol
                              and first[i].score == second[i].score,
             "prompt_clean": prompt_leaks(c.prompt, c.leaks) is None,
             "env_resets": bool(resets),
+            **c.extra_gates,
         }
         pre.append(gates)
     # The solver only runs on tasks that passed the cheap gates.
@@ -103,7 +106,7 @@ def validate_env(cls: AgentClass, draft: EnvDraft, sandbox: Sandbox, solver: Sol
             pass
     for i, c in enumerate(cands):
         gates = dict(pre[i], solvable=passes.get(i, 0) > 0)
-        failed = [g for g in GATES if not gates[g]]
+        failed = [g for g in gates if not gates[g]]
         if failed:
             report.rejected[failed[0]] = report.rejected.get(failed[0], 0) + 1
             continue
