@@ -31,11 +31,14 @@ class LayerCache:
         self.index_k = torch.zeros(batch_size, max_len, cfg.index_head_dim, dtype=dtype, device=device)
 
     def update(self, start: int, kv: torch.Tensor, index_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store positions [start, start+S) and return all T visible entries. The new chunk is returned live (not
-        re-read from the cache) so gradients still reach this call's keys."""
+        """Store positions [start, start+S) and return all T visible entries: views of the cache in inference, so a
+        sparse decode step touches only what its kernels read. When gradients are on, the new chunk is returned live
+        (not re-read from the cache) so they still reach this call's keys."""
         b, s = kv.shape[:2]
         self.kv[:b, start:start + s] = kv.detach().to(self.kv.dtype)
         self.index_k[:b, start:start + s] = index_k.detach().to(self.index_k.dtype)
+        if not (torch.is_grad_enabled() and (kv.requires_grad or index_k.requires_grad)):
+            return self.kv[:b, :start + s], self.index_k[:b, :start + s]
         kv_all = torch.cat((self.kv[:b, :start].to(kv.dtype), kv), dim=1)                      # [B, T, C+R]
         k_all = torch.cat((self.index_k[:b, :start].to(index_k.dtype), index_k), dim=1)        # [B, T, Di]
         return kv_all, k_all

@@ -145,7 +145,7 @@ def export_hf(model: Transformer, out_dir: str | Path, max_shard_bytes: int = 5 
         prefix = f"model.layers.{cfg.n_layers + d}."
         tensors[prefix + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
         tensors[prefix + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
-    hf_cfg["torch_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     shards, current, size = [], {}, 0
     for k in sorted(tensors):

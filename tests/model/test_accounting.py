@@ -45,6 +45,12 @@ def test_v32_is_671b_total_37b_activated():
     assert with_mtp - total == pytest.approx(11.6e9, rel=0.05)   # one MoE block + eh_proj + norms
 
 
+def test_small_preset_counts():
+    total, active = count_params(preset("small").model)
+    assert (total, active) == _analytic_params(preset("small").model)
+    assert 1.0e9 < total < 1.5e9 and 0.1e9 < active < 0.3e9
+
+
 def test_mean_keys_is_average_of_causal_min():
     for seq_len, k in [(10, 3), (10, 10), (10, 20), (1, 4), (37, 8)]:
         brute = sum(min(k, t) for t in range(1, seq_len + 1)) / seq_len

@@ -84,13 +84,15 @@ def test_warmup_trains_only_the_indexer():
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_cached_decode_equals_full_forward(model, mode):
+@pytest.mark.parametrize("grad", [False, True])      # no_grad reads cache views; with grad the new chunk stays live
+def test_cached_decode_equals_full_forward(model, mode, grad):
     tokens = rand_tokens(2, 18)
     full = model(tokens, mode=mode).logits
     cache = model.new_cache(2, 24)
-    steps = [model(tokens[:, :6], mode=mode, cache=cache).logits,                      # prefill
-             model(tokens[:, 6:10], mode=mode, cache=cache, start_pos=6).logits]       # chunked prefill
-    steps += [model(tokens[:, t:t + 1], mode=mode, cache=cache, start_pos=t).logits for t in range(10, 18)]
+    with torch.set_grad_enabled(grad):
+        steps = [model(tokens[:, :6], mode=mode, cache=cache).logits,                  # prefill
+                 model(tokens[:, 6:10], mode=mode, cache=cache, start_pos=6).logits]   # chunked prefill
+        steps += [model(tokens[:, t:t + 1], mode=mode, cache=cache, start_pos=t).logits for t in range(10, 18)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -223,3 +225,25 @@ def test_fused_long_context_path_matches_materialised_sparse(packed, monkeypatch
     torch.testing.assert_close(outs[1].indexer_loss, outs[0].indexer_loss, atol=1e-5, rtol=1e-4)
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_mtp_depth_one_is_eh_proj_of_next_embedding_and_hidden_state(model):
+    """MTP (DeepSeek-V3 §2.2): h' = eh_proj([RMSNorm(emb(t_{i+1})); RMSNorm(h_i)]) -> block -> norm -> shared head."""
+    tokens = rand_tokens(2, 14)
+    captured = []
+    hook = model.layers[-1].register_forward_hook(lambda mod, a, o: captured.append(o[0]))
+    out = model(tokens, mode="dense")
+    hook.remove()
+    h = captured[0]                                                         # last main block output, before norm
+    mtp = model.mtp[0]
+
+    def rms(x, w):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + model.cfg.norm_eps) * w
+    x = torch.cat((rms(model.embed(tokens[:, 1:]), mtp.enorm.weight), rms(h[:, :-1], mtp.hnorm.weight)), -1)
+    x = x @ mtp.eh_proj.weight.T
+    from dsaforge.kernels import causal_mask
+    from dsaforge.model.attention import AttnContext
+    cos, sin = model.rope(tokens.device)
+    y = mtp.block(x, cos[:13], sin[:13], AttnContext("dense", 0, causal_mask(13, 13)[None], 5))[0]
+    ref = rms(y, mtp.norm.weight) @ model.head.weight.T
+    torch.testing.assert_close(out.mtp_logits[0], ref, atol=1e-5, rtol=1e-5)
