@@ -83,6 +83,7 @@ class CodeAgent(AgentClass):
         runs = _harness_json(sandbox, {"op": "evaluate", "module": module, "tests": tests,
                                        "sources": buggy_sources + [source]})
         gold_run = runs[-1]
+        hidden_ok = self._fix_hidden(module, source, sandbox)
         tasks, cands = {}, []
         for combo, buggy, run, (level, j) in zip(combos, buggy_sources, runs[:-1], levels):
             f2p = sorted(n for n in tests if not run[n] and gold_run[n])
@@ -105,7 +106,9 @@ class CodeAgent(AgentClass):
                                        "image_name": None}}
             prompt = self._issue(module, level, examples)
             leaks = [gold] + [source.splitlines()[s[0] - 1].strip() for s in combo]
-            cands.append(Candidate(key, family, level, prompt, [], leaks=leaks, seed=seed))
+            cands.append(Candidate(key, family, level, prompt, [], leaks=leaks, seed=seed,
+                                   extra_gates={"fail_to_pass_gt0": bool(f2p), "pass_to_fail_eq0": not p2f,
+                                                "fix_hidden": hidden_ok}))
         (env_dir / "hidden").mkdir(parents=True, exist_ok=True)
         (env_dir / "hidden" / "tests.json").write_text(json.dumps(tests, sort_keys=True))
         (env_dir / "hidden" / "tasks.json").write_text(json.dumps(tasks, sort_keys=True))
@@ -113,6 +116,15 @@ class CodeAgent(AgentClass):
             for t in tasks.values():
                 f.write(json.dumps(t["instance"], sort_keys=True) + "\n")
         return EnvDraft(env_id, self.name, family, env_dir, "hidden/tasks.json", cands)
+
+    def _fix_hidden(self, module, source, sandbox):
+        """From where agent code runs, the pristine module must be unreadable: its source file and bytecode."""
+        probe = (f"import importlib.util, pathlib\nspec = importlib.util.find_spec({module!r})\n"
+                 "p = pathlib.Path(spec.origin)\nfound = p.read_text() if p.exists() else ''\n"
+                 "caches = list((p.parent / '__pycache__').glob(p.stem + '.*.pyc'))\n"
+                 "print(len(found), sum(c.stat().st_size for c in caches))")
+        r = agent_sandbox(module, sandbox).run_python(probe)
+        return r.ok and r.stdout.split() == ["0", "0"]
 
     def _examples(self, module, tests, f2p, singles, sandbox):
         """One visible failing call per injected bug: the first F2P case that its single-bug variant gets wrong."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from dsaforge.synth.base import AgentClass, Candidate, EnvDraft, HarnessError, copy_source, run_harness
 from dsaforge.synth.general.families import FAMILIES
+from dsaforge.synth.general.harness import tool_only_problems
 from dsaforge.synth.sandbox import Sandbox
 from dsaforge.synth.task import Verdict
 
@@ -35,6 +36,8 @@ class GeneralAgent(AgentClass):
     def build_env(self, env_id, family, seed, max_difficulty, env_dir, resources):
         fam = family_module(family)
         rng = random.Random(seed)
+        # The paper's rule, checked statically here and enforced at run time by the harness.
+        tool_only = not tool_only_problems(fam)
         env_dir.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(env_dir / "db.sqlite")
         fam.build_db(conn, rng)
@@ -50,7 +53,8 @@ class GeneralAgent(AgentClass):
                 tools = tool_schemas(fam, level)
                 tasks[key] = {"params": params, "hidden": hidden, "tools": [t["function"]["name"] for t in tools]}
                 leaks = fam.leaks(hidden)
-                cands.append(Candidate(key, family, level, prompt, tools, leaks=leaks, seed=seed))
+                cands.append(Candidate(key, family, level, prompt, tools, leaks=leaks, seed=seed,
+                                       extra_gates={"solution_tool_only": tool_only}))
         conn.close()
         (env_dir / "tasks.json").write_text(json.dumps(tasks, sort_keys=True))
         copy_source(fam.__file__, env_dir / "family.py")

@@ -1,0 +1,218 @@
+"""Offline task synthesis: build environments per agent class, run every candidate through the gates in worker
+processes, split by environment, and write the Parquet manifest plus the environment bundles.
+
+    from dsaforge.synth.generate import synthesize
+    summary = synthesize(cfg.synth, out_dir, data_dir=None)      # CPU only; `workers` processes
+
+Layout of `out_dir`: tasks.parquet (the manifest), envs/<env_id>/ (bundles), search/corpus.jsonl (the search
+tool's corpus), swe_instances.jsonl (SWE-smith-style records of the kept code tasks), summary.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from dsaforge.config import SynthConfig
+from dsaforge.synth.gates import BaselineSolver, Solver, validate_env
+from dsaforge.synth.registry import agent_class
+from dsaforge.synth.sandbox import Sandbox
+from dsaforge.synth.search.corpus import build_corpus
+from dsaforge.synth.task import GENERATOR_VERSION, Task, write_manifest
+
+
+@dataclass
+class ClassResult:
+    agent_class: str
+    tasks: list[Task] = field(default_factory=list)
+    envs_built: int = 0
+    candidates: int = 0
+    validated: int = 0            # tasks that passed every gate, before trimming to tasks_per_class
+    rejected: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def per_minute(self) -> float:
+        return 60.0 * self.validated / self.wall_s if self.wall_s > 0 else 0.0
+
+    def stats(self) -> dict:
+        return {"tasks": len(self.tasks), "envs": len({t.env_id for t in self.tasks}), "envs_built": self.envs_built,
+                "candidates": self.candidates, "validated": self.validated,
+                "gate_pass_rate": round(self.validated / max(self.candidates, 1), 4),
+                "rejected": dict(sorted(self.rejected.items())), "wall_s": round(self.wall_s, 2),
+                "tasks_per_min": round(self.per_minute, 2),
+                "mean_pass_at_k": round(sum(t.pass_c / max(t.pass_k, 1) for t in self.tasks) / max(len(self.tasks), 1), 4)}
+
+
+def env_seed(seed: int, cls: str, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{cls}/{index}".encode()).digest()[:6], "big")
+
+
+def heldout(env_id: str, seed: int, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(f"holdout/{seed}/{env_id}".encode()).digest()[:8], "big")
+    return h / 2 ** 64 < fraction
+
+
+# Worker state: one sandbox and solver per process, set by the pool initializer.
+_W: dict = {}
+
+
+def _init_worker(sandbox_cfg, hide, solver) -> None:
+    _W["sandbox"] = Sandbox(sandbox_cfg, hide=hide)
+    _W["solver"] = solver or BaselineSolver()
+
+
+def _build_one(job: dict) -> dict:
+    cls = agent_class(job["cls"])
+    env_dir = Path(job["env_dir"])
+    t0 = time.monotonic()
+    resources = dict(job["resources"], sandbox=_W["sandbox"])
+    try:
+        draft = cls.build_env(job["env_id"], job["family"], job["seed"], job["max_difficulty"], env_dir, resources)
+        report = validate_env(cls, draft, _W["sandbox"], _W["solver"], job["pass_k"], job["seed"])
+        err = None
+    except Exception as e:   # one broken environment must not stop a large run; it is counted and reported
+        report, err = None, f"{type(e).__name__}: {e}"[:500]
+    if report is None or not report.kept:
+        shutil.rmtree(env_dir, ignore_errors=True)
+    return {"tasks": [t.row() for t in report.kept] if report else [], "candidates": report.candidates if report else 0,
+            "rejected": report.rejected if report else {"build_error": 1}, "error": err,
+            "seconds": time.monotonic() - t0}
+
+
+def _plan(cfg: SynthConfig, cls_name: str, start: int, count: int, out_dir: Path, resources: dict) -> list[dict]:
+    cls = agent_class(cls_name)
+    jobs = []
+    for i in range(start, start + count):
+        family = cls.families[i % len(cls.families)]
+        env_id = f"{cls_name.replace('_', '')}-{family.replace('_', '')}-{i:05d}"
+        jobs.append({"cls": cls_name, "family": family, "env_id": env_id, "env_dir": str(out_dir / "envs" / env_id),
+                     "seed": env_seed(cfg.seed, cls_name, i), "max_difficulty": cfg.max_difficulty,
+                     "pass_k": cfg.pass_k, "resources": resources})
+    return jobs
+
+
+def _select(tasks: list[Task], n: int) -> list[Task]:
+    """Keep n tasks, spread over difficulties and environments (round-robin by difficulty, then env order)."""
+    by_level: dict[int, list[Task]] = {}
+    for t in sorted(tasks, key=lambda t: (t.env_id, t.task_id)):
+        by_level.setdefault(t.difficulty, []).append(t)
+    out: list[Task] = []
+    while len(out) < n and any(by_level.values()):
+        for level in sorted(by_level):
+            if by_level[level] and len(out) < n:
+                out.append(by_level[level].pop(0))
+    return out
+
+
+def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None, solver: Optional[Solver] = None,
+               on_progress: Optional[Callable[[str, int, int], None]] = None, max_rounds: int = 4) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "envs").mkdir(exist_ok=True)
+    # Probe the sandbox up front so a missing bubblewrap fails before any work, with the install hint.
+    Sandbox(cfg.sandbox)
+    corpus_info = None
+    if "search" in cfg.agent_classes:
+        corpus_info = build_corpus(out_dir / "search" / "corpus.jsonl", data_dir)
+    results: dict[str, ClassResult] = {}
+    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+    t_all = time.monotonic()
+    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(cfg.sandbox, [str(out_dir.resolve())], solver)) as pool:
+        for cls_name in cfg.agent_classes:
+            res = ClassResult(cls_name)
+            t0 = time.monotonic()
+            per_env = max(1, math.ceil(cfg.tasks_per_class / (cfg.envs_per_class * cfg.max_difficulty)))
+            resources = {"tasks_per_level": per_env, "corpus": str(out_dir / "search" / "corpus.jsonl")}
+            kept_rows: list[dict] = []
+            start, count = 0, cfg.envs_per_class
+            # Gates reject some candidates; top up with fresh environments until the target is met.
+            for _ in range(max_rounds):
+                jobs = _plan(cfg, cls_name, start, count, out_dir, resources)
+                for r in pool.map(_build_one, jobs, chunksize=max(1, len(jobs) // (cfg.workers * 8))):
+                    kept_rows += r["tasks"]
+                    res.candidates += r["candidates"]
+                    res.envs_built += 1
+                    for g, n in r["rejected"].items():
+                        res.rejected[g] = res.rejected.get(g, 0) + n
+                    if on_progress:
+                        on_progress(cls_name, len(kept_rows), cfg.tasks_per_class)
+                start += count
+                missing = cfg.tasks_per_class - len(kept_rows)
+                if missing <= 0:
+                    break
+                rate = len(kept_rows) / max(start, 1)
+                count = max(1, math.ceil(1.3 * missing / max(rate, 0.5)))
+            res.validated = len(kept_rows)
+            tasks = [_task(r, out_dir) for r in kept_rows]
+            res.tasks = _select(tasks, cfg.tasks_per_class)
+            res.wall_s = time.monotonic() - t0
+            results[cls_name] = res
+    all_tasks = [t for r in results.values() for t in r.tasks]
+    _split(all_tasks, cfg)
+    _prune(out_dir, all_tasks)
+    write_manifest(all_tasks, out_dir / "tasks.parquet")
+    _write_swe_instances(out_dir, all_tasks)
+    summary = {
+        "generator_version": GENERATOR_VERSION, "tasks": len(all_tasks),
+        "envs": len({t.env_id for t in all_tasks}), "heldout_tasks": sum(t.split == "heldout" for t in all_tasks),
+        "heldout_envs": len({t.env_id for t in all_tasks if t.split == "heldout"}),
+        "wall_s": round(time.monotonic() - t_all, 2), "workers": cfg.workers,
+        "tasks_per_min": round(60 * len(all_tasks) / max(time.monotonic() - t_all, 1e-9), 2),
+        "classes": {k: v.stats() for k, v in results.items()}, "corpus": corpus_info,
+        "sandbox": cfg.sandbox.backend, "solver": (solver or BaselineSolver()).name, "pass_k": cfg.pass_k,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def _task(row: dict, root: Path) -> Task:
+    r = dict(row)
+    r["tools"] = json.loads(r["tools"]) if isinstance(r["tools"], str) else r["tools"]
+    r["gates"] = json.loads(r["gates"]) if isinstance(r["gates"], str) else r["gates"]
+    return Task(**r, root=root)
+
+
+def _split(tasks: list[Task], cfg: SynthConfig) -> None:
+    """Held out by environment, so no evaluation task shares a database, repository or fact set with training.
+    Each class with at least two environments holds out at least one when holdout_fraction > 0."""
+    by_cls: dict[str, list[str]] = {}
+    for t in tasks:
+        by_cls.setdefault(t.agent_class, [])
+        if t.env_id not in by_cls[t.agent_class]:
+            by_cls[t.agent_class].append(t.env_id)
+    held: set[str] = set()
+    for envs in by_cls.values():
+        chosen = {e for e in envs if heldout(e, cfg.seed, cfg.holdout_fraction)}
+        if cfg.holdout_fraction > 0 and not chosen and len(envs) >= 2:
+            chosen = {min(envs, key=lambda e: hashlib.sha256(f"{cfg.seed}/{e}".encode()).hexdigest())}
+        if len(chosen) == len(envs) and len(envs) >= 2:
+            chosen.discard(sorted(chosen)[0])
+        held |= chosen
+    for t in tasks:
+        t.split = "heldout" if t.env_id in held else "train"
+
+
+def _prune(out_dir: Path, tasks: list[Task]) -> None:
+    """Remove bundles of environments none of whose tasks made the final selection."""
+    keep = {t.env_id for t in tasks}
+    for d in (out_dir / "envs").iterdir():
+        if d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_swe_instances(out_dir: Path, tasks: list[Task]) -> None:
+    with open(out_dir / "swe_instances.jsonl", "w") as f:
+        for t in tasks:
+            if t.agent_class == "code":
+                inst = json.loads((t.env_dir / "hidden" / "tasks.json").read_text())[t.key]["instance"]
+                f.write(json.dumps(dict(inst, task_id=t.task_id, split=t.split), sort_keys=True) + "\n")
