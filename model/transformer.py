@@ -105,11 +105,14 @@ class Transformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def _apply(self, fn, recurse=True):
+        # The router bias moves in 1e-3 steps and the load counters count tokens: both stay fp32 whatever the
+        # model dtype. Keep the fp32 originals and only follow the device, so a bf16 cast cannot round them.
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        kept = [(m.gate.bias, m.expert_load) for m in moes]
         super()._apply(fn, recurse)
-        for m in self.modules():   # router bias and load counters stay fp32 whatever the model dtype
-            if isinstance(m, MoE):
-                m.gate._buffers["bias"] = m.gate.bias.float()
-                m._buffers["expert_load"] = m.expert_load.float()
+        for m, (bias, load) in zip(moes, kept):
+            m.gate._buffers["bias"] = bias.to(device=m.gate.bias.device, dtype=torch.float32)
+            m._buffers["expert_load"] = load.to(device=m.expert_load.device, dtype=torch.float32)
         return self
 
     def rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,9 +152,11 @@ def test_router_bias_update_after_step():
 
 
 def test_bfloat16_keeps_router_bias_and_rope_in_fp32():
-    model = make_model(index_topk=5).to(torch.bfloat16)
+    model = make_model(index_topk=5)
+    before = [m.gate.bias.clone() for m in model.modules() if isinstance(m, MoE)]
+    model = model.to(torch.bfloat16)
     gates = [m.gate for m in model.modules() if isinstance(m, MoE)]
-    assert all(g.bias.dtype == torch.float32 for g in gates)
+    assert all(g.bias.dtype == torch.float32 and torch.equal(g.bias, b) for g, b in zip(gates, before))
     out = model(rand_tokens(1, 10), mode="sparse")
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
 
