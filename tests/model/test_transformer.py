@@ -249,3 +249,15 @@ def test_mtp_depth_one_is_eh_proj_of_next_embedding_and_hidden_state(model):
     y = mtp.block(x, cos[:13], sin[:13], AttnContext("dense", 0, causal_mask(13, 13)[None], 5))[0]
     ref = rms(y, mtp.norm.weight) @ model.head.weight.T
     torch.testing.assert_close(out.mtp_logits[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_path_cached_decode_equals_full_forward():
+    model = make_model(index_topk=5)
+    tokens = rand_tokens(2, 16)
+    full = model(tokens, mode="sparse").logits
+    model.fused_dsa = True
+    with torch.no_grad():
+        cache = model.new_cache(2, 16)
+        steps = [model(tokens[:, :8], mode="sparse", cache=cache).logits]
+        steps += [model(tokens[:, t:t + 1], mode="sparse", cache=cache, start_pos=t).logits for t in range(8, 16)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
