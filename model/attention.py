@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsaforge import kernels
+from dsaforge.kernels import causal_mask
 from dsaforge.config.model import ModelConfig
 from dsaforge.model.layers import RMSNorm, apply_rope, fp8_block_quant, hadamard, yarn_softmax_scale
 
@@ -49,11 +50,11 @@ class AttnContext:
     """Per-call settings shared by every layer."""
     mode: Mode
     start_pos: int
-    allowed: torch.Tensor            # [B|1, S, T] bool: causal & same segment
+    allowed: Optional[torch.Tensor]  # [B|1, S, T] bool: causal & same segment; None = plain causal (built lazily)
     top_k: int
     form: Optional[Form] = None      # None: MHA for multi-token dense/warmup calls, MQA otherwise
     cache: Optional[LayerCache] = None
-    # Long-context sparse path: top-k and the KL through the kernels' fused entry points (no [S, T] tensor).
+    # Long-context path: top-k and the indexer KL through the kernels' fused entry points (no [S, T] scores).
     fused: bool = False
     cu_seqlens: Optional[torch.Tensor] = None   # [N+1] document starts for a packed B == 1 row (fused path)
 
@@ -151,10 +152,18 @@ class MLA(nn.Module):
         k_nope, v = self.wkv_b(c).view(b, t, self.n_heads, self.nope + self.v_dim).split([self.nope, self.v_dim], -1)
         k = torch.cat((k_nope, k_pe[:, :, None].expand(b, t, self.n_heads, self.rope)), dim=-1)   # [B, T, H, qk]
         q = torch.cat((q_nope, q_pe), dim=-1)                                                       # [B, S, H, qk]
+        s = q.shape[1]
         if not need_probs:
+            # Plain causal over the whole sequence needs no mask tensor (flash kernels on GPU).
+            causal = mask is None and s == t
+            if mask is None and not causal:
+                mask = causal_mask(s, t, q.device)[None]
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask[:, None], scale=self.softmax_scale)
+                                               attn_mask=None if causal else mask[:, None], is_causal=causal,
+                                               scale=self.softmax_scale)
             return o.transpose(1, 2), None
+        if mask is None:
+            mask = causal_mask(s, t, q.device)[None]
         logits = torch.einsum("bshd,bthd->bsht", q.float(), k.float()) * self.softmax_scale
         probs = logits.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)                   # [B, S, H, T]
         o = probs.to(v.dtype).transpose(1, 2) @ v.transpose(1, 2)                                   # [B, H, S, v]
@@ -180,6 +189,27 @@ class MLA(nn.Module):
         p = torch.exp(logits - lse[..., None].float()).sum(2)                                      # [B, S, K]
         return p.masked_fill(indices < 0, 0.0)
 
+    @torch.no_grad()
+    def _dense_lse(self, q_lat, kv_all, allowed, cu_seqlens, budget: int = 1 << 26):
+        """LSE [B, S, H] of dense absorbed-form attention, a block of query rows at a time (the warm-up KL target
+        is recomputed from it), so neither [B, S, H, T] probabilities nor an [S, T] mask are ever held."""
+        b, s, h, _ = q_lat.shape
+        t = kv_all.shape[1]
+        if allowed is None:
+            start, end = kernels.key_bounds(s, t, cu_seqlens, q_lat.device)
+            keys = torch.arange(t, device=q_lat.device)
+        rows = max(1, budget // (b * h * t))
+        out = []
+        for r0 in range(0, s, rows):
+            r1 = min(s, r0 + rows)
+            logits = torch.einsum("bshd,btd->bsht", q_lat[:, r0:r1].float(), kv_all.float()) * self.softmax_scale
+            if allowed is not None:
+                seen = allowed[:, r0:r1]                                                       # [B|1, rows, T]
+            else:
+                seen = ((keys >= start[r0:r1, None]) & (keys < end[r0:r1, None]))[None]
+            out.append(logits.masked_fill(~seen[:, :, None], float("-inf")).logsumexp(-1))
+        return torch.cat(out, dim=1)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttnContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x [B, S, dim] (attn_norm output) -> (out [B, S, dim], indexer KL or None)."""
@@ -198,9 +228,13 @@ class MLA(nn.Module):
         kv_all = kv
         if ctx.cache is not None:
             kv_all, k_idx = ctx.cache.update(ctx.start_pos, kv, k_idx)                # [B, T, C+R], [B, T, Di]
-        mask = ctx.allowed                                                             # [B|1, S, T]
-        if mask.shape[-1] != kv_all.shape[1]:
-            raise ValueError(f"attention mask covers {mask.shape[-1]} keys but {kv_all.shape[1]} are visible")
+        t = kv_all.shape[1]
+        mask = ctx.allowed                                                             # [B|1, S, T] or None
+        if mask is not None and mask.shape[-1] != t:
+            raise ValueError(f"attention mask covers {mask.shape[-1]} keys but {t} are visible")
+
+        def full_mask() -> torch.Tensor:   # the [B|1, S, T] mask, built only by the paths that need one
+            return mask if mask is not None else causal_mask(s, t, x.device)[None]
 
         kl = None
         if ctx.mode == "sparse" and ctx.fused and ctx.form != "mha":
@@ -217,6 +251,7 @@ class MLA(nn.Module):
                                     self.softmax_scale, self.kv_lora_rank, indices=indices,
                                     cu_seqlens=ctx.cu_seqlens).mean()                  # every row sees itself
         elif ctx.mode == "sparse":
+            mask = full_mask()
             scores = self.indexer(x_i, qr_i, cos, sin, k_idx).masked_fill(~mask, float("-inf"))   # [B, S, T]
             indices = kernels.topk_indices(scores.detach(), ctx.top_k)                 # [B, S, K], -1 = empty
             if (ctx.form or "mqa") == "mqa":
@@ -226,7 +261,6 @@ class MLA(nn.Module):
                 p_sel = self._selected_mass(q_lat.detach(), kv_all.detach(), indices, lse.detach())
             else:   # masked MHA: dense math restricted to the selected keys (cheaper for short prefill)
                 # Empty slots (-1) point at a spare column T that is dropped, so they never unselect key 0.
-                t = scores.shape[-1]
                 slot = torch.where(indices >= 0, indices, t).long()
                 selected = scores.new_zeros(*scores.shape[:-1], t + 1, dtype=torch.bool).scatter_(
                     -1, slot, True)[..., :t]                                           # [B, S, T]
@@ -235,12 +269,20 @@ class MLA(nn.Module):
             kl = indexer_kl(p_sel, scores.gather(-1, indices.clamp_min(0).long()), indices >= 0)
         else:
             warmup = ctx.mode == "warmup"
+            fused = warmup and ctx.fused
             if (ctx.form or ("mha" if s > 1 else "mqa")) == "mha":
-                o, probs = self._mha(q_nope, q_pe, kv_all, mask, need_probs=warmup)
+                o, probs = self._mha(q_nope, q_pe, kv_all, mask, need_probs=warmup and not fused)
             else:
-                o_lat, probs = self._mqa(self._mqa_query(q_nope, q_pe), kv_all, mask)
+                o_lat, probs = self._mqa(self._mqa_query(q_nope, q_pe), kv_all, full_mask())
                 o = torch.einsum("bshc,hvc->bshv", o_lat, self._absorb_weights()[1])
-            if warmup:
+            if fused:
+                # Target recomputed by the kernel from (q_lat, kv, lse): no [B, S, H, T] probabilities held.
+                q_i, w_i = self.indexer.queries(x_i, qr_i, cos, sin)
+                q_lat = self._mqa_query(q_nope, q_pe).detach()
+                lse = self._dense_lse(q_lat, kv_all.detach(), mask, ctx.cu_seqlens)
+                kl = kernels.indexer_kl(q_i, k_idx.to(q_i.dtype), w_i, q_lat, kv_all.detach(), lse,
+                                        self.softmax_scale, self.kv_lora_rank, cu_seqlens=ctx.cu_seqlens).mean()
+            elif warmup:
                 scores = self.indexer(x_i, qr_i, cos, sin, k_idx)                      # [B, S, T]
-                kl = indexer_kl(probs.detach().sum(2), scores, mask.expand_as(scores))
+                kl = indexer_kl(probs.detach().sum(2), scores, full_mask().expand_as(scores))
         return self.wo(o.flatten(2)), kl

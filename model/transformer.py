@@ -191,22 +191,22 @@ class Transformer(nn.Module):
         end = start_pos + s
         cos_all, sin_all = self.rope(tokens.device)
         cos, sin = cos_all[start_pos:end], sin_all[start_pos:end]                 # [S, R/2]
-        allowed = causal_mask(s, end, tokens.device)[None]                         # [1, S, T]
+        # allowed None = plain causal; the [S, T] mask is then built only by paths that need one.
+        allowed, cu_seqlens = None, None
+        fused = self.fused_dsa and mode in ("sparse", "warmup")
         if segment_ids is not None:
-            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])   # [B, S, S]
-
-        cu_seqlens = None
-        fused = self.fused_dsa and mode == "sparse"
-        if fused and segment_ids is not None:
-            cu_seqlens = _cu_seqlens(segment_ids)
+            cu_seqlens = _cu_seqlens(segment_ids) if fused else None
             fused = cu_seqlens is not None
+            if not (fused and mode == "sparse"):   # the fused sparse path masks documents by cu_seqlens alone
+                allowed = causal_mask(s, end, tokens.device)[None] & (
+                    segment_ids[:, :, None] == segment_ids[:, None, :])              # [B, S, S]
 
         kls, routes, auxes = [], [], []
         routing = list(routing) if routing is not None else []
 
         def run(block, x, c, sn, mask, layer_cache, forced):
-            n = mask.shape[-1]
-            cu = None if cu_seqlens is None else cu_seqlens.clamp_max(n).unique_consecutive()   # MTP rows are shorter
+            # MTP rows are shorter than the pack: cut the document boundaries at their length
+            cu = None if cu_seqlens is None else cu_seqlens.clamp_max(x.shape[1]).unique_consecutive()
             ctx = AttnContext(mode, start_pos, mask, self.cfg.index_topk, attn_form, layer_cache, fused, cu)
             x, kl, idx, aux = block(x, c, sn, ctx, forced)
             if kl is not None:
@@ -234,7 +234,8 @@ class Transformer(nn.Module):
 
                 def block_fn(x, c, sn, ctx, f, layer=layer, d=d):
                     return layer(x, self.embed(tokens[:, d:]), c, sn, ctx, f)
-                h_prev = run(block_fn, h_prev[:, :-1], cos[:n], sin[:n], allowed[:, :n, :n], None, forced)
+                mask = allowed[:, :n, :n] if allowed is not None else None
+                h_prev = run(block_fn, h_prev[:, :-1], cos[:n], sin[:n], mask, None, forced)
                 mtp_logits.append(self.head(layer.norm(h_prev)))
 
         return ModelOutput(

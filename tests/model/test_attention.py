@@ -184,3 +184,19 @@ def test_indexer_kl_is_zero_when_indexer_matches_target_and_positive_otherwise()
     assert indexer_kl(p, logits, valid).abs() < 1e-6
     q = torch.rand(2, 3, 5)
     torch.testing.assert_close(indexer_kl(q, logits, valid), naive_kl(q, logits, valid))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_dense_lse_in_row_blocks_matches_full_logsumexp(packed):
+    cfg, mla, x, cos, sin = _setup()
+    torch.manual_seed(1)
+    q_lat = torch.randn(1, S, cfg.n_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    kv = torch.randn(1, S, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    cu = torch.tensor([0, 5, S], dtype=torch.int32) if packed else None
+    seg = (torch.arange(S) >= 5) if packed else torch.zeros(S, dtype=torch.bool)
+    mask = causal_mask(S, S) & (seg[:, None] == seg[None, :])
+    logits = torch.einsum("bshd,btd->bsht", q_lat, kv) * mla.softmax_scale
+    ref = logits.masked_fill(~mask[None, :, None], float("-inf")).logsumexp(-1)
+    budget = 3 * cfg.n_heads * S          # 3 query rows per block
+    torch.testing.assert_close(mla._dense_lse(q_lat, kv, None, cu, budget=budget), ref)
+    torch.testing.assert_close(mla._dense_lse(q_lat, kv, mask[None], None, budget=budget), ref)

@@ -200,12 +200,13 @@ def test_bad_configs_name_the_problem(over, msg):
         Transformer(cfg)
 
 
+@pytest.mark.parametrize("mode", ["sparse", "warmup"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_fused_long_context_path_matches_materialised_sparse(packed, monkeypatch):
+def test_fused_long_context_path_matches_materialised(mode, packed, monkeypatch):
     from dsaforge import kernels
     calls = []
-    real = kernels.indexer_topk
-    monkeypatch.setattr(kernels, "indexer_topk", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    real = kernels.indexer_kl
+    monkeypatch.setattr(kernels, "indexer_kl", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     model = make_model(index_topk=5, n_mtp_layers=1)
     if packed:
         tokens, seg = rand_tokens(1, 20), torch.tensor([[0] * 7 + [1] * 9 + [2] * 4])
@@ -215,13 +216,13 @@ def test_fused_long_context_path_matches_materialised_sparse(packed, monkeypatch
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
         model.fused_dsa = fused
-        out = model(tokens, mode="sparse", segment_ids=seg)
+        out = model(tokens, mode=mode, segment_ids=seg)
         out.indexer_loss.backward(retain_graph=True)
         outs.append(out)
         grads.append([p.grad.clone() for p in indexer_parameters(model)])
     model.fused_dsa = False
     assert len(calls) == 3                                   # 2 layers + MTP took the fused path
-    assert (calls[0]["cu_seqlens"] is not None) == packed
+    assert (calls[0]["cu_seqlens"] is not None) == packed and (calls[0].get("indices") is None) == (mode == "warmup")
     torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[1].mtp_logits[0], outs[0].mtp_logits[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[1].indexer_loss, outs[0].indexer_loss, atol=1e-5, rtol=1e-4)
