@@ -52,7 +52,7 @@ def prompt_leaks(prompt: str, leaks: list[str]) -> Optional[str]:
     for s in leaks:
         s = str(s).strip().strip('"')
         # Short values (a bare "3") occur by chance in any prompt; compare them as whole tokens only.
-        if s and (re.search(rf"(?<![\w.]){re.escape(s.lower())}(?![\w.])", low) if len(s) < 6 else s.lower() in low):
+        if s and (re.search(rf"(?<![\w.]){re.escape(s.lower())}(?!\w|\.\d)", low) if len(s) < 6 else s.lower() in low):
             return s
     for m in HIDDEN_MARKERS:
         if m.lower() in low:

@@ -45,7 +45,8 @@ class GeneralAgent(AgentClass):
         # Difficulty is raised step by step inside one environment: each level adds constraints and tools.
         for level in range(1, max_difficulty + 1):
             for j in range(resources.get("tasks_per_level", 1)):
-                proposed = fam.propose(conn, rng, level)
+                # A proposal can be unsatisfiable or ambiguous (ties); draw again a few times.
+                proposed = next((p for p in (fam.propose(conn, rng, level) for _ in range(5)) if p is not None), None)
                 if proposed is None:
                     continue
                 params, hidden, prompt = proposed
