@@ -13,6 +13,7 @@ the equivalent MHA shape, with peak memory. Writes kernels_h200.json and kernels
 from __future__ import annotations
 
 import argparse
+import importlib
 import datetime
 import json
 import math
@@ -25,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from dsaforge.kernels import reference as ref
-from dsaforge.kernels import sparse_mla as smla
 from dsaforge.kernels._dispatch import last_path
 from dsaforge.kernels.checks import _indices
 from dsaforge.kernels.indexer import indexer_flops, indexer_topk
@@ -226,14 +226,16 @@ def layer_level(shape: str, L: int, dev, clock: Clock, k: int = TOP_K, dense: bo
     state = {}
 
     def fwd():
+        state.pop("out", None)                   # the previous call's output is not held during this one
         idx = indexer_topk(q8, k8, wf, k, k_scale=ks)
         out, lse = sparse_mla_fwd(q, kv, idx, scale, cfg["d_v"])
         state.update(idx=idx, out=out, lse=lse)
 
     def fwd_bwd():
         fwd()
-        dout = torch.ones_like(state["out"])
-        sparse_mla_bwd(q, kv, state["idx"], state["out"], state["lse"], dout, scale, cfg["d_v"])
+        if "dout" not in state:
+            state["dout"] = torch.randn_like(state["out"])
+        sparse_mla_bwd(q, kv, state["idx"], state["out"], state["lse"], state["dout"], scale, cfg["d_v"])
 
     reps = 3 if L <= 32768 else 1
     row["dsa_fwd_ms"] = timeit(fwd, max_reps=reps, budget_ms=3000)
@@ -274,37 +276,49 @@ def decode_level(shape: str, dev, b: int = 64, s_q: int = 2, s_kv: int = 131072,
     return dict(shape=shape, b=b, s_q=s_q, s_kv=s_kv, k=k, ms=ms, tflops=fl / ms / 1e9, gbps=by / ms / 1e6)
 
 
-def sweep(dev, clock: Clock, s_kv: int = 65536, s_q: int = S_Q, k: int = TOP_K) -> dict:
-    """Time sparse MLA fwd/bwd block configurations (BLOCK_H, BLOCK_K, warps, stages) at V3.2's shape."""
-    fwd_cfgs = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 1)]
-    bwd_cfgs = [(64, 32, 8, 1), (64, 16, 8, 2), (64, 32, 8, 2), (32, 32, 8, 1)]
-    cfg = SHAPES["v32"]
+SWEEP = {   # split backward: kernel 1 (BLOCK_H, BLOCK_K, warps, stages), kernel 2 (BLOCK_K, columns, warps, stages)
+    "v32": ([(64, 32, 8, 2), (64, 32, 8, 1), (64, 64, 8, 1), (32, 64, 8, 2)],
+            [(64, 256, 8, 2), (64, 128, 8, 2), (32, 256, 8, 2), (128, 128, 8, 2)], (32, 32, 8, 1)),
+    "small": ([(16, 64, 4, 2), (16, 128, 4, 2), (16, 32, 4, 2)],
+              [(64, 256, 8, 2), (64, 256, 4, 2), (128, 128, 8, 2)], (16, 32, 4, 2)),
+}
+
+
+def sweep(dev, clock: Clock, shape: str = "v32", s_kv: int = 65536, s_q: int = S_Q, k: int = TOP_K) -> dict:
+    """Time the backward's block configurations at one shape: kernel 1 configs (with kernel 2's default), then
+    kernel 2 configs with the best kernel 1, and the fused backward's config for comparison."""
+    dq_cfgs, dkv_cfgs, fused_cfg = SWEEP[shape]
+    cfg = SHAPES[shape]
     d = cfg["d_v"] + cfg["d_pe"]
     q = _rand(1, s_q, cfg["h"], d, dev=dev)
     kv = _rand(1, s_kv, d, dev=dev)
     idx = _indices(1, s_q, s_kv, k, dev)
     out, lse = sparse_mla_fwd(q, kv, idx, d ** -0.5, cfg["d_v"])
     dout = torch.randn_like(out)
-    res = dict(s_kv=s_kv, fwd=[], bwd=[])
-    for kind, cfgs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
-        for c in cfgs:
-            if clock.left() < 60:
-                break
-            if kind == "fwd":
-                fn = lambda c=c: sparse_mla_fwd(q, kv, idx, d ** -0.5, cfg["d_v"], config=c)  # noqa: E731
-                fl = sparse_mla_flops(s_q, k, cfg["h"], d, cfg["d_v"])
-            else:
-                fn = lambda c=c: sparse_mla_bwd(q, kv, idx, out, lse, dout, d ** -0.5, cfg["d_v"], config=c)  # noqa: E731
-                fl = sparse_mla_flops(s_q, k, cfg["h"], d, cfg["d_v"], backward=True)
-            try:
-                ms = timeit(fn, max_reps=10)
-                res[kind].append(dict(cfg=c, ms=ms, tflops=fl / ms / 1e9))
-            except Exception as e:
-                res[kind].append(dict(cfg=c, error=f"{type(e).__name__}: {e}"[:300]))
-            print(json.dumps(res[kind][-1]), flush=True)
-        ok = [r for r in res[kind] if r.get("ms")]
-        if ok:
-            res[f"best_{kind}"] = min(ok, key=lambda r: r["ms"])["cfg"]
+    fl = sparse_mla_flops(s_q, k, cfg["h"], d, cfg["d_v"], backward=True)
+    res = dict(shape=shape, s_kv=s_kv, dq=[], dkv=[])
+
+    def bench_one(**kw):
+        if clock.left() < 60:
+            return dict(skipped="time budget")
+        try:
+            ms = timeit(lambda: sparse_mla_bwd(q, kv, idx, out, lse, dout, d ** -0.5, cfg["d_v"], **kw), max_reps=8)
+            return dict(ms=ms, tflops=fl / ms / 1e9)
+        except Exception as e:
+            return dict(error=f"{type(e).__name__}: {e}"[:300])
+
+    for c in dq_cfgs:
+        res["dq"].append(dict(cfg=c, **bench_one(config=c)))
+        print(json.dumps(res["dq"][-1]), flush=True)
+    ok = [r for r in res["dq"] if r.get("ms")]
+    best_dq = min(ok, key=lambda r: r["ms"])["cfg"] if ok else None
+    for c in dkv_cfgs:
+        res["dkv"].append(dict(cfg=c, **bench_one(config=best_dq, dkv_config=c)))
+        print(json.dumps(res["dkv"][-1]), flush=True)
+    ok = [r for r in res["dkv"] if r.get("ms")]
+    res["best_dq"], res["best_dkv"] = best_dq, (min(ok, key=lambda r: r["ms"])["cfg"] if ok else None)
+    res["fused"] = dict(cfg=fused_cfg, **bench_one(algorithm="fused", config=fused_cfg))
+    print(json.dumps(res["fused"]), flush=True)
     return res
 
 
@@ -368,7 +382,8 @@ def render_markdown(res: dict) -> str:
                          f"{_f(r['tflops'])} | {_f(r['gbps'], 0)} |")
         lines.append("")
     if res.get("sweep"):
-        lines += ["## Block-size sweep (v32, s_kv 64K)", "", "```", json.dumps(res["sweep"], indent=1), "```", ""]
+        lines += ["## Backward block-size sweep (s_kv 64K)", "", "```",
+                  json.dumps(res["sweep"], indent=1), "```", ""]
     if res.get("checks"):
         lines += ["## GPU correctness checks (float64 references, poisoned outputs)", "",
                   "| check | passed | details |", "|---|---|---|"]
@@ -388,7 +403,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default="kernels_h200")
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--checks", action="store_true", help="run the GPU correctness checks first")
-    ap.add_argument("--sweep", action="store_true", help="sweep sparse MLA block sizes first and use the best")
+    ap.add_argument("--sweep", action="store_true", help="sweep the backward's block sizes first and use the best")
     ap.add_argument("--shapes", default="v32,small")
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     ap.add_argument("--layer-sizes", default=None, help="L for the whole-layer comparison (default: --sizes)")
@@ -423,11 +438,15 @@ def main(argv=None) -> dict:
         res["checks"] = run_all(log=lambda s: print(s, flush=True))
         save()
     if args.sweep and dev == "cuda":
-        res["sweep"] = sweep(dev, clock)
-        for kind, table in (("fwd", smla.FWD_CONFIG), ("bwd", smla.BWD_CONFIG)):
-            if res["sweep"].get(f"best_{kind}"):
-                table[512] = tuple(res["sweep"][f"best_{kind}"])
-        save()
+        smla = importlib.import_module("dsaforge.kernels.sparse_mla")   # the module, not the function it exports
+        res["sweep"] = []
+        for shape in shapes:
+            sw = sweep(dev, clock, shape)
+            res["sweep"].append(sw)
+            for kind, table in (("dq", smla.DQ_CONFIG), ("dkv", smla.DKV_CONFIG)):
+                if sw.get(f"best_{kind}"):
+                    table[SHAPES[shape]["d_v"]] = tuple(sw[f"best_{kind}"])
+            save()
     if not args.no_kernels:
         for shape in shapes:
             for s_kv in sizes:

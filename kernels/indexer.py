@@ -18,13 +18,11 @@ import torch
 from dsaforge.kernels import reference as ref
 from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_same_device, check_tensor, empty,
                                         next_pow2, record, use_triton)
-from dsaforge.kernels.topk import TOPK_BLOCK, TOPK_WARPS
+from dsaforge.kernels.topk import launch_topk
 
 try:
     import triton
     import triton.language as tl
-
-    from dsaforge.kernels.topk import _radix_topk_kernel
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -180,8 +178,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int,
         for r0 in range(0, s, rows):
             n = min(rows, s - r0)
             _launch_scores(q[bi], k[bi], w[bi], ks, ws, start, end, r0, n, False)
-            _radix_topk_kernel[(n,)](ws, start[r0:], end[r0:], out[bi, r0:], ws.stride(0), out.stride(1),
-                                             top_k, HAS_BOUNDS=True, BLOCK=TOPK_BLOCK, num_warps=TOPK_WARPS)
+            launch_topk(ws[:n], start[r0:], end[r0:], out[bi, r0:], top_k, True)
     return out
 
 

@@ -25,8 +25,11 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # (BLOCK_H, BLOCK_K, num_warps, num_stages) by d_v; overridable per call for the benchmark's sweeps.
-FWD_CONFIG = {512: (64, 64, 8, 2), 256: (64, 64, 8, 2)}
-BWD_CONFIG = {512: (64, 32, 8, 1), 256: (64, 32, 8, 2)}
+# Chosen by `bench --sweep` on an H200 at s_kv 64K (v32: h 128; small: h 16); BLOCK_H is capped at the head count.
+FWD_CONFIG = {512: (64, 64, 8, 2), 256: (16, 128, 4, 2)}
+BWD_CONFIG = {512: (32, 32, 8, 1), 256: (16, 32, 4, 2)}          # fused backward
+DQ_CONFIG = {512: (64, 32, 8, 2), 256: (16, 64, 4, 2)}           # split backward, kernel 1 (as FWD_CONFIG)
+DKV_CONFIG = {512: (64, 256, 8, 2), 256: (64, 256, 8, 2)}        # kernel 2: (BLOCK_K, columns, warps, stages)
 
 
 if triton is not None:
@@ -88,13 +91,13 @@ if triton is not None:
 
     @triton.jit
     def _sparse_mla_bwd_kernel(
-            Q, KV, IDX, DO, LSE, DELTA, DQ, DKV, PART, scale, scale_log2,
-            sqb, sqs, sqh, skb, skt, sib, sis, sdb, sds, sdh, slb, sls, slh, sqgb, sqgs, sqgh, sgb, sgt,
-            spr, sph, spk, s_offset, H, T, K,
+            Q, KV, IDX, DO, LSE, DELTA, DQ, DKV, scale, scale_log2,
+            sqb, sqs, sqh, skb, skt, sib, sis, sdb, sds, sdh, slb, sls, slh, sqgb, sqgs, sqgh, sgb, sgt, H, T, K,
             D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr,
-            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NUM_HB: tl.constexpr, DETERMINISTIC: tl.constexpr):
+            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NUM_HB: tl.constexpr):
+        """Fused backward: dQ, and dKV added with fp32 atomics per head block."""
         pid = tl.program_id(0)
-        s = s_offset + pid // NUM_HB
+        s = pid // NUM_HB
         hb = pid % NUM_HB
         b = tl.program_id(1)
         offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -139,21 +142,133 @@ if triton is not None:
             dkn = tl.dot(tl.trans(ds_lo), q_nope)
             dkn = tl.dot(tl.trans(p.to(kn.dtype)), do, dkn)                                      # [BK, D_V]
             dkp = tl.dot(tl.trans(ds_lo), q_pe)                                                  # [BK, D_PE_P]
-            if DETERMINISTIC:
-                part = PART + (s - s_offset).to(tl.int64) * spr + hb * sph + offs_k[:, None].to(tl.int64) * spk
-                kmask = (offs_k < K)[:, None]
-                tl.store(part + offs_v[None, :], dkn, mask=kmask)
-                tl.store(part + D_V + offs_p[None, :], dkp, mask=kmask & mask_p[None, :])
-            else:
-                g_rows = dkv_base + idx.to(tl.int64)[:, None] * sgt
-                tl.atomic_add(g_rows + offs_v[None, :], dkn, mask=valid[:, None], sem="relaxed")
-                tl.atomic_add(g_rows + D_V + offs_p[None, :], dkp, mask=valid[:, None] & mask_p[None, :],
-                              sem="relaxed")
+            g_rows = dkv_base + idx.to(tl.int64)[:, None] * sgt
+            tl.atomic_add(g_rows + offs_v[None, :], dkn, mask=valid[:, None], sem="relaxed")
+            tl.atomic_add(g_rows + D_V + offs_p[None, :], dkp, mask=valid[:, None] & mask_p[None, :], sem="relaxed")
 
         dq_rows = DQ + b64 * sqgb + s64 * sqgs + offs_h[:, None] * sqgh
         tl.store(dq_rows + offs_v[None, :], dq_n.to(DQ.dtype.element_ty), mask=mask_h[:, None])
         tl.store(dq_rows + D_V + offs_p[None, :], dq_p.to(DQ.dtype.element_ty),
                  mask=mask_h[:, None] & mask_p[None, :])
+
+    @triton.jit
+    def _sparse_mla_bwd_dq_kernel(
+            Q, KV, IDX, DO, LSE, DELTA, DQ, DS, P, scale, scale_log2,
+            sqb, sqs, sqh, skb, skt, sib, sis, sdb, sds, sdh, slb, sls, slh, sqgb, sqgs, sqgh,
+            spb, sps, sph, s_offset, H, T, K,
+            D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr,
+            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NUM_HB: tl.constexpr):
+        """Split backward, part 1: dQ, and dS = P*(dP - Delta)*scale and P stored (bf16) for part 2."""
+        pid = tl.program_id(0)
+        s_loc = pid // NUM_HB
+        s = s_offset + s_loc
+        hb = pid % NUM_HB
+        b = tl.program_id(1)
+        offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        offs_v = tl.arange(0, D_V)
+        offs_p = tl.arange(0, D_PE_P)
+        mask_p = offs_p < D_PE
+        b64 = b.to(tl.int64)
+        s64 = s.to(tl.int64)
+        q_rows = Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh
+        q_nope = tl.load(q_rows + offs_v[None, :], mask=mask_h[:, None], other=0.0)
+        q_pe = tl.load(q_rows + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None] * sdh + offs_v[None, :],
+                     mask=mask_h[:, None], other=0.0)
+        lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=float("-inf"))
+        delta = tl.load(DELTA + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=0.0)
+        row_ok = mask_h & (lse > float("-inf"))
+        lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+        dq_n = tl.zeros([BLOCK_H, D_V], tl.float32)
+        dq_p = tl.zeros([BLOCK_H, D_PE_P], tl.float32)
+        kv_base = KV + b64 * skb
+        idx_base = IDX + b64 * sib + s64 * sis
+        sp_rows = b64 * spb + s_loc.to(tl.int64) * sps + offs_h[:, None] * sph
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            idx = tl.load(idx_base + offs_k, mask=offs_k < K, other=-1)
+            valid = (idx >= 0) & (idx < T)
+            rows = kv_base + idx.to(tl.int64)[:, None] * skt
+            kn = tl.load(rows + offs_v[None, :], mask=valid[:, None], other=0.0)
+            kp = tl.load(rows + D_V + offs_p[None, :], mask=valid[:, None] & mask_p[None, :], other=0.0)
+            qk = tl.dot(q_nope, tl.trans(kn))
+            qk = tl.dot(q_pe, tl.trans(kp), qk)
+            p = tl.exp2(qk * scale_log2 - lse2[:, None])
+            p = tl.where(row_ok[:, None] & valid[None, :], p, 0.0)                              # [BH, BK]
+            dp = tl.dot(do, tl.trans(kn))
+            ds_lo = (p * (dp - delta[:, None]) * scale).to(kn.dtype)
+            dq_n = tl.dot(ds_lo, kn, dq_n)
+            dq_p = tl.dot(ds_lo, kp, dq_p)
+            smask = mask_h[:, None] & (offs_k < K)[None, :]
+            tl.store(DS + sp_rows + offs_k[None, :], ds_lo, mask=smask)
+            tl.store(P + sp_rows + offs_k[None, :], p.to(kn.dtype), mask=smask)
+        dq_rows = DQ + b64 * sqgb + s64 * sqgs + offs_h[:, None] * sqgh
+        tl.store(dq_rows + offs_v[None, :], dq_n.to(DQ.dtype.element_ty), mask=mask_h[:, None])
+        tl.store(dq_rows + D_V + offs_p[None, :], dq_p.to(DQ.dtype.element_ty),
+                 mask=mask_h[:, None] & mask_p[None, :])
+
+    @triton.jit
+    def _sparse_mla_bwd_dkv_kernel(
+            Q, DO, IDX, DS, P, DKV, PART,
+            sqb, sqs, sqh, sdb, sds, sdh, sib, sis, spb, sps, sph, sgb, sgt, spr, spk, s_offset, H, T, K,
+            D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr, H_P: tl.constexpr, CW: tl.constexpr,
+            BLOCK_K: tl.constexpr, N_PARTS: tl.constexpr, DETERMINISTIC: tl.constexpr):
+        """Split backward, part 2: dKV[idx] += dS^T Q + P^T dO over all heads at once, one column chunk of the latent
+        (CW of the d_v value/nope dims, or the rope dims for the last part) per program."""
+        pid = tl.program_id(0)
+        s_loc = pid // (N_PARTS + 1)
+        part = pid % (N_PARTS + 1)
+        s = s_offset + s_loc
+        b = tl.program_id(1)
+        b64 = b.to(tl.int64)
+        s64 = s.to(tl.int64)
+        offs_h = tl.arange(0, H_P)
+        mask_h = offs_h < H
+        idx_base = IDX + b64 * sib + s64 * sis
+        sp_base = b64 * spb + s_loc.to(tl.int64) * sps
+        if part < N_PARTS:
+            cols = part * CW + tl.arange(0, CW)
+            qc = tl.load(Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh + cols[None, :], mask=mask_h[:, None],
+                         other=0.0)                                                             # [H_P, CW]
+            dc = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None] * sdh + cols[None, :], mask=mask_h[:, None],
+                         other=0.0)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                kmask = offs_k < K
+                idx = tl.load(idx_base + offs_k, mask=kmask, other=-1)
+                valid = (idx >= 0) & (idx < T)
+                tmask = kmask[:, None] & mask_h[None, :]
+                t_off = sp_base + offs_k[:, None] + offs_h[None, :].to(tl.int64) * sph               # [BK, H_P]
+                ds_t = tl.load(DS + t_off, mask=tmask, other=0.0)
+                p_t = tl.load(P + t_off, mask=tmask, other=0.0)
+                acc = tl.dot(ds_t, qc)
+                acc = tl.dot(p_t, dc, acc)                                                     # [BK, CW]
+                if DETERMINISTIC:
+                    tl.store(PART + s_loc.to(tl.int64) * spr + offs_k[:, None].to(tl.int64) * spk + cols[None, :],
+                             acc, mask=kmask[:, None])
+                else:
+                    tl.atomic_add(DKV + b64 * sgb + idx.to(tl.int64)[:, None] * sgt + cols[None, :], acc,
+                                  mask=valid[:, None], sem="relaxed")
+        else:
+            cols_p = tl.arange(0, D_PE_P)
+            mask_p = cols_p < D_PE
+            qp = tl.load(Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh + D_V + cols_p[None, :],
+                         mask=mask_h[:, None] & mask_p[None, :], other=0.0)                     # [H_P, D_PE_P]
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                kmask = offs_k < K
+                idx = tl.load(idx_base + offs_k, mask=kmask, other=-1)
+                valid = (idx >= 0) & (idx < T)
+                t_off = sp_base + offs_k[:, None] + offs_h[None, :].to(tl.int64) * sph
+                ds_t = tl.load(DS + t_off, mask=kmask[:, None] & mask_h[None, :], other=0.0)
+                acc = tl.dot(ds_t, qp)                                                         # [BK, D_PE_P]
+                if DETERMINISTIC:
+                    tl.store(PART + s_loc.to(tl.int64) * spr + offs_k[:, None].to(tl.int64) * spk + D_V
+                             + cols_p[None, :], acc, mask=kmask[:, None] & mask_p[None, :])
+                else:
+                    tl.atomic_add(DKV + b64 * sgb + idx.to(tl.int64)[:, None] * sgt + D_V + cols_p[None, :], acc,
+                                  mask=valid[:, None] & mask_p[None, :], sem="relaxed")
 
     @triton.jit
     def _segment_sum_kernel(PART, ORDER, OFFS, OUT, D, BLOCK_D: tl.constexpr):
@@ -264,15 +379,21 @@ def sparse_mla_decode(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, 
 
 def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    dout: torch.Tensor, sm_scale: float, d_v: int, dlse: torch.Tensor | None = None,
-                   deterministic: bool = False, config: tuple | None = None,
-                   chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused backward: (dq like q, dkv like kv). dkv is accumulated in fp32 at the selected rows of the shared latent,
-    with atomics by default; `deterministic=True` writes each (token, head block, slot) contribution and sums them in
-    a fixed order instead (slower, bitwise reproducible)."""
+                   deterministic: bool = False, config: tuple | None = None, chunk_rows: int | None = None,
+                   algorithm: str = "split", dkv_config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused backward: (dq like q, dkv like kv), dkv accumulated in fp32 at the selected rows of the shared latent.
+
+    algorithm "split" (default): kernel 1 computes dQ and stores dS and P (bf16, a chunk of rows at a time); kernel 2
+    forms dKV = dS^T Q + P^T dO over all heads at once, so each selected row receives one fp32 atomic add per
+    query instead of one per head block. "fused": one kernel, dKV added per head block. `deterministic=True`
+    (split only) writes each (query, slot) contribution instead and sums them per key in a fixed order.
+    """
     _check_inputs(q, kv, indices, d_v)
     check(tuple(out.shape) == (*q.shape[:3], d_v), f"out must be {(*q.shape[:3], d_v)}, got {tuple(out.shape)}")
     check(tuple(dout.shape) == tuple(out.shape), f"dout must be {tuple(out.shape)}, got {tuple(dout.shape)}")
     check(tuple(lse.shape) == tuple(q.shape[:3]), f"lse must be {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    check(algorithm in ("split", "fused"), f"algorithm must be 'split' or 'fused', got {algorithm!r}")
+    check(not (deterministic and algorithm == "fused"), "deterministic=True needs algorithm='split'")
     ok, why = use_triton(q, kv, indices)
     if ok:
         ok, why2 = _kernel_shape_ok(q, kv, indices, d_v)
@@ -285,51 +406,75 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     t, k = kv.shape[1], indices.shape[2]
     dout = dout.contiguous()
     lse = lse.float().contiguous()
-    delta = (out.float() * dout.float()).sum(-1)                                        # [B,S,H]
+    delta = torch.empty(b, s, h, device=q.device, dtype=torch.float32)                 # rowsum(O * dO), [B,S,H]
+    step = max(1, (1 << 28) // max(1, h * d_v))          # row chunks: no fp32 copy of the whole of O and dO
+    for s0 in range(0, s, step):
+        delta[:, s0:s0 + step] = (out[:, s0:s0 + step].float() * dout[:, s0:s0 + step].float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()          # d lse / d logits = p, so it folds into Delta
     delta = delta.contiguous()
-    bh, bk, warps, stages = _cfg(BWD_CONFIG, d_v, h, config)
-    nhb = triton.cdiv(h, bh)
     dq = empty(*q.shape, device=q.device, dtype=q.dtype)
     dkv = torch.zeros(b, t, d, device=q.device, dtype=torch.float32)
-    meta = dict(D_V=d_v, D_PE=d - d_v, D_PE_P=max(16, next_pow2(d - d_v)), BLOCK_H=bh, BLOCK_K=bk, NUM_HB=nhb,
-                num_warps=warps, num_stages=stages)
+    d_pe, d_pe_p = d - d_v, max(16, next_pow2(d - d_v))
+    common = (q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0),
+              indices.stride(1), dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
+              lse.stride(2), dq.stride(0), dq.stride(1), dq.stride(2))
 
-    def launch(rows: int, s_offset: int, bsel: slice, part: torch.Tensor | None, det: bool) -> None:
-        qq, kk, ii, dd, ll, de, gq, gk = (x[bsel] for x in (q, kv, indices, dout, lse, delta, dq, dkv))
-        pp = part if part is not None else gk
-        sp = (pp.stride(0), pp.stride(1), pp.stride(2)) if part is not None else (0, 0, 0)
-        _sparse_mla_bwd_kernel[(rows * nhb, qq.shape[0])](
-            qq, kk, ii, dd, ll, de, gq, gk, pp, sm_scale, sm_scale * LOG2E,
-            qq.stride(0), qq.stride(1), qq.stride(2), kk.stride(0), kk.stride(1), ii.stride(0), ii.stride(1),
-            dd.stride(0), dd.stride(1), dd.stride(2), ll.stride(0), ll.stride(1), ll.stride(2),
-            gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1),
-            sp[0], sp[1], sp[2], s_offset, h, t, k, DETERMINISTIC=det, **meta)
+    if algorithm == "fused":
+        bh, bk, warps, stages = _cfg(BWD_CONFIG, d_v, h, config)
+        nhb = triton.cdiv(h, bh)
+        _sparse_mla_bwd_kernel[(s * nhb, b)](
+            q, kv, indices, dout, lse, delta, dq, dkv, sm_scale, sm_scale * LOG2E, *common,
+            dkv.stride(0), dkv.stride(1), h, t, k, D_V=d_v, D_PE=d_pe, D_PE_P=d_pe_p, BLOCK_H=bh,
+            BLOCK_K=bk, NUM_HB=nhb, num_warps=warps, num_stages=stages)
+        return dq, dkv.to(kv.dtype)
 
-    if not deterministic:
-        launch(s, 0, slice(None), None, False)
-    else:
-        # Contributions of a chunk of rows: [rows, head blocks, K, D] fp32, summed per key in index order.
-        per_row = nhb * k * d * 4
-        rows = chunk_rows or max(1, min(s, (1 << 30) // per_row))
-        for bi in range(b):
-            for s0 in range(0, s, rows):
-                n = min(rows, s - s0)
-                part = empty(n, nhb, k, d, device=q.device, dtype=torch.float32)
-                launch(n, s0, slice(bi, bi + 1), part, True)
-                keys = indices[bi, s0:s0 + n].long()[:, None, :].expand(n, nhb, k).reshape(-1)   # entry -> key
-                valid = (keys >= 0) & (keys < t)
-                entry = torch.arange(keys.numel(), device=q.device)[valid]
-                keys = keys[valid]
-                keys_sorted, perm = torch.sort(keys, stable=True)
-                order = entry[perm].contiguous()
-                offs = torch.zeros(t + 1, device=q.device, dtype=torch.int64)
-                offs[1:] = torch.cumsum(torch.bincount(keys_sorted, minlength=t), 0)
-                block_d = min(256, next_pow2(d))
-                _segment_sum_kernel[(t, triton.cdiv(d, block_d))](part, order, offs, dkv[bi], d,
-                                                                          BLOCK_D=block_d)
+    bh, bk, warps, stages = _cfg(DQ_CONFIG, d_v, h, config)
+    nhb = triton.cdiv(h, bh)
+    kbk, cw, kwarps, kstages = dkv_config or DKV_CONFIG.get(d_v, (64, min(256, d_v), 8, 2))
+    cw = min(cw, d_v)
+    n_parts = d_v // cw
+    h_p = max(16, next_pow2(h))
+    per_row = 2 * h * k * q.element_size()                 # dS and P of one query row
+    if deterministic:
+        per_row += k * d * 4                                # and its fp32 contributions
+    rows = chunk_rows or max(1, min(s, (2 << 30) // per_row))
+    ds = empty(b, rows, h, k, device=q.device, dtype=q.dtype)
+    pb = empty(b, rows, h, k, device=q.device, dtype=q.dtype)
+    part = empty(rows, k, d, device=q.device, dtype=torch.float32) if deterministic else dkv
+    for s0 in range(0, s, rows):
+        n = min(rows, s - s0)
+        _sparse_mla_bwd_dq_kernel[(n * nhb, b)](
+            q, kv, indices, dout, lse, delta, dq, ds, pb, sm_scale, sm_scale * LOG2E, *common,
+            ds.stride(0), ds.stride(1), ds.stride(2), s0, h, t, k, D_V=d_v, D_PE=d_pe, D_PE_P=d_pe_p,
+            BLOCK_H=bh, BLOCK_K=bk, NUM_HB=nhb, num_warps=warps, num_stages=stages)
+        for bi in range(b) if deterministic else [None]:
+            bsl = slice(None) if bi is None else slice(bi, bi + 1)
+            qq, dd, ii, dss, pbb, gk = (x[bsl] for x in (q, dout, indices, ds, pb, dkv))
+            _sparse_mla_bwd_dkv_kernel[(n * (n_parts + 1), qq.shape[0])](
+                qq, dd, ii, dss, pbb, gk, part, qq.stride(0), qq.stride(1), qq.stride(2), dd.stride(0), dd.stride(1),
+                dd.stride(2), ii.stride(0), ii.stride(1), dss.stride(0), dss.stride(1), dss.stride(2),
+                gk.stride(0), gk.stride(1), part.stride(0), part.stride(1), s0, h, t, k,
+                D_V=d_v, D_PE=d_pe, D_PE_P=d_pe_p, H_P=h_p, CW=cw, BLOCK_K=kbk, N_PARTS=n_parts,
+                DETERMINISTIC=deterministic, num_warps=kwarps, num_stages=kstages)
+            if deterministic:
+                _segment_sum(part[:n], indices[bi, s0:s0 + n], dkv[bi])
     return dq, dkv.to(kv.dtype)
+
+
+def _segment_sum(part: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
+    """out[key] += sum of part rows (query, slot) that selected key, in (query, slot) order: deterministic."""
+    n, k, d = part.shape
+    t = out.shape[0]
+    keys = idx.reshape(-1).long()
+    valid = (keys >= 0) & (keys < t)
+    entry = torch.arange(n * k, device=part.device)[valid]
+    keys_sorted, perm = torch.sort(keys[valid], stable=True)
+    order = entry[perm].contiguous()
+    offs = torch.zeros(t + 1, device=part.device, dtype=torch.int64)
+    offs[1:] = torch.cumsum(torch.bincount(keys_sorted, minlength=t), 0)
+    block_d = min(256, next_pow2(d))
+    _segment_sum_kernel[(t, triton.cdiv(d, block_d))](part, order, offs, out, d, BLOCK_D=block_d)
 
 
 def _reference_bwd(q, kv, indices, dout, sm_scale, d_v, dlse):

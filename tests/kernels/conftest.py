@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from dsaforge.kernels import indexer_kl, indexer_topk, sparse_mla  # noqa: E402
+
 
 @pytest.fixture
 def interpret(monkeypatch):
@@ -42,3 +44,39 @@ def report():
 
 
 
+
+
+class TinyDSA(torch.nn.Module):
+    """A DSA attention layer in MQA/absorbed form, wired the way the model's sparse stage uses the kernels:
+    indexer -> top-k (no grad) -> sparse_mla (autograd) -> output; indexer trained by the KL on detached inputs."""
+
+    def __init__(self, dim=32, heads=4, d_v=32, d_pe=16, idx_heads=4, idx_dim=16, top_k=16):
+        super().__init__()
+        self.heads, self.d_v, self.d_pe, self.top_k = heads, d_v, d_pe, top_k
+        self.idx_heads, self.idx_dim = idx_heads, idx_dim
+        self.wq = torch.nn.Linear(dim, heads * (d_v + d_pe), bias=False)
+        self.wkv = torch.nn.Linear(dim, d_v + d_pe, bias=False)
+        self.wo = torch.nn.Linear(heads * d_v, dim, bias=False)
+        self.iq = torch.nn.Linear(dim, idx_heads * idx_dim, bias=False)
+        self.ik = torch.nn.Linear(dim, idx_dim, bias=False)
+        self.iw = torch.nn.Linear(dim, idx_heads, bias=False)
+        self.scale = (d_v + d_pe) ** -0.5
+
+    def forward(self, x, indices=None):
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.heads, self.d_v + self.d_pe)                 # [B, S, H, Dqk]
+        kv = self.wkv(x)                                                             # [B, S, Dqk]
+        xd = x.detach()
+        iq = self.iq(xd).view(b, s, self.idx_heads, self.idx_dim)                    # [B, S, Hi, Di]
+        ik, iw = self.ik(xd), self.iw(xd) * self.idx_heads ** -0.5
+        with torch.no_grad():
+            idx = indexer_topk(iq, ik, iw, self.top_k) if indices is None else indices  # [B, S, K]
+        out, lse = sparse_mla(q, kv, idx, self.scale, self.d_v)                      # [B, S, H, d_v]
+        kl = indexer_kl(iq, ik, iw, q.detach(), kv.detach(), lse.detach(), self.scale, self.d_v, indices=idx)
+        return self.wo(out.reshape(b, s, -1)), kl.mean(), idx
+
+
+@pytest.fixture
+def tiny_dsa():
+    """The TinyDSA class: a DSA layer wired through the kernels as the model's sparse stage uses them."""
+    return TinyDSA

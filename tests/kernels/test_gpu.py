@@ -45,11 +45,10 @@ def test_indexer_kl(shape):
     assert res["passed"], res
 
 
-def _step(monkeypatch, kernels, indices, report):
-    from test_kl_training import TinyDSA
+def _step(monkeypatch, tiny_dsa, kernels, indices):
     monkeypatch.setenv("DSAFORGE_KERNELS", kernels)
     torch.manual_seed(3)
-    layer = TinyDSA(dim=256, heads=16, d_v=256, d_pe=64, idx_heads=16, idx_dim=128, top_k=128)
+    layer = tiny_dsa(dim=256, heads=16, d_v=256, d_pe=64, idx_heads=16, idx_dim=128, top_k=128)
     layer = layer.cuda().to(torch.bfloat16)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
     x = torch.randn(2, 1024, 256, device="cuda", dtype=torch.bfloat16)
@@ -68,11 +67,11 @@ def _step(monkeypatch, kernels, indices, report):
     return losses, grads, indices
 
 
-def test_training_step_on_gpu(monkeypatch, report):
+def test_training_step_on_gpu(monkeypatch, tiny_dsa):
     from dsaforge.kernels import last_path
-    losses, grads, idx = _step(monkeypatch, "", None, report)
+    losses, grads, idx = _step(monkeypatch, tiny_dsa, "", None)
     assert last_path("sparse_mla_bwd")[0] == "triton" and last_path("indexer_kl")[0] == "triton"
-    ref_losses, ref_grads, _ = _step(monkeypatch, "reference", idx, report)
+    ref_losses, ref_grads, _ = _step(monkeypatch, tiny_dsa, "reference", idx)
     print("losses fused", losses, "reference", ref_losses)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert abs(losses[0] - ref_losses[0]) <= 1e-2 * abs(ref_losses[0])

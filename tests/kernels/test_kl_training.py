@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dsaforge.kernels import reference as ref
-from dsaforge.kernels import indexer_kl, indexer_topk, last_path, sparse_mla
+from dsaforge.kernels import indexer_kl, last_path
 
 B, S, T, HI, DI, H, DV, DPE, K, SCALE = 2, 6, 24, 4, 16, 3, 32, 8, 8, 0.2
 
@@ -63,40 +63,10 @@ def test_target_is_a_distribution():
     assert (p[idx < 0] == 0).all()
 
 
-class TinyDSA(torch.nn.Module):
-    """A DSA attention layer in MQA/absorbed form, wired the way the model's sparse stage uses the kernels:
-    indexer -> top-k (no grad) -> sparse_mla (autograd) -> output; indexer trained by the KL on detached inputs."""
-
-    def __init__(self, dim=32, heads=4, d_v=32, d_pe=16, idx_heads=4, idx_dim=16, top_k=16):
-        super().__init__()
-        self.heads, self.d_v, self.d_pe, self.top_k = heads, d_v, d_pe, top_k
-        self.idx_heads, self.idx_dim = idx_heads, idx_dim
-        self.wq = torch.nn.Linear(dim, heads * (d_v + d_pe), bias=False)
-        self.wkv = torch.nn.Linear(dim, d_v + d_pe, bias=False)
-        self.wo = torch.nn.Linear(heads * d_v, dim, bias=False)
-        self.iq = torch.nn.Linear(dim, idx_heads * idx_dim, bias=False)
-        self.ik = torch.nn.Linear(dim, idx_dim, bias=False)
-        self.iw = torch.nn.Linear(dim, idx_heads, bias=False)
-        self.scale = (d_v + d_pe) ** -0.5
-
-    def forward(self, x, indices=None):
-        b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.heads, self.d_v + self.d_pe)                 # [B, S, H, Dqk]
-        kv = self.wkv(x)                                                             # [B, S, Dqk]
-        xd = x.detach()
-        iq = self.iq(xd).view(b, s, self.idx_heads, self.idx_dim)                    # [B, S, Hi, Di]
-        ik, iw = self.ik(xd), self.iw(xd) * self.idx_heads ** -0.5
-        with torch.no_grad():
-            idx = indexer_topk(iq, ik, iw, self.top_k) if indices is None else indices  # [B, S, K]
-        out, lse = sparse_mla(q, kv, idx, self.scale, self.d_v)                      # [B, S, H, d_v]
-        kl = indexer_kl(iq, ik, iw, q.detach(), kv.detach(), lse.detach(), self.scale, self.d_v, indices=idx)
-        return self.wo(out.reshape(b, s, -1)), kl.mean(), idx
-
-
-def _train_step(monkeypatch, kernels: str):
+def _train_step(monkeypatch, tiny_dsa, kernels: str):
     monkeypatch.setenv("DSAFORGE_KERNELS", kernels)
     torch.manual_seed(1)
-    layer = TinyDSA()
+    layer = tiny_dsa()
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     x, y = torch.randn(2, 40, 32), torch.randn(2, 40, 32)
     out, kl, _ = layer(x)
@@ -107,11 +77,11 @@ def _train_step(monkeypatch, kernels: str):
     return loss.detach(), grads, layer
 
 
-def test_training_step_through_fused_kernels(interpret, monkeypatch, report):
-    loss, grads, layer = _train_step(monkeypatch, "interpret")
+def test_training_step_through_fused_kernels(interpret, monkeypatch, report, tiny_dsa):
+    loss, grads, layer = _train_step(monkeypatch, tiny_dsa, "interpret")
     assert last_path("sparse_mla_fwd")[0] == "triton" and last_path("sparse_mla_bwd")[0] == "triton"
     assert last_path("indexer_topk")[0] == "triton" and last_path("indexer_kl")[0] == "triton"
-    want_loss, want_grads, _ = _train_step(monkeypatch, "reference")
+    want_loss, want_grads, _ = _train_step(monkeypatch, tiny_dsa, "reference")
     assert last_path("sparse_mla_fwd")[0] == "reference"
     assert report("loss", loss, want_loss) < 1e-5
     for name, g in grads.items():

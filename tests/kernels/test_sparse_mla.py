@@ -45,13 +45,14 @@ def test_decode_split_k_matches_reference(interpret, report):
     assert report("decode lse", lse, want_lse) < 1e-5
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_backward_matches_autograd_reference(interpret, report, deterministic):
+@pytest.mark.parametrize("algorithm,deterministic", [("split", False), ("split", True), ("fused", False)])
+def test_backward_matches_autograd_reference(interpret, report, algorithm, deterministic):
     q, kv, idx = _inputs()
     out, lse = sparse_mla_fwd(q, kv, idx, 0.3, 32)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     with poison_outputs():
-        dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, 0.3, 32, dlse=dlse, deterministic=deterministic)
+        dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, 0.3, 32, dlse=dlse, deterministic=deterministic,
+                                 algorithm=algorithm, chunk_rows=3)
     assert last_path("sparse_mla_bwd")[0] == "triton"
     qq, kk = q.double().requires_grad_(), kv.double().requires_grad_()
     o, l = ref.sparse_mla(qq, kk, idx, 0.3, 32)
@@ -111,3 +112,15 @@ def test_validation_errors(mutate, msg):
     q, kv, idx = _inputs()
     with pytest.raises(KernelInputError, match=msg):
         sparse_mla_fwd(*mutate(q, kv, idx), 0.3, 32)
+
+
+@pytest.mark.parametrize("algorithm", ["split", "fused"])
+def test_backward_many_heads(interpret, report, algorithm):
+    q, kv, idx = _inputs(b=1, s=2, t=50, h=80, d_v=64, d_pe=64, k=32)
+    out, lse = sparse_mla_fwd(q, kv, idx, 0.1, 64)
+    dout = torch.randn_like(out)
+    dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, 0.1, 64, algorithm=algorithm)
+    qq, kk = q.double().requires_grad_(), kv.double().requires_grad_()
+    ref.sparse_mla(qq, kk, idx, 0.1, 64)[0].backward(dout.double())
+    assert report("dq", dq, qq.grad) < 1e-5
+    assert report("dkv", dkv, kk.grad) < 1e-5
