@@ -90,10 +90,11 @@ def _build_one(job: dict) -> dict:
 
 def _plan(cfg: SynthConfig, cls_name: str, start: int, count: int, out_dir: Path, resources: dict) -> list[dict]:
     cls = agent_class(cls_name)
+    families = list(cls.families) + sorted(resources.get("llm_families", {})) if cls_name == "general" else list(cls.families)
     jobs = []
     for i in range(start, start + count):
-        family = cls.families[i % len(cls.families)]
-        env_id = f"{cls_name.replace('_', '')}-{family.replace('_', '')}-{i:05d}"
+        family = families[i % len(families)]
+        env_id = f"{cls_name.replace('_', '')}-{family.replace('_', '').replace(':', '')}-{i:05d}"
         jobs.append({"cls": cls_name, "family": family, "env_id": env_id, "env_dir": str(out_dir / "envs" / env_id),
                      "seed": env_seed(cfg.seed, cls_name, i), "max_difficulty": cfg.max_difficulty,
                      "pass_k": cfg.pass_k, "resources": resources})
@@ -114,7 +115,8 @@ def _select(tasks: list[Task], n: int) -> list[Task]:
 
 
 def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None, solver: Optional[Solver] = None,
-               on_progress: Optional[Callable[[str, int, int], None]] = None, max_rounds: int = 4) -> dict:
+               on_progress: Optional[Callable[[str, int, int], None]] = None, max_rounds: int = 4,
+               llm_family_count: int = 3) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "envs").mkdir(exist_ok=True)
@@ -123,6 +125,11 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
     corpus_info = None
     if "search" in cfg.agent_classes:
         corpus_info = build_corpus(out_dir / "search" / "corpus.jsonl", data_dir)
+    llm_families: dict[str, str] = {}
+    if cfg.llm_endpoint and "general" in cfg.agent_classes:
+        from dsaforge.synth.llm import write_families
+
+        llm_families = write_families(cfg.llm_endpoint, out_dir, count=llm_family_count)
     results: dict[str, ClassResult] = {}
     ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
     t_all = time.monotonic()
@@ -132,7 +139,8 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
             res = ClassResult(cls_name)
             t0 = time.monotonic()
             per_env = max(1, math.ceil(cfg.tasks_per_class / (cfg.envs_per_class * cfg.max_difficulty)))
-            resources = {"tasks_per_level": per_env, "corpus": str(out_dir / "search" / "corpus.jsonl")}
+            resources = {"tasks_per_level": per_env, "corpus": str(out_dir / "search" / "corpus.jsonl"),
+                         "llm_families": llm_families if cls_name == "general" else {}}
             kept_rows: list[dict] = []
             start, count = 0, cfg.envs_per_class
             # Gates reject some candidates; top up with fresh environments until the target is met.
@@ -170,6 +178,7 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
         "tasks_per_min": round(60 * len(all_tasks) / max(time.monotonic() - t_all, 1e-9), 2),
         "classes": {k: v.stats() for k, v in results.items()}, "corpus": corpus_info,
         "sandbox": cfg.sandbox.backend, "solver": (solver or BaselineSolver()).name, "pass_k": cfg.pass_k,
+        "llm_families": sorted(llm_families),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary

@@ -34,6 +34,8 @@ class GeneralAgent(AgentClass):
     families = FAMILIES
 
     def build_env(self, env_id, family, seed, max_difficulty, env_dir, resources):
+        if family.startswith("llm:"):
+            return self._build_in_sandbox(env_id, family, seed, max_difficulty, env_dir, resources)
         fam = family_module(family)
         rng = random.Random(seed)
         # The paper's rule, checked statically here and enforced at run time by the harness.
@@ -60,6 +62,27 @@ class GeneralAgent(AgentClass):
         (env_dir / "tasks.json").write_text(json.dumps(tasks, sort_keys=True))
         copy_source(fam.__file__, env_dir / "family.py")
         return EnvDraft(env_id, self.name, family, env_dir, "family.py", cands)
+
+    def _build_in_sandbox(self, env_id, family, seed, max_difficulty, env_dir, resources):
+        """Model-written families: even generation (build_db, propose) is untrusted code, so the environment is
+        built inside the sandbox, in a private directory that becomes the bundle."""
+        sandbox: Sandbox = resources["sandbox"]
+        env_dir.mkdir(parents=True, exist_ok=True)
+        copy_source(resources["llm_families"][family], env_dir / "family.py")
+        (env_dir / "harness.py").write_text(HARNESS.read_text())
+        res = sandbox.run([sandbox.python, "-I", "/tmp/harness.py"], workdir=env_dir,
+                          stdin=json.dumps({"op": "build", "seed": seed, "max_difficulty": max_difficulty,
+                                            "tasks_per_level": resources.get("tasks_per_level", 1)}))
+        (env_dir / "harness.py").unlink()
+        if not res.ok:
+            raise HarnessError(f"building {family} in the sandbox: {res.describe()}: {res.stderr[-800:]}")
+        built = json.loads(res.stdout.strip().splitlines()[-1])
+        schemas = built["schemas"]
+        cands = [Candidate(c["key"], family, c["level"], c["prompt"],
+                           [{"type": "function", "function": {"name": n, **schemas[n]}} for n in c["tools"]],
+                           leaks=c["leaks"], seed=seed, extra_gates={"solution_tool_only": not built["tool_only_problems"]})
+                 for c in built["candidates"]]
+        return EnvDraft(env_id, self.name, family, env_dir, "family.py", cands, source="llm")
 
     def reference(self, env_dir, keys, sandbox):
         out = run_harness(sandbox, HARNESS, env_dir, {"op": "solve", "items": [{"key": k} for k in keys]})

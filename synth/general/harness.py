@@ -121,9 +121,40 @@ def verify(fam, task, submission):
     return {"passed": bool(ok), "score": 1.0 if ok else 0.0, "detail": str(detail)[:500]}
 
 
+def build(fam, job):
+    """Build an environment from a family module inside the sandbox (for model-written families, whose
+    generation code is as untrusted as their tools): writes db.sqlite and tasks.json, returns the candidates."""
+    rng = random.Random(job["seed"])
+    conn = sqlite3.connect("db.sqlite")
+    fam.build_db(conn, rng)
+    tasks, cands = {}, []
+    for level in range(1, job["max_difficulty"] + 1):
+        for j in range(job["tasks_per_level"]):
+            proposed = None
+            for _ in range(5):
+                proposed = fam.propose(conn, rng, level)
+                if proposed is not None:
+                    break
+            if proposed is None:
+                continue
+            params, hidden, prompt = proposed
+            key = f"d{level}-{j}"
+            tools = [n for n in fam.SCHEMAS if fam.TOOL_LEVEL[n] <= level]
+            tasks[key] = {"params": params, "hidden": hidden, "tools": tools}
+            cands.append({"key": key, "level": level, "prompt": prompt, "tools": tools,
+                          "leaks": [str(x) for x in fam.leaks(hidden)]})
+    conn.commit()
+    conn.close()
+    json.dump(tasks, open("tasks.json", "w"), sort_keys=True)
+    return {"candidates": cands, "schemas": fam.SCHEMAS, "tool_only_problems": tool_only_problems(fam)}
+
+
 def main():
     job = json.load(sys.stdin)
     fam = load_family()
+    if job["op"] == "build":
+        print(json.dumps(build(fam, job)))
+        return
     tasks = json.load(open("tasks.json"))
     out = []
     for item in job["items"]:
