@@ -12,7 +12,7 @@ construction (module replacement, as torchtitan and gpt-fast do), so one model d
   sequence-parallel norm weights). The indexer KL target (attention summed over heads) is all-reduced across TP
   through `dsaforge.model.train.seam`. Embedding, output head, routers and indexers stay replicated;
 - expert parallel: each EP rank owns n_routed_experts / ep experts; tokens travel to their experts and back through
-  megatron's autograd `all_to_all`; routing is computed where the token lives, so it matches one device exactly;
+  an autograd all-to-all (megatron's allocates on CUDA only, see `_AllToAll`); routing is computed where the token lives, so it matches one device exactly;
 - data parallel: gradients are averaged over megatron's data-parallel groups (expert weights over the
   expert-data-parallel group) by `sync_grads`; the optimizer is torch AdamW on every rank.
 
@@ -26,15 +26,18 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel as mtp
-from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import mappings
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="When using async grad allreduce")
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core import tensor_parallel as mtp  # noqa: E402
+from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
+from megatron.core.tensor_parallel import mappings  # noqa: E402
 from torch import nn
 
 from dsaforge.config import Config, ConfigError
@@ -79,8 +82,12 @@ def init_parallel(cfg: Config, device: torch.device) -> Parallel:
         raise ConfigError(f"world size {world} is not divisible by tp*ep = {p.tp * p.ep}")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, expert_model_parallel_size=p.ep,
-                                 create_gloo_process_groups=False)
+    if not ps.model_parallel_is_initialized():         # several stages may run in one job
+        ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, expert_model_parallel_size=p.ep,
+                                     create_gloo_process_groups=False)
+    elif (ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size()) != (p.tp, p.ep):
+        raise ConfigError(f"this job's process groups were built for tp={ps.get_tensor_model_parallel_world_size()}"
+                          f" ep={ps.get_expert_model_parallel_world_size()}, not tp={p.tp} ep={p.ep}")
     return Parallel(world=world, rank=dist.get_rank(), tp=p.tp, ep=p.ep, dp=world // p.tp,
                     tp_rank=ps.get_tensor_model_parallel_rank(), ep_rank=ps.get_expert_model_parallel_rank(),
                     dp_rank=ps.get_data_parallel_rank())
@@ -133,6 +140,7 @@ def _tp_linear(linear: nn.Linear, kind: str, par: Parallel, reduce_input_grad: b
     new = new.to(linear.weight.device)
     new.weight.data.copy_(shard)
     new.weight.dsaforge_shard = f"tp{par.tp_rank}/"
+    new.weight.dsaforge_partition_dim = 0 if kind == "column" else 1
     return new
 
 
@@ -163,6 +171,29 @@ def _parallel_attention(mla: nn.Module, par: Parallel) -> None:
 
 # ---------------------------------------------------------------- expert parallel MoE
 
+class _AllToAll(torch.autograd.Function):
+    """Token exchange with variable split sizes; backward sends gradients back the same way. megatron's
+    `mappings.all_to_all` does the same but allocates its output on `torch.cuda.current_device()`
+    (tensor_parallel/mappings.py, _AllToAll.forward), so it cannot run in CPU/gloo jobs."""
+
+    @staticmethod
+    def forward(ctx, group, x, out_sizes: list[int], in_sizes: list[int]):
+        ctx.group, ctx.out_sizes, ctx.in_sizes = group, out_sizes, in_sizes
+        out = x.new_empty((sum(out_sizes),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = grad.new_empty((sum(ctx.in_sizes),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.in_sizes, ctx.out_sizes, group=ctx.group)
+        return None, back, None, None
+
+
+def all_to_all(group, x: torch.Tensor, out_sizes: list[int], in_sizes: list[int]) -> torch.Tensor:
+    return _AllToAll.apply(group, x, out_sizes, in_sizes)
+
+
 class ExpertParallelMoE(MoE):
     """DeepSeekMoE with the routed experts spread over the expert-parallel group (same math as `MoE`)."""
 
@@ -186,7 +217,7 @@ class ExpertParallelMoE(MoE):
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)                                  # [ep, local] from each rank
         send_sizes, recv_sizes = send.sum(1).tolist(), recv.sum(1).tolist()
-        x_recv = mappings.all_to_all(group, flat[token], recv_sizes, send_sizes)          # rows by (source, expert)
+        x_recv = all_to_all(group, flat[token], recv_sizes, send_sizes)          # rows by (source, expert)
         local_id = torch.repeat_interleave(torch.arange(self.n_local, device=x.device).repeat(self.ep),
                                            recv.flatten())
         by_expert = local_id.argsort(stable=True)
@@ -197,7 +228,7 @@ class ExpertParallelMoE(MoE):
             start += n
         y_sorted = torch.cat(outs) if outs else x_recv[:0]
         y_recv = y_sorted[by_expert.argsort()] if len(outs) else x_recv * 0
-        y_back = mappings.all_to_all(group, y_recv, send_sizes, recv_sizes)              # [N*k, dim] by expert
+        y_back = all_to_all(group, y_recv, send_sizes, recv_sizes)              # [N*k, dim] by expert
         y = torch.zeros_like(flat).index_add(0, token, y_back * weights.flatten()[order, None])
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
@@ -322,7 +353,7 @@ def consolidated_state_dict(model: nn.Module, par: Parallel) -> dict[str, torch.
         if tag.startswith("tp"):
             parts = [torch.empty_like(t) for _ in range(par.tp)]
             dist.all_gather(parts, t.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-            out[name] = torch.cat(parts, dim=getattr(t, "partition_dim", 0)).cpu()
+            out[name] = torch.cat(parts, dim=t.dsaforge_partition_dim).cpu()
         elif tag.startswith("ep"):
             parts = [torch.empty_like(t) for _ in range(par.ep)]
             dist.all_gather(parts, t.detach().contiguous(), group=ps.get_expert_model_parallel_group())

@@ -210,7 +210,7 @@ class Trainer:
 
     def _diverged(self, what: str, value: torch.Tensor) -> None:
         last = ckpt.latest_checkpoint(self.ckpt_dir)
-        raise NonFiniteLoss(f"{self.stage}: non-finite {what} ({float(value)}) at step {self.step + 1}; stopping. "
+        raise NonFiniteLoss(f"{self.stage}: non-finite {what} ({float(value.detach())}) at step {self.step + 1}; stopping. "
                             f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}; lower "
                             f"train.{self.stage}.lr or raise grad_clip and resume from it.")
 

@@ -1,0 +1,18 @@
+"""torchrun worker for test_parallel.py: the stages named on the command line in one job, one layout.
+
+    torchrun --nproc-per-node 2 tests/train/parallel_worker.py CFG.json DATA INIT OUT pretrain warmup sparse
+pretrain starts from scratch; warmup and sparse start from INIT (a trained pretrain output).
+"""
+import sys
+from pathlib import Path
+
+from dsaforge.config import Config
+from dsaforge.model.train.trainer import Trainer
+
+cfg_path, data, init, out, *names = sys.argv[1:]
+cfg = Config.model_validate_json(Path(cfg_path).read_text())
+trainer = None
+for name in names:
+    trainer = Trainer(cfg, name, Path(data), Path(out) / name, None if name == "pretrain" else Path(init))
+    trainer.fit()
+trainer.close()
