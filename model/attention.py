@@ -119,6 +119,10 @@ class Indexer(nn.Module):
     def forward(self, x: torch.Tensor, qr: torch.Tensor, cos, sin, k: torch.Tensor) -> torch.Tensor:
         """Index scores [B, S, T] in fp32 against keys k [B, T, Di]; future keys are -inf."""
         q, w = self.queries(x, qr, cos, sin)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or w.requires_grad):
+            # The fused score kernel has no backward; the materialised KL needs d(scores), so take the
+            # kernels' differentiable torch reference (the fused path trains through kernels.indexer_kl instead).
+            return kernels.reference.indexer_scores(q, k, w)
         return kernels.indexer_scores(q, k, w)
 
 

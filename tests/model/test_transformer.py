@@ -262,3 +262,14 @@ def test_fused_path_cached_decode_equals_full_forward():
         steps = [model(tokens[:, :8], mode="sparse", cache=cache).logits]
         steps += [model(tokens[:, t:t + 1], mode="sparse", cache=cache, start_pos=t).logits for t in range(8, 16)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["warmup", "sparse"])
+def test_indexer_trains_even_if_the_score_kernel_has_no_backward(mode, monkeypatch):
+    """On GPU kernels.indexer_scores is a forward-only Triton kernel; the KL must still reach the indexer."""
+    from dsaforge import kernels
+    ref = kernels.reference.indexer_scores
+    monkeypatch.setattr(kernels, "indexer_scores", lambda *a, **kw: ref(*a, **kw).detach())
+    model = make_model(index_topk=5)
+    model(rand_tokens(2, 12), mode=mode).indexer_loss.backward()
+    assert all(_nonzero(p.grad) for p in indexer_parameters(model))
