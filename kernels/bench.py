@@ -144,6 +144,13 @@ def kernel_level(shape: str, s_kv: int, dev, clock: Clock, s_q: int = S_Q, k: in
         ms = timeit(bwd)
         row.update(bwd_ms=ms, bwd_tflops=fl_b / ms / 1e9, bwd_path=last_path("sparse_mla_bwd")[0],
                    bwd_peak_mb=peak_mb(bwd))
+    if s_kv == 65536 and extras and clock.left() > 60:
+        try:
+            ms = timeit(lambda: sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], deterministic=True),
+                        max_reps=2)
+            row.update(bwd_det_ms=ms, bwd_det_tflops=fl_b / ms / 1e9)
+        except Exception as e:
+            row["bwd_det_error"] = f"{type(e).__name__}: {e}"[:300]
     if not extras:
         return row
     if clock.left() > 20:
@@ -278,10 +285,31 @@ def decode_level(shape: str, dev, b: int = 64, s_q: int = 2, s_kv: int = 131072,
 
 SWEEP = {   # split backward: kernel 1 (BLOCK_H, BLOCK_K, warps, stages), kernel 2 (BLOCK_K, columns, warps, stages)
     "v32": ([(64, 32, 8, 2), (64, 32, 8, 1), (64, 64, 8, 1), (32, 64, 8, 2)],
-            [(64, 256, 8, 2), (64, 128, 8, 2), (32, 256, 8, 2), (128, 128, 8, 2)], (32, 32, 8, 1)),
-    "small": ([(16, 64, 4, 2), (16, 128, 4, 2), (16, 32, 4, 2)],
-              [(64, 256, 8, 2), (64, 256, 4, 2), (128, 128, 8, 2)], (16, 32, 4, 2)),
+            [(64, 128, 8, 2), (64, 128, 8, 3), (128, 64, 8, 2)], (32, 32, 8, 1)),
+    "small": ([], [], (16, 32, 4, 2)),
 }
+TOPK_SWEEP = [(4096, 8), (2048, 4), (8192, 8), (8192, 16), (1024, 4), (16384, 16)]
+
+
+def sweep_topk(dev, clock: Clock, rows: int = S_Q, t: int = 131072, k: int = TOP_K) -> dict:
+    """Time the radix top-k's (BLOCK, warps) on full rows of random scores; keep the fastest."""
+    topk = importlib.import_module("dsaforge.kernels.topk")
+    x = torch.randn(rows, t, device=dev)
+    res = dict(rows=rows, t=t, k=k, torch_topk_ms=timeit(lambda: torch.topk(x, k, dim=-1)), runs=[])
+    for block, warps in TOPK_SWEEP:
+        if clock.left() < 60:
+            break
+        topk.TOPK_CONFIG.update(block=block, warps=warps)
+        try:
+            res["runs"].append(dict(block=block, warps=warps, ms=timeit(lambda: topk_indices(x, k))))
+        except Exception as e:
+            res["runs"].append(dict(block=block, warps=warps, error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(res["runs"][-1]), flush=True)
+    ok = [r for r in res["runs"] if r.get("ms")]
+    best = min(ok, key=lambda r: r["ms"]) if ok else dict(block=4096, warps=8)
+    topk.TOPK_CONFIG.update(block=best["block"], warps=best["warps"])
+    res["best"] = (best["block"], best["warps"])
+    return res
 
 
 def sweep(dev, clock: Clock, shape: str = "v32", s_kv: int = 65536, s_q: int = S_Q, k: int = TOP_K) -> dict:
@@ -308,12 +336,12 @@ def sweep(dev, clock: Clock, shape: str = "v32", s_kv: int = 65536, s_q: int = S
             return dict(error=f"{type(e).__name__}: {e}"[:300])
 
     for c in dq_cfgs:
-        res["dq"].append(dict(cfg=c, **bench_one(config=c)))
+        res["dq"].append(dict(cfg=c, **bench_one(config=c, algorithm="split")))
         print(json.dumps(res["dq"][-1]), flush=True)
     ok = [r for r in res["dq"] if r.get("ms")]
     best_dq = min(ok, key=lambda r: r["ms"])["cfg"] if ok else None
     for c in dkv_cfgs:
-        res["dkv"].append(dict(cfg=c, **bench_one(config=best_dq, dkv_config=c)))
+        res["dkv"].append(dict(cfg=c, **bench_one(config=best_dq, dkv_config=c, algorithm="split")))
         print(json.dumps(res["dkv"][-1]), flush=True)
     ok = [r for r in res["dkv"] if r.get("ms")]
     res["best_dq"], res["best_dkv"] = best_dq, (min(ok, key=lambda r: r["ms"])["cfg"] if ok else None)
@@ -439,7 +467,8 @@ def main(argv=None) -> dict:
         save()
     if args.sweep and dev == "cuda":
         smla = importlib.import_module("dsaforge.kernels.sparse_mla")   # the module, not the function it exports
-        res["sweep"] = []
+        res["sweep"] = [sweep_topk(dev, clock)]
+        print(json.dumps(res["sweep"][-1]), flush=True)
         for shape in shapes:
             sw = sweep(dev, clock, shape)
             res["sweep"].append(sw)

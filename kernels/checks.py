@@ -63,11 +63,10 @@ def check_sparse_mla(shape: str, s_q: int = 128, s_kv: int = 8192, k: int = 2048
     dout = torch.randn_like(out)
     torch.autograd.backward([ro], [dout.double()])
     with poison_outputs():
-        dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], chunk_rows=48)
+        dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], algorithm="split", chunk_rows=48)
         dq_f, dkv_f = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], algorithm="fused")
         dq_d, dkv_d = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], deterministic=True)
-        dq_d2, dkv_d2 = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], deterministic=True,
-                                       chunk_rows=40)
+        dq_d2, dkv_d2 = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], deterministic=True)
     res = dict(check=f"sparse_mla fwd+bwd {shape}", shape=dict(b=b, s_q=s_q, s_kv=s_kv, k=k, **cfg), path=path,
                out_rel_err=rel_err(out, ro), lse_rel_err=rel_err(lse, rl),
                dq_rel_err=rel_err(dq, qq.grad), dkv_rel_err=rel_err(dkv, kk.grad),

@@ -29,7 +29,8 @@ LN2 = 0.6931471805599453
 FWD_CONFIG = {512: (64, 64, 8, 2), 256: (16, 128, 4, 2)}
 BWD_CONFIG = {512: (32, 32, 8, 1), 256: (16, 32, 4, 2)}          # fused backward
 DQ_CONFIG = {512: (64, 32, 8, 2), 256: (16, 64, 4, 2)}           # split backward, kernel 1 (as FWD_CONFIG)
-DKV_CONFIG = {512: (64, 256, 8, 2), 256: (64, 256, 8, 2)}        # kernel 2: (BLOCK_K, columns, warps, stages)
+DKV_CONFIG = {512: (64, 128, 8, 2), 256: (128, 128, 8, 2)}       # kernel 2: (BLOCK_K, columns, warps, stages)
+SPLIT_MIN_HEADS = 64     # below this the fused backward was faster on the H200 (h 16: 4.6 ms against 7.3 ms)
 
 
 if triton is not None:
@@ -380,20 +381,23 @@ def sparse_mla_decode(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, 
 def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    dout: torch.Tensor, sm_scale: float, d_v: int, dlse: torch.Tensor | None = None,
                    deterministic: bool = False, config: tuple | None = None, chunk_rows: int | None = None,
-                   algorithm: str = "split", dkv_config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   algorithm: str = "auto", dkv_config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused backward: (dq like q, dkv like kv), dkv accumulated in fp32 at the selected rows of the shared latent.
 
-    algorithm "split" (default): kernel 1 computes dQ and stores dS and P (bf16, a chunk of rows at a time); kernel 2
-    forms dKV = dS^T Q + P^T dO over all heads at once, so each selected row receives one fp32 atomic add per
-    query instead of one per head block. "fused": one kernel, dKV added per head block. `deterministic=True`
-    (split only) writes each (query, slot) contribution instead and sums them per key in a fixed order.
+    algorithm "split": kernel 1 computes dQ and stores dS and P (bf16, a chunk of rows at a time); kernel 2 forms
+    dKV = dS^T Q + P^T dO over all heads at once, so each selected row receives one fp32 atomic add per query
+    instead of one per head block. "fused": one kernel, dKV added per head block. "auto" (default): split from
+    SPLIT_MIN_HEADS heads up, else fused. `deterministic=True` (split) writes each (query, slot) contribution
+    instead and sums them per key in a fixed order.
     """
     _check_inputs(q, kv, indices, d_v)
     check(tuple(out.shape) == (*q.shape[:3], d_v), f"out must be {(*q.shape[:3], d_v)}, got {tuple(out.shape)}")
     check(tuple(dout.shape) == tuple(out.shape), f"dout must be {tuple(out.shape)}, got {tuple(dout.shape)}")
     check(tuple(lse.shape) == tuple(q.shape[:3]), f"lse must be {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
-    check(algorithm in ("split", "fused"), f"algorithm must be 'split' or 'fused', got {algorithm!r}")
+    check(algorithm in ("auto", "split", "fused"), f"algorithm must be 'auto', 'split' or 'fused', got {algorithm!r}")
     check(not (deterministic and algorithm == "fused"), "deterministic=True needs algorithm='split'")
+    if algorithm == "auto":
+        algorithm = "split" if deterministic or q.shape[2] >= SPLIT_MIN_HEADS else "fused"
     ok, why = use_triton(q, kv, indices)
     if ok:
         ok, why2 = _kernel_shape_ok(q, kv, indices, d_v)

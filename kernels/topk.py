@@ -27,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-TOPK_BLOCK, TOPK_WARPS = 4096, 8
+TOPK_CONFIG = {"block": 4096, "warps": 8}       # chosen by `bench --sweep` on an H200
 SAMPLE_BLOCK = 4096          # at most this many sampled keys per row (strided)
 
 
@@ -167,8 +167,8 @@ def launch_topk(x: torch.Tensor, start: torch.Tensor, end: torch.Tensor, out: to
     m_target = (7 * top_k) // (5 * stride_s) + 8        # expect ~1.4 k candidates: >= k and <= cap almost always
     cand = torch.empty(2, rows, cap, device=x.device, dtype=torch.int32)
     _radix_topk_kernel[(rows,)](x, start, end, out, cand[0], cand[1], x.stride(0), out.stride(0), cand.stride(1),
-                                top_k, stride_s, m_target, HAS_BOUNDS=has_bounds, BLOCK=TOPK_BLOCK,
-                                S_BLOCK=SAMPLE_BLOCK, CAP=cap, num_warps=TOPK_WARPS)
+                                top_k, stride_s, m_target, HAS_BOUNDS=has_bounds, BLOCK=TOPK_CONFIG["block"],
+                                S_BLOCK=SAMPLE_BLOCK, CAP=cap, num_warps=TOPK_CONFIG["warps"])
 
 
 def topk_indices(scores: torch.Tensor, top_k: int, start: torch.Tensor | None = None,
