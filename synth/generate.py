@@ -116,7 +116,9 @@ def _select(tasks: list[Task], n: int) -> list[Task]:
 
 def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None, solver: Optional[Solver] = None,
                on_progress: Optional[Callable[[str, int, int], None]] = None, max_rounds: int = 4,
-               llm_family_count: int = 3) -> dict:
+               llm_family_count: int = 3, targets: Optional[dict[str, tuple[int, int]]] = None) -> dict:
+    """`targets` overrides (tasks, envs) per agent class, e.g. for the paper's mix (search-heavy); by default
+    every class gets cfg.tasks_per_class tasks over cfg.envs_per_class environments."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "envs").mkdir(exist_ok=True)
@@ -138,11 +140,12 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
         for cls_name in cfg.agent_classes:
             res = ClassResult(cls_name)
             t0 = time.monotonic()
-            per_env = max(1, math.ceil(cfg.tasks_per_class / (cfg.envs_per_class * cfg.max_difficulty)))
+            n_tasks, n_envs = (targets or {}).get(cls_name, (cfg.tasks_per_class, cfg.envs_per_class))
+            per_env = max(1, math.ceil(n_tasks / (n_envs * cfg.max_difficulty)))
             resources = {"tasks_per_level": per_env, "corpus": str(out_dir / "search" / "corpus.jsonl"),
                          "llm_families": llm_families if cls_name == "general" else {}}
             kept_rows: list[dict] = []
-            start, count = 0, cfg.envs_per_class
+            start, count = 0, n_envs
             # Gates reject some candidates; top up with fresh environments until the target is met.
             for _ in range(max_rounds):
                 jobs = _plan(cfg, cls_name, start, count, out_dir, resources)
@@ -153,16 +156,16 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
                     for g, n in r["rejected"].items():
                         res.rejected[g] = res.rejected.get(g, 0) + n
                     if on_progress:
-                        on_progress(cls_name, len(kept_rows), cfg.tasks_per_class)
+                        on_progress(cls_name, len(kept_rows), n_tasks)
                 start += count
-                missing = cfg.tasks_per_class - len(kept_rows)
+                missing = n_tasks - len(kept_rows)
                 if missing <= 0:
                     break
                 rate = len(kept_rows) / max(start, 1)
                 count = max(1, math.ceil(1.3 * missing / max(rate, 0.5)))
             res.validated = len(kept_rows)
             tasks = [_task(r, out_dir) for r in kept_rows]
-            res.tasks = _select(tasks, cfg.tasks_per_class)
+            res.tasks = _select(tasks, n_tasks)
             res.wall_s = time.monotonic() - t0
             results[cls_name] = res
     all_tasks = [t for r in results.values() for t in r.tasks]

@@ -84,15 +84,17 @@ class CodeAgent(AgentClass):
                                        "sources": buggy_sources + [source]})
         gold_run = runs[-1]
         hidden_ok = self._fix_hidden(module, source, sandbox)
-        tasks, cands = {}, []
+        selected = []
         for combo, buggy, run, (level, j) in zip(combos, buggy_sources, runs[:-1], levels):
             f2p = sorted(n for n in tests if not run[n] and gold_run[n])
             p2p = sorted(n for n in tests if run[n] and gold_run[n])
             p2f = [n for n in tests if run[n] and not gold_run[n]]
-            if not f2p or p2f:
-                continue
+            if f2p and not p2f:
+                selected.append((combo, buggy, f2p, p2p, p2f, level, j))
+        all_examples = self._examples(module, tests, source, [(c, f) for c, _, f, *_ in selected], sandbox)
+        tasks, cands = {}, []
+        for (combo, buggy, f2p, p2p, p2f, level, j), examples in zip(selected, all_examples):
             key = f"d{level}-{j}"
-            examples = self._examples(module, tests, f2p, [H.apply_sites(source, [s]) for s in combo], sandbox)
             if examples is None:
                 continue
             (env_dir / key / "repo").mkdir(parents=True, exist_ok=True)
@@ -126,19 +128,28 @@ class CodeAgent(AgentClass):
         r = agent_sandbox(module, sandbox).run_python(probe)
         return r.ok and r.stdout.split() == ["0", "0"]
 
-    def _examples(self, module, tests, f2p, singles, sandbox):
-        """One visible failing call per injected bug: the first F2P case that its single-bug variant gets wrong."""
+    def _examples(self, module, tests, source, combos, sandbox):
+        """One visible failing call per injected bug: the first F2P case that the single-bug variant gets wrong.
+        All variants of the environment are run in one sandbox call."""
         cases = {f"{n}#{i}": {"adapter": tests[n]["adapter"], "label": tests[n]["label"], "cases": [c]}
-                 for n in f2p for i, c in enumerate(tests[n]["cases"])}
-        runs = _harness_json(sandbox, {"op": "evaluate", "module": module, "sources": singles, "tests": cases})
+                 for n in tests for i, c in enumerate(tests[n]["cases"])}
+        singles = [H.apply_sites(source, [s]) for combo, _ in combos for s in combo]
+        runs = iter(_harness_json(sandbox, {"op": "evaluate", "module": module, "sources": singles, "tests": cases})
+                    if singles else [])
         out = []
-        for run in runs:
-            bad = [n for n in cases if not run[n]]
-            if not bad:
-                return None
-            c = cases[bad[0]]
-            out.append({"adapter": c["adapter"], "label": c["label"], "args": c["cases"][0]["args"],
-                        "expect": c["cases"][0]["expect"]})
+        for combo, f2p in combos:
+            examples = []
+            for _ in combo:
+                run = next(runs)
+                bad = [n for n in cases if n.split("#")[0] in f2p and not run[n]]
+                if not bad:
+                    examples = None
+                    continue
+                c = cases[bad[0]]
+                if examples is not None:
+                    examples.append({"adapter": c["adapter"], "label": c["label"], "args": c["cases"][0]["args"],
+                                     "expect": c["cases"][0]["expect"]})
+            out.append(examples)
         return out
 
     @staticmethod
@@ -184,11 +195,13 @@ class CodeAgent(AgentClass):
         items = [{"key": key, "module": tasks[key]["module"], "examples": tasks[key]["examples"], "seed": seed + i}
                  for i, key in enumerate(keys)]
         box = agent_sandbox(tasks[keys[0]]["module"], sandbox)
-        try:
-            out = run_harness(box, HARNESS, env_dir, {"op": "repair", "items": items, "k": k},
-                              include=sorted(set(keys)), wall_seconds=sandbox.cfg.wall_seconds * 3)
-        except HarnessError:
-            return [[{"patch": ""}] * k for _ in keys]
+        out = []
+        for item in items:      # one sandbox per task: each repair search gets its own CPU allowance
+            try:
+                out += run_harness(box, HARNESS, env_dir, {"op": "repair", "items": [item], "k": k},
+                                   include=[item["key"]], wall_seconds=sandbox.cfg.wall_seconds)
+            except HarnessError:
+                out.append([""] * k)
         return [[{"patch": p} for p in patches] for patches in out]
 
 

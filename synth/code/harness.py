@@ -216,24 +216,31 @@ def covered_lines(module, source, examples):
     return lines
 
 
-def example_passes(module, source, examples):
+def example_passes(module, source, examples, seconds=0.1):
     try:
         mod = load_module(module, source)
     except BaseException:
         return [False] * len(examples)
-    return [call(mod, adapter_fn(e["adapter"]), e["args"]) == e["expect"] for e in examples]
+    return [call(mod, adapter_fn(e["adapter"]), e["args"], seconds) == e["expect"] for e in examples]
 
 
-def repair(module, source, examples, k, seed):
+def repair(module, source, examples, k, seed, budget_s=2.0):
     """Fault-localised search: edits on lines the issue's examples execute, kept when they fix an example
-    without breaking another; k attempts combine one random fixer per failing example."""
+    without breaking another; k attempts combine one random fixer per failing example. The scan visits sites in
+    a seeded random order and stops after budget_s seconds, as a bounded solver would."""
+    import time
+
+    t0 = time.monotonic()
     base = example_passes(module, source, examples)
     cov = covered_lines(module, source, examples)
     fixers = {i: [] for i, ok in enumerate(base) if not ok}
-    for s in sites(source):
-        if s[0] not in cov:
-            continue
-        res = example_passes(module, apply_sites(source, [s]), examples)
+    candidates = [s for s in sites(source) if s[0] in cov]
+    random.Random(seed).shuffle(candidates)
+    for s in candidates:
+        if time.monotonic() - t0 > budget_s:
+            break
+        # Examples take microseconds on sound code; an edit that makes one hang is rejected after 20 ms.
+        res = example_passes(module, apply_sites(source, [s]), examples, 0.02)
         if any(b and not r for b, r in zip(base, res)):
             continue
         for i in fixers:
