@@ -229,7 +229,7 @@ def layer_level(shape: str, L: int, dev, clock: Clock, k: int = TOP_K, dense: bo
     ik = _rand(1, L, cfg["di"], dev=dev)
     iw = _rand(1, L, cfg["hi"], dev=dev, dtype=torch.float32, scale=cfg["hi"] ** -0.5)
     q8, k8, ks, wf = ref.indexer_fp8_inputs(iq, ik, iw)
-    del iq, ik
+    leaves = [t.requires_grad_() for t in (iq, ik, iw)]
     state = {}
 
     def fwd():
@@ -254,7 +254,17 @@ def layer_level(shape: str, L: int, dev, clock: Clock, k: int = TOP_K, dense: bo
         if dev == "cuda":
             torch.cuda.synchronize()
             row["dsa_fwdbwd_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    del q, kv, q8, k8, ks, wf, state
+    if clock.left() > 60:
+        def fwd_bwd_kl():
+            fwd_bwd()
+            loss = indexer_kl(*leaves, q, kv, state["lse"], scale, cfg["d_v"], indices=state["idx"])
+            torch.autograd.grad(loss.sum(), leaves)
+
+        row["dsa_fwdbwd_kl_ms"] = timeit(fwd_bwd_kl, max_reps=reps, budget_ms=3000)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            row["dsa_fwdbwd_kl_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del q, kv, q8, k8, ks, wf, state, leaves
     if dense and clock.left() > 60:
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -264,9 +274,9 @@ def layer_level(shape: str, L: int, dev, clock: Clock, k: int = TOP_K, dense: bo
         if clock.left() > 60:
             row["sdpa_fwdbwd_ms"] = timeit(sdpa_dense(L, cfg, dev, True), max_reps=1 if L > 32768 else 3,
                                            budget_ms=3000)
-    for a, b in (("fwd", "fwd"), ("fwdbwd", "fwdbwd")):
+    for a, b in (("fwd", "fwd"), ("fwdbwd", "fwdbwd"), ("fwdbwd", "fwdbwd_kl")):
         if f"sdpa_{a}_ms" in row and f"dsa_{b}_ms" in row:
-            row[f"speedup_{a}"] = row[f"sdpa_{a}_ms"] / row[f"dsa_{b}_ms"]
+            row[f"speedup_{b}"] = row[f"sdpa_{a}_ms"] / row[f"dsa_{b}_ms"]
     return row
 
 
@@ -390,18 +400,22 @@ def render_markdown(res: dict) -> str:
         lines.append("")
     if res.get("layers"):
         lines += ["## Whole attention over an L-token sequence (S = T = L)", "",
-                  "DSA = fp8 indexer + top-k + sparse MLA (fwd+bwd adds the sparse MLA backward; the indexer's own "
-                  "KL backward is timed separately above). Dense = causal SDPA, cuDNN backend, at the MHA shape of "
-                  "the same model (v32: 128 heads, d_qk 192, d_v 128; small: 16 heads, 128, 64).", "",
-                  "| shape | L | DSA fwd ms | of which indexer+top-k ms (TFLOP/s) | DSA fwd+bwd ms | dense fwd ms "
-                  "| dense fwd+bwd ms | fwd speedup | fwd+bwd speedup | DSA fwd+bwd peak MB |",
-                  "|" + "---|" * 10]
+                  "DSA = fp8 indexer + top-k + sparse MLA. fwd+bwd adds the sparse MLA backward; +KL adds the "
+                  "sparse-stage indexer KL forward and backward (the indexer's only gradient). Dense = causal SDPA, "
+                  "cuDNN backend, at the MHA shape of the same model (v32: 128 heads, d_qk 192, d_v 128; small: 16 "
+                  "heads, 128, 64). Peak memory includes the inputs.", "",
+                  "| shape | L | DSA fwd ms | of which indexer+top-k ms (TFLOP/s) | DSA fwd+bwd ms | DSA fwd+bwd+KL ms "
+                  "| dense fwd ms | dense fwd+bwd ms | fwd speedup | fwd+bwd speedup | fwd+bwd+KL speedup "
+                  "| DSA fwd+bwd peak MB | +KL peak MB |",
+                  "|" + "---|" * 13]
         for r in res["layers"]:
             lines.append(
                 f"| {r['shape']} | {r['L'] // 1024}K | {_f(r.get('dsa_fwd_ms'), 1)} | "
                 f"{_f(r.get('dsa_indexer_topk_ms'), 1)} ({_f(r.get('dsa_indexer_tflops'))}) | "
-                f"{_f(r.get('dsa_fwdbwd_ms'), 1)} | {_f(r.get('sdpa_fwd_ms'), 1)} | {_f(r.get('sdpa_fwdbwd_ms'), 1)} | "
-                f"{_f(r.get('speedup_fwd'), 2)} | {_f(r.get('speedup_fwdbwd'), 2)} | {_f(r.get('dsa_fwdbwd_peak_mb'), 0)} |")
+                f"{_f(r.get('dsa_fwdbwd_ms'), 1)} | {_f(r.get('dsa_fwdbwd_kl_ms'), 1)} | {_f(r.get('sdpa_fwd_ms'), 1)} | "
+                f"{_f(r.get('sdpa_fwdbwd_ms'), 1)} | {_f(r.get('speedup_fwd'), 2)} | {_f(r.get('speedup_fwdbwd'), 2)} | "
+                f"{_f(r.get('speedup_fwdbwd_kl'), 2)} | {_f(r.get('dsa_fwdbwd_peak_mb'), 0)} | "
+                f"{_f(r.get('dsa_fwdbwd_kl_peak_mb'), 0)} |")
         lines.append("")
     if res.get("decode"):
         lines += ["## Sparse decode", "", "| shape | batch | s_q | s_kv | k | ms | TFLOP/s | GB/s |", "|" + "---|" * 8]

@@ -26,6 +26,9 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
+from dsaforge.kernels.sparse_mla import FWD_CONFIG
+from dsaforge.kernels.sparse_mla import _cfg as _fwd_cfg
+
 LOG2E = 1.4426950408889634
 KL_BLOCK_N = 32
 
@@ -60,13 +63,56 @@ if triton is not None:
         return p
 
     @triton.jit
+    def _sparse_target_kernel(
+            Q, KV, IDX, LSE, PT, scale_log2, sqb, sqs, sqh, skb, skt, sib, sis, slb, sls, slh, spb, sps, H, T, K,
+            D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr,
+            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NUM_HB: tl.constexpr):
+        """PT[b,s,slot] (+)= sum over a block of heads of exp(scale * q_h . kv[idx] - lse_h): the unnormalised
+        sparse-stage target, laid out like the sparse MLA forward (one program per token and head block)."""
+        pid = tl.program_id(0)
+        s = pid // NUM_HB
+        hb = pid % NUM_HB
+        b = tl.program_id(1)
+        b64 = b.to(tl.int64)
+        s64 = s.to(tl.int64)
+        offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        offs_v = tl.arange(0, D_V)
+        offs_p = tl.arange(0, D_PE_P)
+        mask_p = offs_p < D_PE
+        q_rows = Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh
+        q_nope = tl.load(q_rows + offs_v[None, :], mask=mask_h[:, None], other=0.0)
+        q_pe = tl.load(q_rows + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+        lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=float("-inf"))
+        h_ok = mask_h & (lse > float("-inf"))
+        lse2 = tl.where(h_ok, lse * 1.4426950408889634, 0.0)
+        kv_base = KV + b64 * skb
+        idx_base = IDX + b64 * sib + s64 * sis
+        pt_row = PT + b64 * spb + s64 * sps
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            idx = tl.load(idx_base + offs_k, mask=offs_k < K, other=-1)
+            valid = (idx >= 0) & (idx < T)
+            rows = kv_base + idx.to(tl.int64)[:, None] * skt
+            kn = tl.load(rows + offs_v[None, :], mask=valid[:, None], other=0.0)
+            kp = tl.load(rows + D_V + offs_p[None, :], mask=valid[:, None] & mask_p[None, :], other=0.0)
+            qk = tl.dot(q_nope, tl.trans(kn))
+            qk = tl.dot(q_pe, tl.trans(kp), qk)
+            pa = tl.exp2(qk * scale_log2 - lse2[:, None])
+            mass = tl.sum(tl.where(h_ok[:, None] & valid[None, :], pa, 0.0), 0)                   # [BK]
+            if NUM_HB == 1:
+                tl.store(pt_row + offs_k, mass, mask=offs_k < K)
+            else:
+                tl.atomic_add(pt_row + offs_k, mass, mask=offs_k < K, sem="relaxed")
+
+    @triton.jit
     def _indexer_kl_kernel(
-            IQ, IK, W, AQ, KV, LSE, IDX, START, END, GO, LOSS, DIQ, DIK, DW, scale_log2,
+            IQ, IK, W, AQ, KV, LSE, IDX, START, END, PT, GO, LOSS, DIQ, DIK, DW, scale_log2,
             siqb, siqs, siqh, sikb, sikt, swb, sws, saqb, saqs, saqh, skvb, skvt, slb, sls, sib, sis,
             S, T, K, HI, H,
             DI: tl.constexpr, D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr,
             HI_P: tl.constexpr, H_P: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_N: tl.constexpr,
-            SPARSE: tl.constexpr, GRAD: tl.constexpr):
+            SPARSE: tl.constexpr, GRAD: tl.constexpr, HAS_PT: tl.constexpr):
         s = tl.program_id(0)
         b = tl.program_id(1)
         b64 = b.to(tl.int64)
@@ -90,6 +136,7 @@ if triton is not None:
         ik_base = IK + b64 * sikb
         kv_base = KV + b64 * skvb
         idx_row = IDX + b64 * sib + s64 * sis
+        pt_row = PT + (b64 * S + s64) * K
 
         # Pass 1: running max/sum of I (natural log domain), target mass Z, sum p*I and sum p*log p.
         m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -109,8 +156,11 @@ if triton is not None:
             ki = tl.load(ik_base + idx64[:, None] * sikt + offs_di[None, :], mask=valid[:, None], other=0.0)
             logits = tl.dot(iq, tl.trans(ki))                                                   # [HI_P, BN]
             score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], 0)                              # [BN]
-            p = _target_mass(aq_row, lse_row, kv_base, idx64, valid, saqh, skvt, scale_log2, H,
-                             D_V, D_PE, D_PE_P, H_P, BLOCK_HA, BLOCK_N)                          # [BN]
+            if HAS_PT:
+                p = tl.load(pt_row + pos, mask=valid, other=0.0)
+            else:
+                p = _target_mass(aq_row, lse_row, kv_base, idx64, valid, saqh, skvt, scale_log2, H,
+                                 D_V, D_PE, D_PE_P, H_P, BLOCK_HA, BLOCK_N)                      # [BN]
             # Elementwise online logsumexp (per lane), merged once after the loop.
             score_m = tl.where(valid, score, float("-inf"))
             m_new = tl.maximum(m_i, score_m)
@@ -146,8 +196,11 @@ if triton is not None:
                 logits = tl.dot(iq, tl.trans(ki))
                 relu = tl.maximum(logits, 0.0)
                 score = tl.sum(relu * w[:, None], 0)
-                p = _target_mass(aq_row, lse_row, kv_base, idx64, valid, saqh, skvt, scale_log2, H,
-                                 D_V, D_PE, D_PE_P, H_P, BLOCK_HA, BLOCK_N)
+                if HAS_PT:
+                    p = tl.load(pt_row + pos, mask=valid, other=0.0)
+                else:
+                    p = _target_mass(aq_row, lse_row, kv_base, idx64, valid, saqh, skvt, scale_log2, H,
+                                     D_V, D_PE, D_PE_P, H_P, BLOCK_HA, BLOCK_N)
                 g = tl.where(valid, (tl.exp(score - lse_i) - p / z_safe) * go, 0.0)                # dL/dI [BN]
                 dw += tl.sum(relu * g[None, :], 1)
                 m = tl.where(logits > 0.0, w[:, None] * g[None, :], 0.0)                          # dL/dlogits
@@ -191,7 +244,30 @@ def _kernel_ok(iq, q, d_v) -> tuple[bool, str]:
     return True, ""
 
 
-def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad):
+def sparse_target_mass(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                       d_v: int) -> torch.Tensor:
+    """[B,S,K] fp32: sum over heads of the main attention's probabilities at each selected slot (0 at -1 slots);
+    dividing by its row sum gives the sparse-stage KL target. Triton on GPU inputs, torch otherwise."""
+    b, s, h, d = q.shape
+    if not use_triton(q, kv, lse, indices)[0]:
+        valid = indices >= 0
+        kvg = torch.gather(kv[:, None].expand(b, s, *kv.shape[1:]), 2,
+                           indices.clamp_min(0).long()[..., None].expand(*indices.shape, d))
+        logits = torch.einsum("bshd,bskd->bshk", q.float(), kvg.float()) * sm_scale
+        return (torch.exp(logits - lse.float()[..., None]).nan_to_num(0.0).sum(2) * valid).float()
+    bh, bk, warps, stages = _fwd_cfg(FWD_CONFIG, d_v, h, None)
+    nhb = triton.cdiv(h, bh)
+    k = indices.shape[2]
+    pt = (torch.zeros if nhb > 1 else empty)(b, s, k, device=q.device, dtype=torch.float32)
+    _sparse_target_kernel[(s * nhb, b)](
+        q, kv, indices, lse, pt, sm_scale * LOG2E, q.stride(0), q.stride(1), q.stride(2), kv.stride(0),
+        kv.stride(1), indices.stride(0), indices.stride(1), lse.stride(0), lse.stride(1), lse.stride(2),
+        pt.stride(0), pt.stride(1), h, kv.shape[1], k, D_V=d_v, D_PE=d - d_v, D_PE_P=max(16, next_pow2(d - d_v)),
+        BLOCK_H=bh, BLOCK_K=bk, NUM_HB=nhb, num_warps=warps, num_stages=stages)
+    return pt
+
+
+def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad, pt=None):
     b, s, hi, di = iq.shape
     t = ik.shape[1]
     h = q.shape[2]
@@ -204,7 +280,8 @@ def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad)
     si = (indices.stride(0), indices.stride(1)) if indices is not None else (0, 0)
     k = indices.shape[2] if indices is not None else 0
     _indexer_kl_kernel[(s, b)](
-        iq, ik, w, q, kv, lse, idx, start, end, go if go is not None else loss, loss, diq, dik, dw,
+        iq, ik, w, q, kv, lse, idx, start, end, pt if pt is not None else loss, go if go is not None else loss,
+        loss, diq, dik, dw,
         sm_scale * LOG2E,
         iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1), w.stride(0), w.stride(1),
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), lse.stride(0), lse.stride(1),
@@ -212,24 +289,28 @@ def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad)
         DI=di, D_V=d_v, D_PE=q.shape[3] - d_v, D_PE_P=max(16, next_pow2(q.shape[3] - d_v)),
         HI_P=max(16, next_pow2(hi)), H_P=max(16, next_pow2(h)), BLOCK_HA=min(64, max(16, next_pow2(h))),
         BLOCK_N=KL_BLOCK_N,
-        SPARSE=indices is not None, GRAD=grad, num_warps=8, num_stages=1)
+        SPARSE=indices is not None, GRAD=grad, HAS_PT=pt is not None, num_warps=8, num_stages=1)
     return loss, diq, dik, dw
 
 
 class IndexerKLFunction(torch.autograd.Function):
+    """Sparse stage: the target mass is computed once (`sparse_target_mass`) and reused by the backward; dense
+    warm-up: each pass recomputes it from q, kv and lse, so no S x T tensor is ever stored."""
+
     @staticmethod
     def forward(ctx, iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end):
-        loss = _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, None, False)[0]
-        ctx.save_for_backward(iq, ik, w, q, kv, lse, indices, start, end)
+        pt = sparse_target_mass(q, kv, lse, indices, sm_scale, d_v) if indices is not None else None
+        loss = _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, None, False, pt)[0]
+        ctx.save_for_backward(iq, ik, w, q, kv, lse, indices, start, end, pt)
         ctx.sm_scale, ctx.d_v, ctx.sparse = sm_scale, d_v, indices is not None
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        iq, ik, w, q, kv, lse, indices, start, end = ctx.saved_tensors
+        iq, ik, w, q, kv, lse, indices, start, end, pt = ctx.saved_tensors
         go = grad_loss.float().contiguous()
         _, diq, dik, dw = _launch(iq, ik, w, q, kv, lse, ctx.sm_scale, ctx.d_v, indices if ctx.sparse else None,
-                                  start, end, go, True)
+                                  start, end, go, True, pt if ctx.sparse else None)
         return diq.to(iq.dtype), dik.to(ik.dtype), dw.to(w.dtype), None, None, None, None, None, None, None, None
 
 
@@ -261,4 +342,4 @@ def indexer_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tens
                                    indices, start, end)
 
 
-__all__ = ["IndexerKLFunction", "indexer_kl"]
+__all__ = ["IndexerKLFunction", "indexer_kl", "sparse_target_mass"]

@@ -87,3 +87,14 @@ def test_training_step_through_fused_kernels(interpret, monkeypatch, report, tin
     for name, g in grads.items():
         assert g.abs().sum() > 0, f"{name} got no gradient"
         assert report(f"grad {name}", g, want_grads[name]) < 1e-4
+
+
+@pytest.mark.parametrize("heads", [H, 80])
+def test_sparse_target_mass_kernel(interpret, report, heads):
+    from dsaforge.kernels.kl import sparse_target_mass
+    _, _, _, q, kv = _inputs(heads)
+    idx = _sparse_indices()
+    lse = ref.sparse_mla(q, kv, idx, SCALE, DV)[1]
+    mass = sparse_target_mass(q, kv, lse, idx, SCALE, DV)
+    want = ref.attention_target(q.double(), kv.double(), lse.double(), SCALE, idx)
+    assert report("target", mass / mass.sum(-1, keepdim=True), want) < 1e-5
