@@ -37,6 +37,14 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("prepare-data", "dsaforge.data.prepare:run", (),
           "Ingest a corpus, dedup, train the BPE tokenizer, pack token sequences into Parquet shards."),
+    Stage("pretrain", "dsaforge.model.train.stages:pretrain", ("prepare-data",),
+          "Dense MLA+MoE language-model pretraining (from scratch, or continued from an HF checkpoint)."),
+    Stage("warmup", "dsaforge.model.train.stages:warmup", ("prepare-data", "pretrain"),
+          "Dense warm-up: everything frozen but the lightning indexer, trained on its KL to the attention."),
+    Stage("sparse", "dsaforge.model.train.stages:sparse", ("prepare-data", "warmup"),
+          "Sparse adaptation: top-k attention, all parameters, LM loss + indexer KL on the selected set."),
+    Stage("synthesize", "dsaforge.synth.stage:run", (),
+          "Agentic task synthesis: environments, tools, tasks and verifiers that pass every validation gate."),
 ]}
 
 

@@ -1,4 +1,5 @@
-"""The end-to-end pipeline: prepare-data -> ... each stage as one component, all tracked under one MLflow run.
+"""The end-to-end pipeline: prepare-data -> pretrain -> warmup -> sparse, and synthesize from the same data;
+each stage is one component, all tracked under one MLflow run.
 
 Run locally: `dsaforge run end-to-end --preset tiny` (KFP local runner). Compile for a cluster:
 `dsaforge pipelines compile end-to-end --preset small`.
@@ -7,9 +8,11 @@ Run locally: `dsaforge run end-to-end --preset tiny` (KFP local runner). Compile
 from kfp import dsl
 
 from dsaforge.components.data import prepare_data
+from dsaforge.components.synth import synthesize
+from dsaforge.components.train import pretrain, sparse, warmup
 from dsaforge.components.tracking import close_run, open_run
 from dsaforge.config import Config
-from dsaforge.pipelines.resources import cpu_task
+from dsaforge.pipelines.resources import cpu_task, gpu_task
 
 NAME = "end-to-end"
 
@@ -24,6 +27,11 @@ def build(cfg: Config):
                                     pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, parent_run_id=parent_run_id),
                            "1", "1G")
             common = dict(config_json=config_json, tracking_uri=tracking_uri, parent_run_id=run.output)
-            cpu_task(prepare_data(**common).set_display_name("prepare-data"), "4", "16G")
+            data = cpu_task(prepare_data(**common).set_display_name("prepare-data"), "4", "16G")
+            dataset = data.outputs["dataset"]
+            pre = gpu_task(pretrain(dataset=dataset, **common).set_display_name("pretrain"), cfg)
+            warm = gpu_task(warmup(dataset=dataset, base=pre.outputs["model"], **common).set_display_name("warmup"), cfg)
+            gpu_task(sparse(dataset=dataset, base=warm.outputs["model"], **common).set_display_name("sparse"), cfg)
+            cpu_task(synthesize(dataset=dataset, **common).set_display_name("synthesize"), "8", "16G")
 
     return end_to_end
