@@ -41,7 +41,7 @@ def test_every_stage_is_a_finished_child_run(demo):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     children = {r.data.tags["dsaforge.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) >= {"prepare-data"}
+    assert set(children) == {"prepare-data", "pretrain", "warmup", "sparse", "synthesize"}
     for stage, run in children.items():
         assert run.info.status == "FINISHED", stage
         assert run.data.tags["kfp.pipeline_id"] == "end-to-end"
@@ -51,6 +51,11 @@ def test_every_stage_is_a_finished_child_run(demo):
     assert {a.path for a in client.list_artifacts(data.info.run_id)} >= {"manifest.json", "tokenizer.json"}
     # system metrics are sampled in the stage's run
     assert any(k.startswith("system/") for k in data.data.metrics)
+    # training stages log per-step metrics; the synthesized tasks passed their gates
+    for stage in ("pretrain", "warmup", "sparse"):
+        steps = client.get_metric_history(children[stage].info.run_id, "lr")
+        assert len(steps) >= 10, stage
+    assert children["synthesize"].data.metrics["tasks"] > 0
 
 
 def test_failed_stage_fails_the_run_and_keeps_earlier_runs(demo, tmp_path):
