@@ -53,7 +53,7 @@ def test_every_stage_is_a_finished_child_run(demo):
     assert any(k.startswith("system/") for k in data.data.metrics)
     # training stages log per-step metrics; the synthesized tasks passed their gates
     for stage in ("pretrain", "warmup", "sparse"):
-        steps = client.get_metric_history(children[stage].info.run_id, "lr")
+        steps = client.get_metric_history(children[stage].info.run_id, "train/lr")
         assert len(steps) >= 10, stage
     assert children["synthesize"].data.metrics["tasks"] > 0
 
