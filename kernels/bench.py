@@ -132,8 +132,8 @@ def kernel_level(shape: str, s_kv: int, dev, clock: Clock, s_q: int = S_Q, k: in
         return sparse_mla_fwd(q, kv, idx, scale, cfg["d_v"], config=fwd_cfg)
 
     ms = timeit(fwd)
-    row.update(fwd_ms=ms, fwd_tflops=fl_f / ms / 1e9, fwd_gbps=bytes_f / ms / 1e6, fwd_path=last_path("sparse_mla_fwd")[0],
-               fwd_peak_mb=peak_mb(fwd))
+    row.update(fwd_ms=ms, fwd_tflops=fl_f / ms / 1e9, fwd_gbps=bytes_f / ms / 1e6,
+               fwd_path=last_path("sparse_mla_fwd")[0], fwd_peak_mb=peak_mb(fwd))
     out, lse = fwd()
     dout = torch.randn_like(out)
 
@@ -395,7 +395,8 @@ def render_markdown(res: dict) -> str:
                 f"{_f(r.get('unfused_fwd_ms'), 2)} | {_f(r.get('indexer_topk_fp8_ms'), 2)} "
                 f"({_f(r.get('indexer_topk_fp8_tflops'))}) | {_f(r.get('indexer_topk_bf16_ms'), 2)} "
                 f"({_f(r.get('indexer_topk_bf16_tflops'))}) | {_f(r.get('unfused_indexer_bf16_ms'), 1)} | "
-                f"{_f(r.get('topk_ms'), 2)} | {_f(r.get('torch_topk_ms'), 2)} | {_f(r.get('kl_sparse_fwdbwd_ms'), 2)} | "
+                f"{_f(r.get('topk_ms'), 2)} | {_f(r.get('torch_topk_ms'), 2)} | "
+                f"{_f(r.get('kl_sparse_fwdbwd_ms'), 2)} | "
                 f"{_f(r.get('fwd_peak_mb'), 0)} | {_f(r.get('bwd_peak_mb'), 0)} |")
         lines.append("")
     if res.get("layers"):
@@ -412,15 +413,17 @@ def render_markdown(res: dict) -> str:
             lines.append(
                 f"| {r['shape']} | {r['L'] // 1024}K | {_f(r.get('dsa_fwd_ms'), 1)} | "
                 f"{_f(r.get('dsa_indexer_topk_ms'), 1)} ({_f(r.get('dsa_indexer_tflops'))}) | "
-                f"{_f(r.get('dsa_fwdbwd_ms'), 1)} | {_f(r.get('dsa_fwdbwd_kl_ms'), 1)} | {_f(r.get('sdpa_fwd_ms'), 1)} | "
-                f"{_f(r.get('sdpa_fwdbwd_ms'), 1)} | {_f(r.get('speedup_fwd'), 2)} | {_f(r.get('speedup_fwdbwd'), 2)} | "
+                f"{_f(r.get('dsa_fwdbwd_ms'), 1)} | {_f(r.get('dsa_fwdbwd_kl_ms'), 1)} | "
+                f"{_f(r.get('sdpa_fwd_ms'), 1)} | {_f(r.get('sdpa_fwdbwd_ms'), 1)} | {_f(r.get('speedup_fwd'), 2)} | "
+                f"{_f(r.get('speedup_fwdbwd'), 2)} | "
                 f"{_f(r.get('speedup_fwdbwd_kl'), 2)} | {_f(r.get('dsa_fwdbwd_peak_mb'), 0)} | "
                 f"{_f(r.get('dsa_fwdbwd_kl_peak_mb'), 0)} |")
         lines.append("")
     if res.get("decode"):
         lines += ["## Sparse decode", "", "| shape | batch | s_q | s_kv | k | ms | TFLOP/s | GB/s |", "|" + "---|" * 8]
         for r in res["decode"]:
-            lines.append(f"| {r['shape']} | {r['b']} | {r['s_q']} | {r['s_kv'] // 1024}K | {r['k']} | {_f(r['ms'], 3)} | "
+            lines.append(f"| {r['shape']} | {r['b']} | {r['s_q']} | {r['s_kv'] // 1024}K | {r['k']} | "
+                         f"{_f(r['ms'], 3)} | "
                          f"{_f(r['tflops'])} | {_f(r['gbps'], 0)} |")
         lines.append("")
     if res.get("sweep"):

@@ -78,7 +78,8 @@ def _check_indexer(q, k, w, k_scale):
     check_tensor("w", w, 3, FLOAT_DTYPES)
     check_same_device(q=q, k=k, w=w, k_scale=k_scale)
     b, s, hi, d = q.shape
-    check(k.shape[0] == b and k.shape[2] == d, f"k must be [B={b}, T, D={d}] (one key for all heads), got {tuple(k.shape)}")
+    check(k.shape[0] == b and k.shape[2] == d,
+          f"k must be [B={b}, T, D={d}] (one key for all heads), got {tuple(k.shape)}")
     check(tuple(w.shape) == (b, s, hi), f"w must be [B={b}, S={s}, Hi={hi}], got {tuple(w.shape)}")
     check(s <= k.shape[1], f"queries are the last S of T positions: S={s} > T={k.shape[1]}")
     fp8 = q.dtype == FP8
@@ -86,7 +87,8 @@ def _check_indexer(q, k, w, k_scale):
     if fp8:
         check(k_scale is not None, "the fp8 path needs k_scale [B, T] (one fp32 scale per key token)")
     if k_scale is not None:
-        check(tuple(k_scale.shape) == (b, k.shape[1]), f"k_scale must be [B={b}, T={k.shape[1]}], got {tuple(k_scale.shape)}")
+        check(tuple(k_scale.shape) == (b, k.shape[1]),
+              f"k_scale must be [B={b}, T={k.shape[1]}], got {tuple(k_scale.shape)}")
     else:
         check(q.dtype == k.dtype, f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
 

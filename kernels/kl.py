@@ -335,7 +335,7 @@ def indexer_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tens
         why = why2 or why
     if not ok:
         record("indexer_kl", "reference", why)
-        target = ref.attention_target(q, kv, lse, sm_scale, indices, cu_seqlens)
+        target = ref.attention_target(q.detach(), kv.detach(), lse.detach(), sm_scale, indices, cu_seqlens)
         return ref.indexer_kl(index_q, index_k, index_w, target, indices, cu_seqlens)
     record("indexer_kl", "triton", why)
     return IndexerKLFunction.apply(index_q, index_k, index_w, q.detach(), kv.detach(), lse.detach(), sm_scale, d_v,

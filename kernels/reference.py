@@ -59,7 +59,8 @@ def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scal
 # Extensions used by the fused kernels' tests: FP8 indexer simulation, varlen bounds, indexer KL, sparse decode.
 
 
-def key_bounds(s: int, t: int, cu_seqlens: torch.Tensor | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def key_bounds(s: int, t: int, cu_seqlens: torch.Tensor | None = None,
+               device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query row the visible key range [start, end) (int32 [S] each), causal.
 
     Without cu_seqlens the queries are the last S of T positions (one sequence). With cu_seqlens (int [N+1],

@@ -35,7 +35,7 @@ if triton is not None:
 
     @triton.jit
     def _ukey(x):
-        """fp32 -> uint32 whose unsigned order is the float order (negative floats have their magnitude bits flipped)."""
+        """fp32 -> uint32 in the same order (negative floats get their magnitude bits flipped)."""
         bits = x.to(tl.int32, bitcast=True)
         return (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
 
