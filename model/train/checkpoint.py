@@ -10,7 +10,7 @@ Layout under a stage's `checkpoints/`:
 Sharding: a tensor whose key is the same on every rank is replicated and DCP stores it once; tensor- or
 expert-parallel shards get rank-specific keys (`tp1/...`, `ep0/...` from `shard_tag`), so every shard is saved
 exactly once and a resumed run with the same layout reads back exactly what it wrote. Changing the layout goes
-through the consolidated `final/` export (a single-device state dict), which every next stage starts from.
+through the stage's consolidated HF export (`hf/`), which every next stage starts from.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     saved = {k: meta.get(k) for k in layout}
     if saved != layout:
         raise ValueError(f"{path} was written with parallel layout {saved}, this run uses {layout}; resume with the "
-                         "same layout, or start a new stage from the consolidated final/ export")
+                         "same layout, or start a new stage from the stage's hf/ export")
     state = tensor_state(model, optimizer, shard_tag)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

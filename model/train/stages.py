@@ -8,13 +8,14 @@ Run (CPU, the tiny preset):
 N GPUs: add `--set parallel.nproc_per_node=N --set parallel.tp=T --set parallel.ep=E`; the stage launches
 torchrun itself (one process per device, NCCL), so the same command and the same KFP component work in a pod.
 
-Each stage starts from the consolidated `final/` export of the nearest earlier stage it is given (warmup from
-pretrain, sparse from warmup; any earlier stage works, e.g. `--input pretrain=PRE` for sparse), and resumes from
-its own newest checkpoint when its output directory already holds one.
+Each stage starts from the HF export of the nearest earlier stage it is given (warmup from pretrain, sparse from
+warmup; any earlier stage works, e.g. `--input pretrain=PRE` for sparse); pretrain continues from an HF-format
+DeepSeek-V3.2 checkpoint given as `--input hf-checkpoint=DIR`, else starts from scratch. A stage resumes from its
+own newest checkpoint when its output directory already holds one.
 
 Output directory of a stage:
     checkpoints/step-XXXXXXXX/   sharded, atomic checkpoints (model, optimizer, step, RNG), the last keep_last
-    final/model.safetensors      consolidated single-device weights (+ config.json, stage.json)
+    hf/                          HF export (config.json + safetensors, DeepSeek names; dsaforge_stage.json)
     metrics.jsonl                one line of metrics per step (what goes to MLflow)
     metrics.json                 the stage summary (start/end validation metrics, tokens, layout)
 """
@@ -33,12 +34,15 @@ ORDER = ("pretrain", "warmup", "sparse")
 
 
 def _init_from(stage: str, inputs: dict[str, Path]) -> Optional[Path]:
-    """The nearest earlier stage among the inputs (None: pretrain from scratch)."""
+    """The HF export to start from: the nearest earlier stage among the inputs, or for pretrain an optional
+    `hf-checkpoint` input (continued pretraining); None: pretrain from scratch."""
+    if stage == "pretrain" and "hf-checkpoint" in inputs:
+        return Path(inputs["hf-checkpoint"])
     for earlier in reversed(ORDER[:ORDER.index(stage)]):
         if earlier in inputs:
-            path = Path(inputs[earlier])
-            if not (path / "final" / "model.safetensors").is_file():
-                raise ConfigError(f"{stage}: input {earlier}={path} has no final/model.safetensors "
+            path = Path(inputs[earlier]) / "hf"
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"{stage}: input {earlier}={inputs[earlier]} has no hf/ export "
                                   "(that stage did not finish)")
             return path
     if stage != "pretrain":
@@ -100,7 +104,7 @@ def run(ctx, stage: str) -> dict:
         summary = _launch_torchrun(ctx, stage)
     else:
         summary = train_stage(ctx, stage)
-    for name in ("metrics.json", "final/stage.json"):
+    for name in ("metrics.json", "hf/config.json"):
         if (ctx.out_dir / name).is_file():
             ctx.tracker.log_artifact(ctx.out_dir / name)
     return _flat_summary(summary)

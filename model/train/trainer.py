@@ -22,11 +22,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from dsaforge.config import Config
 from dsaforge.model import Transformer, set_trainable, update_router_bias
 from dsaforge.model.accounting import flops_per_token
+from dsaforge.model.hf import export_hf, import_hf
 from dsaforge.model.moe import MoE
 from dsaforge.model.train import checkpoint as ckpt
 from dsaforge.model.train.data import IGNORE, StepSampler, TokenRows, micro_batches, unigram_entropy
@@ -69,13 +69,16 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
-def export_final(out: Path, state: dict[str, torch.Tensor], cfg: Config, summary: dict) -> None:
-    """The consolidated single-device weights every later stage (and eval/RL) starts from, written atomically."""
+def export(out: Path, state: dict[str, torch.Tensor], cfg: Config, summary: dict) -> None:
+    """The stage's weights as a Hugging Face DeepSeek-V3.2 checkpoint (`dsaforge.model.hf`), written atomically:
+    what every later stage, eval and RL start from, and what transformers/vLLM/SGLang load."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.load_state_dict(state, strict=True, assign=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(cfg.model.model_dump(), indent=2))
-    (tmp / "stage.json").write_text(json.dumps(summary, indent=2, default=str))
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_hf(model, tmp)
+    (tmp / "dsaforge_stage.json").write_text(json.dumps(summary, indent=2, default=str))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -108,8 +111,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         # Every rank builds the full model from the same seed, loads the same weights, then keeps its shard.
         self.model = Transformer(cfg.model)
-        if init_from is not None:
-            self.model.load_state_dict(load_file(str(Path(init_from) / "final" / "model.safetensors")))
+        if init_from is not None:     # an HF-format export (of an earlier stage, or any DeepSeek-V3.2 checkpoint)
+            self.model.load_state_dict(import_hf(init_from).state_dict())
         self.model.to(self.device)
         if self.bridge:
             self.bridge.parallelize(self.model, self.par)
@@ -335,7 +338,7 @@ class Trainer:
         state = self.bridge.consolidated_state_dict(self.model, self.par) if self.bridge else {
             k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         if self.is_main:
-            export_final(self.out_dir / "final", state, self.cfg, summary)
+            export(self.out_dir / "hf", state, self.cfg, summary)
             (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
 

@@ -1,7 +1,7 @@
 """torchrun worker for test_parallel.py: the stages named on the command line in one job, one layout.
 
     torchrun --nproc-per-node 2 tests/train/parallel_worker.py CFG.json DATA INIT OUT pretrain warmup sparse
-pretrain starts from scratch; warmup and sparse start from INIT (a trained pretrain output).
+pretrain starts from scratch; warmup and sparse start from INIT (the hf/ export of a trained pretrain).
 """
 import sys
 from pathlib import Path

@@ -66,7 +66,7 @@ def test_sigkill_mid_run_then_resume_ends_with_the_same_loss(tmp_path, tiny_data
     _wait_for_checkpoint(proc, out, 3)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert not (out / "final").exists(), "the run finished before it could be killed"
+    assert not (out / "hf").exists(), "the run finished before it could be killed"
     proc = _start(cfg, tiny_data, out)
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log[-3000:]
@@ -111,6 +111,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss .* at step 4.*step-00000002"):
         trainer.fit()
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == [2]
-    assert not (tmp_path / "final").exists()
+    assert not (tmp_path / "hf").exists()
     state = torch.load(tmp_path / "checkpoints" / "step-00000002" / "trainer-rank00000.pt", weights_only=False)
     assert state["step"] == 2 and state["samples"] == 8

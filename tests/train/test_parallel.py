@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dsaforge.config import load_config
+from dsaforge.model.hf import import_hf
 from dsaforge.model.train.trainer import Trainer
 
 STAGES = ("pretrain", "warmup", "sparse")
@@ -36,7 +37,7 @@ def _losses(out: Path, stage: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_chain):
     root = tmp_path_factory.mktemp("parallel")
-    data, init = tiny_chain["data"], tiny_chain["pretrain"]["dir"]
+    data, init = tiny_chain["data"], tiny_chain["pretrain"]["dir"] / "hf"
     cfg = _cfg()
     for name in STAGES:
         Trainer(cfg, name, data, root / "tp1" / name, None if name == "pretrain" else init).fit()
@@ -65,10 +66,9 @@ def test_losses_agree_within_1e5(runs, layout, stage, key):
 
 
 def test_parallel_export_matches_single_device_names(runs):
-    from safetensors.torch import load_file
-    ref = load_file(str(runs / "tp1" / "pretrain" / "final" / "model.safetensors"))
+    ref = import_hf(runs / "tp1" / "pretrain" / "hf").state_dict()
     for layout in ("tp2", "ep2"):
-        got = load_file(str(runs / layout / "pretrain" / "final" / "model.safetensors"))
+        got = import_hf(runs / layout / "pretrain" / "hf").state_dict()
         assert got.keys() == ref.keys()
         worst = max(float((got[k] - ref[k]).abs().max()) for k in ref)
         assert worst < 1e-5, (layout, worst)

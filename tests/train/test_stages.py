@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dsaforge.config import ConfigError
 from dsaforge.model import Transformer
+from dsaforge.model.hf import import_hf
 from dsaforge.model.train import stages
 from dsaforge.model.train.trainer import Trainer
 from dsaforge.stages import StageContext
@@ -32,8 +32,8 @@ def test_warmup_halves_the_indexer_kl_raises_recall_and_freezes_the_backbone(tin
     assert kl1 <= 0.5 * kl0
     assert r1 > r0 + 0.1
     assert s["end.val/lm_loss"] == s["start.val/lm_loss"]       # nothing but the indexer moved
-    before = load_file(str(tiny_chain["pretrain"]["dir"] / "final" / "model.safetensors"))
-    after = load_file(str(tiny_chain["warmup"]["dir"] / "final" / "model.safetensors"))
+    before = import_hf(tiny_chain["pretrain"]["dir"] / "hf").state_dict()
+    after = import_hf(tiny_chain["warmup"]["dir"] / "hf").state_dict()
     for name, t in before.items():
         assert torch.equal(t, after[name]) != (".indexer." in name), name
 
@@ -58,11 +58,12 @@ def test_every_step_logs_losses_rates_and_memory(tiny_chain):
     assert lr[0] == pytest.approx(3e-4) and lr[-1] == pytest.approx(3e-5)   # cosine to min_lr_ratio
 
 
-def test_final_export_is_the_single_device_model(tiny_chain):
-    final = tiny_chain["sparse"]["dir"] / "final"
+def test_hf_export_loads_back_as_the_trained_model(tiny_chain):
+    hf = tiny_chain["sparse"]["dir"] / "hf"
     model = Transformer(tiny_chain["cfg"].model)
-    model.load_state_dict(load_file(str(final / "model.safetensors")))
-    assert json.loads((final / "config.json").read_text())["dim"] == tiny_chain["cfg"].model.dim
+    model.load_state_dict(import_hf(hf).state_dict())
+    assert json.loads((hf / "config.json").read_text())["model_type"] == "deepseek_v32"
+    assert json.loads((hf / "dsaforge_stage.json").read_text())["stage"] == "sparse"
     layout = json.loads((tiny_chain["sparse"]["dir"] / "metrics.json").read_text())["layout"]
     assert layout == {"world": 1, "tp": 1, "ep": 1, "pp": 1}
 
@@ -81,7 +82,7 @@ def test_long_context_packs_documents_with_boundary_masking(tiny_chain, tmp_path
     cfg = tiny_chain["cfg"].model_copy(deep=True)
     s = cfg.train.sparse
     s.steps, s.seq_len, s.batch_size, s.eval_every, s.eval_batches = 2, 384, 2, 2, 1
-    trainer = Trainer(cfg, "sparse", tiny_chain["data"], tmp_path, tiny_chain["warmup"]["dir"], doc_mask=True)
+    trainer = Trainer(cfg, "sparse", tiny_chain["data"], tmp_path, tiny_chain["warmup"]["dir"] / "hf", doc_mask=True)
     rows = trainer.train_rows
     several = [i for i in range(len(rows)) if (rows.rows[i, 1:-1] == rows.bos).any()][:2]
     batch = rows.batch(several)

@@ -1,0 +1,114 @@
+"""Training-step throughput and MFU on one device: dense (pretrain) vs sparse mode at several sequence lengths.
+
+Run (1 GPU):  python -m dsaforge.model.train.bench --preset small --seq-lens 4096 16384 65536 \
+                  --out docs/benchmarks/train_small_h200
+CPU (smoke):  python -m dsaforge.model.train.bench --preset tiny --seq-lens 128 --steps 2
+One sequence per step on random tokens (throughput does not depend on the text); the step is the trainer's:
+forward in bf16 autocast (fp32 on CPU), loss, backward, AdamW. FLOPs come from `dsaforge.model.accounting`.
+Writes OUT.json (every measurement) and OUT.md (the table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from dsaforge.config import load_config
+from dsaforge.model import Transformer, set_trainable, update_router_bias
+from dsaforge.model.accounting import count_params, flops_per_token
+from dsaforge.model.train.metrics import peak_flops
+from dsaforge.model.train.trainer import lm_loss
+
+
+def bench_one(model: Transformer, mode: str, seq_len: int, steps: int, warmup: int, device, dtype: str) -> dict:
+    params = set_trainable(model, mode)
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, seq_len + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    autocast = device.type == "cuda" and dtype == "bfloat16"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            out = model(inputs, mode=mode)
+        loss = lm_loss(out.logits, targets)
+        if out.indexer_loss is not None:
+            loss = loss + out.indexer_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_router_bias(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    del opt
+    step_s = sorted(times)[len(times) // 2]
+    tps = seq_len / step_s
+    flops = flops_per_token(model.cfg, seq_len, mode)
+    peak = peak_flops(device, dtype)
+    row = {"mode": mode, "seq_len": seq_len, "step_s": step_s, "tokens_per_s": tps,
+           "tflops": flops * tps / 1e12, "mfu": flops * tps / peak if peak else None,
+           "flops_per_token": flops, "loss": loss.item()}
+    if device.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="dsaforge.model.train.bench")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--modes", nargs="+", default=["dense", "sparse"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    cfg = load_config(args.preset)
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, max(args.seq_lens))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg.model)
+    total, active = count_params(cfg.model)
+    rows = []
+    for seq_len in args.seq_lens:
+        for mode in args.modes:
+            try:
+                row = bench_one(model, mode, seq_len, args.steps, args.warmup, device, cfg.train.dtype)
+            except torch.OutOfMemoryError as e:
+                row = {"mode": mode, "seq_len": seq_len, "error": f"out of memory: {str(e).splitlines()[0]}"}
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else platform.processor() or "cpu", "torch": torch.__version__, "dtype": cfg.train.dtype,
+              "params_total": total, "params_active": active, "index_topk": cfg.model.index_topk,
+              "batch": "1 sequence per step", "steps_timed": args.steps, "rows": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        lines = [f"# Training throughput: {args.preset} preset on {result['device']}", "",
+                 f"{total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active), {cfg.train.dtype}, one sequence per "
+                 f"step, top-k {cfg.model.index_topk}, median of {args.steps} steps after {args.warmup} warm-up.",
+                 "", "| seq len | mode | tokens/s | TFLOP/s | MFU | step s | peak GiB |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['seq_len']} | {r['mode']} | {r['error']} | | | | |")
+                continue
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+            lines.append(f"| {r['seq_len']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | "
+                         f"{r['step_s']:.3f} | {r.get('peak_memory_gib', float('nan')):.1f} |")
+        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
