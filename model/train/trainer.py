@@ -234,8 +234,11 @@ class Trainer:
             mb = self.val_rows.batch(rows[i:i + s.micro_batch_size]).to(self.device)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 out = self.model(mb.inputs, mode=mode, segment_ids=mb.segment_ids)
-                if i == 0 and prefix == "val":      # sampled: the first validation micro-batch
-                    recall = indexer_recall(self.model, mb.inputs, mb.segment_ids, self.cfg.model.index_topk)
+                if i == 0 and prefix == "val":      # sampled: a prefix of the first validation micro-batch
+                    k = self.cfg.model.index_topk
+                    n = min(mb.inputs.shape[1], max(4 * k, 1024))   # dense probs are [B, n, H, n]: keep n modest
+                    seg = mb.segment_ids[:, :n] if mb.segment_ids is not None else None
+                    recall = indexer_recall(self.model, mb.inputs[:, :n], seg, k)
             stats = torch.stack([lm_loss(out.logits, mb.targets), *(out.indexer_kl or [])])
             sums = stats if sums is None else sums + stats
             count += 1
