@@ -9,7 +9,18 @@ Layouts (the contract every fused kernel in this package keeps):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+def fp32_math(fn):
+    """Run a reference in the precision it states: autocast would silently turn its fp32 einsums into bf16."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def causal_mask(s: int, t: int, device=None) -> torch.Tensor:
@@ -18,6 +29,7 @@ def causal_mask(s: int, t: int, device=None) -> torch.Tensor:
     return torch.arange(t, device=device)[None, :] <= q_pos
 
 
+@fp32_math
 def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """I[b,s,t] = sum_j w[b,s,j] * relu(q[b,s,j] . k[b,t]) in fp32; future keys get -inf when causal."""
     scores = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu_()       # [B, S, Hi, T]
@@ -36,6 +48,7 @@ def topk_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx).to(torch.int32)
 
 
+@fp32_math
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                d_v: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its selected latent entries only. Returns (out [B,S,H,d_v], lse [B,S,H])."""
@@ -108,6 +121,7 @@ def indexer_fp8_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
     return q8, k8, ks[..., 0].contiguous(), (w.float() * qs[..., 0]).contiguous()
 
 
+@fp32_math
 def indexer_scores_fp8(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, w_folded: torch.Tensor,
                        causal: bool = True) -> torch.Tensor:
     """I[b,s,t] = k_scale[b,t] * sum_j w_folded[b,s,j] * relu(q8[b,s,j] . k8[b,t]) (fp32; DeepSeek's fp8_index)."""
@@ -115,6 +129,7 @@ def indexer_scores_fp8(q8: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor
     return scores * k_scale.float()[:, None, :]
 
 
+@fp32_math
 def attention_target(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, sm_scale: float,
                      indices: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """The indexer's KL target p (paper §2.1): main-attention probabilities summed over heads, L1-normalised per row.
@@ -137,6 +152,7 @@ def attention_target(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, sm_sc
     return (p / p.sum(-1, keepdim=True).clamp_min(1e-30)).float()
 
 
+@fp32_math
 def indexer_kl(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
                indices: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row KL(p || softmax(I)) [B,S] in fp32, differentiable in q, k, w (paper §2.1).

@@ -40,6 +40,8 @@ class StageTrainConfig(Section):
     eval_batches: int = Field(4, gt=0)
     ckpt_every: int = Field(500, gt=0)
     keep_last: int = Field(2, gt=0)
+    doc_mask: bool = Field(False, description="Long-context packing: attention and indexer top-k never cross a "
+                                              "document boundary inside a packed sequence.")
 
 
 class TrainConfig(Section):
