@@ -58,7 +58,7 @@ def train_stage(ctx, stage: str) -> dict:
         raise ConfigError(f"stage {stage!r} needs the prepare-data output (--input prepare-data=DIR)")
     scfg = getattr(ctx.cfg.train, stage)
     trainer = Trainer(ctx.cfg, stage, ctx.inputs["prepare-data"], ctx.out_dir, _init_from(stage, ctx.inputs),
-                      ctx.tracker, doc_mask=getattr(scfg, "doc_mask", False))
+                      ctx.tracker, doc_mask=scfg.doc_mask)
     try:
         return trainer.fit()
     finally:
