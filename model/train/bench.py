@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg.model)
+    model.fused_dsa = device.type == "cuda"        # as the trainer does on one GPU
     total, active = count_params(cfg.model)
     rows = []
     for seq_len in args.seq_lens:
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
                  "", "| seq len | mode | tokens/s | TFLOP/s | MFU | step s | peak GiB |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['seq_len']} | {r['mode']} | {r['error']} | | | | |")
+                lines.append(f"| {r['seq_len']} | {r['mode']} | {r['error'].split('. GPU')[0]} | | | | |")
                 continue
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
             lines.append(f"| {r['seq_len']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | "

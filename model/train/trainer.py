@@ -114,6 +114,9 @@ class Trainer:
         if init_from is not None:     # an HF-format export (of an earlier stage, or any DeepSeek-V3.2 checkpoint)
             self.model.load_state_dict(import_hf(init_from).state_dict())
         self.model.to(self.device)
+        # On GPUs the DSA modes use the fused long-context kernels (no [S, S] tensors); their KL has no
+        # tensor-parallel head reduction yet, so TP > 1 keeps the materialised path.
+        self.model.fused_dsa = self.device.type == "cuda" and (self.par is None or self.par.tp == 1)
         if self.bridge:
             self.bridge.parallelize(self.model, self.par)
         self.params = set_trainable(self.model, self.mode)
