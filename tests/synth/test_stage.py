@@ -74,3 +74,12 @@ def test_registered_stage_reads_the_data_stage_documents(tmp_path, monkeypatch):
     assert summary["tasks"] == cfg.synth.tasks_per_class
     info = json.loads((tmp_path / "out" / "summary.json").read_text())["corpus"]
     assert info["source"] == "prepare-data" and info["documents"] == 80
+
+
+def test_module_cli_per_class_targets(tmp_path):
+    from dsaforge.synth.__main__ import PAPER_SCALE, main
+
+    assert sum(t for t, _ in PAPER_SCALE.values()) >= 85_000 and sum(e for _, e in PAPER_SCALE.values()) >= 1_800
+    summary = main(["--out", str(tmp_path), "--targets", "general=3:1,search=5:2", "--max-difficulty", "2"])
+    assert summary["classes"]["general"]["tasks"] == 3 and summary["classes"]["search"]["tasks"] == 5
+    assert set(summary["classes"]) == {"general", "search"}
