@@ -1,6 +1,6 @@
 """Standalone synthesis run (the pipeline uses `dsaforge stage synthesize`, which calls dsaforge.synth.stage).
 
-    python -m dsaforge.synth --preset tiny --out /tmp/synth                    # CPU, ~30 s on 2 cores
+    python -m dsaforge.synth --preset tiny --out runs/synth                    # CPU, ~15 s on 2 cores
     python -m dsaforge.synth --out runs/synth --workers 2 --max-difficulty 5 \\
         --targets search=6000:300,general=2000:200,code=1000:100,code_interpreter=1000:100
     python -m dsaforge.synth --paper-scale --out runs/synth85k                 # >= 85,000 tasks, >= 1,800 envs
