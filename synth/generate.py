@@ -126,12 +126,12 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
     Sandbox(cfg.sandbox)
     corpus_info = None
     if "search" in cfg.agent_classes:
-        corpus_info = build_corpus(out_dir / "search" / "corpus.jsonl", data_dir)
+        corpus_info = build_corpus(out_dir / "search" / "corpus.jsonl", data_dir, limit=cfg.corpus_documents)
     llm_families: dict[str, str] = {}
     if cfg.llm_endpoint and "general" in cfg.agent_classes:
         from dsaforge.synth.llm import write_families
 
-        llm_families = write_families(cfg.llm_endpoint, out_dir, count=llm_family_count)
+        llm_families = write_families(cfg.llm_endpoint, out_dir, count=llm_family_count, model=cfg.llm_model)
     results: dict[str, ClassResult] = {}
     ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
     t_all = time.monotonic()

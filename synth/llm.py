@@ -129,9 +129,9 @@ class FamilyWriter:
         return None
 
 
-def write_families(endpoint: str, out_dir: Path, count: int) -> dict[str, str]:
+def write_families(endpoint: str, out_dir: Path, count: int, model: Optional[str] = None) -> dict[str, str]:
     """-> {"llm:<slug>": module path} for the categories the model wrote a statically valid module for."""
-    writer = FamilyWriter(OpenAIClient(endpoint))
+    writer = FamilyWriter(OpenAIClient(endpoint, model))
     out = {}
     for category in CATEGORIES[:count]:
         slug = re.sub(r"\W+", "_", category).strip("_")

@@ -64,6 +64,10 @@ _LIMIT_SIGNALS = {signal.SIGXCPU: "SIGXCPU (cpu limit)", signal.SIGKILL: "SIGKIL
                   signal.SIGSEGV: "SIGSEGV", signal.SIGABRT: "SIGABRT"}
 
 
+# The checkout dsaforge runs from (an editable install imports from it).
+_SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
+
+
 def _python_roots() -> list[str]:
     """Directories the interpreter needs; re-exposed when home directories are hidden."""
     roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
@@ -128,7 +132,13 @@ class Sandbox:
                 cmd += ["--tmpfs", h]
             elif os.path.exists(h):
                 cmd += ["--ro-bind", _empty_file(), h]   # /dev/null would be a device node on a nodev mount
-        cmd += ["--bind", workdir, "/tmp", "--chdir", "/tmp",
+        cmd += ["--bind", workdir, "/tmp"]
+        # An interpreter or a source tree under /tmp (a CI checkout, a venv made there) would vanish under the
+        # private /tmp: bind it back read-only on top.
+        for r in sorted({*_python_roots(), _SOURCE_ROOT}):
+            if r.startswith("/tmp/") and os.path.isdir(r):
+                cmd += ["--ro-bind", r, r]
+        cmd += ["--chdir", "/tmp",
                 "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
                 "--die-with-parent", "--new-session"]
         if root:

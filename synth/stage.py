@@ -21,7 +21,7 @@ def run(ctx) -> dict:
     data_dir = ctx.inputs.get("prepare-data")
     ctx.tracker.log_params({f"synth.{k}": v for k, v in cfg.model_dump().items() if k != "sandbox"}
                            | {f"synth.sandbox.{k}": v for k, v in cfg.sandbox.model_dump().items()})
-    total = cfg.tasks_per_class * len(cfg.agent_classes)
+    total = sum(cfg.targets.get(c, (cfg.tasks_per_class, 0))[0] for c in cfg.agent_classes)
     done: dict[str, int] = {}
     with Progress("synthesize", total=total, unit="task") as bar:
         def progress(cls: str, kept: int, target: int) -> None:
@@ -29,7 +29,13 @@ def run(ctx) -> dict:
             bar.update(new - done.get(cls, 0), cls=cls)
             done[cls] = new
 
-        summary = synthesize(cfg, ctx.out_dir, data_dir=Path(data_dir) if data_dir else None, on_progress=progress)
+        solver = None
+        if cfg.solver == "chat":
+            from dsaforge.synth.llm import ChatSolver
+
+            solver = ChatSolver(cfg.solver_endpoint, cfg.llm_model)
+        summary = synthesize(cfg, ctx.out_dir, data_dir=Path(data_dir) if data_dir else None, solver=solver,
+                             on_progress=progress, llm_family_count=cfg.llm_families, targets=dict(cfg.targets))
     metrics = {"tasks": summary["tasks"], "envs": summary["envs"], "heldout_tasks": summary["heldout_tasks"],
                "tasks_per_min": summary["tasks_per_min"], "wall_s": summary["wall_s"]}
     for cls, s in summary["classes"].items():

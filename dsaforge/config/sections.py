@@ -114,7 +114,22 @@ class SynthConfig(Section):
     workers: int = Field(2, gt=0)
     seed: int = 0
     llm_endpoint: Optional[str] = Field(None, description="OpenAI-compatible base URL for the LLM-driven mode.")
+    llm_model: Optional[str] = Field(None, description="Model name at llm_endpoint/solver_endpoint; default: the first "
+                                                       "one the endpoint lists.")
+    llm_families: int = Field(3, ge=0, description="Task categories the LLM writes general-agent families for.")
+    solver: Literal["baseline", "chat"] = Field(
+        "baseline", description="Who runs the pass@k filter: the bounded baseline solver, or a chat model (the policy).")
+    solver_endpoint: Optional[str] = Field(None, description="OpenAI-compatible URL of the policy when solver=chat.")
+    targets: dict[Literal["general", "code", "search", "code_interpreter"], tuple[int, int]] = Field(
+        default_factory=dict, description="Per-class (tasks, environments) overriding tasks_per_class/envs_per_class.")
+    corpus_documents: int = Field(1500, gt=0, description="Documents in the search agent's offline corpus.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SynthConfig":
+        if self.solver == "chat" and not self.solver_endpoint:
+            raise ValueError("solver=chat needs solver_endpoint (an OpenAI-compatible URL)")
+        return self
 
 
 class EvalConfig(Section):

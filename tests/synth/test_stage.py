@@ -83,3 +83,24 @@ def test_module_cli_per_class_targets(tmp_path):
     summary = main(["--out", str(tmp_path), "--targets", "general=3:1,search=5:2", "--max-difficulty", "2"])
     assert summary["classes"]["general"]["tasks"] == 3 and summary["classes"]["search"]["tasks"] == 5
     assert set(summary["classes"]) == {"general", "search"}
+
+
+def test_stage_reads_per_class_targets_and_corpus_size_from_config(tmp_path):
+    from dsaforge.config import load_config
+
+    cfg = load_config("tiny", overrides=["synth.agent_classes=[general, search]", "synth.targets={general: [3, 1]}",
+                                         "synth.corpus_documents=60"])
+    summary = run(StageContext(cfg=cfg, out_dir=tmp_path / "out", tracker=NullTracker()))
+    full = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["per_class"]["general"]["tasks"] == 3 and full["classes"]["general"]["envs"] == 1
+    assert summary["per_class"]["search"]["tasks"] == cfg.synth.tasks_per_class
+    assert full["corpus"]["documents"] <= 60
+
+
+def test_chat_solver_needs_an_endpoint():
+    from dsaforge.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="solver=chat needs solver_endpoint"):
+        load_config("tiny", overrides=["synth.solver=chat"])
+    with pytest.raises(ConfigError, match="synth.targets.generl"):
+        load_config("tiny", overrides=["synth.targets={generl: [3, 1]}"])
