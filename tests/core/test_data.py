@@ -140,3 +140,19 @@ def test_too_little_text_for_one_sequence(tmp_path):
     (tmp_path / "b.txt").write_text(_text(2, 20))
     with pytest.raises(DataError, match="fewer than one sequence"):
         prep.prepare(_cfg(tmp_path, **{"data.seq_len": 4096}), tmp_path / "out")
+
+
+def test_fsspec_uri_source(tmp_path):
+    """Remote sources go through fsspec; its in-memory filesystem stands in for s3:// or gs:// here."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for i in range(3):
+        fs.pipe(f"/corpus-{tmp_path.name}/part{i}.txt", _text(i).encode())
+    fs.pipe(f"/corpus-{tmp_path.name}/rows.jsonl", (json.dumps({"text": _text(9)}) + "\n").encode())
+    m = prep.prepare(_cfg(f"memory://corpus-{tmp_path.name}", **{"data.val_fraction": 0.0}), tmp_path / "ds")
+    assert m["counts"]["documents"] == 4
+    sources = pq.read_table(tmp_path / "ds" / "documents.parquet").column("source").to_pylist()
+    assert all(s.startswith("memory://") for s in sources)
+    with pytest.raises(DataError, match="no input files found"):
+        prep.prepare(_cfg("memory://nothing-here"), tmp_path / "ds2")
