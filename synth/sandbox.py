@@ -181,7 +181,12 @@ class Sandbox:
                     os.lchown(p, uid, uid)
             cmd, cwd, preexec = self._bwrap_argv(str(wd), argv), None, None
         else:
-            cmd, cwd = self._limits() + [a.replace("/tmp/", f"{wd}/") if a.startswith("/tmp/") else a for a in argv], str(wd)
+            # Paths in argv name the sandbox's view (/tmp = the private dir); map those that exist there, and leave
+            # host paths alone (an interpreter in a checkout under /tmp).
+            def host(a: str) -> str:
+                mapped = f"{wd}/{a[len('/tmp/'):]}"
+                return mapped if a.startswith("/tmp/") and os.path.exists(mapped) else a
+            cmd, cwd = self._limits() + [host(a) for a in argv], str(wd)
             preexec = None
         env = self._env()
         if self.backend != "bwrap":

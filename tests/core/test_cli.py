@@ -59,11 +59,17 @@ def test_debug_shows_traceback():
 def test_pipelines_list_and_compile(tmp_path):
     assert "end-to-end" in dsaforge("pipelines", "list").stdout
     dsaforge("pipelines", "compile", "--preset", "small", "--out", str(tmp_path))
-    ir = yaml.safe_load((tmp_path / "end-to-end.yaml").read_text())
+    ir, platform = yaml.safe_load_all((tmp_path / "end-to-end.yaml").read_text())
     assert ir["pipelineInfo"]["name"] == "end-to-end" and ir["schemaVersion"] == "2.1.0"
     executors = ir["deploymentSpec"]["executors"]
-    assert any("prepare-data" in name for name in executors)
+    assert {"exec-prepare-data", "exec-pretrain", "exec-warmup", "exec-sparse", "exec-synthesize"} <= set(executors)
     assert json.loads(ir["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"])["preset"] == "small"
+    # the small preset's training stages get one GPU each, tolerate the GPU taint and mount a memory /dev/shm
+    gpu = executors["exec-sparse"]["container"]["resources"]["accelerator"]
+    assert gpu["resourceType"] == "nvidia.com/gpu" and int(gpu["resourceCount"]) == 1
+    assert "accelerator" not in executors["exec-prepare-data"]["container"]["resources"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-sparse"]
+    assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu" and k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
 
 
 def test_stage_in_process(tmp_path):
