@@ -46,6 +46,7 @@ def small() -> Config:
     t.warmup.steps, t.warmup.batch_size, t.warmup.seq_len = 200, 8, 16384
     t.sparse.steps, t.sparse.lr, t.sparse.batch_size, t.sparse.seq_len = 500, 7.3e-6, 8, 16384
     cfg.pipeline.gpus_per_stage = 1
+    cfg.train.activation_checkpointing = True     # 16K-64K sequences on one H200
     cfg.synth.tasks_per_class, cfg.synth.envs_per_class = 2000, 200
     return cfg
 

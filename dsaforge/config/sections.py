@@ -51,6 +51,8 @@ class TrainConfig(Section):
     sparse: StageTrainConfig = Field(default_factory=lambda: StageTrainConfig(steps=15000, lr=7.3e-6, batch_size=480, seq_len=131072))
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    activation_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward "
+                                                              "pass (long context on one GPU).")
     seed: int = 0
     deterministic: bool = False
 
