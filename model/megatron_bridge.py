@@ -6,7 +6,8 @@ construction (module replacement, as torchtitan and gpt-fast do), so one model d
 - process groups: megatron's `parallel_state` (TP, EP, DP, expert-DP; order tp-cp-ep-dp-pp), over NCCL on GPU
   and gloo on CPU (megatron's tensor-parallel layers and autograd collectives run on gloo unchanged);
 - tensor parallel: MLA heads (wq_b, wkv_b -> ColumnParallelLinear; wo -> RowParallelLinear) and the SwiGLU FFNs of
-  dense layers and shared experts (w1, w3 column; w2 row). The attention's replicated latent projections feed only
+  dense layers, shared experts and, when ep = 1, routed experts (w1, w3 column; w2 row; the routed ones run as one
+  grouped SwiGLU, `TensorParallelExpertsMoE`). The attention's replicated latent projections feed only
   this rank's heads, so their input gradient is summed by megatron's `copy_to_tensor_model_parallel_region` at the
   attention input and their weight gradients are summed across TP after backward (like megatron's
   sequence-parallel norm weights). The indexer KL target (attention summed over heads) is all-reduced across TP
@@ -221,19 +222,26 @@ class ExpertParallelMoE(MoE):
         local_id = torch.repeat_interleave(torch.arange(self.n_local, device=x.device).repeat(self.ep),
                                            recv.flatten())
         by_expert = local_id.argsort(stable=True)
-        outs, start = [], 0
-        for e, n in enumerate(recv.sum(0).tolist()):
-            if n:
-                outs.append(self.experts[e](x_recv[by_expert[start:start + n]]))
-            start += n
-        y_sorted = torch.cat(outs) if outs else x_recv[:0]
-        y_recv = y_sorted[by_expert.argsort()] if len(outs) else x_recv * 0
+        y_sorted = self.expert_forward(x_recv[by_expert], recv.sum(0))                   # one grouped SwiGLU
+        y_recv = y_sorted[by_expert.argsort()]
         y_back = all_to_all(group, y_recv, send_sizes, recv_sizes)              # [N*k, dim] by expert
         y = torch.zeros_like(flat).index_add(0, token, y_back * weights.flatten()[order, None])
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         aux = self._seq_aux_loss(scores.view(b, s, -1), indices.view(b, s, -1)) if self.aux_alpha > 0 else None
         return y.view(b, s, d), indices.view(b, s, self.topk), aux
+
+
+class TensorParallelExpertsMoE(MoE):
+    """DeepSeekMoE whose routed experts are split over TP (ep = 1): each rank holds I/tp columns of every expert's
+    w1/w3 and the matching rows of w2. The grouped SwiGLU bypasses the experts' megatron layers, so it applies
+    their collectives itself, once for all experts: the input gradient is summed over TP (column layer) and each
+    token-slot's partial output is summed over TP before the routing weights mix it (row layer), so the router's
+    gradient sees the full expert outputs."""
+
+    def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        x_sorted = mappings.copy_to_tensor_model_parallel_region(x_sorted)
+        return mappings.reduce_from_tensor_model_parallel_region(super().expert_forward(x_sorted, counts))
 
 
 def _expert_parallel(moe: MoE, par: Parallel) -> None:
@@ -259,6 +267,9 @@ def parallelize(model: nn.Module, par: Parallel) -> nn.Module:
                 _parallel_attention(m, par)
             elif isinstance(m, MLP) and not getattr(m.w1.weight, "dsaforge_expert", False):
                 _parallel_mlp(m, par)
+        for m in model.modules():
+            if type(m) is MoE:        # ep = 1: its routed experts were just split over TP
+                m.__class__ = TensorParallelExpertsMoE
         tp_group = ps.get_tensor_model_parallel_group()
 
         def sum_heads(p: torch.Tensor) -> torch.Tensor:

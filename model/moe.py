@@ -1,6 +1,10 @@
 """DeepSeekMoE: sigmoid router with a correction bias, group-limited top-k, shared expert, aux-loss-free balancing.
 
-N = B*S tokens, E = n_routed_experts, k = n_activated_experts, G = n_expert_groups.
+N = B*S tokens, E = n_routed_experts, k = n_activated_experts, G = n_expert_groups, I = moe_inter_dim.
+
+The routed experts run as one grouped SwiGLU over the N*k token-slots sorted by expert (`grouped_swiglu`), not one
+small matmul per expert. Their weights stay one `MLP` per expert (`experts.{e}.w1/w2/w3`), the layout of DeepSeek's
+checkpoint that `hf.py` and the megatron bridge address; the forward stacks them into [E, I, dim] / [E, dim, I].
 """
 from __future__ import annotations
 
@@ -51,6 +55,37 @@ class Gate(nn.Module):
         return (weights * self.route_scale).to(x.dtype), indices, scores
 
 
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rows grouped by expert, w [E, N, K] (nn.Linear layout), offs [E] int32 end row of each group
+    -> [M, N], rows of group e multiplied by w[e]^T.
+
+    torch._grouped_mm (one CUTLASS launch, with autograd) on Hopper-class GPUs in bf16. Elsewhere torch's
+    fallback, whose dtype and layout rules differ by version, is not relied on: each group is one mm over a
+    contiguous slice of rows, which needs no padding and no scatter."""
+    if (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
+        # CUTLASS wants mat_b column-major: the transpose of the contiguous [E, N, K] stack is exactly that.
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    parts = x.split(sizes)
+    # With no rows at all the [0, N] result still hangs off x and w: an expert-parallel rank that received no
+    # token must still run the all-to-all in backward that its peers run.
+    return torch.cat([p @ w[e].t() for e, p in enumerate(parts) if sizes[e]] or [x @ w[0].t()])
+
+
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                   w2: torch.Tensor) -> torch.Tensor:
+    """Every expert's SwiGLU w2(silu(w1 x) * w3 x) on its own rows: x [M, dim] sorted by expert, counts [E]
+    rows per expert, w1/w3 [E, I, dim], w2 [E, dim, I] -> [M, dim]."""
+    if torch.is_autocast_enabled(x.device.type):
+        # torch._grouped_mm is outside autocast's op lists: cast as autocast would for a Linear.
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w1, w3, w2 = (t.to(dt) for t in (x, w1, w3, w2))
+    offs = counts.cumsum(0).to(torch.int32)
+    h = F.silu(grouped_mm(x, w1, offs)) * grouped_mm(x, w3, offs)                     # [M, I]
+    return grouped_mm(h, w2, offs)                                                    # [M, dim]
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -61,6 +96,8 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         # Tokens routed to each expert since the last bias update (training only).
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # Off while activation checkpointing recomputes this layer in backward: its tokens were counted already.
+        self.count_load = True
 
     def forward(self, x: torch.Tensor, forced: Optional[torch.Tensor] = None):
         """x [B, S, dim], forced [B, S, k] or None -> (y [B, S, dim], indices [B, S, k], seq aux loss or None)."""
@@ -70,16 +107,26 @@ class MoE(nn.Module):
             forced = forced.reshape(-1, self.topk).to(device=x.device, dtype=torch.long)
         weights, indices, scores = self.gate(flat, forced)
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts)              # [E]
-        if self.training:
+        if self.training and self.count_load:
             self.expert_load += counts.to(self.expert_load.dtype)
-        y = torch.zeros_like(flat)
-        for e in torch.nonzero(counts).flatten().tolist():   # only experts that received tokens
-            tok, slot = torch.where(indices == e)
-            y.index_add_(0, tok, self.experts[e](flat[tok]) * weights[tok, slot, None])
+        # Token-slots sorted by expert; stable, so within an expert tokens stay in order and the final index_add
+        # accumulates in the same order as a per-expert loop would.
+        order = indices.flatten().argsort(stable=True)                                    # [N*k]
+        token = order // self.topk
+        y_sorted = self.expert_forward(flat[token], counts)                               # [N*k, dim]
+        y = torch.zeros_like(flat).index_add_(0, token, y_sorted * weights.flatten()[order, None])
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         aux = self._seq_aux_loss(scores.view(b, s, -1), indices.view(b, s, -1)) if self.aux_alpha > 0 else None
         return y.view(b, s, d), indices.view(b, s, self.topk), aux
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routed experts' weights stacked: w1, w3 [E_local, I, dim] and w2 [E_local, dim, I]."""
+        return tuple(torch.stack([getattr(e, n).weight for e in self.experts]) for n in ("w1", "w3", "w2"))
+
+    def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted [M, dim] rows sorted by expert, counts [E_local] -> each row through its expert's SwiGLU."""
+        return grouped_swiglu(x_sorted, counts, *self.expert_weights())
 
     def _seq_aux_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences.
