@@ -8,7 +8,7 @@ checkpoint that `hf.py` and the megatron bridge address; the forward stacks them
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,35 +55,42 @@ class Gate(nn.Module):
         return (weights * self.route_scale).to(x.dtype), indices, scores
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x [M, K] rows grouped by expert, w [E, N, K] (nn.Linear layout), offs [E] int32 end row of each group
-    -> [M, N], rows of group e multiplied by w[e]^T.
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm (one CUTLASS launch for all experts, with autograd) runs on Hopper-class GPUs in bf16.
+    Elsewhere torch's own fallback, whose dtype and layout rules differ by version, is not relied on."""
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")
+                                         and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+    return x.is_cuda and bf16 and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
-    torch._grouped_mm (one CUTLASS launch, with autograd) on Hopper-class GPUs in bf16. Elsewhere torch's
-    fallback, whose dtype and layout rules differ by version, is not relied on: each group is one mm over a
-    contiguous slice of rows, which needs no padding and no scatter."""
-    if (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor | Sequence[torch.Tensor], groups: torch.Tensor | list[int]):
+    """x [M, K] rows grouped by expert, w [E, N, K] (nn.Linear layout) -> [M, N]: the rows of group e times w[e]^T.
+
+    Stacked w with groups = int32 end row of each group [E]: torch._grouped_mm. A list of E weights [N, K] with
+    groups = rows per expert: one mm per contiguous group of rows, no padding, no scatter (indexing a stacked
+    tensor per expert instead would cost a full [E, N, K] zero gradient per expert in backward)."""
+    if isinstance(w, torch.Tensor):
         # CUTLASS wants mat_b column-major: the transpose of the contiguous [E, N, K] stack is exactly that.
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
-    parts = x.split(sizes)
-    # With no rows at all the [0, N] result still hangs off x and w: an expert-parallel rank that received no
-    # token must still run the all-to-all in backward that its peers run.
-    return torch.cat([p @ w[e].t() for e, p in enumerate(parts) if sizes[e]] or [x @ w[0].t()])
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=groups)
+    parts = x.split(groups)
+    # With no rows at all the [0, N] result still hangs off x and w: an expert-parallel rank that received no token
+    # must still run the all-to-all in backward that its peers run.
+    return torch.cat([F.linear(p, w[e]) for e, p in enumerate(parts) if groups[e]] or [F.linear(x, w[0])])
 
 
-def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-                   w2: torch.Tensor) -> torch.Tensor:
-    """Every expert's SwiGLU w2(silu(w1 x) * w3 x) on its own rows: x [M, dim] sorted by expert, counts [E]
-    rows per expert, w1/w3 [E, I, dim], w2 [E, dim, I] -> [M, dim]."""
-    if torch.is_autocast_enabled(x.device.type):
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1, w3, w2) -> torch.Tensor:
+    """Every expert's SwiGLU w2(silu(w1 x) * w3 x) on its own rows: x [M, dim] sorted by expert, counts [E] rows
+    per expert, w1/w3 [E, I, dim] and w2 [E, dim, I], stacked (torch._grouped_mm) or as per-expert lists
+    -> [M, dim]."""
+    if isinstance(w1, torch.Tensor):
         # torch._grouped_mm is outside autocast's op lists: cast as autocast would for a Linear.
-        dt = torch.get_autocast_dtype(x.device.type)
+        dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         x, w1, w3, w2 = (t.to(dt) for t in (x, w1, w3, w2))
-    offs = counts.cumsum(0).to(torch.int32)
-    h = F.silu(grouped_mm(x, w1, offs)) * grouped_mm(x, w3, offs)                     # [M, I]
-    return grouped_mm(h, w2, offs)                                                    # [M, dim]
+        groups = counts.cumsum(0).to(torch.int32)                                     # no host sync
+    else:
+        groups = counts.tolist()
+    h = F.silu(grouped_mm(x, w1, groups)) * grouped_mm(x, w3, groups)                 # [M, I]
+    return grouped_mm(h, w2, groups)                                                  # [M, dim]
 
 
 class MoE(nn.Module):
@@ -120,13 +127,13 @@ class MoE(nn.Module):
         aux = self._seq_aux_loss(scores.view(b, s, -1), indices.view(b, s, -1)) if self.aux_alpha > 0 else None
         return y.view(b, s, d), indices.view(b, s, self.topk), aux
 
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The routed experts' weights stacked: w1, w3 [E_local, I, dim] and w2 [E_local, dim, I]."""
-        return tuple(torch.stack([getattr(e, n).weight for e in self.experts]) for n in ("w1", "w3", "w2"))
-
     def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x_sorted [M, dim] rows sorted by expert, counts [E_local] -> each row through its expert's SwiGLU."""
-        return grouped_swiglu(x_sorted, counts, *self.expert_weights())
+        """x_sorted [M, dim] rows sorted by expert, counts [E_local] -> each row through its expert's SwiGLU.
+        The weights stay one MLP per expert (the checkpoint layout); torch._grouped_mm gets them stacked."""
+        w1, w3, w2 = ([getattr(e, n).weight for e in self.experts] for n in ("w1", "w3", "w2"))
+        if use_grouped_mm(x_sorted):
+            w1, w3, w2 = torch.stack(w1), torch.stack(w3), torch.stack(w2)
+        return grouped_swiglu(x_sorted, counts, w1, w3, w2)
 
     def _seq_aux_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences.

@@ -62,8 +62,8 @@ def test_grouped_matches_loop_fp32(over):
     assert err.max() <= 1e-6
     g_new, g_old = _grads(moe, x, y_new), _grads(moe, x, y_old)
     for (name, _), a, b in zip([("x", None)] + list(moe.named_parameters()), g_new, g_old):
-        if b is None:              # an expert that got no token: the loop never touched it, the stack gives zero
-            assert name.startswith("experts.") and not a.any(), name
+        if b is None:              # an expert that got no token: no gradient (zero where weights are stacked)
+            assert name.startswith("experts.") and (a is None or not a.any()), name
         else:
             print(f"grad {name}: max {(a - b).abs().max():.2e} (largest entry {b.abs().max():.1f})")
             assert _close(a, b), name
@@ -83,9 +83,9 @@ def test_grouped_matches_loop_forced_routing_with_idle_experts():
     names = ["x"] + [n for n, _ in moe.named_parameters()]
     for name, a, b in zip(names, _grads(moe, x, y_new), _grads(moe, x, y_old)):
         if b is None:
-            # The loop never touched idle experts (no gradient); the grouped forward stacks every expert's
-            # weight, so an idle expert gets an exact zero, as in megatron's grouped GEMM.
-            assert name.startswith("experts.") and int(name.split(".")[1]) > 5 and not a.any(), name
+            # The loop never touched idle experts (no gradient); torch._grouped_mm's stacked weights would give
+            # them an exact zero instead, as megatron's grouped GEMM does.
+            assert name.startswith("experts.") and int(name.split(".")[1]) > 5 and (a is None or not a.any()), name
         else:
             assert _close(a, b), name
 
@@ -103,13 +103,13 @@ def test_grouped_mm_against_per_group_matmul():
     w = torch.randn(5, 6, 4, generator=g)                          # [E, N, K]
     counts = torch.tensor([3, 0, 2, 0, 4])
     x = torch.randn(int(counts.sum()), 4, generator=g)
-    out = grouped_mm(x, w, counts.cumsum(0).to(torch.int32))
+    out = grouped_mm(x, list(w), counts.tolist())
     ref = torch.cat([x[s:s + n] @ w[e].T for e, (s, n) in
                      enumerate(zip((counts.cumsum(0) - counts).tolist(), counts.tolist())) if n])
     assert torch.equal(out, ref)
     # no rows at all
-    assert grouped_swiglu(x[:0], torch.zeros(5, dtype=torch.long), torch.randn(5, 3, 4), torch.randn(5, 3, 4),
-                          torch.randn(5, 4, 3)).shape == (0, 4)
+    assert grouped_swiglu(x[:0], torch.zeros(5, dtype=torch.long), list(torch.randn(5, 3, 4)),
+                          list(torch.randn(5, 3, 4)), list(torch.randn(5, 4, 3))).shape == (0, 4)
 
 
 def test_grouped_under_cpu_autocast_close_to_loop():
