@@ -2,6 +2,10 @@
 
     model = Transformer(cfg.model)
     out = model(tokens, mode="sparse")       # out.logits, out.indexer_loss (never added to anything for you)
+
+Training at long context: `model.activation_checkpointing = True` recomputes each block in backward, and
+`model(tokens, return_hidden=True)` + `model.lm_loss_chunked(out.hidden, targets)` scores the output head a chunk of
+positions at a time, so the [S, vocab] logits never exist at once.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsaforge.config.model import ModelConfig
 from dsaforge.kernels import causal_mask
@@ -23,12 +28,13 @@ MODES = ("dense", "warmup", "sparse")
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                                 # [B, S, V]
+    logits: Optional[torch.Tensor]                       # [B, S, V]; None with return_hidden=True
     indexer_loss: Optional[torch.Tensor] = None          # mean of indexer_kl; None in dense mode
     indexer_kl: Optional[list[torch.Tensor]] = None      # one scalar per layer (main layers, then MTP layers)
     routing: Optional[list[torch.Tensor]] = None         # [B, S, k] expert indices per MoE layer that ran
     aux_loss: Optional[torch.Tensor] = None              # sequence-wise balance loss (None when alpha = 0)
     mtp_logits: Optional[list[torch.Tensor]] = None      # depth d: [B, S-d, V], position i predicts token i+d+1
+    hidden: Optional[torch.Tensor] = None                # [B, S, dim] final-norm output (return_hidden=True)
 
 
 class Cache:
@@ -92,6 +98,8 @@ class Transformer(nn.Module):
         # points (kernels.indexer_topk / indexer_kl), never holding an [S, T] score tensor. Packed documents need
         # B == 1 there (cu_seqlens); other batches with segment_ids take the materialised path.
         self.fused_dsa = False
+        # Recompute each block (main and MTP) in backward instead of keeping its activations (training forwards).
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -175,9 +183,55 @@ class Transformer(nn.Module):
                 if (r.sort(-1)[0].diff(dim=-1) == 0).any():
                     raise ValueError(f"routing[{i}] repeats an expert within a token")
 
+    def _checkpointed(self, block, x, cos, sin, ctx, forced):
+        """block(x, cos, sin, ctx, forced) under torch.utils.checkpoint (non-reentrant): only x is kept, the block is
+        run again in backward. The recomputation must not repeat the forward's side effects or choices: the routers
+        do not count the tokens again, and each MoE replays the experts the forward chose, so a last-bit difference
+        in the recomputed router input cannot send a token elsewhere. Nothing in a block draws random numbers, so
+        the RNG state is not saved."""
+        first: dict = {}
+
+        def run(x, cos, sin, forced):
+            if "routing" not in first:                           # the forward
+                out = block(x, cos, sin, ctx, forced)
+                first["routing"] = out[2]
+                return out
+            moes = [m for m in self.modules() if isinstance(m, MoE)]
+            for m in moes:
+                m.count_load = False
+            try:
+                return block(x, cos, sin, ctx, first["routing"] if first["routing"] is not None else forced)
+            finally:
+                for m in moes:
+                    m.count_load = True
+
+        return checkpoint(run, x, cos, sin, forced, use_reentrant=False, preserve_rng_state=False)
+
+    def lm_loss_chunked(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                        chunk: int = 4096) -> torch.Tensor:
+        """Mean cross-entropy of the output head on hidden [B, S, dim] (`forward(..., return_hidden=True)`) against
+        targets [B, S] (already shifted; ignore_index marks positions not scored), `chunk` positions at a time.
+
+        Each chunk's [chunk, vocab] fp32 logits live only inside a checkpointed function: the forward keeps the
+        chunk's loss sum, the backward recomputes its logits (one extra head matmul) to get the gradient. Equals
+        F.cross_entropy(head(hidden).float(), targets, ignore_index) in value and gradients."""
+        h, t = hidden.flatten(0, 1), targets.flatten()                                  # [N, dim], [N]
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk):
+            if torch.is_grad_enabled():
+                total = total + checkpoint(self._ce_sum, h[i:i + chunk], t[i:i + chunk], ignore_index,
+                                           use_reentrant=False, preserve_rng_state=False)
+            else:
+                total = total + self._ce_sum(h[i:i + chunk], t[i:i + chunk], ignore_index)
+        return total / (t != ignore_index).sum()
+
+    def _ce_sum(self, h: torch.Tensor, t: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        return F.cross_entropy(self.head(h).float(), t, ignore_index=ignore_index, reduction="sum")
+
     def forward(self, tokens: torch.Tensor, *, mode: Mode = "dense", start_pos: int = 0, cache: Optional[Cache] = None,
                 segment_ids: Optional[torch.Tensor] = None, routing: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                return_routing: bool = False, attn_form: Optional[Form] = None) -> ModelOutput:
+                return_routing: bool = False, attn_form: Optional[Form] = None,
+                return_hidden: bool = False) -> ModelOutput:
         """tokens [B, S] -> ModelOutput.
 
         mode: "dense" (MLA only), "warmup" (dense attention + indexer KL to the head-summed attention),
@@ -185,6 +239,8 @@ class Transformer(nn.Module):
         segment_ids [B, S]: packed documents; attention and indexer selection never cross a boundary.
         routing: forced expert indices per MoE layer (entries may be None to route freely); the router still scores.
         attn_form: force the MHA or absorbed-MQA form (default: MHA for multi-token dense/warmup calls, else MQA).
+        return_hidden: return the final-norm hidden states in `hidden` and skip the output head (`logits` is None);
+              score them with `lm_loss_chunked`.
         """
         self._check(tokens, mode, start_pos, cache, segment_ids, routing, attn_form)
         b, s = tokens.shape
@@ -208,7 +264,10 @@ class Transformer(nn.Module):
             # MTP rows are shorter than the pack: cut the document boundaries at their length
             cu = None if cu_seqlens is None else cu_seqlens.clamp_max(x.shape[1]).unique_consecutive()
             ctx = AttnContext(mode, start_pos, mask, self.cfg.index_topk, attn_form, layer_cache, fused, cu)
-            x, kl, idx, aux = block(x, c, sn, ctx, forced)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                x, kl, idx, aux = self._checkpointed(block, x, c, sn, ctx, forced)
+            else:
+                x, kl, idx, aux = block(x, c, sn, ctx, forced)
             if kl is not None:
                 kls.append(kl)
             if idx is not None:
@@ -221,7 +280,8 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             forced = routing[len(routes)] if len(routes) < len(routing) else None
             h = run(block, h, cos, sin, allowed, cache.layers[i] if cache is not None else None, forced)
-        logits = self.head(self.norm(h))
+        hidden = self.norm(h)
+        logits = None if return_hidden else self.head(hidden)
 
         mtp_logits = None
         if len(self.mtp) and cache is None:
@@ -240,6 +300,7 @@ class Transformer(nn.Module):
 
         return ModelOutput(
             logits=logits,
+            hidden=hidden if return_hidden else None,
             indexer_loss=torch.stack(kls).mean() if kls else None,
             indexer_kl=kls or None,
             routing=routes if return_routing else None,

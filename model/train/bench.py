@@ -4,7 +4,8 @@ Run (1 GPU):  python -m dsaforge.model.train.bench --preset small --seq-lens 409
                   --out docs/benchmarks/train_small_h200
 CPU (smoke):  python -m dsaforge.model.train.bench --preset tiny --seq-lens 128 --steps 2
 One sequence per step on random tokens (throughput does not depend on the text); the step is the trainer's:
-forward in bf16 autocast (fp32 on CPU), loss, backward, AdamW. FLOPs come from `dsaforge.model.accounting`.
+forward in bf16 autocast (fp32 on CPU), loss over the output head in chunks, backward, AdamW, with the preset's
+train.activation_checkpointing. FLOPs come from `dsaforge.model.accounting`.
 Writes OUT.json (every measurement) and OUT.md (the table).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dsaforge.config import load_config
 from dsaforge.model import Transformer, set_trainable, update_router_bias
 from dsaforge.model.accounting import count_params, flops_per_token
 from dsaforge.model.train.metrics import peak_flops
-from dsaforge.model.train.trainer import lm_loss
+from dsaforge.model.train.trainer import forward_lm
 
 
 def bench_one(model: Transformer, mode: str, seq_len: int, steps: int, warmup: int, device, dtype: str) -> dict:
@@ -36,8 +37,7 @@ def bench_one(model: Transformer, mode: str, seq_len: int, steps: int, warmup: i
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-            out = model(inputs, mode=mode)
-        loss = lm_loss(out.logits, targets)
+            out, loss = forward_lm(model, inputs, targets, mode)
         if out.indexer_loss is not None:
             loss = loss + out.indexer_loss
         loss.backward()
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     with torch.device(device):
         model = Transformer(cfg.model)
     model.fused_dsa = device.type == "cuda"        # as the trainer does on one GPU
+    model.activation_checkpointing = cfg.train.activation_checkpointing
     total, active = count_params(cfg.model)
     rows = []
     for seq_len in args.seq_lens:
@@ -92,13 +93,16 @@ def main(argv=None) -> int:
     result = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.processor() or "cpu", "torch": torch.__version__, "dtype": cfg.train.dtype,
               "params_total": total, "params_active": active, "index_topk": cfg.model.index_topk,
-              "batch": "1 sequence per step", "steps_timed": args.steps, "rows": rows}
+              "batch": "1 sequence per step", "steps_timed": args.steps,
+              "activation_checkpointing": cfg.train.activation_checkpointing, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         lines = [f"# Training throughput: {args.preset} preset on {result['device']}", "",
                  f"{total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active), {cfg.train.dtype}, one sequence per "
-                 f"step, top-k {cfg.model.index_topk}, median of {args.steps} steps after {args.warmup} warm-up.",
+                 f"step, top-k {cfg.model.index_topk}, activation checkpointing "
+                 f"{'on' if cfg.train.activation_checkpointing else 'off'}, median of {args.steps} steps after "
+                 f"{args.warmup} warm-up.",
                  "", "| seq len | mode | tokens/s | TFLOP/s | MFU | step s | peak GiB |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             if "error" in r:

@@ -65,8 +65,17 @@ def lr_at(step: int, peak: float, warmup_steps: int, total: int, min_ratio: floa
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the scored targets (IGNORE marks the others)."""
+    """Mean next-token cross-entropy over the scored targets (IGNORE marks the others), from full logits."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def forward_lm(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mode: str,
+               segment_ids: Optional[torch.Tensor] = None):
+    """(ModelOutput, mean LM loss) without ever holding the [S, vocab] logits: the output head is applied a chunk
+    of positions at a time (`Transformer.lm_loss_chunked`). Call under the step's autocast, as the head's matmul
+    belongs to the forward."""
+    out = model(inputs, mode=mode, segment_ids=segment_ids, return_hidden=True)
+    return out, model.lm_loss_chunked(out.hidden, targets, ignore_index=IGNORE)
 
 
 def export(out: Path, state: dict[str, torch.Tensor], cfg: Config, summary: dict) -> None:
@@ -117,6 +126,8 @@ class Trainer:
         # On GPUs the DSA modes use the fused long-context kernels (no [S, S] tensors); their KL has no
         # tensor-parallel head reduction yet, so TP > 1 keeps the materialised path.
         self.model.fused_dsa = self.device.type == "cuda" and (self.par is None or self.par.tp == 1)
+        # Recompute each block in backward (train.activation_checkpointing): long sequences on one device.
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
         if self.bridge:
             self.bridge.parallelize(self.model, self.par)
         self.params = set_trainable(self.model, self.mode)
@@ -163,8 +174,7 @@ class Trainer:
         for mb in micro:
             mb = mb.to(self.device)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                out = self.model(mb.inputs, mode=self.mode, segment_ids=mb.segment_ids)
-            lm = lm_loss(out.logits, mb.targets)
+                out, lm = forward_lm(self.model, mb.inputs, mb.targets, self.mode, mb.segment_ids)
             loss = self.objective(lm, out.indexer_loss, out.aux_loss)
             if not torch.isfinite(loss):
                 self._diverged("loss", loss)
@@ -236,13 +246,13 @@ class Trainer:
         for i in range(0, len(rows), s.micro_batch_size):
             mb = self.val_rows.batch(rows[i:i + s.micro_batch_size]).to(self.device)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                out = self.model(mb.inputs, mode=mode, segment_ids=mb.segment_ids)
+                out, lm = forward_lm(self.model, mb.inputs, mb.targets, mode, mb.segment_ids)
                 if i == 0 and prefix == "val":      # sampled: a prefix of the first validation micro-batch
                     k = self.cfg.model.index_topk
                     n = min(mb.inputs.shape[1], max(4 * k, 1024))   # dense probs are [B, n, H, n]: keep n modest
                     seg = mb.segment_ids[:, :n] if mb.segment_ids is not None else None
                     recall = indexer_recall(self.model, mb.inputs[:, :n], seg, k)
-            stats = torch.stack([lm_loss(out.logits, mb.targets), *(out.indexer_kl or [])])
+            stats = torch.stack([lm, *(out.indexer_kl or [])])
             sums = stats if sums is None else sums + stats
             count += 1
         stats = sums / max(count, 1)
