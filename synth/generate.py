@@ -29,6 +29,20 @@ from dsaforge.synth.search.corpus import build_corpus
 from dsaforge.synth.task import GENERATOR_VERSION, Task, write_manifest
 
 
+class SynthesisError(RuntimeError):
+    """An agent class could not produce any valid task; the message says which gates rejected what."""
+
+
+def _check_requirements(classes: list[str]) -> None:
+    import importlib.util
+
+    if "code_interpreter" in classes:
+        missing = [m for m in ("jupyter_client", "ipykernel") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SynthesisError(f"the code_interpreter agent class needs {' and '.join(missing)} "
+                                 "(pip install jupyter-client ipykernel), or drop it from synth.agent_classes")
+
+
 @dataclass
 class ClassResult:
     agent_class: str
@@ -37,6 +51,7 @@ class ClassResult:
     candidates: int = 0
     validated: int = 0            # tasks that passed every gate, before trimming to tasks_per_class
     rejected: dict[str, int] = field(default_factory=dict)
+    first_error: str = ""
     wall_s: float = 0.0
 
     @property
@@ -122,8 +137,9 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "envs").mkdir(exist_ok=True)
-    # Probe the sandbox up front so a missing bubblewrap fails before any work, with the install hint.
+    # Probe the sandbox and the classes' requirements up front, so a missing piece fails before any work.
     Sandbox(cfg.sandbox)
+    _check_requirements(list(cfg.agent_classes))
     corpus_info = None
     if "search" in cfg.agent_classes:
         corpus_info = build_corpus(out_dir / "search" / "corpus.jsonl", data_dir, limit=cfg.corpus_documents)
@@ -155,6 +171,8 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
                     res.envs_built += 1
                     for g, n in r["rejected"].items():
                         res.rejected[g] = res.rejected.get(g, 0) + n
+                    if r["error"] and not res.first_error:
+                        res.first_error = r["error"]
                     if on_progress:
                         on_progress(cls_name, len(kept_rows), n_tasks)
                 start += count
@@ -164,6 +182,10 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
                 rate = len(kept_rows) / max(start, 1)
                 count = max(1, math.ceil(1.3 * missing / max(rate, 0.5)))
             res.validated = len(kept_rows)
+            if n_tasks > 0 and not kept_rows:
+                raise SynthesisError(f"agent class {cls_name!r}: no task passed its gates out of {res.candidates} "
+                                     f"candidates in {res.envs_built} environments (rejected: {res.rejected}"
+                                     + (f"; first build error: {res.first_error}" if res.first_error else "") + ")")
             tasks = [_task(r, out_dir) for r in kept_rows]
             res.tasks = _select(tasks, n_tasks)
             res.wall_s = time.monotonic() - t0
