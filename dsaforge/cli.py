@@ -31,7 +31,7 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from dsaforge.runner import run_local
+    from dsaforge.runner import run_local, stage_highlights
     from dsaforge.tracking import default_tracking_uri
 
     cfg = _load(args)
@@ -40,6 +40,11 @@ def cmd_run(args) -> int:
     print(f"  outputs:       {result.run_dir}")
     for task, path in result.outputs.items():
         print(f"    {task:<18} {path}")
+    highlights = stage_highlights(result.run_dir)
+    if highlights:
+        print("  results:")
+        for task, line in highlights.items():
+            print(f"    {task:<18} {line}")
     print(f"  run record:    {result.record}")
     print(f"  MLflow run:    {result.mlflow_run_id}  (store: {result.tracking_uri})")
     default = default_tracking_uri(".dsaforge")           # what `dsaforge mlflow ui` opens from this directory

@@ -99,6 +99,30 @@ def run_local(name: str, cfg: Config) -> PipelineResult:
     return PipelineResult(name, run_id, parent.run_id, uri, run_dir, record, seconds, outputs)
 
 
+_SCALARS = ("documents", "train_tokens", "bytes_per_token", "steps", "unigram_entropy", "tasks", "envs", "heldout_tasks")
+_CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean")
+
+
+def stage_highlights(run_dir: Path) -> dict[str, str]:
+    """One line per task from its output artifact's metadata: the numbers a reader checks first."""
+    lines = {}
+    from dsaforge.stages import STAGES
+
+    order = {name: i for i, name in enumerate(STAGES)}
+    for executor_output in sorted(run_dir.glob("*/executor_output.json"),
+                                  key=lambda p: (order.get(p.parent.name, len(order)), p.parent.name)):
+        artifacts = json.loads(executor_output.read_text()).get("artifacts", {})
+        for output in artifacts.values():
+            meta = output["artifacts"][0].get("metadata", {})
+            parts = [f"{k}={meta[k]:.4g}" if isinstance(meta[k], float) else f"{k}={meta[k]}" for k in _SCALARS
+                     if k in meta]
+            parts += [f"{k} {meta[f'start.{k}']:.4g} -> {meta[f'end.{k}']:.4g}" for k in _CHANGES
+                      if f"start.{k}" in meta and f"end.{k}" in meta]
+            if parts:
+                lines[executor_output.parent.name] = ", ".join(parts)
+    return lines
+
+
 def compile_pipeline(name: str, cfg: Config, out: Path) -> Path:
     from kfp import compiler
 

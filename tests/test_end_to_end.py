@@ -29,6 +29,7 @@ def test_demo_prints_where_results_are(demo):
     home, out = demo
     assert "pipeline end-to-end finished" in out
     assert f"mlflow ui --tracking-uri sqlite:///{home / 'mlflow.db'}" in out
+    assert "results:" in out and "val/indexer_kl" in out.split("results:")[1]
     assert str(home / "kfp") in out and str(home / "runs") in out
 
 
@@ -55,7 +56,8 @@ def test_every_stage_is_a_finished_child_run(demo):
     for stage in ("pretrain", "warmup", "sparse"):
         steps = client.get_metric_history(children[stage].info.run_id, "train/lr")
         assert len(steps) >= 10, stage
-    assert children["synthesize"].data.metrics["tasks"] > 0
+    synth = children["synthesize"].data.metrics
+    assert all(synth[f"{cls}.tasks"] > 0 for cls in ("general", "code", "search", "code_interpreter")), synth
 
 
 def test_failed_stage_fails_the_run_and_keeps_earlier_runs(demo, tmp_path):
