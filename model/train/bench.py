@@ -61,6 +61,25 @@ def bench_one(model: Transformer, mode: str, seq_len: int, steps: int, warmup: i
     return row
 
 
+def write(out: Path, result: dict, cfg, args) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Training throughput: {args.preset} preset on {result['device']}", "",
+             f"{result['params_total'] / 1e9:.2f}B parameters ({result['params_active'] / 1e9:.2f}B active), "
+             f"{cfg.train.dtype}, one sequence per step, top-k {cfg.model.index_topk}, activation checkpointing "
+             f"{'on' if cfg.train.activation_checkpointing else 'off'}, median of {args.steps} steps after "
+             f"{args.warmup} warm-up.",
+             "", "| seq len | mode | tokens/s | TFLOP/s | MFU | step s | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['seq_len']} | {r['mode']} | {r['error'].split('. GPU')[0]} | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        lines.append(f"| {r['seq_len']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | "
+                     f"{r['step_s']:.3f} | {r.get('peak_memory_gib', float('nan')):.1f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsaforge.model.train.bench")
     ap.add_argument("--preset", default="small")
@@ -80,38 +99,27 @@ def main(argv=None) -> int:
     model.activation_checkpointing = cfg.train.activation_checkpointing
     total, active = count_params(cfg.model)
     rows = []
+    result = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else platform.processor() or "cpu", "torch": torch.__version__, "dtype": cfg.train.dtype,
+              "params_total": total, "params_active": active, "index_topk": cfg.model.index_topk,
+              "batch": "1 sequence per step", "steps_timed": args.steps,
+              "activation_checkpointing": cfg.train.activation_checkpointing, "rows": rows}
     for seq_len in args.seq_lens:
         for mode in args.modes:
             try:
                 row = bench_one(model, mode, seq_len, args.steps, args.warmup, device, cfg.train.dtype)
             except torch.OutOfMemoryError as e:
                 row = {"mode": mode, "seq_len": seq_len, "error": f"out of memory: {str(e).splitlines()[0]}"}
+            except RuntimeError as e:      # one failing configuration must not hide the others' numbers
+                row = {"mode": mode, "seq_len": seq_len, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+            if "error" in row:
                 model.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else platform.processor() or "cpu", "torch": torch.__version__, "dtype": cfg.train.dtype,
-              "params_total": total, "params_active": active, "index_topk": cfg.model.index_topk,
-              "batch": "1 sequence per step", "steps_timed": args.steps,
-              "activation_checkpointing": cfg.train.activation_checkpointing, "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        lines = [f"# Training throughput: {args.preset} preset on {result['device']}", "",
-                 f"{total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active), {cfg.train.dtype}, one sequence per "
-                 f"step, top-k {cfg.model.index_topk}, activation checkpointing "
-                 f"{'on' if cfg.train.activation_checkpointing else 'off'}, median of {args.steps} steps after "
-                 f"{args.warmup} warm-up.",
-                 "", "| seq len | mode | tokens/s | TFLOP/s | MFU | step s | peak GiB |", "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if "error" in r:
-                lines.append(f"| {r['seq_len']} | {r['mode']} | {r['error'].split('. GPU')[0]} | | | | |")
-                continue
-            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-            lines.append(f"| {r['seq_len']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | "
-                         f"{r['step_s']:.3f} | {r.get('peak_memory_gib', float('nan')):.1f} |")
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+            if args.out:               # after every row: a run stopped by a time limit keeps what it measured
+                write(args.out, result, cfg, args)
     return 0
 
 
