@@ -29,7 +29,6 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -202,15 +201,9 @@ class ExpertParallelMoE(MoE):
     ep_rank: int
     n_local: int
 
-    def forward(self, x: torch.Tensor, forced: Optional[torch.Tensor] = None):
-        b, s, d = x.shape
-        flat = x.reshape(-1, d)                                                           # [N, dim]
-        if forced is not None:
-            forced = forced.reshape(-1, self.topk).to(device=x.device, dtype=torch.long)
-        weights, indices, scores = self.gate(flat, forced)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)              # [E]
-        if self.training:
-            self.expert_load += counts.to(self.expert_load.dtype)
+    def routed(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+               counts: torch.Tensor) -> torch.Tensor:
+        """Send each token-slot to the rank holding its expert, run the local experts, send the outputs back."""
         group = ps.get_expert_model_parallel_group()
         order = indices.flatten().argsort(stable=True)                                    # (token, slot) by expert
         token = order // self.topk
@@ -219,17 +212,13 @@ class ExpertParallelMoE(MoE):
         dist.all_to_all_single(recv, send, group=group)                                  # [ep, local] from each rank
         send_sizes, recv_sizes = send.sum(1).tolist(), recv.sum(1).tolist()
         x_recv = all_to_all(group, flat[token], recv_sizes, send_sizes)          # rows by (source, expert)
-        local_id = torch.repeat_interleave(torch.arange(self.n_local, device=x.device).repeat(self.ep),
+        local_id = torch.repeat_interleave(torch.arange(self.n_local, device=flat.device).repeat(self.ep),
                                            recv.flatten())
         by_expert = local_id.argsort(stable=True)
         y_sorted = self.expert_forward(x_recv[by_expert], recv.sum(0))                   # one grouped SwiGLU
         y_recv = y_sorted[by_expert.argsort()]
         y_back = all_to_all(group, y_recv, send_sizes, recv_sizes)              # [N*k, dim] by expert
-        y = torch.zeros_like(flat).index_add(0, token, y_back * weights.flatten()[order, None])
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
-        aux = self._seq_aux_loss(scores.view(b, s, -1), indices.view(b, s, -1)) if self.aux_alpha > 0 else None
-        return y.view(b, s, d), indices.view(b, s, self.topk), aux
+        return torch.zeros_like(flat).index_add(0, token, y_back * weights.flatten()[order, None])
 
 
 class TensorParallelExpertsMoE(MoE):

@@ -116,16 +116,21 @@ class MoE(nn.Module):
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts)              # [E]
         if self.training and self.count_load:
             self.expert_load += counts.to(self.expert_load.dtype)
+        y = self.routed(flat, weights, indices, counts)                                   # [N, dim]
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        aux = self._seq_aux_loss(scores.view(b, s, -1), indices.view(b, s, -1)) if self.aux_alpha > 0 else None
+        return y.view(b, s, d), indices.view(b, s, self.topk), aux
+
+    def routed(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+               counts: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum for every token (the part expert parallelism redistributes)."""
         # Token-slots sorted by expert; stable, so within an expert tokens stay in order and the final index_add
         # accumulates in the same order as a per-expert loop would.
         order = indices.flatten().argsort(stable=True)                                    # [N*k]
         token = order // self.topk
         y_sorted = self.expert_forward(flat[token], counts)                               # [N*k, dim]
-        y = torch.zeros_like(flat).index_add_(0, token, y_sorted * weights.flatten()[order, None])
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
-        aux = self._seq_aux_loss(scores.view(b, s, -1), indices.view(b, s, -1)) if self.aux_alpha > 0 else None
-        return y.view(b, s, d), indices.view(b, s, self.topk), aux
+        return torch.zeros_like(flat).index_add_(0, token, y_sorted * weights.flatten()[order, None])
 
     def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, dim] rows sorted by expert, counts [E_local] -> each row through its expert's SwiGLU.
@@ -151,3 +156,21 @@ class MoE(nn.Module):
             err = self.expert_load.mean() - self.expert_load
             self.gate.bias += self.bias_update_speed * torch.sign(err)
         self.expert_load.zero_()
+
+
+def loop_reference(moe: MoE, x: torch.Tensor, forced: Optional[torch.Tensor] = None):
+    """The MoE as a plain loop, one matmul per expert that received tokens: the oracle for the grouped dispatch
+    and the baseline of `dsaforge.model.train.bench_moe`. -> (y [B, S, dim], indices [B, S, k])."""
+    b, s, d = x.shape
+    flat = x.reshape(-1, d)
+    if forced is not None:
+        forced = forced.reshape(-1, moe.topk)
+    weights, indices, _ = moe.gate(flat, forced)
+    counts = torch.bincount(indices.flatten(), minlength=moe.n_experts)
+    y = torch.zeros_like(flat)
+    for e in torch.nonzero(counts).flatten().tolist():
+        tok, slot = torch.where(indices == e)
+        y.index_add_(0, tok, moe.experts[e](flat[tok]) * weights[tok, slot, None])
+    if moe.shared_experts is not None:
+        y = y + moe.shared_experts(flat)
+    return y.view(b, s, d), indices.view(b, s, moe.topk)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from dsaforge.config import load_config
-from dsaforge.model.moe import MoE
+from dsaforge.model.moe import MoE, loop_reference
 
 CONFIGS = {
     "tiny": {},
@@ -21,21 +21,6 @@ CONFIGS = {
             "moe_inter_dim": 256},
     "small": None,   # the small preset as it is
 }
-
-
-def loop_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """The previous MoE.forward: one matmul per expert that received tokens."""
-    b, s, d = x.shape
-    flat = x.reshape(-1, d)
-    weights, indices, _ = moe.gate(flat)
-    counts = torch.bincount(indices.flatten(), minlength=moe.n_experts)
-    y = torch.zeros_like(flat)
-    for e in torch.nonzero(counts).flatten().tolist():
-        tok, slot = torch.where(indices == e)
-        y.index_add_(0, tok, moe.experts[e](flat[tok]) * weights[tok, slot, None])
-    if moe.shared_experts is not None:
-        y = y + moe.shared_experts(flat)
-    return y.view(b, s, d)
 
 
 def timed(fn, x: torch.Tensor, repeats: int) -> float:
@@ -70,7 +55,7 @@ def main(argv=None) -> int:
             for p in moe.parameters():
                 p.normal_(0, 0.02)
         x = torch.randn(1, args.tokens, cfg.dim, device=device, requires_grad=True)
-        loop = timed(lambda t: loop_forward(moe, t), x, args.repeats)
+        loop = timed(lambda t: loop_reference(moe, t)[0], x, args.repeats)
         grouped = timed(lambda t: moe(t)[0], x, args.repeats)
         print(json.dumps({"config": name, "device": device.type, "tokens": args.tokens, "dim": cfg.dim,
                           "experts": cfg.n_routed_experts, "active": cfg.n_activated_experts,

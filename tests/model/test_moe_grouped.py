@@ -1,28 +1,11 @@
-"""The grouped expert dispatch of `MoE` against the per-expert loop it replaced (kept here as the oracle):
+"""The grouped expert dispatch of `MoE` against the per-expert loop it replaced (`loop_reference`, the oracle):
 outputs, gradients of the input, the experts, the router and the shared expert, forced routing, idle experts."""
 import pytest
 import torch
 
 from dsaforge.model import MoE
-from dsaforge.model.moe import grouped_mm, grouped_swiglu
+from dsaforge.model.moe import grouped_mm, grouped_swiglu, loop_reference as loop_moe_forward
 from tests.model.model_helpers import tiny_cfg
-
-
-def loop_moe_forward(moe: MoE, x: torch.Tensor, forced=None):
-    """The previous MoE.forward: one matmul per expert that received tokens, index_add into the output."""
-    b, s, d = x.shape
-    flat = x.reshape(-1, d)
-    if forced is not None:
-        forced = forced.reshape(-1, moe.topk)
-    weights, indices, _ = moe.gate(flat, forced)
-    counts = torch.bincount(indices.flatten(), minlength=moe.n_experts)
-    y = torch.zeros_like(flat)
-    for e in torch.nonzero(counts).flatten().tolist():
-        tok, slot = torch.where(indices == e)
-        y.index_add_(0, tok, moe.experts[e](flat[tok]) * weights[tok, slot, None])
-    if moe.shared_experts is not None:
-        y = y + moe.shared_experts(flat)
-    return y.view(b, s, d), indices.view(b, s, moe.topk)
 
 
 def _moe(seed=0, **over):
