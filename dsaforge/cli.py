@@ -77,7 +77,7 @@ def cmd_stage(args) -> int:
     inputs = {}
     for item in args.input:
         if "=" not in item:
-            raise _usage(f"--input {item!r}: expected STAGE=DIR")
+            raise _UsageError(f"--input {item!r}: expected STAGE=DIR")
         key, value = item.split("=", 1)
         inputs[key] = Path(value)
     tracker = NullTracker() if args.no_track else start_stage_run(cfg, args.name, parent_run_id=args.parent_run_id)
@@ -108,7 +108,7 @@ def cmd_config(args) -> int:
             print(text)
     else:
         if len(args.targets) != 2:
-            raise _usage("config diff needs two presets or YAML files, e.g. `dsaforge config diff tiny small`")
+            raise _UsageError("config diff needs two presets or YAML files, e.g. `dsaforge config diff tiny small`")
         a, b = (load_config(None, [t]) if t.endswith((".yaml", ".yml")) else load_config(t) for t in args.targets)
         rows = diff(a, b)
         width = max((len(k) for k, _, _ in rows), default=0)
@@ -150,11 +150,7 @@ def cmd_mlflow(args) -> int:
 
 
 class _UsageError(Exception):
-    pass
-
-
-def _usage(msg: str) -> _UsageError:
-    return _UsageError(msg)
+    """Arguments that parse but make no sense together; reported like other bad input."""
 
 
 def build_parser() -> argparse.ArgumentParser:

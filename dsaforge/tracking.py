@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol
@@ -202,9 +201,9 @@ def start_stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None
     check_reachable(uri, cfg.tracking.connect_timeout_s)
     client = _client(uri)
     if parent_run_id:
-        exp = client.get_run(parent_run_id).info.experiment_id
-        parent_tags = client.get_run(parent_run_id).data.tags
-        tags = {k: v for k, v in parent_tags.items() if k.startswith(("kfp.", "dsaforge."))}
+        parent = client.get_run(parent_run_id)
+        exp = parent.info.experiment_id
+        tags = {k: v for k, v in parent.data.tags.items() if k.startswith(("kfp.", "dsaforge."))}
         tags["mlflow.parentRunId"] = parent_run_id
     else:
         exp = _experiment_id(client, cfg.tracking.experiment,
@@ -217,13 +216,3 @@ def start_stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None
     tracker = MlflowTracker(uri, run.info.run_id, system_metrics_interval_s=interval)
     tracker.log_params(flatten(cfg))
     return tracker
-
-
-def ui_command(cfg: Config) -> str:
-    uri = resolve_tracking_uri(cfg)
-    return f"dsaforge mlflow ui" + ("" if uri == default_tracking_uri(cfg.pipeline.home) else f"  (tracking: {uri})")
-
-
-def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{urllib.parse.quote(run_id)}"
