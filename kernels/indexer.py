@@ -7,7 +7,12 @@ O(chunk_rows * T), bounded by `workspace_bytes`, whatever the sequence length.
 
 FP8 path (DeepSeek's `fp8_index`): q e4m3 with its per-(token, head) scale folded into the head weights,
 k e4m3 with one fp32 scale per token, I[s,t] = k_scale[t] * sum_j w_folded[s,j] * relu(q8[s,j] . k8[t]).
-`reference.indexer_fp8_inputs` quantizes bf16 inputs that way.
+`reference.indexer_fp8_inputs` quantizes bf16 inputs that way. e4m3 keeps 3 mantissa bits, so on its own the fp8
+top-k finds about 96% of the exact top-k (k 2048 of 64K keys, Gaussian inputs). With `fp8=True` the wrapper takes the
+bf16 q, k, w, quantizes them chunk by chunk, lets the fp8 scores pre-select top_k + margin candidates per row, and
+re-scores those exactly from the bf16 inputs (`_indexer_rerank_kernel`) before the final top-k: recall 0.999 for a
+margin of top_k / 4, for 2 (top_k + margin) / L of the score pass's products over a causal sequence of L, in bf16
+(docs/kernels.md).
 
 Run: CPU falls back to the reference (TRITON_INTERPRET=1 runs the kernels in the interpreter); one GPU runs Triton.
 """
@@ -30,6 +35,9 @@ FP8 = torch.float8_e4m3fn
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for bf16 and fp8 inputs.
 SCORE_CONFIG = {"bf16": (128, 128, 8, 3), "fp8": (128, 128, 8, 3)}
 WORKSPACE_BYTES = 1 << 31
+# (BLOCK_C candidates, BLOCK_H heads, num_warps) of the re-score kernel.
+RERANK_CONFIG = (64, 64, 4)
+MARGIN_ALIGN = 64
 
 
 if triton is not None:
@@ -70,6 +78,35 @@ if triton is not None:
                 acc = tl.where(seen, acc, float("-inf"))
             out = OUT + offs_m[:, None].to(tl.int64) * so_r + offs_n[None, :]
             tl.store(out, acc, mask=rmask[:, None] & (offs_n < T)[None, :])
+
+    @triton.jit
+    def _indexer_rerank_kernel(
+            Q, KK, W, CAND, OUT, sqs, sqh, skt, sws, scr, so_r, C,
+            HI: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Exact scores of one query row at its candidate keys: OUT[r, c] = sum_j w[r,j] relu(q[r,j] . k[CAND[r,c]]),
+        -inf where CAND is -1. The keys are gathered by index (k is small enough to live in L2)."""
+        row = tl.program_id(0).to(tl.int64)
+        offs_d = tl.arange(0, D)
+        offs_h = tl.arange(0, BLOCK_H)
+        q_row = Q + row * sqs
+        w_row = W + row * sws
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            cmask = offs_c < C
+            idx = tl.load(CAND + row * scr + offs_c, mask=cmask, other=-1)
+            valid = idx >= 0
+            kt = tl.load(KK + idx[:, None].to(tl.int64) * skt + offs_d[None, :], mask=valid[:, None],
+                         other=0.0)                                                                 # [BC, D]
+            acc = tl.zeros([BLOCK_C], tl.float32)
+            for h0 in tl.static_range(0, HI, BLOCK_H):
+                hmask = (h0 + offs_h) < HI
+                qh = tl.load(q_row + (h0 + offs_h)[:, None] * sqh + offs_d[None, :], mask=hmask[:, None],
+                             other=0.0)                                                             # [BH, D]
+                wh = tl.load(w_row + h0 + offs_h, mask=hmask, other=0.0).to(tl.float32)
+                logits = tl.dot(qh, tl.trans(kt))                                                   # [BH, BC]
+                acc += tl.sum(tl.maximum(logits, 0.0) * wh[:, None], 0)
+            acc = tl.where(valid, acc, float("-inf"))
+            tl.store(OUT + row * so_r + offs_c, acc, mask=cmask)
 
 
 def _check_indexer(q, k, w, k_scale):
@@ -145,19 +182,87 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, causal: bo
     return out
 
 
+def rerank_margin(top_k: int, rerank: int | None = None) -> int:
+    """Candidates the fp8 pass keeps beyond top_k for the exact re-score: top_k / 4 by default (recall 0.999 at
+    k 2048 of 64K Gaussian keys, where top_k / 8 gives 0.993), rounded up to a multiple of 64; 0 = no re-score."""
+    m = -(-top_k // 4) if rerank is None else int(rerank)
+    check(m >= 0, f"rerank (the candidate margin) must be >= 0, got {rerank}")
+    return -(-m // MARGIN_ALIGN) * MARGIN_ALIGN
+
+
+def _check_rerank(q, k, w, candidates):
+    check_tensor("q", q, 4, FLOAT_DTYPES)
+    check_tensor("k", k, 3, FLOAT_DTYPES)
+    check_tensor("w", w, 3, FLOAT_DTYPES)
+    check_tensor("candidates", candidates, 3, (torch.int32,))
+    check_same_device(q=q, k=k, w=w, candidates=candidates)
+    b, s, hi, d = q.shape
+    check(k.shape[0] == b and k.shape[2] == d, f"k must be [B={b}, T, D={d}], got {tuple(k.shape)}")
+    check(q.dtype == k.dtype, f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    check(tuple(w.shape) == (b, s, hi), f"w must be [B={b}, S={s}, Hi={hi}], got {tuple(w.shape)}")
+    check(candidates.shape[:2] == (b, s), f"candidates must be [B={b}, S={s}, C], got {tuple(candidates.shape)}")
+
+
+def _launch_rerank(q, k, w, cand, out):
+    """Exact scores of rows q [n,Hi,D] / w [n,Hi] at their candidate keys cand [n,C] of k [T,D] into out [n,C]."""
+    bc, bh, warps = RERANK_CONFIG
+    hi = q.shape[1]
+    bh = min(bh, max(16, next_pow2(hi)))
+    _indexer_rerank_kernel[(cand.shape[0],)](
+        q, k, w, cand, out, q.stride(0), q.stride(1), k.stride(0), w.stride(0), cand.stride(0), out.stride(0),
+        cand.shape[1], HI=hi, D=q.shape[2], BLOCK_C=bc, BLOCK_H=bh, num_warps=warps)
+
+
+def indexer_rerank(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Exact index scores at given keys: [B, S, C] fp32, out[b,s,c] = sum_j w[b,s,j] relu(q[b,s,j] . k[b,cand]),
+    -inf where candidates[b,s,c] == -1. q [B,S,Hi,D], k [B,T,D] bf16/fp16/fp32, w [B,S,Hi], candidates int32.
+
+    The second stage of `indexer_topk(..., fp8=True)`; memory and work are O(S * C), whatever T is.
+    """
+    _check_rerank(q, k, w, candidates)
+    ok, why = use_triton(q, k, w, candidates)
+    if ok:
+        ok, why2 = _kernel_ok(q, k)
+        why = why2 or why
+    if not ok:
+        record("indexer_rerank", "reference", why)
+        return _reference_rerank(q, k, w, candidates)
+    record("indexer_rerank", "triton", why)
+    b, s, _, _ = q.shape
+    out = empty(b, s, candidates.shape[2], device=q.device, dtype=torch.float32)
+    for bi in range(b):
+        _launch_rerank(q[bi], k[bi], w[bi], candidates[bi], out[bi])
+    return out
+
+
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int,
                  k_scale: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                 workspace_bytes: int = WORKSPACE_BYTES) -> torch.Tensor:
+                 workspace_bytes: int = WORKSPACE_BYTES, fp8: bool = False,
+                 rerank: int | None = None) -> torch.Tensor:
     """Causal top-k of the lightning-indexer scores, without an S x T tensor: [B, S, top_k] int32 key indices.
 
     q [B,S,Hi,D], k [B,T,D], w [B,S,Hi] (bf16/fp16, or fp8 q/k with k_scale [B,T] and folded w). Queries are the
     last S of T positions; with cu_seqlens (int [N+1], B == 1, S == T) the rows are packed documents and each row
     only sees its own document. Row indices come ascending, -1 pads rows with fewer than top_k visible keys.
+
+    fp8=True takes bf16 q, k, w (no k_scale), scores in fp8 e4m3 as DeepSeek's `fp8_index` (quantized here, chunk
+    by chunk), keeps top_k + margin candidates per row and re-scores them exactly from the bf16 inputs before the
+    final top-k. `rerank` is the margin (`rerank_margin`: None = top_k / 4, rounded up to 64; 0 = plain fp8 top-k).
+    Pre-quantized fp8 inputs (k_scale given) have nothing to re-score from: they give the plain fp8 top-k.
     """
     _check_indexer(q, k, w, k_scale)
     check(top_k > 0, f"top_k must be positive, got {top_k}")
-    b, s, _, _ = q.shape
+    if fp8:
+        check(q.dtype != FP8 and k_scale is None,
+              "fp8=True quantizes q and k itself: pass the un-quantized (bf16) q, k, w and no k_scale")
+    else:
+        check(rerank in (None, 0), "rerank re-scores fp8 candidates from the un-quantized inputs: it needs fp8=True "
+              "with bf16 q, k, w" + (" (pre-quantized fp8 q/k cannot be re-scored)" if q.dtype == FP8 else ""))
+    b, s, _, d = q.shape
     t = k.shape[1]
+    n_cand = min(top_k + rerank_margin(top_k, rerank), t) if fp8 else 0
+    if n_cand <= top_k:
+        n_cand = 0                     # no margin, or every key fits in top_k: the fp8 top-k is the answer
     if cu_seqlens is not None:
         check(b == 1, f"packed sequences (cu_seqlens) need B == 1, got B={b}")
         check(s == t, f"packed sequences need S == T, got S={s}, T={t}")
@@ -168,20 +273,60 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int,
     start, end = ref.key_bounds(s, t, cu_seqlens, q.device)
     if not ok:
         record("indexer_topk", "reference", why)
-        return _reference_indexer_topk(q, k, w, top_k, k_scale, start, end)
+        if not fp8:
+            return _reference_indexer_topk(q, k, w, top_k, k_scale, start, end)
+        q8, k8, ks, wf = ref.indexer_fp8_inputs(q, k, w)
+        if not n_cand:
+            return _reference_indexer_topk(q8, k8, wf, top_k, ks, start, end)
+        cand = _reference_indexer_topk(q8, k8, wf, n_cand, ks, start, end)
+        return _reference_select(_reference_rerank(q, k, w, cand), cand, top_k)
     record("indexer_topk", "triton", why)
     out = empty(b, s, top_k, device=q.device, dtype=torch.int32)
     rows = max(1, min(s, workspace_bytes // (4 * t)))
     if rows < s:
         rows = max(128, rows // 128 * 128)
     ws = empty(rows, t, device=q.device, dtype=torch.float32)
+    if n_cand:
+        # Second stage, O(rows * n_cand): candidates (ascending key order), their exact scores, the chosen slots.
+        cand = empty(rows, n_cand, device=q.device, dtype=torch.int32)
+        cand_scores = empty(rows, n_cand, device=q.device, dtype=torch.float32)
+        slots = empty(rows, top_k, device=q.device, dtype=torch.int32)
+        zeros = torch.zeros(rows, device=q.device, dtype=torch.int32)
+        n_valid = (end - start).clamp(max=n_cand).to(torch.int32)           # the fp8 pass fills this many slots
     for bi in range(b):
-        ks = None if k_scale is None else k_scale[bi]
+        if fp8:
+            k8, ks = ref.act_quant_fp8(k[bi], block=d)
+            ks = ks[:, 0].contiguous()
+        else:
+            ks = None if k_scale is None else k_scale[bi]
         for r0 in range(0, s, rows):
             n = min(rows, s - r0)
-            _launch_scores(q[bi], k[bi], w[bi], ks, ws, start, end, r0, n, False)
-            launch_topk(ws[:n], start[r0:], end[r0:], out[bi, r0:], top_k, True)
+            if fp8:
+                q8, qs = ref.act_quant_fp8(q[bi, r0:r0 + n], block=d)             # [n,Hi,D], [n,Hi,1]
+                wf = (w[bi, r0:r0 + n].float() * qs[..., 0]).contiguous()
+                _launch_scores(q8, k8, wf, ks, ws, start[r0:], end[r0:], 0, n, False)
+            else:
+                _launch_scores(q[bi], k[bi], w[bi], ks, ws, start, end, r0, n, False)
+            if not n_cand:
+                launch_topk(ws[:n], start[r0:], end[r0:], out[bi, r0:], top_k, True)
+                continue
+            cd, cs, sl = cand[:n], cand_scores[:n], slots[:n]
+            launch_topk(ws[:n], start[r0:], end[r0:], cd, n_cand, True)
+            _launch_rerank(q[bi, r0:], k[bi], w[bi, r0:], cd, cs)
+            # Slots are ascending positions in an ascending candidate list, so ties still go to the lower key index.
+            launch_topk(cs, zeros, n_valid[r0:], sl, top_k, True)
+            out[bi, r0:r0 + n] = torch.where(sl >= 0, cd.gather(1, sl.clamp_min(0).long()), sl)
     return out
+
+
+def _ascending(idx: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Indices of each row in ascending order, -1 slots last, padded with -1 to top_k."""
+    big = torch.iinfo(torch.int32).max
+    idx = torch.sort(idx.masked_fill(idx < 0, big), dim=-1)[0]
+    idx = idx.masked_fill(idx == big, -1)
+    if idx.shape[-1] < top_k:
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], top_k - idx.shape[-1]), -1)], -1)
+    return idx
 
 
 def _reference_indexer_topk(q, k, w, top_k, k_scale, start, end):
@@ -190,13 +335,25 @@ def _reference_indexer_topk(q, k, w, top_k, k_scale, start, end):
     else:
         scores = ref.indexer_scores(q, k, w, causal=False)
     mask = ref.bounds_mask(start, end, k.shape[1])
-    idx = ref.topk_indices(scores.masked_fill(~mask, float("-inf")), top_k)
-    big = torch.iinfo(torch.int32).max
-    idx = torch.sort(idx.masked_fill(idx < 0, big), dim=-1)[0]
-    idx = idx.masked_fill(idx == big, -1)
-    if idx.shape[-1] < top_k:
-        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], top_k - idx.shape[-1]), -1)], -1)
-    return idx
+    return _ascending(ref.topk_indices(scores.masked_fill(~mask, float("-inf")), top_k), top_k)
+
+
+@ref.fp32_math
+def _reference_rerank(q, k, w, cand):
+    """Exact scores at the candidate keys (fp32, or float64 for float64 inputs); -inf where cand == -1."""
+    dt = torch.promote_types(q.dtype, torch.float32)
+    b = cand.shape[0]
+    kg = k.to(dt)[torch.arange(b, device=k.device)[:, None, None], cand.clamp_min(0).long()]   # [B, S, C, D]
+    scores = torch.einsum("bshd,bscd->bshc", q.to(dt), kg).relu_()                            # [B, S, Hi, C]
+    scores = torch.einsum("bshc,bsh->bsc", scores, w.to(dt))                                  # [B, S, C]
+    return scores.masked_fill(cand < 0, float("-inf"))
+
+
+def _reference_select(scores, cand, top_k):
+    """Top-k of the re-scored candidates (ties: lower slot = lower key index), mapped back to key indices."""
+    slots = ref.topk_indices(scores, top_k).long()
+    idx = torch.where(slots >= 0, cand.gather(-1, slots.clamp_min(0)), -1)
+    return _ascending(idx.to(torch.int32), top_k)
 
 
 def indexer_flops(s_q: int, s_kv: int, heads: int, head_dim: int, causal: bool = True) -> float:
@@ -206,4 +363,4 @@ def indexer_flops(s_q: int, s_kv: int, heads: int, head_dim: int, causal: bool =
     return 2.0 * pairs * heads * head_dim
 
 
-__all__ = ["indexer_flops", "indexer_scores", "indexer_topk"]
+__all__ = ["indexer_flops", "indexer_rerank", "indexer_scores", "indexer_topk", "rerank_margin"]
