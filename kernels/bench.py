@@ -169,6 +169,11 @@ def kernel_level(shape: str, s_kv: int, dev, clock: Clock, s_q: int = S_Q, k: in
                    indexer_path=last_path("indexer_topk")[0])
         ms = timeit(lambda: indexer_topk(iq, ik, iw, k))
         row.update(indexer_topk_bf16_ms=ms, indexer_topk_bf16_tflops=fl_i / ms / 1e9)
+        try:   # the default fp8 path: quantize, fp8 scores, top (k + margin), exact re-score, final top-k
+            ms = timeit(lambda: indexer_topk(iq, ik, iw, k, fp8=True))
+            row.update(indexer_topk_rerank_ms=ms, indexer_topk_rerank_tflops=fl_i / ms / 1e9)
+        except Exception as e:
+            row["indexer_topk_rerank_error"] = f"{type(e).__name__}: {e}"[:300]
     if clock.left() > 30:
         ms = timeit(lambda: unfused_indexer(iq, ik[:, :], iw), max_reps=3)
         row.update(unfused_indexer_bf16_ms=ms, unfused_indexer_bf16_tflops=fl_i / ms / 1e9)
@@ -232,9 +237,14 @@ def layer_level(shape: str, L: int, dev, clock: Clock, k: int = TOP_K, dense: bo
     leaves = [t.requires_grad_() for t in (iq, ik, iw)]
     state = {}
 
-    def fwd():
+    def select(rerank: bool):
+        if rerank:   # fp8 scores, then the top (k + margin) re-scored exactly: recall >= 0.99 (checks)
+            return indexer_topk(iq.detach(), ik.detach(), iw.detach(), k, fp8=True)
+        return indexer_topk(q8, k8, wf, k, k_scale=ks)
+
+    def fwd(rerank: bool = False):
         state.pop("out", None)                   # the previous call's output is not held during this one
-        idx = indexer_topk(q8, k8, wf, k, k_scale=ks)
+        idx = select(rerank)
         out, lse = sparse_mla_fwd(q, kv, idx, scale, cfg["d_v"])
         state.update(idx=idx, out=out, lse=lse)
 
@@ -249,6 +259,12 @@ def layer_level(shape: str, L: int, dev, clock: Clock, k: int = TOP_K, dense: bo
     ti = timeit(lambda: indexer_topk(q8, k8, wf, k, k_scale=ks), max_reps=reps, budget_ms=3000)
     row["dsa_indexer_topk_ms"] = ti
     row["dsa_indexer_tflops"] = indexer_flops(L, L, cfg["hi"], cfg["di"]) / ti / 1e9
+    if clock.left() > 30:
+        try:
+            row["dsa_fwd_rerank_ms"] = timeit(lambda: fwd(True), max_reps=reps, budget_ms=3000)
+            row["dsa_indexer_topk_rerank_ms"] = timeit(lambda: select(True), max_reps=reps, budget_ms=3000)
+        except Exception as e:
+            row["rerank_error"] = f"{type(e).__name__}: {e}"[:300]
     if clock.left() > 30:
         row["dsa_fwdbwd_ms"] = timeit(fwd_bwd, max_reps=reps, budget_ms=3000)
         if dev == "cuda":
@@ -274,7 +290,7 @@ def layer_level(shape: str, L: int, dev, clock: Clock, k: int = TOP_K, dense: bo
         if clock.left() > 60:
             row["sdpa_fwdbwd_ms"] = timeit(sdpa_dense(L, cfg, dev, True), max_reps=1 if L > 32768 else 3,
                                            budget_ms=3000)
-    for a, b in (("fwd", "fwd"), ("fwdbwd", "fwdbwd"), ("fwdbwd", "fwdbwd_kl")):
+    for a, b in (("fwd", "fwd"), ("fwd", "fwd_rerank"), ("fwdbwd", "fwdbwd"), ("fwdbwd", "fwdbwd_kl")):
         if f"sdpa_{a}_ms" in row and f"dsa_{b}_ms" in row:
             row[f"speedup_{b}"] = row[f"sdpa_{a}_ms"] / row[f"dsa_{b}_ms"]
     return row
@@ -298,6 +314,12 @@ SWEEP = {   # split backward: kernel 1 (BLOCK_H, BLOCK_K, warps, stages), kernel
             [(64, 128, 8, 2), (64, 128, 8, 3), (128, 64, 8, 2)], (32, 32, 8, 1)),
     "small": ([], [], (16, 32, 4, 2)),
 }
+FWD_SWEEP = {   # forward (BLOCK_H, BLOCK_K, warps, stages); BLOCK_H 128 = one program per token at h 128
+    "v32": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 8, 4), (128, 64, 16, 2), (128, 32, 16, 2),
+            (128, 32, 16, 3), (128, 64, 16, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "small": [(16, 128, 4, 2), (16, 128, 4, 3), (16, 64, 4, 3), (16, 64, 4, 4), (16, 256, 8, 2), (16, 64, 2, 3),
+              (16, 128, 8, 3)],
+}
 TOPK_SWEEP = [(4096, 8), (2048, 4), (8192, 8), (8192, 16), (1024, 4), (16384, 16)]
 
 
@@ -319,6 +341,29 @@ def sweep_topk(dev, clock: Clock, rows: int = S_Q, t: int = 131072, k: int = TOP
     best = min(ok, key=lambda r: r["ms"]) if ok else dict(block=4096, warps=8)
     topk.TOPK_CONFIG.update(block=best["block"], warps=best["warps"])
     res["best"] = (best["block"], best["warps"])
+    return res
+
+
+def sweep_fwd(dev, clock: Clock, shape: str, s_kv: int = 65536, s_q: int = S_Q, k: int = TOP_K) -> dict:
+    """Time the forward's block configurations at one shape; the fastest becomes FWD_CONFIG for this run."""
+    cfg = SHAPES[shape]
+    d = cfg["d_v"] + cfg["d_pe"]
+    q = _rand(1, s_q, cfg["h"], d, dev=dev)
+    kv = _rand(1, s_kv, d, dev=dev)
+    idx = _indices(1, s_q, s_kv, k, dev)
+    fl = sparse_mla_flops(s_q, k, cfg["h"], d, cfg["d_v"])
+    res = dict(shape=shape, s_kv=s_kv, runs=[])
+    for c in FWD_SWEEP[shape]:
+        if clock.left() < 60:
+            break
+        try:
+            ms = timeit(lambda: sparse_mla_fwd(q, kv, idx, d ** -0.5, cfg["d_v"], config=c))
+            res["runs"].append(dict(cfg=c, ms=ms, tflops=fl / ms / 1e9))
+        except Exception as e:
+            res["runs"].append(dict(cfg=c, error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(res["runs"][-1]), flush=True)
+    ok = [r for r in res["runs"] if r.get("ms")]
+    res["best"] = min(ok, key=lambda r: r["ms"])["cfg"] if ok else None
     return res
 
 
@@ -385,15 +430,16 @@ def render_markdown(res: dict) -> str:
     if res.get("kernels"):
         lines += ["## Kernels (s_q = 4096, k = 2048)", "",
                   "| shape | s_kv | sparse fwd ms | fwd TFLOP/s | fwd GB/s | bwd ms | bwd TFLOP/s | unfused fwd ms "
-                  "| indexer+top-k fp8 ms (TFLOP/s) | bf16 ms (TFLOP/s) | unfused bf16 indexer ms | top-k ms | "
-                  "torch.topk ms | KL sparse fwd+bwd ms | fwd peak MB | bwd peak MB |",
-                  "|" + "---|" * 16]
+                  "| indexer+top-k fp8 ms (TFLOP/s) | fp8 + re-score ms | bf16 ms (TFLOP/s) | unfused bf16 indexer ms "
+                  "| top-k ms | torch.topk ms | KL sparse fwd+bwd ms | fwd peak MB | bwd peak MB |",
+                  "|" + "---|" * 17]
         for r in res["kernels"]:
             lines.append(
                 f"| {r['shape']} | {r['s_kv'] // 1024}K | {_f(r.get('fwd_ms'), 2)} | {_f(r.get('fwd_tflops'))} | "
                 f"{_f(r.get('fwd_gbps'), 0)} | {_f(r.get('bwd_ms'), 2)} | {_f(r.get('bwd_tflops'))} | "
                 f"{_f(r.get('unfused_fwd_ms'), 2)} | {_f(r.get('indexer_topk_fp8_ms'), 2)} "
-                f"({_f(r.get('indexer_topk_fp8_tflops'))}) | {_f(r.get('indexer_topk_bf16_ms'), 2)} "
+                f"({_f(r.get('indexer_topk_fp8_tflops'))}) | {_f(r.get('indexer_topk_rerank_ms'), 2)} | "
+                f"{_f(r.get('indexer_topk_bf16_ms'), 2)} "
                 f"({_f(r.get('indexer_topk_bf16_tflops'))}) | {_f(r.get('unfused_indexer_bf16_ms'), 1)} | "
                 f"{_f(r.get('topk_ms'), 2)} | {_f(r.get('torch_topk_ms'), 2)} | "
                 f"{_f(r.get('kl_sparse_fwdbwd_ms'), 2)} | "
@@ -401,20 +447,24 @@ def render_markdown(res: dict) -> str:
         lines.append("")
     if res.get("layers"):
         lines += ["## Whole attention over an L-token sequence (S = T = L)", "",
-                  "DSA = fp8 indexer + top-k + sparse MLA. fwd+bwd adds the sparse MLA backward; +KL adds the "
+                  "DSA = fp8 indexer + top-k + sparse MLA; the re-score column selects with the fp8 scores' top "
+                  "(k + k/4) re-scored exactly (`indexer_topk(..., fp8=True)`, the path whose recall passes the "
+                  "checks). fwd+bwd adds the sparse MLA backward; +KL adds the "
                   "sparse-stage indexer KL forward and backward (the indexer's only gradient). Dense = causal SDPA, "
                   "cuDNN backend, at the MHA shape of the same model (v32: 128 heads, d_qk 192, d_v 128; small: 16 "
                   "heads, 128, 64). Peak memory includes the inputs.", "",
-                  "| shape | L | DSA fwd ms | of which indexer+top-k ms (TFLOP/s) | DSA fwd+bwd ms | DSA fwd+bwd+KL ms "
-                  "| dense fwd ms | dense fwd+bwd ms | fwd speedup | fwd+bwd speedup | fwd+bwd+KL speedup "
-                  "| DSA fwd+bwd peak MB | +KL peak MB |",
-                  "|" + "---|" * 13]
+                  "| shape | L | DSA fwd ms | of which indexer+top-k ms (TFLOP/s) | DSA fwd, re-score ms "
+                  "| DSA fwd+bwd ms | DSA fwd+bwd+KL ms | dense fwd ms | dense fwd+bwd ms | fwd speedup "
+                  "| fwd speedup, re-score | fwd+bwd speedup | fwd+bwd+KL speedup | DSA fwd+bwd peak MB | +KL peak MB |",
+                  "|" + "---|" * 15]
         for r in res["layers"]:
             lines.append(
                 f"| {r['shape']} | {r['L'] // 1024}K | {_f(r.get('dsa_fwd_ms'), 1)} | "
                 f"{_f(r.get('dsa_indexer_topk_ms'), 1)} ({_f(r.get('dsa_indexer_tflops'))}) | "
+                f"{_f(r.get('dsa_fwd_rerank_ms'), 1)} | "
                 f"{_f(r.get('dsa_fwdbwd_ms'), 1)} | {_f(r.get('dsa_fwdbwd_kl_ms'), 1)} | "
                 f"{_f(r.get('sdpa_fwd_ms'), 1)} | {_f(r.get('sdpa_fwdbwd_ms'), 1)} | {_f(r.get('speedup_fwd'), 2)} | "
+                f"{_f(r.get('speedup_fwd_rerank'), 2)} | "
                 f"{_f(r.get('speedup_fwdbwd'), 2)} | "
                 f"{_f(r.get('speedup_fwdbwd_kl'), 2)} | {_f(r.get('dsa_fwdbwd_peak_mb'), 0)} | "
                 f"{_f(r.get('dsa_fwdbwd_kl_peak_mb'), 0)} |")
@@ -427,7 +477,7 @@ def render_markdown(res: dict) -> str:
                          f"{_f(r['tflops'])} | {_f(r['gbps'], 0)} |")
         lines.append("")
     if res.get("sweep"):
-        lines += ["## Backward block-size sweep (s_kv 64K)", "", "```",
+        lines += ["## Block-size sweeps (top-k at 128K; sparse MLA at s_kv 64K)", "", "```",
                   json.dumps(res["sweep"], indent=1), "```", ""]
     if res.get("checks"):
         lines += ["## GPU correctness checks (float64 references, poisoned outputs)", "",
@@ -448,7 +498,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default="kernels_h200")
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--checks", action="store_true", help="run the GPU correctness checks first")
-    ap.add_argument("--sweep", action="store_true", help="sweep the backward's block sizes first and use the best")
+    ap.add_argument("--sweep", action="store_true",
+                    help="sweep top-k's and sparse MLA's block sizes first and use the best")
+    ap.add_argument("--sweep-only", default=None, help="with --sweep: only these parts (comma list of topk,fwd,bwd)")
     ap.add_argument("--shapes", default="v32,small")
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     ap.add_argument("--layer-sizes", default=None, help="L for the whole-layer comparison (default: --sizes)")
@@ -484,14 +536,23 @@ def main(argv=None) -> dict:
         save()
     if args.sweep and dev == "cuda":
         smla = importlib.import_module("dsaforge.kernels.sparse_mla")   # the module, not the function it exports
-        res["sweep"] = [sweep_topk(dev, clock)]
-        print(json.dumps(res["sweep"][-1]), flush=True)
+        parts = set((args.sweep_only or "topk,fwd,bwd").split(","))
+        res["sweep"] = []
+        if "topk" in parts:
+            res["sweep"].append(sweep_topk(dev, clock))
+            print(json.dumps(res["sweep"][-1]), flush=True)
         for shape in shapes:
-            sw = sweep(dev, clock, shape)
-            res["sweep"].append(sw)
-            for kind, table in (("dq", smla.DQ_CONFIG), ("dkv", smla.DKV_CONFIG)):
-                if sw.get(f"best_{kind}"):
-                    table[SHAPES[shape]["d_v"]] = tuple(sw[f"best_{kind}"])
+            if "fwd" in parts:
+                sw = sweep_fwd(dev, clock, shape)
+                res["sweep"].append(sw)
+                if sw["best"]:
+                    smla.FWD_CONFIG[SHAPES[shape]["d_v"]] = tuple(sw["best"])
+            if "bwd" in parts:
+                sw = sweep(dev, clock, shape)
+                res["sweep"].append(sw)
+                for kind, table in (("dq", smla.DQ_CONFIG), ("dkv", smla.DKV_CONFIG)):
+                    if sw.get(f"best_{kind}"):
+                        table[SHAPES[shape]["d_v"]] = tuple(sw[f"best_{kind}"])
             save()
     if not args.no_kernels:
         for shape in shapes:

@@ -98,6 +98,24 @@ def bounds_mask(start: torch.Tensor, end: torch.Tensor, t: int) -> torch.Tensor:
     return (ar >= start[:, None].long()) & (ar < end[:, None].long())
 
 
+@torch.no_grad()
+def attention_lse(q: torch.Tensor, kv: torch.Tensor, sm_scale: float, start: torch.Tensor, end: torch.Tensor,
+                  budget: int = 1 << 26) -> torch.Tensor:
+    """[B,S,H] fp32 LSE of absorbed-form attention softmax(sm_scale * q . kv) over keys [start, end) of each query,
+    in fp32 einsums over blocks of query rows (about `budget` logits at a time), so no [S, T] tensor is held."""
+    b, s, h, _ = q.shape
+    t = kv.shape[1]
+    keys = torch.arange(t, device=q.device)
+    rows = max(1, budget // (b * h * t))
+    out = []
+    for r0 in range(0, s, rows):
+        r1 = min(s, r0 + rows)
+        logits = torch.einsum("bshd,btd->bsht", q[:, r0:r1].float(), kv.float()) * sm_scale
+        seen = (keys >= start[r0:r1, None]) & (keys < end[r0:r1, None])                   # [rows, T]
+        out.append(logits.masked_fill(~seen[None, :, None], float("-inf")).logsumexp(-1))
+    return torch.cat(out, dim=1)
+
+
 def act_quant_fp8(x: torch.Tensor, block: int = 128, round_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek's `act_quant`: e4m3 with one fp32 scale per `block` of the last dim (amax/448, amax >= 1e-4,
     the scale rounded up to a power of two as with scale_fmt=ue8m0). Returns (x_fp8, scale[..., D/block])."""

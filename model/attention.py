@@ -194,24 +194,17 @@ class MLA(nn.Module):
         return p.masked_fill(indices < 0, 0.0)
 
     @torch.no_grad()
-    def _dense_lse(self, q_lat, kv_all, allowed, cu_seqlens, budget: int = 1 << 26):
-        """LSE [B, S, H] of dense absorbed-form attention, a block of query rows at a time (the warm-up KL target
-        is recomputed from it), so neither [B, S, H, T] probabilities nor an [S, T] mask are ever held."""
-        b, s, h, _ = q_lat.shape
-        t = kv_all.shape[1]
+    def _dense_lse(self, q_lat, kv_all, allowed, cu_seqlens):
+        """LSE [B, S, H] of dense absorbed-form attention (the warm-up KL target is recomputed from it), so neither
+        [B, S, H, T] probabilities nor an [S, T] mask are ever held."""
         if allowed is None:
-            start, end = kernels.key_bounds(s, t, cu_seqlens, q_lat.device)
-            keys = torch.arange(t, device=q_lat.device)
-        rows = max(1, budget // (b * h * t))
+            return kernels.attention_lse(q_lat, kv_all, self.softmax_scale, self.kv_lora_rank, cu_seqlens)
+        b, s, h, _ = q_lat.shape
+        rows = max(1, (1 << 26) // (b * h * kv_all.shape[1]))
         out = []
-        for r0 in range(0, s, rows):
-            r1 = min(s, r0 + rows)
-            logits = torch.einsum("bshd,btd->bsht", q_lat[:, r0:r1].float(), kv_all.float()) * self.softmax_scale
-            if allowed is not None:
-                seen = allowed[:, r0:r1]                                                       # [B|1, rows, T]
-            else:
-                seen = ((keys >= start[r0:r1, None]) & (keys < end[r0:r1, None]))[None]
-            out.append(logits.masked_fill(~seen[:, :, None], float("-inf")).logsumexp(-1))
+        for r0 in range(0, s, rows):                                                   # an explicit [B|1, S, T] mask
+            logits = torch.einsum("bshd,btd->bsht", q_lat[:, r0:r0 + rows].float(), kv_all.float()) * self.softmax_scale
+            out.append(logits.masked_fill(~allowed[:, r0:r0 + rows, None], float("-inf")).logsumexp(-1))
         return torch.cat(out, dim=1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -264,7 +264,10 @@ class Transformer(nn.Module):
             # MTP rows are shorter than the pack: cut the document boundaries at their length
             cu = None if cu_seqlens is None else cu_seqlens.clamp_max(x.shape[1]).unique_consecutive()
             ctx = AttnContext(mode, start_pos, mask, self.cfg.index_topk, attn_form, layer_cache, fused, cu)
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            # Recompute only where a graph runs through the block: in the warm-up the backbone is frozen and only the
+            # indexer (fed detached inputs) learns, so x carries no graph and a recomputation would buy nothing.
+            if (self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+                    and x.requires_grad):
                 x, kl, idx, aux = self._checkpointed(block, x, c, sn, ctx, forced)
             else:
                 x, kl, idx, aux = block(x, c, sn, ctx, forced)

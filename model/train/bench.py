@@ -25,7 +25,26 @@ from dsaforge.model.train.metrics import peak_flops
 from dsaforge.model.train.trainer import forward_lm
 
 
-def bench_one(model: Transformer, mode: str, seq_len: int, steps: int, warmup: int, device, dtype: str) -> dict:
+def _profile_step(step, device, path: Path) -> dict:
+    """One more step under torch.profiler: the kernels that dominate it, written to `path` as a table."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step()
+    wall = time.perf_counter() - t0
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = prof.key_averages()
+    table = events.table(sort_by=sort, row_limit=40, max_name_column_width=90)
+    # Device time summed over kernels (launches overlap nothing on one stream): how busy the GPU was in the step.
+    busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"wall {wall:.3f} s (profiled), device busy {busy} s\n\n{table}\n")
+    return {"profile": path.name, "profiled_wall_s": wall, "device_busy_s": busy}
+
+
+def bench_one(model: Transformer, mode: str, seq_len: int, steps: int, warmup: int, device, dtype: str,
+              profile_to: Path | None = None) -> dict:
     params = set_trainable(model, mode)
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
     tokens = torch.randint(0, model.cfg.vocab_size, (1, seq_len + 1), device=device)
@@ -34,8 +53,8 @@ def bench_one(model: Transformer, mode: str, seq_len: int, steps: int, warmup: i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+
+    def step() -> torch.Tensor:
         with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
             out, loss = forward_lm(model, inputs, targets, mode)
         if out.indexer_loss is not None:
@@ -46,8 +65,14 @@ def bench_one(model: Transformer, mode: str, seq_len: int, steps: int, warmup: i
         update_router_bias(model)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return loss
+
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    prof = _profile_step(step, device, profile_to) if profile_to else {}
     del opt
     step_s = sorted(times)[len(times) // 2]
     tps = seq_len / step_s
@@ -55,7 +80,7 @@ def bench_one(model: Transformer, mode: str, seq_len: int, steps: int, warmup: i
     peak = peak_flops(device, dtype)
     row = {"mode": mode, "seq_len": seq_len, "step_s": step_s, "tokens_per_s": tps,
            "tflops": flops * tps / 1e12, "mfu": flops * tps / peak if peak else None,
-           "flops_per_token": flops, "loss": loss.item()}
+           "flops_per_token": flops, "loss": loss.item(), **prof}
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
@@ -88,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one extra step per row; OUT_<mode>_<seq>.profile.txt lists its top kernels")
     args = ap.parse_args(argv)
     cfg = load_config(args.preset)
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, max(args.seq_lens))
@@ -107,7 +134,9 @@ def main(argv=None) -> int:
     for seq_len in args.seq_lens:
         for mode in args.modes:
             try:
-                row = bench_one(model, mode, seq_len, args.steps, args.warmup, device, cfg.train.dtype)
+                prof = (args.out.parent / f"{args.out.name}_{mode}_{seq_len}.profile.txt"
+                        if args.profile and args.out else None)
+                row = bench_one(model, mode, seq_len, args.steps, args.warmup, device, cfg.train.dtype, prof)
             except torch.OutOfMemoryError as e:
                 row = {"mode": mode, "seq_len": seq_len, "error": f"out of memory: {str(e).splitlines()[0]}"}
             except RuntimeError as e:      # one failing configuration must not hide the others' numbers

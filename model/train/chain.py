@@ -2,13 +2,15 @@
 
 Run (CPU):   python -m dsaforge.model.train.chain --preset tiny --out runs/chain
 1 GPU:       python -m dsaforge.model.train.chain --preset small --out runs/chain --set train.pretrain.steps=50
-Stages log to MLflow when --mlflow is given (else metrics.jsonl in each stage's directory only).
+With --mlflow the chain is one parent run and each stage a child run (params, per-step metrics, artifacts), as the
+KFP pipeline logs them; without it, metrics.jsonl in each stage's directory only.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+import uuid
 from pathlib import Path
 
 from dsaforge.config import load_config
@@ -32,18 +34,32 @@ def main(argv=None) -> int:
         if not (data / "manifest.json").exists():
             prepare(cfg, data)
     from dsaforge.model.train import stages
+    parent = None
+    if args.mlflow:
+        from dsaforge.tracking import start_pipeline_run, start_stage_run
+        parent = start_pipeline_run(cfg, "chain", uuid.uuid4().hex, str(args.out.resolve()))
     inputs = {"prepare-data": data}
-    for name in stages.ORDER:
-        t0 = time.time()
-        tracker = NullTracker()
-        if args.mlflow:
-            from dsaforge.tracking import start_stage_run
-            tracker = start_stage_run(cfg, name)
-        summary = getattr(stages, name)(StageContext(cfg, args.out / name, dict(inputs), tracker))
-        if args.mlflow:
-            tracker.finish()
-        print(json.dumps({"stage": name, "seconds": round(time.time() - t0, 1), **summary}, default=str), flush=True)
-        inputs = {"prepare-data": data, name: args.out / name}
+    status = "FAILED"
+    try:
+        for name in stages.ORDER:
+            t0 = time.time()
+            tracker = start_stage_run(cfg, name, parent_run_id=parent.run_id) if parent else NullTracker()
+            try:
+                summary = getattr(stages, name)(StageContext(cfg, args.out / name, dict(inputs), tracker))
+            except BaseException:
+                if parent:
+                    tracker.finish("FAILED")
+                raise
+            if parent:
+                tracker.finish()
+                parent.log_metrics({f"{name}.seconds": time.time() - t0})
+            print(json.dumps({"stage": name, "seconds": round(time.time() - t0, 1), **summary}, default=str),
+                  flush=True)
+            inputs = {"prepare-data": data, name: args.out / name}
+        status = "FINISHED"
+    finally:
+        if parent:
+            parent.finish(status)
     return 0
 
 

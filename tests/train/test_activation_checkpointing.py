@@ -52,9 +52,10 @@ def test_checkpointing_changes_nothing_but_memory(tiny_data, tmp_path, stage):
     for k, v in keep["state"].items():
         assert torch.allclose(ckpt["state"][k], v, rtol=1e-6, atol=1e-7), k
     # Recomputation ran: each micro-batch enters each block twice with checkpointing (forward, then backward;
-    # a pre-hook, because the recomputation stops as soon as it has rebuilt what backward needs).
+    # a pre-hook, because the recomputation stops as soon as it has rebuilt what backward needs). Not in the
+    # warm-up: the backbone is frozen there, no graph runs through a block, and recomputing it would buy nothing.
     per_pass = STEPS * keep["micro"] * keep["n_blocks"]
-    assert keep["calls"] == per_pass and ckpt["calls"] == 2 * per_pass
+    assert keep["calls"] == per_pass and ckpt["calls"] == (1 if stage == "warmup" else 2) * per_pass
 
 
 def test_recomputation_counts_router_load_once(tiny_data, tmp_path):
