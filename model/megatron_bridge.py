@@ -1,25 +1,33 @@
 """The megatron-core bridge: the only dsaforge module that imports megatron.
 
-It turns the single-device `dsaforge.model.Transformer` into a tensor/expert/data-parallel one after
+It turns the single-device `dsaforge.model.Transformer` into a tensor/expert/pipeline/data-parallel one after
 construction (module replacement, as torchtitan and gpt-fast do), so one model definition serves every layout:
 
-- process groups: megatron's `parallel_state` (TP, EP, DP, expert-DP; order tp-cp-ep-dp-pp), over NCCL on GPU
+- process groups: megatron's `parallel_state` (TP, PP, EP, DP, expert-DP; order tp-cp-ep-dp-pp), over NCCL on GPU
   and gloo on CPU (megatron's tensor-parallel layers and autograd collectives run on gloo unchanged);
+- pipeline parallel: each stage keeps n_layers / pp consecutive blocks, the embedding on the first stage and the
+  final norm + head on the last (stand-ins replace the rest, see `_pipeline_stage`), so the model's own forward runs
+  one stage; megatron's `get_forward_backward_func()` (1F1B) runs the micro-batches and moves activations and
+  gradients between stages; an earlier stage's loss terms ride on its activation (`attach_loss`);
 - tensor parallel: MLA heads (wq_b, wkv_b -> ColumnParallelLinear; wo -> RowParallelLinear) and the SwiGLU FFNs of
   dense layers, shared experts and, when ep = 1, routed experts (w1, w3 column; w2 row; the routed ones run as one
   grouped SwiGLU, `TensorParallelExpertsMoE`). The attention's replicated latent projections feed only
   this rank's heads, so their input gradient is summed by megatron's `copy_to_tensor_model_parallel_region` at the
-  attention input and their weight gradients are summed across TP after backward (like megatron's
+  attention input and their weight gradients are summed across TP before the DP reduction (like megatron's
   sequence-parallel norm weights). The indexer KL target (attention summed over heads) is all-reduced across TP
   through `dsaforge.model.train.seam`. Embedding, output head, routers and indexers stay replicated;
 - expert parallel: each EP rank owns n_routed_experts / ep experts; tokens travel to their experts and back through
   an autograd all-to-all (megatron's allocates on CUDA only, see `_AllToAll`); routing is computed where the token lives, so it matches one device exactly;
-- data parallel: gradients are averaged over megatron's data-parallel groups (expert weights over the
-  expert-data-parallel group) by `sync_grads`; the optimizer is torch AdamW on every rank.
+- data parallel: megatron's `DistributedDataParallel` (contiguous fp32 grad buffers; dense gradients averaged over the
+  DP group, expert weights, marked `allreduce = False`, over the expert-DP group) and megatron's optimizer from
+  `get_megatron_optimizer`: `DistributedOptimizer` (AdamW state sharded over DP; torch's AdamW inside, as neither
+  Transformer Engine nor apex is required) with clipping to the global gradient norm, chained with a second one for
+  expert weights under EP. One process (world size 1) keeps the trainer's plain torch AdamW.
 
-Not used: megatron's DistributedDataParallel and DistributedOptimizer (their contiguous grad buffers are allocated
-on CUDA, so they cannot run in the CPU/gloo tests that pin this bridge's numerics), and pipeline parallelism
-(pp > 1 is refused with a clear error).
+megatron 0.16 still names CUDA where its DDP buffers, optimizer scalars and p2p buffers are allocated; on CPU
+`_megatron_device` maps those requests to the CPU, so the same megatron code runs in the gloo tests that pin this
+bridge's numerics. MTP layers under pp > 1 are refused with a clear error (they need the embedding on the last
+stage).
 
 Run: not directly; `dsaforge stage pretrain|warmup|sparse` launches torchrun when parallel.world_size > 1.
 """
@@ -28,17 +36,30 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message="When using async grad allreduce")
+warnings.filterwarnings("ignore", message="full scope is deprecated")             # TransformerConfig's defaults
+# megatron's optimizer probes `.grad` on its flat shard views (optimizer.py, _zero_grad_group_helper)
+warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf",
+                        module=r"megatron\.core\.optimizer")
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core import tensor_parallel as mtp  # noqa: E402
+from megatron.core.enums import ModelType  # noqa: E402
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
 from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel import mappings  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from dsaforge.config import Config, ConfigError
 from dsaforge.model.layers import MLP
@@ -55,42 +76,56 @@ class Parallel:
     rank: int = 0
     tp: int = 1
     ep: int = 1
+    pp: int = 1
     dp: int = 1
     tp_rank: int = 0
     ep_rank: int = 0
+    pp_rank: int = 0
     dp_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
     def layout(self) -> dict:
-        return {"world": self.world, "tp": self.tp, "ep": self.ep, "pp": 1}
+        return {"world": self.world, "tp": self.tp, "ep": self.ep, "pp": self.pp}
 
 
 def init_parallel(cfg: Config, device: torch.device) -> Parallel:
     """Join the torchrun job and build megatron's process groups."""
     p = cfg.parallel
     if p.pp > 1:
-        raise ConfigError("parallel.pp > 1: pipeline parallelism is not implemented in dsaforge's trainer yet; "
-                          "use tp/ep/dp")
+        if cfg.model.n_layers % p.pp:
+            raise ConfigError(f"parallel.pp {p.pp} does not divide model.n_layers {cfg.model.n_layers}")
+        if cfg.model.n_mtp_layers:
+            raise ConfigError("parallel.pp > 1 with model.n_mtp_layers > 0: the MTP layers need the embedding on the "
+                              "last stage, which dsaforge's pipeline split does not share yet")
     if not dist.is_initialized():
         backend = p.backend if p.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend)
     world = dist.get_world_size()
-    if world % (p.tp * p.ep):
-        raise ConfigError(f"world size {world} is not divisible by tp*ep = {p.tp * p.ep}")
+    if world % (p.tp * p.ep * p.pp):
+        raise ConfigError(f"world size {world} is not divisible by tp*ep*pp = {p.tp * p.ep * p.pp}")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    sizes = (p.tp, p.ep, p.pp)
     if not ps.model_parallel_is_initialized():         # several stages may run in one job
-        ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, expert_model_parallel_size=p.ep,
-                                     create_gloo_process_groups=False)
-    elif (ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size()) != (p.tp, p.ep):
-        raise ConfigError(f"this job's process groups were built for tp={ps.get_tensor_model_parallel_world_size()}"
-                          f" ep={ps.get_expert_model_parallel_world_size()}, not tp={p.tp} ep={p.ep}")
-    return Parallel(world=world, rank=dist.get_rank(), tp=p.tp, ep=p.ep, dp=world // p.tp,
+        ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+                                     expert_model_parallel_size=p.ep, create_gloo_process_groups=False)
+    elif (built := (ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
+                    ps.get_pipeline_model_parallel_world_size())) != sizes:
+        raise ConfigError(f"this job's process groups were built for tp, ep, pp = {built}, not {sizes}")
+    return Parallel(world=world, rank=dist.get_rank(), tp=p.tp, ep=p.ep, pp=p.pp, dp=world // (p.tp * p.pp),
                     tp_rank=ps.get_tensor_model_parallel_rank(), ep_rank=ps.get_expert_model_parallel_rank(),
-                    dp_rank=ps.get_data_parallel_rank())
+                    pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank())
 
 
 def destroy(par: Parallel) -> None:
@@ -141,6 +176,8 @@ def _tp_linear(linear: nn.Linear, kind: str, par: Parallel, reduce_input_grad: b
     new.weight.data.copy_(shard)
     new.weight.dsaforge_shard = f"tp{par.tp_rank}/"
     new.weight.dsaforge_partition_dim = 0 if kind == "column" else 1
+    # megatron marks a sharded weight only when it initializes it; its grad norm counts unmarked ones on TP rank 0
+    mtp.set_tensor_model_parallel_attributes(new.weight, True, new.weight.dsaforge_partition_dim, 1)
     return new
 
 
@@ -247,6 +284,8 @@ def _expert_parallel(moe: MoE, par: Parallel) -> None:
 
 def parallelize(model: nn.Module, par: Parallel) -> nn.Module:
     """Shard a freshly built (and loaded) single-device model in place for this rank."""
+    if par.pp > 1:
+        _pipeline_stage(model, par)
     for m in model.modules():
         if isinstance(m, MoE) and par.ep > 1:
             _expert_parallel(m, par)
@@ -274,7 +313,219 @@ def shard_tag(name: str, t: torch.Tensor) -> str:
     return getattr(t, "dsaforge_shard", "")
 
 
-# ---------------------------------------------------------------- gradients
+# ---------------------------------------------------------------- pipeline parallel
+
+class _Elsewhere(nn.Module):
+    """Stands in for a block held by another pipeline stage: the hidden state passes through. Blocks keep their
+    global index (`layers.<i>`), so checkpoint keys and the consolidated export name them as one device does."""
+
+    def forward(self, x, cos, sin, ctx, forced=None):
+        return x, None, None, None
+
+
+class _StageInput(nn.Module):
+    """Stands in for the embedding on every stage after the first: the activation received from the previous
+    stage, which megatron's schedule hands over through `set_input_tensor`."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.hidden
+
+
+def _pipeline_stage(model: nn.Module, par: Parallel) -> None:
+    """Keep this stage's contiguous n_layers / pp blocks, the embedding on the first stage and the final norm and
+    output head on the last; `model(tokens, return_hidden=True)` then runs just this stage (on earlier stages its
+    `hidden` is the block output that goes to the next stage)."""
+    per = len(model.layers) // par.pp
+    local = range(par.pp_rank * per, (par.pp_rank + 1) * per)
+    for i in range(len(model.layers)):
+        if i not in local:
+            model.layers[i] = _Elsewhere()
+    stage_input = _StageInput()
+    if not par.first_stage:
+        model.embed = stage_input
+    if not par.last_stage:
+        model.norm, model.head = nn.Identity(), nn.Identity()
+    model.stage_layers = local
+
+    def set_input_tensor(tensors: list) -> None:
+        stage_input.hidden = tensors[0]
+    model.set_input_tensor = set_input_tensor          # what megatron's schedule looks up on the model
+    model.model_type = ModelType.encoder_or_decoder
+
+
+def attach_loss(hidden: torch.Tensor, loss: Optional[torch.Tensor]) -> torch.Tensor:
+    """`hidden`, whose backward also backpropagates `loss` (scaled by 1 / micro-batches, as the last stage's loss
+    is): the objective terms computed on an earlier stage (its layers' indexer KL and balance loss) train there.
+    megatron's MoEAuxLossAutoScaler does this for its own MoE layers' auxiliary losses."""
+    return hidden if loss is None else MoEAuxLossAutoScaler.apply(hidden, loss)
+
+
+def pipeline_step(dp: DataParallel, micro: list, stage_forward: Callable, forward_only: bool = False) -> None:
+    """Run every micro-batch through megatron's pipeline schedule (1F1B). On each stage, `stage_forward(mb)` runs
+    this stage's part of the model and returns the loss on the last stage, the activation for the next stage on the
+    others; the schedule exchanges activations and their gradients between stages (p2p) and runs the backward
+    passes, leaving the gradients in megatron's DDP buffers for `DataParallel.step`."""
+    def forward_step(data_iterator, model):
+        return stage_forward(next(data_iterator)), lambda loss: (loss.clone(), {})   # the schedule scales in place
+
+    with _megatron_device(dp.device):
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[dp.ddp],
+                                    num_microbatches=len(micro), seq_length=micro[0].inputs.shape[1],
+                                    micro_batch_size=micro[0].inputs.shape[0], forward_only=forward_only)
+
+
+def sum_over_stages(values: torch.Tensor, par: Parallel) -> torch.Tensor:
+    """Sum a tensor over the pipeline stages (each fills in the entries of its own layers)."""
+    if par.pp > 1:
+        values = values.clone()
+        dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+    return values
+
+
+def merge_over_stages(values: dict, par: Parallel) -> dict:
+    """Union of a dict held in part by each pipeline stage (per-layer metrics, state-dict entries)."""
+    if par.pp == 1:
+        return values
+    parts = [None] * par.pp
+    dist.all_gather_object(parts, values, group=ps.get_pipeline_model_parallel_group())
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any (ranks stop together, or the next collective would hang)."""
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# ---------------------------------------------------------------- data parallel: megatron's DDP and optimizer
+
+class _CudaNamesOnCpu(TorchFunctionMode):
+    """Read megatron's CUDA device requests as the CPU: `device="cuda"` factory arguments become "cpu",
+    `tensor.cuda()` is the tensor itself, and `tensor.type()` answers with the `torch.cuda.*` name that megatron's
+    optimizers test for (distrib_optimizer.py and optimizer.py sort parameters by 'torch.cuda.FloatTensor')."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if isinstance(device, int) or (device is not None and torch.device(device).type == "cuda"):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _megatron_device(device: torch.device) -> Iterator[None]:
+    """Run megatron's DDP, optimizer and pipeline code on `device`. On GPUs this does nothing. On CPU (the gloo jobs
+    that pin the bridge's numerics) megatron 0.16 still names CUDA where it allocates: grad/param buffers and p2p
+    receive buffers on `torch.cuda.current_device()`, clip-grad and found-inf scalars on `device="cuda"`, and p2p
+    calls `torch.cuda.synchronize()`; here those requests land on the CPU (gloo's p2p is synchronous). Nothing else
+    changes: the buffers, collectives, schedule and AdamW math are megatron's."""
+    if device.type != "cpu":
+        yield
+        return
+    standins = {"current_device": lambda: torch.device("cpu"), "synchronize": lambda device=None: None}
+    originals = {name: getattr(torch.cuda, name) for name in standins}
+    for name, fn in standins.items():
+        setattr(torch.cuda, name, fn)
+    try:
+        with _CudaNamesOnCpu():
+            yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.cuda, name, fn)
+
+
+def _transformer_config(cfg: Config) -> TransformerConfig:
+    """The model description megatron's DDP, optimizer and schedules read (layout and dtypes, not the architecture)."""
+    m = cfg.model
+    return TransformerConfig(num_layers=m.n_layers, hidden_size=m.dim, num_attention_heads=m.n_heads,
+                             tensor_model_parallel_size=cfg.parallel.tp, expert_model_parallel_size=cfg.parallel.ep,
+                             pipeline_model_parallel_size=cfg.parallel.pp, num_moe_experts=m.n_routed_experts,
+                             moe_ffn_hidden_size=m.moe_inter_dim, moe_token_dispatcher_type="alltoall",
+                             add_bias_linear=False, params_dtype=torch.float32,
+                             pipeline_dtype=torch.float32, use_cpu_initialization=True, perform_initialization=False,
+                             # stages exchange [B, S, dim] (megatron's own layout is [S, B, dim]): send shapes first
+                             variable_seq_lengths=True)
+
+
+@dataclass
+class DataParallel:
+    """megatron's DistributedDataParallel around the sharded model and the megatron optimizer over it."""
+    ddp: DistributedDataParallel
+    optimizer: MegatronOptimizer
+    tp_partial: list[nn.Parameter]
+    device: torch.device
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        with _megatron_device(self.device):
+            self.ddp.zero_grad_buffer()
+            self.optimizer.zero_grad(set_to_none)
+
+    def step(self) -> float:
+        """Reduce the accumulated gradients, clip to the global norm and take the AdamW step; returns that norm
+        (non-finite: the step has run and the caller stops before anything is saved)."""
+        if self.tp_partial:      # gradient from this rank's heads only: sum over TP before the DP reduction
+            _all_reduce([p.main_grad for p in self.tp_partial], ps.get_tensor_model_parallel_group())
+        with _megatron_device(self.device):
+            self.ddp.finish_grad_sync()
+            _, norm, _ = self.optimizer.step()
+        return float("nan") if norm is None else float(norm)
+
+    def tensors(self, rank: int) -> dict[str, torch.Tensor]:
+        """This rank's optimizer shard as checkpoint tensors (live references, so DCP loads in place): for each
+        inner torch AdamW, the main parameters it updates and their state. Keys carry the global rank; resume
+        needs the same layout, which the checkpoint's meta.json enforces."""
+        out = {}
+        for c, opt in enumerate(getattr(self.optimizer, "chained_optimizers", [self.optimizer])):
+            inner = opt.optimizer
+            for g, group in enumerate(inner.param_groups):
+                for i, p in enumerate(group["params"]):
+                    key = f"rank{rank:05d}/optim/{c}/{g}/{i}"
+                    st = inner.state[p]
+                    if not st:      # before the first step: allocate what AdamW would, so loading fills it
+                        st["step"] = torch.zeros((), dtype=torch.float32)
+                        st["exp_avg"] = torch.zeros_like(p)
+                        st["exp_avg_sq"] = torch.zeros_like(p)
+                    out[f"{key}/main"] = p.data
+                    out.update({f"{key}/{k}": v for k, v in st.items()})
+        return out
+
+
+def data_parallel(model: nn.Module, cfg: Config, stage: str, par: Parallel, device: torch.device) -> DataParallel:
+    """Wrap the parallelized model (its trainable parameters already chosen) in megatron's DDP and build megatron's
+    optimizer: AdamW (torch's, as neither Transformer Engine nor apex is required), weight decay on matrices only,
+    clipping to train.<stage>.grad_clip, and with parallel.distributed_optimizer its state sharded over DP.
+    Dense gradients are averaged over the DP group and expert ones (`allreduce = False`) over the expert-DP group,
+    both scaled by 1/dp: an expert's gradient already holds every EP rank's tokens."""
+    scfg = getattr(cfg.train, stage)
+    distributed = cfg.parallel.distributed_optimizer
+    for p in model.parameters():
+        if getattr(p, "dsaforge_expert", False):
+            p.allreduce = False
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
+    opt_cfg = OptimizerConfig(optimizer="adam", lr=scfg.lr, weight_decay=scfg.weight_decay, adam_beta1=0.9,
+                              adam_beta2=0.95, adam_eps=1e-8, clip_grad=scfg.grad_clip,
+                              use_distributed_optimizer=distributed)
+    with _megatron_device(device):
+        ddp = DistributedDataParallel(_transformer_config(cfg), ddp_cfg, model)
+        optimizer = get_megatron_optimizer(opt_cfg, [ddp], use_gloo_process_groups=False)
+    for group in optimizer.param_groups:    # megatron's LR scheduler applies wd_mult (0 for biases and 1-D tensors)
+        group["weight_decay"] = scfg.weight_decay * group["wd_mult"]
+    tp_partial = [p for p in model.parameters() if p.requires_grad and getattr(p, "dsaforge_tp_partial", False)]
+    return DataParallel(ddp, optimizer, tp_partial, device)
+
 
 def _all_reduce(tensors: list[torch.Tensor], group, scale: float = 1.0) -> None:
     if not tensors:
@@ -287,39 +538,6 @@ def _all_reduce(tensors: list[torch.Tensor], group, scale: float = 1.0) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
-
-
-def sync_grads(params: list[nn.Parameter], par: Parallel) -> None:
-    """Sum partial attention gradients over TP, then average everything over data parallelism."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if par.tp > 1:
-        _all_reduce([p.grad for p in params if getattr(p, "dsaforge_tp_partial", False)],
-                    ps.get_tensor_model_parallel_group())
-    # Expert gradients already hold every EP rank's tokens (the all_to_all backward); summing them over the
-    # expert-data-parallel group then covers all DP ranks, like the dense ones summed over the DP group.
-    dense = [p.grad for p in params if not getattr(p, "dsaforge_expert", False)]
-    expert = [p.grad for p in params if getattr(p, "dsaforge_expert", False)]
-    if par.dp > 1:
-        _all_reduce(dense, ps.get_data_parallel_group(), 1.0 / par.dp)
-    if expert and (par.dp > 1):
-        _all_reduce(expert, ps.get_expert_data_parallel_group(), 1.0 / par.dp)
-
-
-def grad_norm(params: list[nn.Parameter], par: Parallel) -> torch.Tensor:
-    """Global L2 norm of the gradients, counting each shard once."""
-    def sq(ps_):
-        return sum((p.grad.float().pow(2).sum() for p in ps_), torch.zeros((), device=params[0].device))
-    tp_sharded = [p for p in params if shard_tag("", p).startswith("tp")]
-    experts = [p for p in params if getattr(p, "dsaforge_expert", False)]
-    rest = [p for p in params if not shard_tag("", p)]
-    a, b = sq(tp_sharded), sq(experts)
-    if par.tp > 1:
-        dist.all_reduce(a, group=ps.get_tensor_model_parallel_group())
-    if par.ep > 1:
-        dist.all_reduce(b, group=ps.get_expert_model_parallel_group())
-    return (sq(rest) + a + b).sqrt()
 
 
 def mean_over_dp(values: torch.Tensor, par: Parallel) -> torch.Tensor:
@@ -341,7 +559,8 @@ def sync_expert_load(model: nn.Module, par: Parallel) -> None:
 # ---------------------------------------------------------------- consolidation
 
 def consolidated_state_dict(model: nn.Module, par: Parallel) -> dict[str, torch.Tensor]:
-    """The single-device model's state dict (TP shards concatenated, experts renumbered globally), on every rank."""
+    """The single-device model's state dict (TP shards concatenated, experts renumbered globally, pipeline stages
+    joined), on every rank."""
     tensors = dict(model.named_buffers())
     tensors.update(dict(model.named_parameters()))
     persistent = set(model.state_dict().keys())
@@ -363,4 +582,4 @@ def consolidated_state_dict(model: nn.Module, par: Parallel) -> dict[str, torch.
                 out[_EXPERT.sub(f".experts.{r * n_local + local}.", name, count=1)] = part.cpu()
         else:
             out[name] = t.detach().cpu()
-    return out
+    return merge_over_stages(out, par)

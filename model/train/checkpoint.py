@@ -8,9 +8,10 @@ Layout under a stage's `checkpoints/`:
   step-00000100.tmp-<id>/   in progress (or left by a crash): never loaded, removed by the next save
 
 Sharding: a tensor whose key is the same on every rank is replicated and DCP stores it once; tensor- or
-expert-parallel shards get rank-specific keys (`tp1/...`, `ep0/...` from `shard_tag`), so every shard is saved
-exactly once and a resumed run with the same layout reads back exactly what it wrote. Changing the layout goes
-through the stage's consolidated HF export (`hf/`), which every next stage starts from.
+expert-parallel shards get rank-specific keys (`tp1/...`, `ep0/...` from `shard_tag`), and under torchrun
+megatron's distributed optimizer keeps each rank's slice of the AdamW state under `rank<r>/optim/...`, so every
+shard is saved exactly once and a resumed run with the same layout reads back exactly what it wrote. Changing the
+layout goes through the stage's consolidated HF export (`hf/`), which every next stage starts from.
 """
 from __future__ import annotations
 
@@ -81,12 +82,16 @@ def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 def tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                  shard_tag: Callable[[str, torch.Tensor], str]) -> dict[str, torch.Tensor]:
-    """Flat name -> tensor dict (live references, so DCP loads in place) of the model and optimizer."""
-    ensure_optimizer_state(optimizer)
-    names = {id(p): n for n, p in model.named_parameters()}
+    """Flat name -> tensor dict (live references, so DCP loads in place) of the model and optimizer. An optimizer
+    that shards its own state (megatron's distributed optimizer, through the bridge) lists its tensors itself."""
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         out[f"{shard_tag(name, t)}model/{name}"] = t.data if isinstance(t, nn.Parameter) else t
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        out.update(optimizer.tensors(_rank()))
+        return out
+    ensure_optimizer_state(optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             name = names[id(p)]

@@ -5,7 +5,9 @@
     sparse    mode "sparse": top-k attention, everything trains, LM loss + KL over the selected keys (the
                              indexer's inputs are detached inside MLA, so each loss reaches only its own parameters)
 
-One process is one device; under torchrun the megatron bridge shards the same model over TP/EP/DP.
+One process is one device; under torchrun the megatron bridge shards the same model over TP/EP/PP, and megatron's
+DDP and distributed optimizer reduce the gradients over DP and step (pp > 1: megatron's pipeline schedule runs the
+micro-batches).
 Exact resume: the batch, learning rate and RNG of step i depend only on i and the checkpoint, so a run killed at any
 point and resumed from its last checkpoint retraces the uninterrupted run.
 """
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import shutil
 import signal
 import time
+from functools import reduce
 from pathlib import Path
 from typing import Optional
 
@@ -29,8 +33,9 @@ from dsaforge.model.accounting import flops_per_token
 from dsaforge.model.hf import export_hf, import_hf
 from dsaforge.model.moe import MoE
 from dsaforge.model.train import checkpoint as ckpt
-from dsaforge.model.train.data import IGNORE, StepSampler, TokenRows, micro_batches, unigram_entropy
-from dsaforge.model.train.metrics import indexer_recall, memory_gib, peak_flops
+from dsaforge.model.train import seam
+from dsaforge.model.train.data import IGNORE, Batch, StepSampler, TokenRows, micro_batches, unigram_entropy
+from dsaforge.model.train.metrics import indexer_recall, memory_gib, peak_flops, topk_recall
 from dsaforge.progress import Progress
 from dsaforge.tracking import NullTracker, Tracker
 
@@ -131,11 +136,14 @@ class Trainer:
         if self.bridge:
             self.bridge.parallelize(self.model, self.par)
         self.params = set_trainable(self.model, self.mode)
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.scfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.scfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+        if self.bridge:     # megatron's DDP + (distributed) optimizer: gradient reduction, clipping, AdamW
+            self.optimizer = self.bridge.data_parallel(self.model, cfg, stage, self.par, self.device)
+        else:
+            decay = [p for p in self.params if p.dim() >= 2]
+            no_decay = [p for p in self.params if p.dim() < 2]
+            self.optimizer = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": self.scfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=self.scfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
         self.autocast = self.device.type == "cuda" and cfg.train.dtype == "bfloat16"
 
         s = self.scfg
@@ -153,13 +161,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def objective(self, lm: torch.Tensor, kl: Optional[torch.Tensor], aux: Optional[torch.Tensor]) -> torch.Tensor:
+    def objective(self, lm: Optional[torch.Tensor], kl: Optional[torch.Tensor],
+                  aux: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The loss to backpropagate. A pipeline stage passes only the terms it computes (lm on the last stage, its
+        layers' share of the KL and aux loss on each); None when it computes none."""
+        w = self.scfg.indexer_loss_weight
         if self.mode == "warmup":                       # the backbone is frozen: the indexer KL is all there is
-            return self.scfg.indexer_loss_weight * kl
-        loss = lm if aux is None else lm + aux
-        if self.mode == "sparse":
-            loss = loss + self.scfg.indexer_loss_weight * kl
-        return loss
+            terms = [None if kl is None else w * kl]
+        else:
+            terms = [lm, aux, w * kl if self.mode == "sparse" and kl is not None else None]
+        terms = [t for t in terms if t is not None]
+        return reduce(operator.add, terms) if terms else None
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -170,33 +182,39 @@ class Trainer:
         batch = self.train_rows.batch(self.sampler.indices(self.step))
         micro = micro_batches(batch, self.scfg.micro_batch_size)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = None
-        for mb in micro:
-            mb = mb.to(self.device)
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                out, lm = forward_lm(self.model, mb.inputs, mb.targets, self.mode, mb.segment_ids)
-            loss = self.objective(lm, out.indexer_loss, out.aux_loss)
-            if not torch.isfinite(loss):
-                self._diverged("loss", loss)
-            (loss / len(micro)).backward()
-            stats = torch.stack([lm.detach(), *[kl.detach() for kl in (out.indexer_kl or [])]])
-            sums = stats if sums is None else sums + stats
-        stats = sums / len(micro)
-        if self.bridge:
-            self.bridge.sync_grads(self.params, self.par)
-            gnorm = self.bridge.grad_norm(self.params, self.par)
+        if self._pipelined():
+            stats = self._pipeline(micro, self.mode)
+            if not torch.isfinite(stats).all():
+                self._diverged("loss", stats[0])
+        else:
+            sums = None
+            for mb in micro:
+                mb = mb.to(self.device)
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    out, lm = forward_lm(self.model, mb.inputs, mb.targets, self.mode, mb.segment_ids)
+                loss = self.objective(lm, out.indexer_loss, out.aux_loss)
+                if not torch.isfinite(loss):
+                    self._diverged("loss", loss)
+                (loss / len(micro)).backward()
+                stats = torch.stack([lm.detach(), *[kl.detach() for kl in (out.indexer_kl or [])]])
+                sums = stats if sums is None else sums + stats
+            stats = sums / len(micro)
+        if self.bridge:         # reduce over DP, clip to the global norm, step: all inside megatron's optimizer
+            gnorm = torch.tensor(self.optimizer.step())
             stats = self.bridge.mean_over_dp(stats, self.par)
+            if not torch.isfinite(gnorm):
+                self._diverged("gradient norm", gnorm)
         else:
             gnorm = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params if p.grad is not None]))
-        if not torch.isfinite(gnorm):
-            self._diverged("gradient norm", gnorm)
-        if self.scfg.grad_clip > 0:
-            coef = (self.scfg.grad_clip / (gnorm + 1e-6)).clamp(max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        self.optimizer.step()
+            if not torch.isfinite(gnorm):
+                self._diverged("gradient norm", gnorm)
+            if self.scfg.grad_clip > 0:
+                coef = (self.scfg.grad_clip / (gnorm + 1e-6)).clamp(max=1.0)
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+            self.optimizer.step()
         if self.mode == "warmup":                       # routers are frozen: drop the loads counted meanwhile
             for m in self.model.modules():
                 if isinstance(m, MoE):
@@ -224,6 +242,59 @@ class Trainer:
     def _world(self) -> int:
         return self.par.world if self.par else 1
 
+    # ------------------------------------------------------------------ pipeline parallel (parallel.pp > 1)
+
+    def _pipelined(self) -> bool:
+        return self.par is not None and self.par.pp > 1
+
+    def _stage_forward(self, mb: Batch, mode: str, rows: list) -> torch.Tensor:
+        """This pipeline stage's part of one micro-batch. The last stage returns its loss; earlier stages return the
+        activation for the next stage, carrying their layers' KL and balance terms for backward. The objective's
+        KL is a mean over layers, so each stage contributes its layers' sum / n_layers. Appends [lm, KL per
+        layer] with this stage's entries filled in (zeros elsewhere) to `rows`."""
+        mb = mb.to(self.device)
+        n = self.cfg.model.n_layers
+        received = None if self.par.first_stage else self.model.embed.hidden
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            if self.par.last_stage:
+                out, lm = forward_lm(self.model, mb.inputs, mb.targets, mode, mb.segment_ids)
+            else:
+                out, lm = self.model(mb.inputs, mode=mode, segment_ids=mb.segment_ids, return_hidden=True), None
+        kls = out.indexer_kl or []
+        row = torch.zeros(1 + (n if mode != "dense" else 0), device=self.device)
+        if lm is not None:
+            row[0] = lm.detach()
+        for i, kl in zip(self.model.stage_layers, kls):
+            row[1 + i] = kl.detach()
+        rows.append(row)
+        loss = self.objective(lm, torch.stack(kls).sum() / n if kls else None, out.aux_loss)
+        if not self.par.last_stage:
+            return self.bridge.attach_loss(out.hidden, loss)
+        # The schedule sends the input's gradient back, so it must exist even where the loss does not reach the
+        # input (warm-up: frozen backbone, indexer inputs detached); adding 0 * input makes it zeros there.
+        return loss + 0.0 * received.sum()
+
+    def _pipeline(self, micro: list[Batch], mode: str, forward_only: bool = False) -> torch.Tensor:
+        """Mean [lm, KL per layer] over the micro-batches, run through megatron's pipeline schedule."""
+        rows: list = []
+        self.bridge.pipeline_step(self.optimizer, micro, lambda mb: self._stage_forward(mb, mode, rows), forward_only)
+        return self.bridge.sum_over_stages(torch.stack(rows).sum(0), self.par) / len(micro)
+
+    def _pipeline_recall(self, mb: Batch) -> dict[str, float]:
+        """`indexer_recall` across pipeline stages: each stage scores its own layers on a warm-up-mode forward."""
+        k = self.cfg.model.index_topk
+        with seam.capture_indexer_targets() as captured:
+            self._pipeline([mb], "warmup", forward_only=True)
+        local = {}
+        for i, (p, logits, valid) in zip(self.model.stage_layers, captured):
+            r = topk_recall(p, logits, valid.expand_as(p), k)
+            if r is not None:
+                local[f"recall/layer{i}"] = r
+        out = dict(sorted(self.bridge.merge_over_stages(local, self.par).items()))
+        if out:
+            out["recall/mean"] = sum(out.values()) / len(out)
+        return out
+
     def _diverged(self, what: str, value: torch.Tensor) -> None:
         last = ckpt.latest_checkpoint(self.ckpt_dir)
         raise NonFiniteLoss(f"{self.stage}: non-finite {what} ({float(value.detach())}) at step {self.step + 1}; stopping. "
@@ -241,21 +312,30 @@ class Trainer:
         dp_rank, dp = (self.par.dp_rank, self.par.dp) if self.par else (0, 1)
         n = min(len(self.val_rows), s.eval_batches * s.batch_size)
         rows = list(range(n))[dp_rank::dp]
-        sums, count = None, 0
         recall = {}
-        for i in range(0, len(rows), s.micro_batch_size):
-            mb = self.val_rows.batch(rows[i:i + s.micro_batch_size]).to(self.device)
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                out, lm = forward_lm(self.model, mb.inputs, mb.targets, mode, mb.segment_ids)
-                if i == 0 and prefix == "val":      # sampled: a prefix of the first validation micro-batch
-                    k = self.cfg.model.index_topk
-                    n = min(mb.inputs.shape[1], max(4 * k, 1024))   # dense probs are [B, n, H, n]: keep n modest
-                    seg = mb.segment_ids[:, :n] if mb.segment_ids is not None else None
-                    recall = indexer_recall(self.model, mb.inputs[:, :n], seg, k)
-            stats = torch.stack([lm, *(out.indexer_kl or [])])
-            sums = stats if sums is None else sums + stats
-            count += 1
-        stats = sums / max(count, 1)
+        micro = [self.val_rows.batch(rows[i:i + s.micro_batch_size]) for i in range(0, len(rows), s.micro_batch_size)]
+        if prefix == "val" and micro:       # sampled: a prefix of the first validation micro-batch
+            k = self.cfg.model.index_topk
+            first = micro[0]
+            n = min(first.inputs.shape[1], max(4 * k, 1024))   # dense probs are [B, n, H, n]: keep n modest
+            head = Batch(first.inputs[:, :n], first.targets[:, :n],
+                         first.segment_ids[:, :n] if first.segment_ids is not None else None).to(self.device)
+            if self._pipelined():
+                recall = self._pipeline_recall(head)
+            else:
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    recall = indexer_recall(self.model, head.inputs, head.segment_ids, k)
+        if self._pipelined():
+            stats = self._pipeline(micro, mode, forward_only=True)
+        else:
+            sums = None
+            for mb in micro:
+                mb = mb.to(self.device)
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    out, lm = forward_lm(self.model, mb.inputs, mb.targets, mode, mb.segment_ids)
+                stats = torch.stack([lm, *(out.indexer_kl or [])])
+                sums = stats if sums is None else sums + stats
+            stats = sums / len(micro)
         if self.bridge:
             stats = self.bridge.mean_over_dp(stats, self.par)
         stats = stats.tolist()
@@ -298,10 +378,9 @@ class Trainer:
         self._stop = True
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([float(self._stop)], device=self.device)
         if self.bridge:                                 # stop together, or the checkpoint collectives would hang
-            flag = self.bridge.mean_over_dp(flag, self.par) * self.par.dp
-        return bool(flag.item() > 0)
+            return self.bridge.any_rank(self._stop, self.device)
+        return self._stop
 
     def log(self, metrics: dict[str, float]) -> None:
         if not self.is_main:

@@ -1,11 +1,13 @@
-"""TP=1 (one process), TP=2 and EP=2 (two CPU processes, gloo, through the megatron bridge) train the same model
-to the same losses in fp32: dense pretraining from scratch, then warm-up and sparse adaptation from a trained
-tiny model (trained, so the indexer's top-k has no near-ties that rounding could reorder).
+"""TP=1 (one process), and TP=2, EP=2, DP=2 and PP=2 (two CPU processes, gloo, through the megatron bridge:
+megatron's DDP and distributed optimizer; under PP its 1F1B schedule over 2 micro-batches) train the same model to
+the same losses in fp32 with the same global batch: dense pretraining from scratch, then warm-up and sparse
+adaptation from a trained tiny model (trained, so the indexer's top-k has no near-ties that rounding could reorder).
 
 Run: python -m pytest tests/train/test_parallel.py -q
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,8 @@ from dsaforge.model.train.trainer import Trainer
 
 STAGES = ("pretrain", "warmup", "sparse")
 STEPS = 3
+LAYOUTS = {"tp2": {"nproc_per_node": 2, "tp": 2}, "ep2": {"nproc_per_node": 2, "ep": 2},
+           "dp2": {"nproc_per_node": 2}, "pp2": {"nproc_per_node": 2, "pp": 2}}
 
 
 def _cfg(**parallel):
@@ -41,19 +45,21 @@ def runs(tmp_path_factory, tiny_chain):
     cfg = _cfg()
     for name in STAGES:
         Trainer(cfg, name, data, root / "tp1" / name, None if name == "pretrain" else init).fit()
-    layouts = {"tp2": {"nproc_per_node": 2, "tp": 2}, "ep2": {"nproc_per_node": 2, "ep": 2}}
-    for layout, parallel in layouts.items():
-        cfg_path = root / f"{layout}.json"
-        cfg_path.write_text(_cfg(**parallel).model_dump_json())
-        worker = Path(__file__).with_name("parallel_worker.py")
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                               str(worker), str(cfg_path), str(data), str(init), str(root / layout), *STAGES],
-                              capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for layout, parallel in LAYOUTS.items():
+        _torchrun(_cfg(**parallel), root / f"{layout}.json", data, init, root / layout, *STAGES)
     return root
 
 
-@pytest.mark.parametrize("layout", ["tp2", "ep2"])
+def _torchrun(cfg, cfg_path: Path, data: Path, init: Path, out: Path, *stages: str) -> None:
+    cfg_path.write_text(cfg.model_dump_json())
+    worker = Path(__file__).with_name("parallel_worker.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(worker), str(cfg_path), str(data), str(init), str(out), *stages],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("stage,key", [("pretrain", "train/lm_loss"), ("warmup", "train/indexer_kl"),
                                        ("sparse", "train/lm_loss"), ("sparse", "train/indexer_kl")])
 def test_losses_agree_within_1e5(runs, layout, stage, key):
@@ -65,10 +71,37 @@ def test_losses_agree_within_1e5(runs, layout, stage, key):
     assert ref[-1]["train/grad_norm"] == pytest.approx(par[-1]["train/grad_norm"], rel=1e-4)
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_megatron_ddp_and_distributed_optimizer_step(runs, layout):
+    for stage in STAGES:
+        classes = json.loads((runs / layout / stage / "classes.json").read_text())
+        assert classes["ddp"] == "DistributedDataParallel"
+        # dense and (under EP) expert parameters each get a DistributedOptimizer, chained
+        assert classes["chained"] and set(classes["chained"]) == {"DistributedOptimizer"}, classes
+        # rank 0 holds the whole model, or under PP the first stage: the embedding and block 0 of 2
+        assert classes["stage_layers"] == ([0] if layout == "pp2" else [0, 1])
+
+
 def test_parallel_export_matches_single_device_names(runs):
     ref = import_hf(runs / "tp1" / "pretrain" / "hf").state_dict()
-    for layout in ("tp2", "ep2"):
+    for layout in LAYOUTS:
         got = import_hf(runs / layout / "pretrain" / "hf").state_dict()
         assert got.keys() == ref.keys()
         worst = max(float((got[k] - ref[k]).abs().max()) for k in ref)
         assert worst < 1e-5, (layout, worst)
+
+
+def test_distributed_optimizer_resumes_exactly(tmp_path, tiny_chain):
+    """EP=2: the dense AdamW state is sharded over DP=2 and the experts' lives in a second distributed optimizer. A run
+    resumed from its step-2 checkpoint retraces the uninterrupted run bit for bit."""
+    cfg = _cfg(nproc_per_node=2, ep=2)
+    cfg.train.pretrain.steps, cfg.train.pretrain.ckpt_every, cfg.train.pretrain.eval_every = 4, 2, 2
+    data, out = tiny_chain["data"], tmp_path / "run"
+    _torchrun(cfg, tmp_path / "cfg.json", data, data, out, "pretrain")
+    full = _losses(out, "pretrain")
+    shutil.rmtree(out / "pretrain" / "checkpoints" / "step-00000004")
+    _torchrun(cfg, tmp_path / "cfg.json", data, data, out, "pretrain")
+    resumed = _losses(out, "pretrain")
+    keys = ("train/lm_loss", "train/grad_norm", "val/lm_loss")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in full]
