@@ -17,7 +17,8 @@ construction (module replacement, as torchtitan and gpt-fast do), so one model d
   sequence-parallel norm weights). The indexer KL target (attention summed over heads) is all-reduced across TP
   through `dsaforge.model.train.seam`. Embedding, output head, routers and indexers stay replicated;
 - expert parallel: each EP rank owns n_routed_experts / ep experts; tokens travel to their experts and back through
-  an autograd all-to-all (megatron's allocates on CUDA only, see `_AllToAll`); routing is computed where the token lives, so it matches one device exactly;
+  an autograd all-to-all (megatron's allocates on CUDA only, see `_AllToAll`); routing is computed where the token
+  lives, so it matches one device exactly;
 - data parallel: megatron's `DistributedDataParallel` (contiguous fp32 grad buffers; dense gradients averaged over the
   DP group, expert weights, marked `allreduce = False`, over the expert-DP group) and megatron's optimizer from
   `get_megatron_optimizer`: `DistributedOptimizer` (AdamW state sharded over DP; torch's AdamW inside, as neither
@@ -42,12 +43,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|are) not installed")
 warnings.filterwarnings("ignore", message="When using async grad allreduce")
 warnings.filterwarnings("ignore", message="full scope is deprecated")             # TransformerConfig's defaults
-# megatron's optimizer probes `.grad` on its flat shard views (optimizer.py, _zero_grad_group_helper)
-warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf",
-                        module=r"megatron\.core\.optimizer")
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core import tensor_parallel as mtp  # noqa: E402
 from megatron.core.enums import ModelType  # noqa: E402
@@ -428,19 +426,24 @@ def _megatron_device(device: torch.device) -> Iterator[None]:
     receive buffers on `torch.cuda.current_device()`, clip-grad and found-inf scalars on `device="cuda"`, and p2p
     calls `torch.cuda.synchronize()`; here those requests land on the CPU (gloo's p2p is synchronous). Nothing else
     changes: the buffers, collectives, schedule and AdamW math are megatron's."""
-    if device.type != "cpu":
-        yield
-        return
-    standins = {"current_device": lambda: torch.device("cpu"), "synchronize": lambda device=None: None}
-    originals = {name: getattr(torch.cuda, name) for name in standins}
-    for name, fn in standins.items():
-        setattr(torch.cuda, name, fn)
-    try:
-        with _CudaNamesOnCpu():
+    with warnings.catch_warnings():
+        # megatron probes `.grad` on its optimizer's flat shard views and calls torch's deprecated-named collectives
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+        warnings.filterwarnings("ignore",
+                                message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)`")
+        if device.type != "cpu":
             yield
-    finally:
-        for name, fn in originals.items():
+            return
+        standins = {"current_device": lambda: torch.device("cpu"), "synchronize": lambda device=None: None}
+        originals = {name: getattr(torch.cuda, name) for name in standins}
+        for name, fn in standins.items():
             setattr(torch.cuda, name, fn)
+        try:
+            with _CudaNamesOnCpu():
+                yield
+        finally:
+            for name, fn in originals.items():
+                setattr(torch.cuda, name, fn)
 
 
 def _transformer_config(cfg: Config) -> TransformerConfig:
