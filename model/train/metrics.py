@@ -51,9 +51,16 @@ def topk_recall(p: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor, k: i
 @torch.no_grad()
 def indexer_recall(model: torch.nn.Module, inputs: torch.Tensor, segment_ids: Optional[torch.Tensor],
                    top_k: int) -> dict[str, float]:
-    """Top-k recall per layer on one batch, from a dense-attention (warm-up mode) forward."""
-    with seam.capture_indexer_targets() as captured:
-        model(inputs, mode="warmup", segment_ids=segment_ids)
+    """Top-k recall per layer on one batch, from a dense-attention (warm-up mode) forward. The probe runs the
+    unfused path even where training runs the fused kernels: only it forms the attention probabilities and index
+    scores that the recall compares (keep the batch short: they are [B, S, H, S])."""
+    fused = getattr(model, "fused_dsa", False)
+    model.fused_dsa = False
+    try:
+        with seam.capture_indexer_targets() as captured:
+            model(inputs, mode="warmup", segment_ids=segment_ids)
+    finally:
+        model.fused_dsa = fused
     out = {}
     for i, (p, logits, valid) in enumerate(captured):
         r = topk_recall(p, logits, valid.expand_as(p), top_k)

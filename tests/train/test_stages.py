@@ -89,3 +89,20 @@ def test_long_context_packs_documents_with_boundary_masking(tiny_chain, tmp_path
     assert batch.inputs.shape == (2, 384) and (batch.segment_ids.max(1).values >= 1).all()   # 2+ documents a row
     summary = trainer.fit()
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["end"]["val/lm_loss"]))
+
+
+def test_recall_probe_reports_every_layer_with_the_fused_kernels_on():
+    """On a GPU the model trains through the fused DSA path, which never forms the attention probabilities; the
+    sampled recall metric must still be there (the probe runs the unfused path and restores the flag)."""
+    from dsaforge.config import load_config
+    from dsaforge.model.train.metrics import indexer_recall
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).eval()
+    model.fused_dsa = True
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, 96))
+    with torch.no_grad():
+        recall = indexer_recall(model, tokens, None, top_k=16)
+    assert model.fused_dsa is True
+    assert sorted(recall) == sorted([f"recall/layer{i}" for i in range(cfg.model.n_layers)] + ["recall/mean"])
+    assert all(0.0 <= v <= 1.0 for v in recall.values()), recall
