@@ -320,7 +320,7 @@ FWD_SWEEP = {   # forward (BLOCK_H, BLOCK_K, warps, stages); BLOCK_H 128 = one p
     "small": [(16, 128, 4, 2), (16, 128, 4, 3), (16, 64, 4, 3), (16, 64, 4, 4), (16, 256, 8, 2), (16, 64, 2, 3),
               (16, 128, 8, 3)],
 }
-TOPK_SWEEP = [(4096, 8), (2048, 4), (8192, 8), (8192, 16), (1024, 4), (16384, 16)]
+TOPK_SWEEP = [(1024, 4), (512, 4), (2048, 4), (1024, 8), (2048, 8)]   # (block, warps) of the filter kernel
 
 
 def sweep_topk(dev, clock: Clock, rows: int = S_Q, t: int = 131072, k: int = TOP_K) -> dict:
