@@ -57,6 +57,9 @@ class AttnContext:
     # Long-context path: top-k and the indexer KL through the kernels' fused entry points (no [S, T] scores).
     fused: bool = False
     cu_seqlens: Optional[torch.Tensor] = None   # [N+1] document starts for a packed B == 1 row (fused path)
+    # Sparse mode under activation checkpointing: the forward leaves its top-k indices here and the recomputation
+    # takes them back instead of selecting again (the same indices, by construction).
+    replay: Optional[dict] = None
 
 
 def indexer_kl(p: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -193,6 +196,15 @@ class MLA(nn.Module):
         p = torch.exp(logits - lse[..., None].float()).sum(2)                                      # [B, S, K]
         return p.masked_fill(indices < 0, 0.0)
 
+    @staticmethod
+    def _replayed(ctx: AttnContext, select) -> torch.Tensor:
+        """The top-k indices: selected now, or, in a recomputation, the ones the forward selected."""
+        if ctx.replay is None:
+            return select()
+        if "indices" not in ctx.replay:
+            ctx.replay["indices"] = select()
+        return ctx.replay["indices"]
+
     @torch.no_grad()
     def _dense_lse(self, q_lat, kv_all, allowed, cu_seqlens):
         """LSE [B, S, H] of dense absorbed-form attention (the warm-up KL target is recomputed from it), so neither
@@ -239,8 +251,9 @@ class MLA(nn.Module):
             # chunk by chunk and recompute the KL target from (q_lat, kv, lse). Single-rank heads only: the
             # tensor-parallel head reduction hooks `indexer_kl` below, which this path does not call.
             q_i, w_i = self.indexer.queries(x_i, qr_i, cos, sin)                       # [B,S,Hi,Di], [B,S,Hi]
-            indices = kernels.indexer_topk(q_i.detach(), k_idx.detach().to(q_i.dtype), w_i.detach(), ctx.top_k,
-                                           cu_seqlens=ctx.cu_seqlens)                  # [B, S, K]
+            indices = self._replayed(ctx, lambda: kernels.indexer_topk(
+                q_i.detach(), k_idx.detach().to(q_i.dtype), w_i.detach(), ctx.top_k,
+                cu_seqlens=ctx.cu_seqlens))                                            # [B, S, K]
             q_lat = self._mqa_query(q_nope, q_pe)
             o_lat, lse = kernels.sparse_mla(q_lat, kv_all, indices, self.softmax_scale, self.kv_lora_rank)
             o = torch.einsum("bshc,hvc->bshv", o_lat, self._absorb_weights()[1])
@@ -250,7 +263,7 @@ class MLA(nn.Module):
         elif ctx.mode == "sparse":
             mask = full_mask()
             scores = self.indexer(x_i, qr_i, cos, sin, k_idx).masked_fill(~mask, float("-inf"))   # [B, S, T]
-            indices = kernels.topk_indices(scores.detach(), ctx.top_k)                 # [B, S, K], -1 = empty
+            indices = self._replayed(ctx, lambda: kernels.topk_indices(scores.detach(), ctx.top_k))  # [B,S,K]; -1 empty
             if (ctx.form or "mqa") == "mqa":
                 q_lat = self._mqa_query(q_nope, q_pe)
                 o_lat, lse = kernels.sparse_mla(q_lat, kv_all, indices, self.softmax_scale, self.kv_lora_rank)

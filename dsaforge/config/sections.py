@@ -53,6 +53,9 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     activation_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward "
                                                               "pass (long context on one GPU).")
+    replay_topk: bool = Field(True, description="With activation checkpointing in the sparse stage, hold each layer's "
+                              "top-k indices ([B, S, top_k] int32) from the forward for its recomputation instead of "
+                              "scoring and selecting again.")
     seed: int = 0
     deterministic: bool = False
 

@@ -124,6 +124,7 @@ def main(argv=None) -> int:
         model = Transformer(cfg.model)
     model.fused_dsa = device.type == "cuda"        # as the trainer does on one GPU
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    model.replay_topk = cfg.train.replay_topk
     total, active = count_params(cfg.model)
     rows = []
     result = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda"

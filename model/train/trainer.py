@@ -133,6 +133,7 @@ class Trainer:
         self.model.fused_dsa = self.device.type == "cuda" and (self.par is None or self.par.tp == 1)
         # Recompute each block in backward (train.activation_checkpointing): long sequences on one device.
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.model.replay_topk = cfg.train.replay_topk
         if self.bridge:
             self.bridge.parallelize(self.model, self.par)
         self.params = set_trainable(self.model, self.mode)

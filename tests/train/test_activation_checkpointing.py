@@ -71,3 +71,45 @@ def test_recomputation_counts_router_load_once(tiny_data, tmp_path):
         want = torch.bincount(r.flatten(), minlength=m.n_experts).float()
         assert torch.equal(m.expert_load, want)
         assert m.count_load                                   # restored after the recomputation
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sparse_recomputation_replays_the_forwards_topk(monkeypatch, fused):
+    """Sparse mode under checkpointing selects each layer's top-k once (the recomputation reuses the forward's
+    indices) and still gives the gradients of the run that keeps its activations; replay_topk=False selects twice."""
+    from dsaforge import kernels
+    from dsaforge.model import Transformer
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).train()
+    model.fused_dsa = fused                      # on CPU the fused entry points run their torch references
+    name = "indexer_topk" if fused else "topk_indices"
+    calls = {"n": 0}
+    real = getattr(kernels, name)
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernels, name, counted)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 97))
+
+    def run(checkpointing: bool, replay: bool):
+        model.zero_grad(set_to_none=True)
+        model.activation_checkpointing, model.replay_topk = checkpointing, replay
+        calls["n"] = 0
+        out = model(tokens[:, :-1], mode="sparse")
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+        (loss + out.indexer_loss).backward()
+        return calls["n"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    n_keep, g_keep = run(False, True)
+    n_replay, g_replay = run(True, True)
+    n_again, g_again = run(True, False)
+    layers = cfg.model.n_layers
+    assert (n_keep, n_replay, n_again) == (layers, layers, 2 * layers)
+    for g in (g_replay, g_again):
+        assert g.keys() == g_keep.keys()
+        worst = max(float((g[n] - g_keep[n]).abs().max()) for n in g_keep)
+        print(f"fused={fused}: max gradient difference {worst:.2e}")
+        assert worst <= 1e-6
