@@ -69,6 +69,8 @@ class ParallelConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
+    nvls: bool = Field(False, description="Let NCCL, NVSHMEM and torch's symmetric memory use NVLink multicast (NVLS). "
+                       "Off by default: on hosts whose GPUs are shared, a job using multicast can put them out of service.")
 
     @property
     def world_size(self) -> int:

@@ -15,6 +15,19 @@ from dsaforge.stages import StageContext
 from dsaforge.tracking import NullTracker
 
 
+# NVLink multicast (NVLS) switches, kept off unless parallel.nvls says otherwise.
+NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def collective_env(cfg: Config, base: dict | None = None) -> dict[str, str]:
+    """The environment for a stage's worker processes: `base` (default os.environ) with NVLink multicast turned off,
+    whatever the environment says, unless `parallel.nvls` is set (then the environment decides)."""
+    env = dict(os.environ if base is None else base)
+    if not cfg.parallel.nvls:
+        env.update(NVLS_OFF)
+    return env
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsaforge.model.train.launch")
     ap.add_argument("stage", choices=["pretrain", "warmup", "sparse"])
@@ -25,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run-id")
     args = ap.parse_args(argv)
     cfg = Config.model_validate_json(Path(args.config).read_text())
+    os.environ.update(collective_env(cfg))          # also when torchrun was started by hand, before NCCL starts
     inputs = dict(kv.split("=", 1) for kv in args.input)
     tracker = NullTracker()
     if args.tracking_uri and args.run_id and int(os.environ.get("RANK", 0)) == 0:

@@ -84,7 +84,8 @@ def _launch_torchrun(ctx, stage: str) -> dict:
     uri = getattr(ctx.tracker, "uri", None)
     if uri and ctx.tracker.run_id:
         cmd += ["--tracking-uri", uri, "--run-id", ctx.tracker.run_id]
-    proc = subprocess.run(cmd)
+    from dsaforge.model.train.launch import collective_env
+    proc = subprocess.run(cmd, env=collective_env(ctx.cfg))
     if proc.returncode != 0:
         raise RuntimeError(f"{stage}: torchrun exited with status {proc.returncode} (see the rank logs above)")
     summary = json.loads((ctx.out_dir / "metrics.json").read_text())

@@ -105,3 +105,11 @@ def test_distributed_optimizer_resumes_exactly(tmp_path, tiny_chain):
     keys = ("train/lm_loss", "train/grad_norm", "val/lm_loss")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in full]
+
+
+def test_workers_run_with_nvlink_multicast_off_unless_configured():
+    from dsaforge.model.train.launch import NVLS_OFF, collective_env
+    env = collective_env(_cfg(), base={"NCCL_NVLS_ENABLE": "1", "PATH": "/bin"})
+    assert {k: env[k] for k in NVLS_OFF} == NVLS_OFF and env["PATH"] == "/bin"
+    on = load_config("tiny", overrides=["parallel.nvls=true"])
+    assert collective_env(on, base={"NCCL_NVLS_ENABLE": "1"}) == {"NCCL_NVLS_ENABLE": "1"}
