@@ -298,12 +298,17 @@ class IndexerKLFunction(torch.autograd.Function):
     warm-up: each pass recomputes it from q, kv and lse, so no S x T tensor is ever stored."""
 
     @staticmethod
-    def forward(ctx, iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end):
-        pt = sparse_target_mass(q, kv, lse, indices, sm_scale, d_v) if indices is not None else None
-        loss = _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, None, False, pt)[0]
+    def forward(ctx, iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, memo):
+        if memo is not None and "loss" in memo:          # a recomputation of the same call: nothing to compute
+            loss, pt = memo["loss"], memo["pt"]
+        else:
+            pt = sparse_target_mass(q, kv, lse, indices, sm_scale, d_v) if indices is not None else None
+            loss = _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, None, False, pt)[0]
+            if memo is not None:
+                memo.update(loss=loss, pt=pt)
         ctx.save_for_backward(iq, ik, w, q, kv, lse, indices, start, end, pt)
         ctx.sm_scale, ctx.d_v, ctx.sparse = sm_scale, d_v, indices is not None
-        return loss
+        return loss.clone() if memo is not None else loss   # each call's output is its own tensor
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -311,12 +316,13 @@ class IndexerKLFunction(torch.autograd.Function):
         go = grad_loss.float().contiguous()
         _, diq, dik, dw = _launch(iq, ik, w, q, kv, lse, ctx.sm_scale, ctx.d_v, indices if ctx.sparse else None,
                                   start, end, go, True, pt if ctx.sparse else None)
-        return diq.to(iq.dtype), dik.to(ik.dtype), dw.to(w.dtype), None, None, None, None, None, None, None, None
+        return diq.to(iq.dtype), dik.to(ik.dtype), dw.to(w.dtype), None, None, None, None, None, None, None, None, None
 
 
 def indexer_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor, q: torch.Tensor,
                kv: torch.Tensor, lse: torch.Tensor, sm_scale: float, d_v: int,
-               indices: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+               indices: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+               memo: dict | None = None) -> torch.Tensor:
     """Per-row indexer KL [B, S] fp32, differentiable in index_q, index_k and index_w.
 
     index_q [B,S,Hi,Di], index_k [B,T,Di], index_w [B,S,Hi]: the indexer (inputs detached from the backbone by the
@@ -324,6 +330,10 @@ def indexer_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tens
     e.g. from `sparse_mla` in the sparse stage or the dense attention in the warm-up. indices [B,S,K] selects the
     sparse-stage set; without it the dense warm-up loss runs over each causal row (documents with cu_seqlens).
     Sum or average the rows as the trainer's loss needs.
+
+    memo: a dict shared by a call and its recomputation under activation checkpointing (same inputs): the first
+    call leaves its loss and sparse-stage target there, and a second call reuses them instead of launching the
+    target and loss kernels again; the backward is unchanged. The target is held until then ([B,S,K] fp32).
     """
     _check(index_q, index_k, index_w, q, kv, lse, indices)
     b, s = index_q.shape[:2]
@@ -339,7 +349,7 @@ def indexer_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tens
         return ref.indexer_kl(index_q, index_k, index_w, target, indices, cu_seqlens)
     record("indexer_kl", "triton", why)
     return IndexerKLFunction.apply(index_q, index_k, index_w, q.detach(), kv.detach(), lse.detach(), sm_scale, d_v,
-                                   indices, start, end)
+                                   indices, start, end, memo)
 
 
 __all__ = ["IndexerKLFunction", "indexer_kl", "sparse_target_mass"]

@@ -258,8 +258,9 @@ class MLA(nn.Module):
             o_lat, lse = kernels.sparse_mla(q_lat, kv_all, indices, self.softmax_scale, self.kv_lora_rank)
             o = torch.einsum("bshc,hvc->bshv", o_lat, self._absorb_weights()[1])
             kl = kernels.indexer_kl(q_i, k_idx.to(q_i.dtype), w_i, q_lat.detach(), kv_all.detach(), lse.detach(),
-                                    self.softmax_scale, self.kv_lora_rank, indices=indices,
-                                    cu_seqlens=ctx.cu_seqlens).mean()                  # every row sees itself
+                                    self.softmax_scale, self.kv_lora_rank, indices=indices, cu_seqlens=ctx.cu_seqlens,
+                                    memo=None if ctx.replay is None else ctx.replay.setdefault("kl", {})
+                                    ).mean()                                           # every row sees itself
         elif ctx.mode == "sparse":
             mask = full_mask()
             scores = self.indexer(x_i, qr_i, cos, sin, k_idx).masked_fill(~mask, float("-inf"))   # [B, S, T]

@@ -192,8 +192,9 @@ class Transformer(nn.Module):
         do not count the tokens again, and each MoE replays the experts the forward chose, so a last-bit difference
         in the recomputed router input cannot send a token elsewhere. Nothing in a block draws random numbers, so
         the RNG state is not saved. With `replay_topk` the attention's top-k indices are replayed the same way
-        (`AttnContext.replay`): the recomputation skips the indexer's scoring and selection (0.67 s of a 4.65 s step
-        on the small preset at 64K, profiled on an H200 before this replay existed)."""
+        (`AttnContext.replay`), with the indexer KL's target and value: the recomputation skips the indexer's scoring
+        and selection and the KL's two forward kernels (about 1 s of a 4.65 s step on the small preset at 64K,
+        profiled on an H200 before this replay existed)."""
         first: dict = {}
         if self.replay_topk and ctx.mode == "sparse":
             ctx = replace(ctx, replay={})

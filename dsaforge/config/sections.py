@@ -54,8 +54,8 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward "
                                                               "pass (long context on one GPU).")
     replay_topk: bool = Field(True, description="With activation checkpointing in the sparse stage, hold each layer's "
-                              "top-k indices ([B, S, top_k] int32) from the forward for its recomputation instead of "
-                              "scoring and selecting again.")
+                              "top-k indices ([B, S, top_k] int32) and indexer-KL target ([B, S, top_k] fp32) from "
+                              "the forward for its recomputation instead of scoring, selecting and computing them again.")
     seed: int = 0
     deterministic: bool = False
 

@@ -98,3 +98,35 @@ def test_sparse_target_mass_kernel(interpret, report, heads):
     mass = sparse_target_mass(q, kv, lse, idx, SCALE, DV)
     want = ref.attention_target(q.double(), kv.double(), lse.double(), SCALE, idx)
     assert report("target", mass / mass.sum(-1, keepdim=True), want) < 1e-5
+
+
+def test_memo_lets_a_recomputation_skip_both_kernels(interpret, monkeypatch):
+    """indexer_kl(..., memo=d) twice on the same inputs (a forward and its checkpoint recomputation): the second call
+    launches neither the target nor the loss kernel, returns its own tensor, and its backward is the plain call's."""
+    from dsaforge.kernels import kl
+    iq, ik, w, q, kv = _inputs()
+    idx = _sparse_indices()
+    lse = ref.sparse_mla(q, kv, idx, SCALE, DV)[1]
+    launches = {"target": 0, "kernel": 0}
+    real_target, real_launch = kl.sparse_target_mass, kl._launch
+
+    def target(*a, **k):
+        launches["target"] += 1
+        return real_target(*a, **k)
+
+    def launch(*a, **k):
+        launches["kernel"] += 1
+        return real_launch(*a, **k)
+
+    monkeypatch.setattr(kl, "sparse_target_mass", target)
+    monkeypatch.setattr(kl, "_launch", launch)
+    grad_rows = torch.rand(B, S)
+    plain = torch.autograd.grad(indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx), (iq, ik, w), grad_rows)
+    assert launches == {"target": 1, "kernel": 2}                       # forward (target + loss), backward
+    memo = {}
+    first = indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx, memo=memo)
+    again = indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx, memo=memo)
+    assert launches == {"target": 2, "kernel": 3}                       # the second call launched nothing
+    assert again is not first and torch.equal(again, first)
+    for g, p in zip(torch.autograd.grad(again, (iq, ik, w), grad_rows), plain):
+        assert torch.equal(g, p)
