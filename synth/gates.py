@@ -17,7 +17,7 @@ from typing import Any, Optional, Protocol
 
 from dsaforge.synth.base import AgentClass, EnvDraft, HarnessError
 from dsaforge.synth.sandbox import Sandbox
-from dsaforge.synth.task import GATES, Task
+from dsaforge.synth.task import Task
 
 # Words that only internal metadata would put into a prompt.
 HIDDEN_MARKERS = ("hidden", "gold", "expected_answer", "ground_truth", "verifier", "FAIL_TO_PASS", "task_id",

@@ -1,11 +1,10 @@
 """The gates reject what they exist to reject: leaks, nondeterministic verifiers, unsolvable tasks."""
-import json
 import random
 from pathlib import Path
 
 from dsaforge.synth.base import AgentClass, Candidate, EnvDraft
 from dsaforge.synth.gates import BaselineSolver, prompt_leaks, validate_env
-from dsaforge.synth.task import GATES, Task, Verdict, load_tasks, write_manifest
+from dsaforge.synth.task import GATES, Verdict, load_tasks, write_manifest
 
 
 class Toy(AgentClass):

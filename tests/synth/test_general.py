@@ -1,6 +1,5 @@
 """General agent: tools over a real SQLite database, verifiers over answer + final state, tool-only solutions."""
 import json
-import random
 import sqlite3
 import textwrap
 
