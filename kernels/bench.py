@@ -320,6 +320,7 @@ FWD_SWEEP = {   # forward (BLOCK_H, BLOCK_K, warps, stages); BLOCK_H 128 = one p
     "small": [(16, 128, 4, 2), (16, 128, 4, 3), (16, 64, 4, 3), (16, 64, 4, 4), (16, 256, 8, 2), (16, 64, 2, 3),
               (16, 128, 8, 3)],
 }
+KL_SWEEP = [(32, 8, 1), (32, 4, 2), (64, 4, 2), (64, 8, 2), (32, 4, 3), (64, 4, 3), (16, 4, 3)]   # (block_n, warps, stages)
 TOPK_SWEEP = [(1024, 4), (512, 4), (2048, 4), (1024, 8), (2048, 8)]   # (block, warps) of the filter kernel
 
 
@@ -364,6 +365,42 @@ def sweep_fwd(dev, clock: Clock, shape: str, s_kv: int = 65536, s_q: int = S_Q, 
         print(json.dumps(res["runs"][-1]), flush=True)
     ok = [r for r in res["runs"] if r.get("ms")]
     res["best"] = min(ok, key=lambda r: r["ms"])["cfg"] if ok else None
+    return res
+
+
+def sweep_kl(dev, clock: Clock, shape: str, s_kv: int = 65536, s_q: int = S_Q, k: int = TOP_K) -> dict:
+    """Time the sparse-stage indexer KL (forward + backward, the target precomputed as in training) per KL_SWEEP
+    configuration; the fastest becomes KL_CONFIG for this run."""
+    kl = importlib.import_module("dsaforge.kernels.kl")
+    cfg = SHAPES[shape]
+    d = cfg["d_v"] + cfg["d_pe"]
+    q = _rand(1, s_q, cfg["h"], d, dev=dev)
+    kv = _rand(1, s_kv, d, dev=dev)
+    idx = _indices(1, s_q, s_kv, k, dev)
+    lse = sparse_mla_fwd(q, kv, idx, d ** -0.5, cfg["d_v"])[1]
+    leaves = [_rand(1, s_q, cfg["hi"], cfg["di"], dev=dev).requires_grad_(),
+              _rand(1, s_kv, cfg["di"], dev=dev).requires_grad_(),
+              _rand(1, s_q, cfg["hi"], dev=dev, scale=cfg["hi"] ** -0.5).requires_grad_()]
+
+    def step():
+        loss = indexer_kl(*leaves, q, kv, lse, d ** -0.5, cfg["d_v"], indices=idx)
+        torch.autograd.grad(loss.sum(), leaves)
+
+    default = dict(kl.KL_CONFIG)
+    res = dict(shape=shape, s_kv=s_kv, runs=[])
+    for block_n, warps, stages in KL_SWEEP:
+        if clock.left() < 60:
+            break
+        kl.KL_CONFIG.update(block_n=block_n, warps=warps, stages=stages)
+        try:
+            res["runs"].append(dict(cfg=(block_n, warps, stages), ms=timeit(step, max_reps=5)))
+        except Exception as e:
+            res["runs"].append(dict(cfg=(block_n, warps, stages), error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(res["runs"][-1]), flush=True)
+    ok = [r for r in res["runs"] if r.get("ms")]
+    best = min(ok, key=lambda r: r["ms"])["cfg"] if ok else None
+    kl.KL_CONFIG.update(dict(zip(("block_n", "warps", "stages"), best)) if best else default)
+    res["best"] = best
     return res
 
 
@@ -499,8 +536,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--checks", action="store_true", help="run the GPU correctness checks first")
     ap.add_argument("--sweep", action="store_true",
-                    help="sweep top-k's and sparse MLA's block sizes first and use the best")
-    ap.add_argument("--sweep-only", default=None, help="with --sweep: only these parts (comma list of topk,fwd,bwd)")
+                    help="sweep the block sizes of top-k, sparse MLA and the indexer KL first and use the best")
+    ap.add_argument("--sweep-only", default=None, help="with --sweep: only these parts (comma list of topk,fwd,bwd,kl)")
     ap.add_argument("--shapes", default="v32,small")
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     ap.add_argument("--layer-sizes", default=None, help="L for the whole-layer comparison (default: --sizes)")
@@ -536,12 +573,14 @@ def main(argv=None) -> dict:
         save()
     if args.sweep and dev == "cuda":
         smla = importlib.import_module("dsaforge.kernels.sparse_mla")   # the module, not the function it exports
-        parts = set((args.sweep_only or "topk,fwd,bwd").split(","))
+        parts = set((args.sweep_only or "topk,fwd,bwd,kl").split(","))
         res["sweep"] = []
         if "topk" in parts:
             res["sweep"].append(sweep_topk(dev, clock))
             print(json.dumps(res["sweep"][-1]), flush=True)
         for shape in shapes:
+            if "kl" in parts:
+                res["sweep"].append(sweep_kl(dev, clock, shape))
             if "fwd" in parts:
                 sw = sweep_fwd(dev, clock, shape)
                 res["sweep"].append(sw)

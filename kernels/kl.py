@@ -30,7 +30,9 @@ from dsaforge.kernels.sparse_mla import FWD_CONFIG
 from dsaforge.kernels.sparse_mla import _cfg as _fwd_cfg
 
 LOG2E = 1.4426950408889634
-KL_BLOCK_N = 32
+# Keys per block, warps and pipeline stages of `_indexer_kl_kernel` (one program per query row); `bench --sweep`
+# times alternatives (`sweep_kl`).
+KL_CONFIG = {"block_n": 32, "warps": 8, "stages": 1}
 
 
 if triton is not None:
@@ -288,8 +290,8 @@ def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad,
         si[0], si[1], s, t, k, hi, h,
         DI=di, D_V=d_v, D_PE=q.shape[3] - d_v, D_PE_P=max(16, next_pow2(q.shape[3] - d_v)),
         HI_P=max(16, next_pow2(hi)), H_P=max(16, next_pow2(h)), BLOCK_HA=min(64, max(16, next_pow2(h))),
-        BLOCK_N=KL_BLOCK_N,
-        SPARSE=indices is not None, GRAD=grad, HAS_PT=pt is not None, num_warps=8, num_stages=1)
+        BLOCK_N=KL_CONFIG["block_n"], SPARSE=indices is not None, GRAD=grad, HAS_PT=pt is not None,
+        num_warps=KL_CONFIG["warps"], num_stages=KL_CONFIG["stages"])
     return loss, diq, dik, dw
 
 
