@@ -17,6 +17,7 @@ from dsaforge.kernels import reference as ref
 from dsaforge.kernels._dispatch import last_path, poison_outputs
 from dsaforge.kernels.indexer import indexer_rerank, indexer_scores, indexer_topk, rerank_margin
 from dsaforge.kernels.kl import indexer_kl
+from dsaforge.kernels.lse import attention_lse
 from dsaforge.kernels.sparse_mla import sparse_mla_bwd, sparse_mla_decode, sparse_mla_fwd
 from dsaforge.kernels.topk import topk_indices
 
@@ -228,13 +229,35 @@ def check_kl(shape: str, s_q: int = 256, s_kv: int = 2048, k: int = 512) -> dict
     return res
 
 
+def check_attention_lse(shape: str, s: int = 2048, packed: bool = True) -> dict:
+    """The warm-up's KL normaliser against a float64 logsumexp over the whole causal (and per-document) row."""
+    cfg, dev = SHAPES[shape], "cuda"
+    d = cfg["d_v"] + cfg["d_pe"]
+    scale = d ** -0.5
+    q = torch.randn(1, s, cfg["h"], d, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(1, s, d, device=dev, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 700, 701, 1500, s], device=dev, dtype=torch.int32) if packed else None
+    with poison_outputs():
+        got = attention_lse(q, kv, scale, cfg["d_v"], cu_seqlens=cu)
+    start, end = ref.key_bounds(s, s, cu, dev)
+    logits = torch.einsum("bshd,btd->bsht", q.double(), kv.double()) * scale
+    want = logits.masked_fill(~ref.bounds_mask(start, end, s)[None, :, None, :], float("-inf")).logsumexp(-1)
+    # LSE is a log: compare absolute error (1e-2 nats = 1% in the probabilities it normalises)
+    err = (got.double() - want).abs().max().item()
+    res = dict(check=f"attention_lse {shape}", shape=dict(s=s, h=cfg["h"], d=d, packed=packed),
+               path=last_path("attention_lse")[0], max_abs_err=err, finite=bool(torch.isfinite(got).all()))
+    res["passed"] = bool(res["path"] == "triton" and res["finite"] and err <= BF16_TOL)
+    return res
+
+
 def run_all(log=print) -> list[dict]:
     """Every check at both head shapes; an exception is recorded as a failed check, not raised."""
     jobs = [("sparse_mla v32", check_sparse_mla, ("v32",)), ("sparse_mla small", check_sparse_mla, ("small",)),
             ("decode v32", check_decode, ("v32",)), ("decode small", check_decode, ("small",)),
             ("topk", check_topk, ()), ("indexer v32", check_indexer, ("v32",)),
             ("indexer small", check_indexer, ("small",)), ("kl v32", check_kl, ("v32",)),
-            ("kl small", check_kl, ("small",))]
+            ("kl small", check_kl, ("small",)), ("attention_lse v32", check_attention_lse, ("v32",)),
+            ("attention_lse small", check_attention_lse, ("small",))]
     results = []
     for name, fn, args in jobs:
         t0 = time.time()

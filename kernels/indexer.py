@@ -35,8 +35,9 @@ FP8 = torch.float8_e4m3fn
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for bf16 and fp8 inputs.
 SCORE_CONFIG = {"bf16": (128, 128, 8, 3), "fp8": (128, 128, 8, 3)}
 WORKSPACE_BYTES = 1 << 31
-# (BLOCK_C candidates, BLOCK_H heads, num_warps) of the re-score kernel.
-RERANK_CONFIG = (64, 64, 4)
+# (BLOCK_C candidates, BLOCK_H heads, num_warps) of the re-score kernel. Not timed yet; from ptxas's sm_90a resource
+# usage at Hi 64: 8 warps need 128 registers a thread and spill nothing, 4 warps hit 255 and spill 456 bytes.
+RERANK_CONFIG = (64, 64, 8)
 MARGIN_ALIGN = 64
 
 

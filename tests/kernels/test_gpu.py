@@ -40,6 +40,12 @@ def test_indexer_topk(shape):
 
 
 @pytest.mark.parametrize("shape", ["v32", "small"])
+def test_attention_lse(shape):
+    res = _show(checks.check_attention_lse(shape))
+    assert res["passed"], res
+
+
+@pytest.mark.parametrize("shape", ["v32", "small"])
 def test_indexer_kl(shape):
     res = _show(checks.check_kl(shape))
     assert res["passed"], res
