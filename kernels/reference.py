@@ -99,10 +99,12 @@ def bounds_mask(start: torch.Tensor, end: torch.Tensor, t: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attention_lse(q: torch.Tensor, kv: torch.Tensor, sm_scale: float, start: torch.Tensor, end: torch.Tensor,
+def attention_lse(q: torch.Tensor, kv: torch.Tensor, sm_scale: float, start: torch.Tensor | None = None,
+                  end: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
                   budget: int = 1 << 26) -> torch.Tensor:
-    """[B,S,H] fp32 LSE of absorbed-form attention softmax(sm_scale * q . kv) over keys [start, end) of each query,
-    in fp32 einsums over blocks of query rows (about `budget` logits at a time), so no [S, T] tensor is held."""
+    """[B,S,H] fp32 LSE of absorbed-form attention softmax(sm_scale * q . kv) over the keys each query sees: [start,
+    end) per row, or an explicit `allowed` [B|1, S, T] bool mask. fp32 einsums over blocks of query rows (about
+    `budget` logits at a time), so no [B, S, H, T] tensor is held."""
     b, s, h, _ = q.shape
     t = kv.shape[1]
     keys = torch.arange(t, device=q.device)
@@ -111,8 +113,11 @@ def attention_lse(q: torch.Tensor, kv: torch.Tensor, sm_scale: float, start: tor
     for r0 in range(0, s, rows):
         r1 = min(s, r0 + rows)
         logits = torch.einsum("bshd,btd->bsht", q[:, r0:r1].float(), kv.float()) * sm_scale
-        seen = (keys >= start[r0:r1, None]) & (keys < end[r0:r1, None])                   # [rows, T]
-        out.append(logits.masked_fill(~seen[None, :, None], float("-inf")).logsumexp(-1))
+        if allowed is not None:
+            seen = allowed[:, r0:r1]                                                        # [B|1, rows, T]
+        else:
+            seen = ((keys >= start[r0:r1, None]) & (keys < end[r0:r1, None]))[None]          # [1, rows, T]
+        out.append(logits.masked_fill(~seen[:, :, None], float("-inf")).logsumexp(-1))
     return torch.cat(out, dim=1)
 
 

@@ -57,8 +57,8 @@ class AttnContext:
     # Long-context path: top-k and the indexer KL through the kernels' fused entry points (no [S, T] scores).
     fused: bool = False
     cu_seqlens: Optional[torch.Tensor] = None   # [N+1] document starts for a packed B == 1 row (fused path)
-    # Sparse mode under activation checkpointing: the forward leaves its top-k indices here and the recomputation
-    # takes them back instead of selecting again (the same indices, by construction).
+    # Sparse mode under activation checkpointing: the forward leaves its top-k indices and indexer-KL results here,
+    # and the recomputation takes them back instead of computing them again.
     replay: Optional[dict] = None
 
 
@@ -208,16 +208,11 @@ class MLA(nn.Module):
     @torch.no_grad()
     def _dense_lse(self, q_lat, kv_all, allowed, cu_seqlens):
         """LSE [B, S, H] of dense absorbed-form attention (the warm-up KL target is recomputed from it), so neither
-        [B, S, H, T] probabilities nor an [S, T] mask are ever held."""
+        [B, S, H, T] probabilities nor an [S, T] mask are ever held: the kernel for causal rows and documents, the
+        blockwise torch form for an explicit [B|1, S, T] mask."""
         if allowed is None:
             return kernels.attention_lse(q_lat, kv_all, self.softmax_scale, self.kv_lora_rank, cu_seqlens)
-        b, s, h, _ = q_lat.shape
-        rows = max(1, (1 << 26) // (b * h * kv_all.shape[1]))
-        out = []
-        for r0 in range(0, s, rows):                                                   # an explicit [B|1, S, T] mask
-            logits = torch.einsum("bshd,btd->bsht", q_lat[:, r0:r0 + rows].float(), kv_all.float()) * self.softmax_scale
-            out.append(logits.masked_fill(~allowed[:, r0:r0 + rows, None], float("-inf")).logsumexp(-1))
-        return torch.cat(out, dim=1)
+        return kernels.reference.attention_lse(q_lat, kv_all, self.softmax_scale, allowed=allowed)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttnContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
