@@ -404,6 +404,66 @@ def sweep_kl(dev, clock: Clock, shape: str, s_kv: int = 65536, s_q: int = S_Q, k
     return res
 
 
+def sweep_scores(dev, clock: Clock, s_q: int = S_Q, sizes=(65536, 131072), max_reps: int = 20,
+                 configs=((4, 64, 8192, 4, 3), (4, 64, 8192, 4, 2), (4, 64, 4096, 4, 3), (4, 64, 16384, 4, 3),
+                          (4, 128, 8192, 8, 3), (2, 64, 8192, 4, 4), (2, 128, 8192, 4, 3),
+                          (4, 64, 8192, 8, 4))) -> dict:
+    """Time the indexer's score pass alone as `indexer_topk` runs it (fp8 from `reference.indexer_fp8_inputs`, V3.2's
+    indexer heads, queries the last s_q of s_kv keys, one [s_q, s_kv] fp32 workspace): the v1 kernel (SCORE_CONFIG)
+    against v2 configurations (SCORE_CONFIG_V2 tuples). Each v2 workspace is checked against v1's inside the rows'
+    [start, end) (max_abs_diff NaN: an element there was never written). Leaves the kernel choice as it was: `best`
+    per s_kv is the fastest v2 configuration that matches, for whoever switches the default."""
+    idx = importlib.import_module("dsaforge.kernels.indexer")
+    hi, di = SHAPES["v32"]["hi"], SHAPES["v32"]["di"]
+    res = dict(shape="v32", s_q=s_q, v1_cfg=idx.SCORE_CONFIG["fp8"], runs=[], best={})
+    for s_kv in sizes:
+        if clock.left() < 60:
+            break
+        q8, k8, ks, wf = ref.indexer_fp8_inputs(_rand(1, s_q, hi, di, dev=dev), _rand(1, s_kv, di, dev=dev),
+                                                _rand(1, s_q, hi, dev=dev, scale=hi ** -0.5))
+        args = (q8[0], k8[0], wf[0], ks[0])
+        start, end = ref.key_bounds(s_q, s_kv, None, dev)
+        mask = ref.bounds_mask(start, end, s_kv)
+        fl = indexer_flops(s_q, s_kv, hi, di)
+        want, ws = torch.empty(s_q, s_kv, device=dev), torch.empty(s_q, s_kv, device=dev)
+
+        def v1():
+            kernel, idx.SCORE_KERNEL = idx.SCORE_KERNEL, "v1"
+            try:
+                idx._launch_scores(*args, want, start, end, 0, s_q, False)
+            finally:
+                idx.SCORE_KERNEL = kernel
+
+        v1_ms = timeit(v1, max_reps=max_reps)
+        res["runs"].append(dict(s_kv=s_kv, kernel="v1", ms=v1_ms, tflops=fl / v1_ms / 1e9))
+        print(json.dumps(res["runs"][-1]), flush=True)
+        scale = want[mask].abs().max().item()
+        for c in configs:
+            if clock.left() < 60:
+                break
+            run = dict(s_kv=s_kv, kernel="v2", cfg=c)
+            try:
+                def v2():
+                    idx._launch_scores_v2(*args, ws, start, end, 0, s_q, False, config=c)
+
+                ws.fill_(float("nan"))
+                v2()
+                diff = (ws - want).abs_()[mask].max().item()
+                ms = timeit(v2, max_reps=max_reps)
+                run.update(ms=ms, tflops=fl / ms / 1e9, speedup=v1_ms / ms, max_abs_diff=diff, v1_max_abs=scale,
+                           match=diff <= 1e-4 * scale)
+            except Exception as e:
+                run.update(error=f"{type(e).__name__}: {e}"[:300])
+            res["runs"].append(run)
+            print(json.dumps(run), flush=True)
+        ok = [r for r in res["runs"] if r["s_kv"] == s_kv and r.get("match")]
+        res["best"][s_kv] = min(ok, key=lambda r: r["ms"])["cfg"] if ok else None
+        del want, ws, mask
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
 def sweep(dev, clock: Clock, shape: str = "v32", s_kv: int = 65536, s_q: int = S_Q, k: int = TOP_K) -> dict:
     """Time the backward's block configurations at one shape: kernel 1 configs (with kernel 2's default), then
     kernel 2 configs with the best kernel 1, and the fused backward's config for comparison."""
@@ -537,7 +597,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--checks", action="store_true", help="run the GPU correctness checks first")
     ap.add_argument("--sweep", action="store_true",
                     help="sweep the block sizes of top-k, sparse MLA and the indexer KL first and use the best")
-    ap.add_argument("--sweep-only", default=None, help="with --sweep: only these parts (comma list of topk,fwd,bwd,kl)")
+    ap.add_argument("--sweep-only", default=None, help="with --sweep: only these parts (comma list of topk,fwd,bwd,kl; "
+                    "score, the indexer score kernel v1 against v2, runs only when named)")
     ap.add_argument("--shapes", default="v32,small")
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     ap.add_argument("--layer-sizes", default=None, help="L for the whole-layer comparison (default: --sizes)")
@@ -577,6 +638,9 @@ def main(argv=None) -> dict:
         res["sweep"] = []
         if "topk" in parts:
             res["sweep"].append(sweep_topk(dev, clock))
+            print(json.dumps(res["sweep"][-1]), flush=True)
+        if "score" in parts:
+            res["sweep"].append(sweep_scores(dev, clock))
             print(json.dumps(res["sweep"][-1]), flush=True)
         for shape in shapes:
             if "kl" in parts:

@@ -18,6 +18,8 @@ Run: CPU falls back to the reference (TRITON_INTERPRET=1 runs the kernels in the
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dsaforge.kernels import reference as ref
@@ -34,6 +36,14 @@ except ImportError:  # pragma: no cover
 FP8 = torch.float8_e4m3fn
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for bf16 and fp8 inputs.
 SCORE_CONFIG = {"bf16": (128, 128, 8, 3), "fp8": (128, 128, 8, 3)}
+# Which score kernel `_launch_scores` runs: "v1" (`_indexer_scores_kernel`) or "v2" (`_indexer_scores_kernel_v2`,
+# Q resident, keys streamed; not timed on a GPU yet). DSAFORGE_INDEXER_SCORE=v2 picks v2 at import.
+SCORE_KERNEL = os.environ.get("DSAFORGE_INDEXER_SCORE", "v1")
+# (BLOCK_R query rows at Hi 64, BLOCK_N keys, KEYS_PER_PROG, num_warps, num_stages) of v2; the GEMM's N = BLOCK_R * 64
+# (query, head) columns is kept for other head counts (`_v2_rows`). From ptxas's sm_90a resource usage at Hi 64, D 128
+# (not timed yet): fp8 243 registers, 57 KB shared, bf16 238 registers, 97 KB, no spills, so two CTAs share an SM and
+# one's head-sum epilogue overlaps the other's wgmma (8 warps with BLOCK_N 128 fit only one CTA).
+SCORE_CONFIG_V2 = {"bf16": (4, 64, 8192, 4, 2), "fp8": (4, 64, 8192, 4, 3)}
 WORKSPACE_BYTES = 1 << 31
 # (BLOCK_C candidates, BLOCK_H heads, num_warps) of the re-score kernel. Not timed yet; from ptxas's sm_90a resource
 # usage at Hi 64: 8 warps need 128 registers a thread and spill nothing, 4 warps hit 255 and spill 456 bytes.
@@ -79,6 +89,62 @@ if triton is not None:
                 acc = tl.where(seen, acc, float("-inf"))
             out = OUT + offs_m[:, None].to(tl.int64) * so_r + offs_n[None, :]
             tl.store(out, acc, mask=rmask[:, None] & (offs_n < T)[None, :])
+
+    @triton.jit
+    def _indexer_scores_kernel_v2(
+            Q, KK, W, KS, OUT, START, END,
+            sqs, sqh, skt, sws, so_r, row0, n_rows, T,
+            HI: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+            KEYS_PER_PROG: tl.constexpr, HAS_KSCALE: tl.constexpr, MASK_OUT: tl.constexpr):
+        """`_indexer_scores_kernel` with the (query row, head) pairs as the N dimension of one GEMM: the Q of BLOCK_R
+        rows ([BLOCK_R * HP, D], column r * HP + j = row r, head j; HP = Hi padded to a power of two) is loaded once
+        and stays resident while the program streams the key tiles of its KEYS_PER_PROG range, instead of every key
+        tile reloading Q of all heads. The head sum is a reduction over each row's HP columns of the accumulator,
+        which the wgmma layout keeps inside a thread and its quad (no shared-memory round trip)."""
+        pid_r = tl.program_id(0)                   # row blocks vary fastest: neighbours share the key range in L2
+        pid_k = tl.program_id(1)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = offs_r < n_rows
+        lo = tl.load(START + row0 + offs_r, mask=rmask, other=2147483647)
+        hi = tl.load(END + row0 + offs_r, mask=rmask, other=0)
+        offs_c = tl.arange(0, BLOCK_R * HP)
+        c_row = pid_r * BLOCK_R + offs_c // HP
+        c_head = offs_c % HP
+        cmask = (c_row < n_rows) & (c_head < HI)
+        offs_d = tl.arange(0, D)
+        c_ptr = (row0 + c_row).to(tl.int64)
+        q_blk = tl.load(Q + c_ptr[:, None] * sqs + c_head[:, None] * sqh + offs_d[None, :], mask=cmask[:, None],
+                        other=0.0)                                                                  # [R*HP, D]
+        w_blk = tl.load(W + c_ptr * sws + c_head, mask=cmask, other=0.0).to(tl.float32)             # [R*HP]
+        # Key tiles [t_lo, t_hi) of this program's range that some row of the block sees (top-k reads only
+        # [start, end) of each row); the others are not computed, and written as -inf only with MASK_OUT.
+        range_lo = pid_k * KEYS_PER_PROG
+        range_hi = tl.minimum(range_lo + KEYS_PER_PROG, T)
+        t_lo = tl.minimum(tl.maximum(range_lo, tl.min(lo, 0) // BLOCK_N * BLOCK_N), range_hi)
+        t_hi = tl.maximum(t_lo, tl.minimum(range_hi, tl.cdiv(tl.max(hi, 0), BLOCK_N) * BLOCK_N))
+        arange_n = tl.arange(0, BLOCK_N)
+        out_rows = OUT + offs_r[None, :].to(tl.int64) * so_r                                        # [1, R]
+        for n0 in range(t_lo, t_hi, BLOCK_N):
+            offs_n = n0 + arange_n
+            nmask = offs_n < T
+            kt = tl.load(KK + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], mask=nmask[:, None],
+                         other=0.0)                                                                 # [BN, D]
+            logits = tl.dot(kt, tl.trans(q_blk))                                                    # [BN, R*HP]
+            acc = tl.sum(tl.reshape(tl.maximum(logits, 0.0) * w_blk[None, :], (BLOCK_N, BLOCK_R, HP)), 2)
+            if HAS_KSCALE:
+                acc = acc * tl.load(KS + offs_n, mask=nmask, other=0.0)[:, None]
+            if MASK_OUT:
+                seen = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
+                acc = tl.where(seen, acc, float("-inf"))
+            tl.store(out_rows + offs_n[:, None], acc, mask=nmask[:, None] & rmask[None, :])
+        if MASK_OUT:
+            ninf = tl.full([BLOCK_N, BLOCK_R], float("-inf"), tl.float32)
+            for n0 in range(range_lo, t_lo, BLOCK_N):
+                offs_n = n0 + arange_n
+                tl.store(out_rows + offs_n[:, None], ninf, mask=(offs_n < T)[:, None] & rmask[None, :])
+            for n0 in range(t_hi, range_hi, BLOCK_N):
+                offs_n = n0 + arange_n
+                tl.store(out_rows + offs_n[:, None], ninf, mask=(offs_n < T)[:, None] & rmask[None, :])
 
     @triton.jit
     def _indexer_rerank_kernel(
@@ -142,6 +208,8 @@ def _kernel_ok(q, k) -> tuple[bool, str]:
 
 def _launch_scores(q, k, w, k_scale, out, start, end, row0, n_rows, mask_out):
     """Scores of rows [row0, row0+n_rows) of one sequence (q [S,Hi,D], k [T,D], w [S,Hi]) into out [n_rows, T]."""
+    if SCORE_KERNEL == "v2" and next_pow2(q.shape[1]) <= 256:
+        return _launch_scores_v2(q, k, w, k_scale, out, start, end, row0, n_rows, mask_out)
     t = k.shape[0]
     bm, bn, warps, stages = SCORE_CONFIG["fp8" if q.dtype == FP8 else "bf16"]
     if not q.is_cuda:
@@ -151,6 +219,30 @@ def _launch_scores(q, k, w, k_scale, out, start, end, row0, n_rows, mask_out):
     _indexer_scores_kernel[grid](
         q, k, w, ks, out, start, end, q.stride(0), q.stride(1), k.stride(0), w.stride(0), out.stride(0),
         row0, n_rows, t, HI=q.shape[1], D=q.shape[2], BLOCK_M=bm, BLOCK_N=bn,
+        HAS_KSCALE=k_scale is not None, MASK_OUT=mask_out, num_warps=warps, num_stages=stages)
+
+
+def _v2_rows(hi: int, block_r: int) -> int:
+    """Query rows per v2 program: the configured GEMM width block_r * 64 (query, head) columns, whatever Hi is (Hi 16
+    -> 4x the rows), at least one row. `_launch_scores` keeps v1 for Hi > 256, where one row alone is too wide."""
+    return max(1, block_r * 64 // next_pow2(hi))
+
+
+def _launch_scores_v2(q, k, w, k_scale, out, start, end, row0, n_rows, mask_out, config=None):
+    """`_launch_scores` through `_indexer_scores_kernel_v2`; config overrides SCORE_CONFIG_V2 (the sweep's knob)."""
+    t, hi = k.shape[0], q.shape[1]
+    br, bn, kpp, warps, stages = config or SCORE_CONFIG_V2["fp8" if q.dtype == FP8 else "bf16"]
+    hp = next_pow2(hi)
+    br = _v2_rows(hi, br)
+    if not q.is_cuda:   # the interpreter: no wider than the problem (a dot needs >= 16 columns)
+        br = max(min(br, next_pow2(n_rows)), -(-16 // hp))
+        bn = min(bn, max(16, next_pow2(t)))
+    kpp = max(bn, kpp // bn * bn)
+    grid = (triton.cdiv(n_rows, br), triton.cdiv(t, kpp))
+    ks = k_scale if k_scale is not None else w
+    _indexer_scores_kernel_v2[grid](
+        q, k, w, ks, out, start, end, q.stride(0), q.stride(1), k.stride(0), w.stride(0), out.stride(0),
+        row0, n_rows, t, HI=hi, HP=hp, D=q.shape[2], BLOCK_R=br, BLOCK_N=bn, KEYS_PER_PROG=kpp,
         HAS_KSCALE=k_scale is not None, MASK_OUT=mask_out, num_warps=warps, num_stages=stages)
 
 

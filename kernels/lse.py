@@ -24,9 +24,10 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-# BLOCK_M rows, BLOCK_N keys, warps, stages. From ptxas's sm_90a resource usage (not timed on its own): at 8 warps
-# nothing spills for d_v 256 and 512; at 4 warps 1.2-1.7 KB of stack a thread spill.
-LSE_CONFIG = (64, 64, 8, 3)
+# (BLOCK_M rows, BLOCK_N keys, warps, stages) by d_v. From ptxas's sm_90a resource usage (not timed on its own): at 8
+# warps nothing spills for d_v 256 and 512; at 4 warps 1.2-1.7 KB of stack a thread spill. At d_v 512, 64 keys x 3
+# stages asked the H200 for 292 KB of shared memory (227 KB is the limit), so that shape streams 32 keys a block.
+LSE_CONFIG = {256: (64, 64, 8, 3), 512: (64, 32, 8, 3)}
 
 
 if triton is not None:
@@ -96,7 +97,7 @@ def attention_lse(q: torch.Tensor, kv: torch.Tensor, sm_scale: float, d_v: int,
         record("attention_lse", "reference", why or "inputs not contiguous in the last dim")
         return ref.attention_lse(q, kv, sm_scale, start, end)
     record("attention_lse", "triton", why)
-    bm, bn, warps, stages = LSE_CONFIG
+    bm, bn, warps, stages = LSE_CONFIG.get(d_v, LSE_CONFIG[256] if d_v < 512 else LSE_CONFIG[512])
     lse = empty(b, s, h, device=q.device, dtype=torch.float32)
     _attention_lse_kernel[(triton.cdiv(s * h, bm), b)](
         q, kv, start.to(torch.int32), end.to(torch.int32), lse, sm_scale * 1.4426950408889634,

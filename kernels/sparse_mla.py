@@ -9,9 +9,12 @@ float32 inputs); one GPU runs the Triton kernels on bf16/fp16 inputs.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dsaforge.kernels import reference as ref
+from dsaforge.kernels import sparse_mla_sm90 as sm90
 from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_same_device, check_tensor, empty,
                                         next_pow2, record, use_triton)
 
@@ -333,9 +336,18 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     if not ok:
         record("sparse_mla_fwd", "reference", why)
         return ref.sparse_mla(q, kv, indices, sm_scale, d_v)
-    record("sparse_mla_fwd", "triton", why)
     b, s, h, d = q.shape
     t, k = kv.shape[1], indices.shape[2]
+    if num_splits == 1 and (config is None or len(config) == 3) and os.environ.get("DSAFORGE_SM90_FWD", "1") != "0":
+        ok90, why90 = sm90.supported(q, kv, indices, d_v)
+        if ok90:
+            record("sparse_mla_fwd", "triton", "sm90 gluon kernel")
+            out = empty(b, s, h, d_v, device=q.device, dtype=q.dtype)
+            lse = empty(b, s, h, device=q.device, dtype=torch.float32)
+            sm90.launch(q, kv, indices, out, lse, sm_scale * LOG2E, d_v, config)
+            return out, lse
+        check(config is None, f"the sm_90 forward config {config} does not apply: {why90}")
+    record("sparse_mla_fwd", "triton", why)
     bh, bk, warps, stages = _cfg(FWD_CONFIG, d_v, h, config)
     nhb = triton.cdiv(h, bh)
     num_splits = max(1, min(num_splits, triton.cdiv(k, bk)))

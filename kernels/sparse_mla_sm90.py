@@ -1,0 +1,269 @@
+"""Sparse MLA forward for Hopper (sm_90) in Gluon: explicit warpgroup MMAs, layouts and cp.async pipelining.
+
+Why a second forward: in Triton's `tl.dot` lowering, a dot whose result feeds another dot gets all warps along M
+(the flash-attention heuristic). With 64 heads and 8 warps that puts both warpgroups on the same 64 rows, so each
+computes the whole S = Q K^T of the block: the 576-deep product (53% of the FLOPs) runs twice and Q is read from
+shared memory twice per k-step. Gluon lets S use the [4, 2] warp layout instead: each warpgroup computes S for
+half of the block's keys, P goes through shared memory, and each warpgroup accumulates half of O's 512 columns.
+
+Contract and numerics are those of `sparse_mla._sparse_mla_fwd_kernel` (base-2 online softmax, LSE in natural
+log, -inf for a row with no valid index). Slots with index -1 (or >= T) gather row 0 instead of masking the copy,
+so shared memory never holds stale bits, and their scores are set to -inf, so they add nothing.
+
+Supported: bf16/fp16, d_v 512 with a rope part of 64 (V3.2's 576), heads a multiple of 64, top-k a multiple of
+BLOCK_K. `sparse_mla.sparse_mla_fwd` dispatches here on sm_90 and falls back to the Triton kernel otherwise.
+"""
+from __future__ import annotations
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                 warpgroup_mma_init, warpgroup_mma_wait)
+except ImportError:  # pragma: no cover - older Triton: the Triton kernel serves every GPU
+    gluon = None
+
+# (BLOCK_K, STAGES, OVERLAP): 64 selected entries a block, double-buffered, serial schedule. Shared memory: Q 72 KB + 2 x 72 KB of gathered
+# rows + 8 KB of P = 224 KB of the 227 KB a block may use.
+SM90_FWD_CONFIG = (64, 2, False)
+BLOCK_H = 64
+NUM_WARPS = 8
+
+if gluon is not None:
+
+    @gluon.jit
+    def _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j, K, T,
+                     offs_r, offs_c, offs_rp, offs_cp, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """cp.async the latent rows of block j (nope and rope parts) into buffer j % STAGES; one commit group."""
+        buf = j % STAGES
+        offs = j * BLOCK_K + offs_r
+        idx = gl.load(idx_base + offs, mask=offs < K, other=-1)
+        idx = gl.where((idx >= 0) & (idx < T), idx, 0)
+        cp.async_copy_global_to_shared(kn_smem.index(buf), kv_base + idx.to(gl.int64)[:, None] * skt + offs_c[None, :])
+        offs_p = j * BLOCK_K + offs_rp
+        idx_p = gl.load(idx_base + offs_p, mask=offs_p < K, other=-1)
+        idx_p = gl.where((idx_p >= 0) & (idx_p < T), idx_p, 0)
+        cp.async_copy_global_to_shared(kp_smem.index(buf),
+                                       kv_base + idx_p.to(gl.int64)[:, None] * skt + offs_cp[None, :])
+        cp.commit_group()
+
+    @gluon.jit
+    def _softmax_block(sc, j, m_i, l_i, idx_base, K, T, scale_log2, offs_ks, BLOCK_K: gl.constexpr):
+        """Online-softmax step for block j's scores: (p, m, l, alpha), base 2; invalid slots score -inf."""
+        offs = j * BLOCK_K + offs_ks
+        idx = gl.load(idx_base + offs, mask=offs < K, other=-1)
+        valid = (idx >= 0) & (idx < T)
+        qk = gl.where(valid[None, :], sc * scale_log2, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no valid key yet stays at 0
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(qk - m_use[:, None])
+        return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+
+    @gluon.jit
+    def _sparse_mla_fwd_sm90_kernel(
+            Q, KV, IDX, O, LSE, scale_log2,
+            sqb, sqs, sqh, skb, skt, sib, sis, sob, sos, soh, slb, sls, slh,
+            T, K,
+            D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
+            NUM_HB: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+        dtype: gl.constexpr = Q.dtype.element_ty
+        pid = gl.program_id(0)
+        s = pid // NUM_HB                      # head blocks of one token are adjacent: they share the gathered KV in L2
+        hb = pid % NUM_HB
+        b = gl.program_id(1)
+
+        # S [BLOCK_H, BLOCK_K]: warpgroup g computes keys [g*BLOCK_K/2, (g+1)*BLOCK_K/2) of every head.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                          instr_shape=[16, BLOCK_K // 2, 16])
+        # O [BLOCK_H, D_V]: warpgroup g accumulates columns [g*D_V/2, (g+1)*D_V/2).
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                          instr_shape=[16, D_V // 2, 16])
+        # Gathers: 16 bytes a thread, a warp covers 256 contiguous columns of one row.
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        ld_pe: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_PE // 8), D_PE // 8], [num_warps, 1], [1, 0])
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_V], dtype)
+        qp_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_PE], dtype)
+        k_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, D_V], dtype)
+        kp_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, D_PE], dtype)
+        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_K], dtype)
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, D_V], q_sl)
+        qp_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, D_PE], qp_sl)
+        kn_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, D_V], k_sl)
+        kp_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, D_PE], kp_sl)
+        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_K], p_sl)
+
+        b64 = b.to(gl.int64)
+        s64 = s.to(gl.int64)
+        offs_c = gl.arange(0, D_V, layout=gl.SliceLayout(0, ld))
+        offs_cp = gl.arange(0, D_PE, layout=gl.SliceLayout(0, ld_pe))
+        offs_r = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, ld))
+        offs_rp = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, ld_pe))
+        offs_hq = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
+        offs_hqp = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_pe))
+        q_base = Q + b64 * sqb + s64 * sqs
+        cp.async_copy_global_to_shared(q_smem, q_base + offs_hq[:, None].to(gl.int64) * sqh + offs_c[None, :])
+        cp.async_copy_global_to_shared(qp_smem, q_base + offs_hqp[:, None].to(gl.int64) * sqh + D_V + offs_cp[None, :])
+        kv_base = KV + b64 * skb
+        idx_base = IDX + b64 * sib + s64 * sis
+        for j in gl.static_range(STAGES - 1):      # Q rides in the first group
+            _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j, K, T, offs_r, offs_c, offs_rp,
+                         offs_cp + D_V, BLOCK_K, STAGES)
+
+        offs_ks = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        s_zero = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
+        o = gl.zeros([BLOCK_H, D_V], gl.float32, layout=o_layout)
+        n_blocks = gl.cdiv(K, BLOCK_K)
+        if OVERLAP:
+            # FA3-style: block j's Q.K^T is issued ahead of block j-1's P.V, so the softmax of j runs while the
+            # tensor cores finish j-1. The copy into block j-1's buffer waits for that P.V.
+            cp.wait_group(STAGES - 2)
+            fence_async_shared()
+            gl.thread_barrier()
+            sc = warpgroup_mma(q_smem, kn_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            sc = warpgroup_mma(qp_smem, kp_smem.index(0).permute((1, 0)), sc, is_async=True)
+            sc = warpgroup_mma_wait(0, deps=[sc])
+            p, m_i, l_i, alpha = _softmax_block(sc, 0, m_i, l_i, idx_base, K, T, scale_log2, offs_ks, BLOCK_K)
+            _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, STAGES - 1, K, T, offs_r, offs_c, offs_rp,
+                         offs_cp + D_V, BLOCK_K, STAGES)
+            p_smem.store(p.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            for j in range(1, n_blocks):
+                cp.wait_group(STAGES - 2)
+                fence_async_shared()               # cp.async wrote through the generic proxy; wgmma reads async
+                gl.thread_barrier()
+                buf = j % STAGES
+                sc = warpgroup_mma(q_smem, kn_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
+                pv = warpgroup_mma(p_smem, kn_smem.index((j - 1) % STAGES), o, is_async=True)
+                sc = warpgroup_mma_wait(1, deps=[sc])
+                p, m_i, l_i, alpha = _softmax_block(sc, j, m_i, l_i, idx_base, K, T, scale_log2, offs_ks, BLOCK_K)
+                o = warpgroup_mma_wait(0, deps=[pv])
+                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j + STAGES - 1, K, T, offs_r, offs_c,
+                             offs_rp, offs_cp + D_V, BLOCK_K, STAGES)
+                p_smem.store(p.to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+            pv = warpgroup_mma(p_smem, kn_smem.index((n_blocks - 1) % STAGES), o, is_async=True)
+            o = warpgroup_mma_wait(0, deps=[pv])
+        else:
+            acc = warpgroup_mma_init(o)
+            for j in range(n_blocks):
+                # The buffer the next copy fills held block j-1: its P.V product must be done (it also read P).
+                o = warpgroup_mma_wait(0, deps=[acc])
+                _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j + STAGES - 1, K, T, offs_r, offs_c,
+                             offs_rp, offs_cp + D_V, BLOCK_K, STAGES)
+                cp.wait_group(STAGES - 1)
+                fence_async_shared()
+                gl.thread_barrier()                # every thread's part of block j has landed
+                buf = j % STAGES
+                kn = kn_smem.index(buf)
+                sc = warpgroup_mma(q_smem, kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
+                sc = warpgroup_mma_wait(0, deps=[sc])
+                p, m_i, l_i, alpha = _softmax_block(sc, j, m_i, l_i, idx_base, K, T, scale_log2, offs_ks, BLOCK_K)
+                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                p_smem.store(p.to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                acc = warpgroup_mma(p_smem, kn, o, is_async=True)
+            o = warpgroup_mma_wait(0, deps=[acc])
+        cp.wait_group(0)
+
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        out = o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+        offs_ho = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
+        offs_vo = gl.arange(0, D_V, layout=gl.SliceLayout(0, o_layout))
+        gl.store(O + b64 * sob + s64 * sos + offs_ho[:, None].to(gl.int64) * soh + offs_vo[None, :], out.to(dtype))
+        offs_hl = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
+        gl.store(LSE + b64 * slb + s64 * sls + offs_hl * slh, lse)
+
+
+def supported(q, kv, indices, d_v: int) -> tuple[bool, str]:
+    """Whether the sm_90 kernel takes these (already validated) inputs; the reason when not."""
+    if gluon is None:
+        return False, "this Triton has no Gluon"
+    if not q.is_cuda:
+        return False, "not a CUDA tensor"
+    import torch
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False, "not an sm_90 GPU"
+    h, d, k = q.shape[2], q.shape[3], indices.shape[2]
+    block_k = SM90_FWD_CONFIG[0]
+    if d_v != 512 or d - d_v != 64:
+        return False, f"shape d_qk {d} / d_v {d_v} (the sm_90 kernel takes 576 / 512)"
+    if h % BLOCK_H or k % block_k:
+        return False, f"heads {h} / top-k {k} not multiples of {BLOCK_H} / {block_k}"
+    if q.dtype not in (torch.bfloat16, torch.float16) or kv.dtype != q.dtype:
+        return False, f"dtype {q.dtype}"
+    if q.stride(3) != 1 or kv.stride(2) != 1 or indices.stride(2) != 1:
+        return False, "last dims must be contiguous"
+    return True, ""
+
+
+def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tuple | None = None) -> None:
+    """Run the sm_90 forward into out [B,S,H,d_v] and lse [B,S,H] (caller checked `supported`)."""
+    b, s, h, d = q.shape
+    block_k, stages, overlap = config or SM90_FWD_CONFIG
+    nhb = h // BLOCK_H
+    _sparse_mla_fwd_sm90_kernel[(s * nhb, b)](
+        q, kv, indices, out, lse, sm_scale_log2,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        kv.shape[1], indices.shape[2],
+        D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages, OVERLAP=overlap,
+        num_warps=NUM_WARPS)
+
+
+def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) -> dict:
+    """Compile the kernel for sm_90a without a GPU (Triton's bundled ptxas) and report what it needs: shared memory,
+    registers and spills (`cuobjdump -res-usage`), and the wgmma instructions in its PTX. Needs TRITON_INTERPRET
+    unset (the interpreter replaces the language functions Gluon compiles)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    block_k, stages, overlap = config or SM90_FWD_CONFIG
+    sig = {"Q": "*bf16", "KV": "*bf16", "IDX": "*i32", "O": "*bf16", "LSE": "*fp32", "scale_log2": "fp32"}
+    sig.update({n: "i32" for n in "sqb sqs sqh skb skt sib sis sob sos soh slb sls slh T K".split()})
+    ce = dict(D_V=d_v, D_PE=d_pe, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=2, STAGES=stages, OVERLAP=overlap,
+              num_warps=NUM_WARPS)
+    sig.update({k: "constexpr" for k in ce})
+    aligned = {(i,): [["tt.divisibility", 16]] for i in [0, 1, 2, 3, 4, *range(6, 18)]}   # as Triton specializes
+    src = GluonASTSource(fn=_sparse_mla_fwd_sm90_kernel, signature=sig, constexprs=ce, attrs=aligned)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    wgmma = {}
+    for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", k.asm["ptx"]):
+        wgmma[m.group(1)] = wgmma.get(m.group(1), 0) + 1
+    res = dict(config=[block_k, stages, overlap], shared_bytes=k.metadata.shared, wgmma=wgmma)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    if os.path.exists(tool):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        for key in ("REG", "STACK", "LOCAL"):
+            m = re.search(rf"\b{key}:(\d+)", usage)
+            if m:
+                res[key.lower()] = int(m.group(1))
+    return res
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    cfgs = [tuple(json.loads(a)) for a in sys.argv[1:]] or [SM90_FWD_CONFIG]
+    for c in cfgs:
+        print(json.dumps(resource_usage(c)))

@@ -1,0 +1,45 @@
+"""The Hopper (Gluon) sparse MLA forward, on a machine without a GPU: it compiles for sm_90a with Triton's bundled
+ptxas, fits shared memory, spills nothing, and splits S = Q K^T over the two warpgroups instead of computing it on
+both; the dispatch leaves CPU tensors to the other paths. Numerics are checked on the H200
+(`checks.check_sparse_mla`)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sm90 = pytest.importorskip("dsaforge.kernels.sparse_mla_sm90")
+if sm90.gluon is None:
+    pytest.skip("this Triton has no Gluon", allow_module_level=True)
+
+SMEM_LIMIT = 232448          # bytes of shared memory one block may use on sm_90 (1 KB of it reserved)
+
+
+def test_compiles_for_sm90_within_limits():
+    # A fresh process: this one runs Triton's interpreter, which Gluon cannot compile against.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cfgs = [list(sm90.SM90_FWD_CONFIG), [64, 2, True], [32, 4, True]]
+    out = subprocess.run([sys.executable, "-m", "dsaforge.kernels.sparse_mla_sm90", *map(json.dumps, cfgs)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["config"] for r in rows] == cfgs
+    for (block_k, _, overlap), r in zip(cfgs, rows):
+        assert r["shared_bytes"] + 1024 <= SMEM_LIMIT, r
+        sites = 2 if overlap else 1           # the overlapped schedule peels its first block
+        # S: each warpgroup owns half of the block's keys, 576 / 16 = 36 k-steps at each code site, not twice that.
+        assert r["wgmma"].get(f"m64n{block_k // 2}k16") == 36 * sites, r
+        # O: each warpgroup owns 256 of the 512 value columns.
+        assert r["wgmma"].get("m64n256k16") == block_k // 16 * sites, r
+        if "local" in r:
+            assert r["local"] == 0 and r["stack"] == 0, r
+
+
+def test_dispatch_declines_cpu_tensors():
+    q = torch.zeros(1, 2, 64, 576, dtype=torch.bfloat16)
+    kv = torch.zeros(1, 8, 576, dtype=torch.bfloat16)
+    idx = torch.zeros(1, 2, 64, dtype=torch.int32)
+    ok, why = sm90.supported(q, kv, idx, 512)
+    assert not ok and "CUDA" in why
