@@ -338,7 +338,7 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         return ref.sparse_mla(q, kv, indices, sm_scale, d_v)
     b, s, h, d = q.shape
     t, k = kv.shape[1], indices.shape[2]
-    if num_splits == 1 and (config is None or len(config) == 3) and os.environ.get("DSAFORGE_SM90_FWD", "1") != "0":
+    if num_splits == 1 and (config is None or len(config) in (3, 4, 5)) and os.environ.get("DSAFORGE_SM90_FWD", "1") != "0":
         ok90, why90 = sm90.supported(q, kv, indices, d_v)
         if ok90:
             record("sparse_mla_fwd", "triton", "sm90 gluon kernel")

@@ -34,27 +34,30 @@ NUM_WARPS = 8
 if gluon is not None:
 
     @gluon.jit
-    def _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j, K, T,
-                     offs_r, offs_c, offs_rp, offs_cp, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-        """cp.async the latent rows of block j (nope and rope parts) into buffer j % STAGES; one commit group."""
-        buf = j % STAGES
-        offs = j * BLOCK_K + offs_r
-        idx = gl.load(idx_base + offs, mask=offs < K, other=-1)
-        idx = gl.where((idx >= 0) & (idx < T), idx, 0)
+    def _load_idx(idx_base, j, K, T, offs, BLOCK_K: gl.constexpr):
+        """Block j's selected indices in offs' layout; empty (-1) or out-of-range slots read row 0 instead."""
+        o = j * BLOCK_K + offs
+        idx = gl.load(idx_base + o, mask=o < K, other=-1)
+        return gl.where((idx >= 0) & (idx < T), idx, 0)
+
+    @gluon.jit
+    def _copy_block(kn_smem, kp_smem, kv_base, skt, buf, idx, idx_p, offs_c, offs_cp):
+        """cp.async the latent rows idx (nope part) / idx_p (rope part) into buffer buf; one commit group."""
         cp.async_copy_global_to_shared(kn_smem.index(buf), kv_base + idx.to(gl.int64)[:, None] * skt + offs_c[None, :])
-        offs_p = j * BLOCK_K + offs_rp
-        idx_p = gl.load(idx_base + offs_p, mask=offs_p < K, other=-1)
-        idx_p = gl.where((idx_p >= 0) & (idx_p < T), idx_p, 0)
         cp.async_copy_global_to_shared(kp_smem.index(buf),
                                        kv_base + idx_p.to(gl.int64)[:, None] * skt + offs_cp[None, :])
         cp.commit_group()
 
     @gluon.jit
-    def _softmax_block(sc, j, m_i, l_i, idx_base, K, T, scale_log2, offs_ks, BLOCK_K: gl.constexpr):
-        """Online-softmax step for block j's scores: (p, m, l, alpha), base 2; invalid slots score -inf."""
-        offs = j * BLOCK_K + offs_ks
-        idx = gl.load(idx_base + offs, mask=offs < K, other=-1)
-        valid = (idx >= 0) & (idx < T)
+    def _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j, K, T,
+                     offs_r, offs_c, offs_rp, offs_cp, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """cp.async the latent rows of block j (nope and rope parts) into buffer j % STAGES; one commit group."""
+        _copy_block(kn_smem, kp_smem, kv_base, skt, j % STAGES, _load_idx(idx_base, j, K, T, offs_r, BLOCK_K),
+                    _load_idx(idx_base, j, K, T, offs_rp, BLOCK_K), offs_c, offs_cp)
+
+    @gluon.jit
+    def _softmax_valid(sc, valid, m_i, l_i, scale_log2):
+        """Online-softmax step for one block's scores: (p, m, l, alpha), base 2; invalid slots score -inf."""
         qk = gl.where(valid[None, :], sc * scale_log2, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, 1))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no valid key yet stays at 0
@@ -63,12 +66,23 @@ if gluon is not None:
         return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
 
     @gluon.jit
+    def _valid(idx_base, j, K, T, offs_ks, BLOCK_K: gl.constexpr):
+        offs = j * BLOCK_K + offs_ks
+        idx = gl.load(idx_base + offs, mask=offs < K, other=-1)
+        return (idx >= 0) & (idx < T)
+
+    @gluon.jit
+    def _softmax_block(sc, j, m_i, l_i, idx_base, K, T, scale_log2, offs_ks, BLOCK_K: gl.constexpr):
+        return _softmax_valid(sc, _valid(idx_base, j, K, T, offs_ks, BLOCK_K), m_i, l_i, scale_log2)
+
+    @gluon.jit
     def _sparse_mla_fwd_sm90_kernel(
             Q, KV, IDX, O, LSE, scale_log2,
             sqb, sqs, sqh, skb, skt, sib, sis, sob, sos, soh, slb, sls, slh,
             T, K,
             D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
-            NUM_HB: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+            NUM_HB: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PREFETCH: gl.constexpr,
+            CHAIN: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = Q.dtype.element_ty
         pid = gl.program_id(0)
         s = pid // NUM_HB                      # head blocks of one token are adjacent: they share the gathered KV in L2
@@ -153,6 +167,62 @@ if gluon is not None:
                 gl.thread_barrier()
             pv = warpgroup_mma(p_smem, kn_smem.index((n_blocks - 1) % STAGES), o, is_async=True)
             o = warpgroup_mma_wait(0, deps=[pv])
+        elif CHAIN:
+            # Block j's Q.K^T is queued on the tensor cores right behind block j-1's P.V (no wait in between); the
+            # copy into block j-1's buffer is issued once that P.V is done, and indices are loaded a block ahead.
+            acc = warpgroup_mma_init(o)
+            idx_n = _load_idx(idx_base, STAGES - 1, K, T, offs_r, BLOCK_K)
+            idx_np = _load_idx(idx_base, STAGES - 1, K, T, offs_rp, BLOCK_K)
+            for j in range(n_blocks):
+                cp.wait_group(STAGES - 2)
+                fence_async_shared()
+                gl.thread_barrier()
+                buf = j % STAGES
+                kn = kn_smem.index(buf)
+                sc = warpgroup_mma(q_smem, kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
+                o = warpgroup_mma_wait(2, deps=[acc])      # block j-1's P.V done; the two Q.K^T groups may run on
+                _copy_block(kn_smem, kp_smem, kv_base, skt, (j + STAGES - 1) % STAGES, idx_n, idx_np, offs_c,
+                            offs_cp + D_V)
+                valid = _valid(idx_base, j, K, T, offs_ks, BLOCK_K)
+                idx_n = _load_idx(idx_base, j + STAGES, K, T, offs_r, BLOCK_K)
+                idx_np = _load_idx(idx_base, j + STAGES, K, T, offs_rp, BLOCK_K)
+                sc = warpgroup_mma_wait(0, deps=[sc])
+                p, m_i, l_i, alpha = _softmax_valid(sc, valid, m_i, l_i, scale_log2)
+                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                p_smem.store(p.to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                acc = warpgroup_mma(p_smem, kn, o, is_async=True)
+            o = warpgroup_mma_wait(0, deps=[acc])
+        elif PREFETCH:
+            # As below, with each block's indices loaded an iteration ahead (while Q.K^T runs), so issuing a copy
+            # no longer waits on a global load between the P.V product and the next Q.K^T.
+            acc = warpgroup_mma_init(o)
+            idx_n = _load_idx(idx_base, STAGES - 1, K, T, offs_r, BLOCK_K)
+            idx_np = _load_idx(idx_base, STAGES - 1, K, T, offs_rp, BLOCK_K)
+            for j in range(n_blocks):
+                o = warpgroup_mma_wait(0, deps=[acc])
+                _copy_block(kn_smem, kp_smem, kv_base, skt, (j + STAGES - 1) % STAGES, idx_n, idx_np, offs_c,
+                            offs_cp + D_V)
+                cp.wait_group(STAGES - 1)
+                fence_async_shared()
+                gl.thread_barrier()
+                buf = j % STAGES
+                kn = kn_smem.index(buf)
+                sc = warpgroup_mma(q_smem, kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
+                valid = _valid(idx_base, j, K, T, offs_ks, BLOCK_K)
+                idx_n = _load_idx(idx_base, j + STAGES, K, T, offs_r, BLOCK_K)
+                idx_np = _load_idx(idx_base, j + STAGES, K, T, offs_rp, BLOCK_K)
+                sc = warpgroup_mma_wait(0, deps=[sc])
+                p, m_i, l_i, alpha = _softmax_valid(sc, valid, m_i, l_i, scale_log2)
+                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                p_smem.store(p.to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                acc = warpgroup_mma(p_smem, kn, o, is_async=True)
+            o = warpgroup_mma_wait(0, deps=[acc])
         else:
             acc = warpgroup_mma_init(o)
             for j in range(n_blocks):
@@ -212,7 +282,7 @@ def supported(q, kv, indices, d_v: int) -> tuple[bool, str]:
 def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tuple | None = None) -> None:
     """Run the sm_90 forward into out [B,S,H,d_v] and lse [B,S,H] (caller checked `supported`)."""
     b, s, h, d = q.shape
-    block_k, stages, overlap = config or SM90_FWD_CONFIG
+    block_k, stages, overlap, prefetch, chain = (*(config or SM90_FWD_CONFIG), False, False)[:5]
     nhb = h // BLOCK_H
     _sparse_mla_fwd_sm90_kernel[(s * nhb, b)](
         q, kv, indices, out, lse, sm_scale_log2,
@@ -220,7 +290,7 @@ def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tup
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         kv.shape[1], indices.shape[2],
         D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages, OVERLAP=overlap,
-        num_warps=NUM_WARPS)
+        PREFETCH=prefetch, CHAIN=chain, num_warps=NUM_WARPS)
 
 
 def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) -> dict:
@@ -235,11 +305,11 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    block_k, stages, overlap = config or SM90_FWD_CONFIG
+    block_k, stages, overlap, prefetch, chain = (*(config or SM90_FWD_CONFIG), False, False)[:5]
     sig = {"Q": "*bf16", "KV": "*bf16", "IDX": "*i32", "O": "*bf16", "LSE": "*fp32", "scale_log2": "fp32"}
     sig.update({n: "i32" for n in "sqb sqs sqh skb skt sib sis sob sos soh slb sls slh T K".split()})
     ce = dict(D_V=d_v, D_PE=d_pe, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=2, STAGES=stages, OVERLAP=overlap,
-              num_warps=NUM_WARPS)
+              PREFETCH=prefetch, CHAIN=chain, num_warps=NUM_WARPS)
     sig.update({k: "constexpr" for k in ce})
     aligned = {(i,): [["tt.divisibility", 16]] for i in [0, 1, 2, 3, 4, *range(6, 18)]}   # as Triton specializes
     src = GluonASTSource(fn=_sparse_mla_fwd_sm90_kernel, signature=sig, constexprs=ce, attrs=aligned)
@@ -247,7 +317,7 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
     wgmma = {}
     for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", k.asm["ptx"]):
         wgmma[m.group(1)] = wgmma.get(m.group(1), 0) + 1
-    res = dict(config=[block_k, stages, overlap], shared_bytes=k.metadata.shared, wgmma=wgmma)
+    res = dict(config=list(config or SM90_FWD_CONFIG), shared_bytes=k.metadata.shared, wgmma=wgmma)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     if os.path.exists(tool):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
