@@ -314,9 +314,9 @@ SWEEP = {   # split backward: kernel 1 (BLOCK_H, BLOCK_K, warps, stages), kernel
             [(64, 128, 8, 2), (64, 128, 8, 3), (128, 64, 8, 2)], (32, 32, 8, 1)),
     "small": ([], [], (16, 32, 4, 2)),
 }
-FWD_SWEEP = {   # forward (BLOCK_H, BLOCK_K, warps, stages); BLOCK_H 128 = one program per token at h 128
-    "v32": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 8, 4), (128, 64, 16, 2), (128, 32, 16, 2),
-            (128, 32, 16, 3), (128, 64, 16, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+FWD_SWEEP = {   # forward: Triton (BLOCK_H, BLOCK_K, warps, stages) or Hopper ("sm90", BLOCK_K, stages, schedule)
+    "v32": [("sm90", 64, 2, "serial"), ("sm90", 64, 2, "prefetch"), ("sm90", 32, 3, "serial"), (64, 64, 8, 2),
+            (64, 32, 8, 3)],
     "small": [(16, 128, 4, 2), (16, 128, 4, 3), (16, 64, 4, 3), (16, 64, 4, 4), (16, 256, 8, 2), (16, 64, 2, 3),
               (16, 128, 8, 3)],
 }
@@ -428,7 +428,7 @@ def sweep_scores(dev, clock: Clock, s_q: int = S_Q, sizes=(65536, 131072), max_r
         want, ws = torch.empty(s_q, s_kv, device=dev), torch.empty(s_q, s_kv, device=dev)
 
         def v1():
-            kernel, idx.SCORE_KERNEL = idx.SCORE_KERNEL, "v1"
+            kernel, idx.SCORE_KERNEL = idx.SCORE_KERNEL, {"fp8": "v1", "bf16": "v1"}
             try:
                 idx._launch_scores(*args, want, start, end, 0, s_q, False)
             finally:
@@ -648,7 +648,9 @@ def main(argv=None) -> dict:
             if "fwd" in parts:
                 sw = sweep_fwd(dev, clock, shape)
                 res["sweep"].append(sw)
-                if sw["best"]:
+                if sw["best"] and sw["best"][0] == "sm90":
+                    importlib.import_module("dsaforge.kernels.sparse_mla_sm90").SM90_FWD_CONFIG = tuple(sw["best"])
+                elif sw["best"]:
                     smla.FWD_CONFIG[SHAPES[shape]["d_v"]] = tuple(sw["best"])
             if "bwd" in parts:
                 sw = sweep(dev, clock, shape)

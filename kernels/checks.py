@@ -58,7 +58,7 @@ def check_sparse_mla(shape: str, s_q: int = 128, s_kv: int = 8192, k: int = 2048
     scale = d ** -0.5
     with poison_outputs():
         out, lse = sparse_mla_fwd(q, kv, idx, scale, cfg["d_v"])
-    path = last_path("sparse_mla_fwd")[0]
+    path, fwd_kernel = last_path("sparse_mla_fwd")
     qq, kk = q.double().requires_grad_(), kv.double().requires_grad_()
     ro, rl = ref.sparse_mla(qq, kk, idx, scale, cfg["d_v"])
     dout = torch.randn_like(out)
@@ -69,6 +69,7 @@ def check_sparse_mla(shape: str, s_q: int = 128, s_kv: int = 8192, k: int = 2048
         dq_d, dkv_d = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], deterministic=True)
         dq_d2, dkv_d2 = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], deterministic=True)
     res = dict(check=f"sparse_mla fwd+bwd {shape}", shape=dict(b=b, s_q=s_q, s_kv=s_kv, k=k, **cfg), path=path,
+               fwd_kernel="sm90 gluon" if "sm90" in fwd_kernel else "triton",
                out_rel_err=rel_err(out, ro), lse_rel_err=rel_err(lse, rl),
                dq_rel_err=rel_err(dq, qq.grad), dkv_rel_err=rel_err(dkv, kk.grad),
                dq_fused_rel_err=rel_err(dq_f, qq.grad), dkv_fused_rel_err=rel_err(dkv_f, kk.grad),

@@ -36,9 +36,12 @@ except ImportError:  # pragma: no cover
 FP8 = torch.float8_e4m3fn
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for bf16 and fp8 inputs.
 SCORE_CONFIG = {"bf16": (128, 128, 8, 3), "fp8": (128, 128, 8, 3)}
-# Which score kernel `_launch_scores` runs: "v1" (`_indexer_scores_kernel`) or "v2" (`_indexer_scores_kernel_v2`,
-# Q resident, keys streamed; not timed on a GPU yet). DSAFORGE_INDEXER_SCORE=v2 picks v2 at import.
-SCORE_KERNEL = os.environ.get("DSAFORGE_INDEXER_SCORE", "v1")
+# Which score kernel `_launch_scores` runs by input dtype: "v1" (`_indexer_scores_kernel`) or "v2"
+# (`_indexer_scores_kernel_v2`: Q resident, keys streamed). On an H200 at V3.2's shape (Hi 64, D 128, 4096 rows, fp8)
+# v2 took 4.66 / 9.71 ms against v1's 5.35 / 10.74 ms at 64K / 128K keys (914 / 891 against 796 / 806 TFLOP/s);
+# bf16 is not timed yet and keeps v1. DSAFORGE_INDEXER_SCORE=v1|v2 forces one for both at import.
+_FORCED = os.environ.get("DSAFORGE_INDEXER_SCORE")
+SCORE_KERNEL = {"fp8": _FORCED or "v2", "bf16": _FORCED or "v1"}
 # (BLOCK_R query rows at Hi 64, BLOCK_N keys, KEYS_PER_PROG, num_warps, num_stages) of v2; the GEMM's N = BLOCK_R * 64
 # (query, head) columns is kept for other head counts (`_v2_rows`). From ptxas's sm_90a resource usage at Hi 64, D 128
 # (not timed yet): fp8 243 registers, 57 KB shared, bf16 238 registers, 97 KB, no spills, so two CTAs share an SM and
@@ -208,7 +211,7 @@ def _kernel_ok(q, k) -> tuple[bool, str]:
 
 def _launch_scores(q, k, w, k_scale, out, start, end, row0, n_rows, mask_out):
     """Scores of rows [row0, row0+n_rows) of one sequence (q [S,Hi,D], k [T,D], w [S,Hi]) into out [n_rows, T]."""
-    if SCORE_KERNEL == "v2" and next_pow2(q.shape[1]) <= 256:
+    if SCORE_KERNEL["fp8" if q.dtype == FP8 else "bf16"] == "v2" and next_pow2(q.shape[1]) <= 256:
         return _launch_scores_v2(q, k, w, k_scale, out, start, end, row0, n_rows, mask_out)
     t = k.shape[0]
     bm, bn, warps, stages = SCORE_CONFIG["fp8" if q.dtype == FP8 else "bf16"]

@@ -327,6 +327,9 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
 
     num_splits > 1 splits each row's K selected entries over that many programs (flash-decoding) and merges the
     partial results; it pays off only when B*S*ceil(H/64) is too small to fill the GPU (decode).
+    On sm_90 GPUs the shapes `sparse_mla_sm90.supported` takes run the Hopper (Gluon) kernel (DSAFORGE_SM90_FWD=0
+    turns it off); `config` overrides the block sizes: (BLOCK_H, BLOCK_K, warps, stages) for the Triton kernel, or
+    ("sm90", BLOCK_K, stages, schedule) for the Hopper one (the benchmark's sweep).
     """
     _check_inputs(q, kv, indices, d_v)
     ok, why = use_triton(q, kv, indices)
@@ -338,7 +341,7 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         return ref.sparse_mla(q, kv, indices, sm_scale, d_v)
     b, s, h, d = q.shape
     t, k = kv.shape[1], indices.shape[2]
-    if num_splits == 1 and (config is None or len(config) in (3, 4, 5)) and os.environ.get("DSAFORGE_SM90_FWD", "1") != "0":
+    if num_splits == 1 and (config is None or config[0] == "sm90") and os.environ.get("DSAFORGE_SM90_FWD", "1") != "0":
         ok90, why90 = sm90.supported(q, kv, indices, d_v)
         if ok90:
             record("sparse_mla_fwd", "triton", "sm90 gluon kernel")

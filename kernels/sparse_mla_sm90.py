@@ -25,9 +25,10 @@ try:
 except ImportError:  # pragma: no cover - older Triton: the Triton kernel serves every GPU
     gluon = None
 
-# (BLOCK_K, STAGES, OVERLAP): 64 selected entries a block, double-buffered, serial schedule. Shared memory: Q 72 KB + 2 x 72 KB of gathered
+# ("sm90", BLOCK_K, STAGES, schedule): 64 selected entries a block, double-buffered; schedule "serial" loads a
+# block's indices when its copy is issued, "prefetch" one block earlier. Shared memory: Q 72 KB + 2 x 72 KB of gathered
 # rows + 8 KB of P = 224 KB of the 227 KB a block may use.
-SM90_FWD_CONFIG = (64, 2, False)
+SM90_FWD_CONFIG = ("sm90", 64, 2, "serial")
 BLOCK_H = 64
 NUM_WARPS = 8
 
@@ -57,13 +58,15 @@ if gluon is not None:
 
     @gluon.jit
     def _softmax_valid(sc, valid, m_i, l_i, scale_log2):
-        """Online-softmax step for one block's scores: (p, m, l, alpha), base 2; invalid slots score -inf."""
+        """Online-softmax step for one block's scores: (p, m, l, alpha), base 2; invalid slots score -inf. l is kept
+        per (row, slot) and summed over the slots once after the loop: each row's slots are split over the two
+        warpgroups, so a per-block row sum would cost a shared-memory exchange and a barrier every block."""
         qk = gl.where(valid[None, :], sc * scale_log2, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, 1))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no valid key yet stays at 0
         alpha = gl.exp2(m_i - m_use)
         p = gl.exp2(qk - m_use[:, None])
-        return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+        return p, m_new, l_i * alpha[:, None] + p, alpha
 
     @gluon.jit
     def _valid(idx_base, j, K, T, offs_ks, BLOCK_K: gl.constexpr):
@@ -72,17 +75,12 @@ if gluon is not None:
         return (idx >= 0) & (idx < T)
 
     @gluon.jit
-    def _softmax_block(sc, j, m_i, l_i, idx_base, K, T, scale_log2, offs_ks, BLOCK_K: gl.constexpr):
-        return _softmax_valid(sc, _valid(idx_base, j, K, T, offs_ks, BLOCK_K), m_i, l_i, scale_log2)
-
-    @gluon.jit
     def _sparse_mla_fwd_sm90_kernel(
             Q, KV, IDX, O, LSE, scale_log2,
             sqb, sqs, sqh, skb, skt, sib, sis, sob, sos, soh, slb, sls, slh,
             T, K,
             D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
-            NUM_HB: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PREFETCH: gl.constexpr,
-            CHAIN: gl.constexpr, num_warps: gl.constexpr):
+            NUM_HB: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = Q.dtype.element_ty
         pid = gl.program_id(0)
         s = pid // NUM_HB                      # head blocks of one token are adjacent: they share the gathered KV in L2
@@ -129,124 +127,45 @@ if gluon is not None:
 
         offs_ks = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, s_layout))
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
         s_zero = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
         o = gl.zeros([BLOCK_H, D_V], gl.float32, layout=o_layout)
         n_blocks = gl.cdiv(K, BLOCK_K)
-        if OVERLAP:
-            # FA3-style: block j's Q.K^T is issued ahead of block j-1's P.V, so the softmax of j runs while the
-            # tensor cores finish j-1. The copy into block j-1's buffer waits for that P.V.
-            cp.wait_group(STAGES - 2)
-            fence_async_shared()
-            gl.thread_barrier()
-            sc = warpgroup_mma(q_smem, kn_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            sc = warpgroup_mma(qp_smem, kp_smem.index(0).permute((1, 0)), sc, is_async=True)
+        acc = warpgroup_mma_init(o)
+        if PREFETCH:      # indices are loaded a block ahead, while Q.K^T runs, so a copy never waits on a load
+            idx_n = _load_idx(idx_base, STAGES - 1, K, T, offs_r, BLOCK_K)
+            idx_np = _load_idx(idx_base, STAGES - 1, K, T, offs_rp, BLOCK_K)
+        for j in range(n_blocks):
+            # The buffer the next copy fills held block j-1: its P.V product must be done (it also read P).
+            o = warpgroup_mma_wait(0, deps=[acc])
+            if PREFETCH:
+                _copy_block(kn_smem, kp_smem, kv_base, skt, (j + STAGES - 1) % STAGES, idx_n, idx_np, offs_c,
+                            offs_cp + D_V)
+            else:
+                _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j + STAGES - 1, K, T, offs_r, offs_c,
+                             offs_rp, offs_cp + D_V, BLOCK_K, STAGES)
+            cp.wait_group(STAGES - 1)
+            fence_async_shared()                   # cp.async wrote through the generic proxy; wgmma reads async
+            gl.thread_barrier()                    # every thread's part of block j has landed
+            buf = j % STAGES
+            kn = kn_smem.index(buf)
+            sc = warpgroup_mma(q_smem, kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
+            valid = _valid(idx_base, j, K, T, offs_ks, BLOCK_K)
+            if PREFETCH:
+                idx_n = _load_idx(idx_base, j + STAGES, K, T, offs_r, BLOCK_K)
+                idx_np = _load_idx(idx_base, j + STAGES, K, T, offs_rp, BLOCK_K)
             sc = warpgroup_mma_wait(0, deps=[sc])
-            p, m_i, l_i, alpha = _softmax_block(sc, 0, m_i, l_i, idx_base, K, T, scale_log2, offs_ks, BLOCK_K)
-            _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, STAGES - 1, K, T, offs_r, offs_c, offs_rp,
-                         offs_cp + D_V, BLOCK_K, STAGES)
+            p, m_i, l_i, alpha = _softmax_valid(sc, valid, m_i, l_i, scale_log2)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             p_smem.store(p.to(dtype))
             fence_async_shared()
             gl.thread_barrier()
-            for j in range(1, n_blocks):
-                cp.wait_group(STAGES - 2)
-                fence_async_shared()               # cp.async wrote through the generic proxy; wgmma reads async
-                gl.thread_barrier()
-                buf = j % STAGES
-                sc = warpgroup_mma(q_smem, kn_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
-                pv = warpgroup_mma(p_smem, kn_smem.index((j - 1) % STAGES), o, is_async=True)
-                sc = warpgroup_mma_wait(1, deps=[sc])
-                p, m_i, l_i, alpha = _softmax_block(sc, j, m_i, l_i, idx_base, K, T, scale_log2, offs_ks, BLOCK_K)
-                o = warpgroup_mma_wait(0, deps=[pv])
-                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j + STAGES - 1, K, T, offs_r, offs_c,
-                             offs_rp, offs_cp + D_V, BLOCK_K, STAGES)
-                p_smem.store(p.to(dtype))
-                fence_async_shared()
-                gl.thread_barrier()
-            pv = warpgroup_mma(p_smem, kn_smem.index((n_blocks - 1) % STAGES), o, is_async=True)
-            o = warpgroup_mma_wait(0, deps=[pv])
-        elif CHAIN:
-            # Block j's Q.K^T is queued on the tensor cores right behind block j-1's P.V (no wait in between); the
-            # copy into block j-1's buffer is issued once that P.V is done, and indices are loaded a block ahead.
-            acc = warpgroup_mma_init(o)
-            idx_n = _load_idx(idx_base, STAGES - 1, K, T, offs_r, BLOCK_K)
-            idx_np = _load_idx(idx_base, STAGES - 1, K, T, offs_rp, BLOCK_K)
-            for j in range(n_blocks):
-                cp.wait_group(STAGES - 2)
-                fence_async_shared()
-                gl.thread_barrier()
-                buf = j % STAGES
-                kn = kn_smem.index(buf)
-                sc = warpgroup_mma(q_smem, kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
-                o = warpgroup_mma_wait(2, deps=[acc])      # block j-1's P.V done; the two Q.K^T groups may run on
-                _copy_block(kn_smem, kp_smem, kv_base, skt, (j + STAGES - 1) % STAGES, idx_n, idx_np, offs_c,
-                            offs_cp + D_V)
-                valid = _valid(idx_base, j, K, T, offs_ks, BLOCK_K)
-                idx_n = _load_idx(idx_base, j + STAGES, K, T, offs_r, BLOCK_K)
-                idx_np = _load_idx(idx_base, j + STAGES, K, T, offs_rp, BLOCK_K)
-                sc = warpgroup_mma_wait(0, deps=[sc])
-                p, m_i, l_i, alpha = _softmax_valid(sc, valid, m_i, l_i, scale_log2)
-                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                p_smem.store(p.to(dtype))
-                fence_async_shared()
-                gl.thread_barrier()
-                acc = warpgroup_mma(p_smem, kn, o, is_async=True)
-            o = warpgroup_mma_wait(0, deps=[acc])
-        elif PREFETCH:
-            # As below, with each block's indices loaded an iteration ahead (while Q.K^T runs), so issuing a copy
-            # no longer waits on a global load between the P.V product and the next Q.K^T.
-            acc = warpgroup_mma_init(o)
-            idx_n = _load_idx(idx_base, STAGES - 1, K, T, offs_r, BLOCK_K)
-            idx_np = _load_idx(idx_base, STAGES - 1, K, T, offs_rp, BLOCK_K)
-            for j in range(n_blocks):
-                o = warpgroup_mma_wait(0, deps=[acc])
-                _copy_block(kn_smem, kp_smem, kv_base, skt, (j + STAGES - 1) % STAGES, idx_n, idx_np, offs_c,
-                            offs_cp + D_V)
-                cp.wait_group(STAGES - 1)
-                fence_async_shared()
-                gl.thread_barrier()
-                buf = j % STAGES
-                kn = kn_smem.index(buf)
-                sc = warpgroup_mma(q_smem, kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
-                valid = _valid(idx_base, j, K, T, offs_ks, BLOCK_K)
-                idx_n = _load_idx(idx_base, j + STAGES, K, T, offs_r, BLOCK_K)
-                idx_np = _load_idx(idx_base, j + STAGES, K, T, offs_rp, BLOCK_K)
-                sc = warpgroup_mma_wait(0, deps=[sc])
-                p, m_i, l_i, alpha = _softmax_valid(sc, valid, m_i, l_i, scale_log2)
-                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                p_smem.store(p.to(dtype))
-                fence_async_shared()
-                gl.thread_barrier()
-                acc = warpgroup_mma(p_smem, kn, o, is_async=True)
-            o = warpgroup_mma_wait(0, deps=[acc])
-        else:
-            acc = warpgroup_mma_init(o)
-            for j in range(n_blocks):
-                # The buffer the next copy fills held block j-1: its P.V product must be done (it also read P).
-                o = warpgroup_mma_wait(0, deps=[acc])
-                _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j + STAGES - 1, K, T, offs_r, offs_c,
-                             offs_rp, offs_cp + D_V, BLOCK_K, STAGES)
-                cp.wait_group(STAGES - 1)
-                fence_async_shared()
-                gl.thread_barrier()                # every thread's part of block j has landed
-                buf = j % STAGES
-                kn = kn_smem.index(buf)
-                sc = warpgroup_mma(q_smem, kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
-                sc = warpgroup_mma_wait(0, deps=[sc])
-                p, m_i, l_i, alpha = _softmax_block(sc, j, m_i, l_i, idx_base, K, T, scale_log2, offs_ks, BLOCK_K)
-                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                p_smem.store(p.to(dtype))
-                fence_async_shared()
-                gl.thread_barrier()
-                acc = warpgroup_mma(p_smem, kn, o, is_async=True)
-            o = warpgroup_mma_wait(0, deps=[acc])
+            acc = warpgroup_mma(p_smem, kn, o, is_async=True)
+        o = warpgroup_mma_wait(0, deps=[acc])
         cp.wait_group(0)
 
+        l_i = gl.sum(l_i, 1)
         l_safe = gl.where(l_i == 0.0, 1.0, l_i)
         lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
         out = o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
@@ -282,15 +201,15 @@ def supported(q, kv, indices, d_v: int) -> tuple[bool, str]:
 def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tuple | None = None) -> None:
     """Run the sm_90 forward into out [B,S,H,d_v] and lse [B,S,H] (caller checked `supported`)."""
     b, s, h, d = q.shape
-    block_k, stages, overlap, prefetch, chain = (*(config or SM90_FWD_CONFIG), False, False)[:5]
+    _, block_k, stages, schedule = config or SM90_FWD_CONFIG
     nhb = h // BLOCK_H
     _sparse_mla_fwd_sm90_kernel[(s * nhb, b)](
         q, kv, indices, out, lse, sm_scale_log2,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         kv.shape[1], indices.shape[2],
-        D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages, OVERLAP=overlap,
-        PREFETCH=prefetch, CHAIN=chain, num_warps=NUM_WARPS)
+        D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages,
+        PREFETCH=schedule == "prefetch", num_warps=NUM_WARPS)
 
 
 def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) -> dict:
@@ -305,11 +224,11 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    block_k, stages, overlap, prefetch, chain = (*(config or SM90_FWD_CONFIG), False, False)[:5]
+    _, block_k, stages, schedule = config or SM90_FWD_CONFIG
     sig = {"Q": "*bf16", "KV": "*bf16", "IDX": "*i32", "O": "*bf16", "LSE": "*fp32", "scale_log2": "fp32"}
     sig.update({n: "i32" for n in "sqb sqs sqh skb skt sib sis sob sos soh slb sls slh T K".split()})
-    ce = dict(D_V=d_v, D_PE=d_pe, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=2, STAGES=stages, OVERLAP=overlap,
-              PREFETCH=prefetch, CHAIN=chain, num_warps=NUM_WARPS)
+    ce = dict(D_V=d_v, D_PE=d_pe, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=2, STAGES=stages,
+              PREFETCH=schedule == "prefetch", num_warps=NUM_WARPS)
     sig.update({k: "constexpr" for k in ce})
     aligned = {(i,): [["tt.divisibility", 16]] for i in [0, 1, 2, 3, 4, *range(6, 18)]}   # as Triton specializes
     src = GluonASTSource(fn=_sparse_mla_fwd_sm90_kernel, signature=sig, constexprs=ce, attrs=aligned)
@@ -334,6 +253,6 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
 if __name__ == "__main__":
     import json
     import sys
-    cfgs = [tuple(json.loads(a)) for a in sys.argv[1:]] or [SM90_FWD_CONFIG]
+    cfgs = [tuple(json.loads(a)) for a in sys.argv[1:]] or [SM90_FWD_CONFIG]   # e.g. '["sm90", 64, 2, "serial"]'
     for c in cfgs:
         print(json.dumps(resource_usage(c)))

@@ -1,4 +1,4 @@
-"""The v2 indexer score kernel (Q resident, keys streamed; `indexer.SCORE_KERNEL = "v2"`) through Triton's
+"""The v2 indexer score kernel (Q resident, keys streamed; `indexer.SCORE_KERNEL[dtype] = "v2"`) through Triton's
 interpreter: the dense scores and the fused top-k against the references and the v1 kernel, for both head layouts
 (Hi 16 packs 4x the rows of Hi 64 into the GEMM's columns), key ranges split across programs, and packed documents."""
 import pytest
@@ -14,7 +14,7 @@ from dsaforge.kernels.indexer import _reference_indexer_topk
 @pytest.fixture
 def v2(interpret, monkeypatch):
     """Select v2 with small key tiles and ranges, so a program sees several tiles and rows span several programs."""
-    monkeypatch.setattr(indexer, "SCORE_KERNEL", "v2")
+    monkeypatch.setattr(indexer, "SCORE_KERNEL", {"fp8": "v2", "bf16": "v2"})
     monkeypatch.setitem(indexer.SCORE_CONFIG_V2, "bf16", (2, 32, 96, 4, 2))
     monkeypatch.setitem(indexer.SCORE_CONFIG_V2, "fp8", (2, 32, 96, 4, 2))
 
@@ -46,7 +46,7 @@ def test_v2_workspace_matches_v1_inside_bounds(v2, report, monkeypatch):
     mask = ref.bounds_mask(start, end, t)[row0:row0 + n]
     outs = []
     for kernel in ("v1", "v2"):
-        monkeypatch.setattr(indexer, "SCORE_KERNEL", kernel)
+        monkeypatch.setattr(indexer, "SCORE_KERNEL", {"fp8": kernel, "bf16": kernel})
         ws = torch.full((n, t), float("nan"))
         indexer._launch_scores(q8[0], k8[0], wf[0], ks[0], ws, start, end, row0, n, False)
         assert not ws[mask].isnan().any()
