@@ -185,8 +185,14 @@ def supported(q, kv, indices, d_v: int) -> tuple[bool, str]:
     import torch
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False, "not an sm_90 GPU"
+    return shape_ok(q, kv, indices, d_v)
+
+
+def shape_ok(q, kv, indices, d_v: int) -> tuple[bool, str]:
+    """The shape, dtype and layout half of `supported` (no device needed)."""
+    import torch
     h, d, k = q.shape[2], q.shape[3], indices.shape[2]
-    block_k = SM90_FWD_CONFIG[0]
+    block_k = SM90_FWD_CONFIG[1]
     if d_v != 512 or d - d_v != 64:
         return False, f"shape d_qk {d} / d_v {d_v} (the sm_90 kernel takes 576 / 512)"
     if h % BLOCK_H or k % block_k:

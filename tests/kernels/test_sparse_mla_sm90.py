@@ -42,3 +42,14 @@ def test_dispatch_declines_cpu_tensors():
     idx = torch.zeros(1, 2, 64, dtype=torch.int32)
     ok, why = sm90.supported(q, kv, idx, 512)
     assert not ok and "CUDA" in why
+
+
+@pytest.mark.parametrize("h,d,k,dtype,ok", [(128, 576, 2048, torch.bfloat16, True), (64, 576, 128, torch.float16, True),
+                                            (96, 576, 2048, torch.bfloat16, False), (128, 320, 2048, torch.bfloat16, False),
+                                            (128, 576, 2000, torch.bfloat16, False), (128, 576, 2048, torch.float32, False)])
+def test_shape_rules(h, d, k, dtype, ok):
+    q = torch.zeros(1, 1, h, d, dtype=dtype)
+    kv = torch.zeros(1, 4, d, dtype=dtype)
+    idx = torch.zeros(1, 1, k, dtype=torch.int32)
+    got, why = sm90.shape_ok(q, kv, idx, 512 if d == 576 else 256)
+    assert got == ok, why
