@@ -18,7 +18,6 @@ Run: CPU falls back to the reference (TRITON_INTERPRET=1 runs the kernels in the
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -379,29 +378,17 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int,
         return _reference_select(_reference_rerank(q, k, w, cand), cand, top_k)
     record("indexer_topk", "triton", why)
     out = empty(b, s, top_k, device=q.device, dtype=torch.int32)
-    # On a GPU with more than one chunk, two workspaces of half the bytes each: the selection of chunk c runs on a
-    # side stream while the score kernel fills the other workspace with chunk c+1 (scores are compute-bound, the
-    # selection memory- and latency-bound, so they share the SMs well).
-    n_buf = 2 if q.is_cuda and s * t * 4 > workspace_bytes else 1
-    rows = max(1, min(s, workspace_bytes // n_buf // (4 * t)))
+    rows = max(1, min(s, workspace_bytes // (4 * t)))
     if rows < s:
         rows = max(128, rows // 128 * 128)
-    bufs = []
-    for _ in range(n_buf):
-        buf = dict(ws=empty(rows, t, device=q.device, dtype=torch.float32))
-        if n_cand:
-            # Second stage, O(rows * n_cand): candidates (ascending key order), their exact scores, chosen slots.
-            buf.update(cand=empty(rows, n_cand, device=q.device, dtype=torch.int32),
-                       scores=empty(rows, n_cand, device=q.device, dtype=torch.float32),
-                       slots=empty(rows, top_k, device=q.device, dtype=torch.int32))
-        bufs.append(buf)
+    ws = empty(rows, t, device=q.device, dtype=torch.float32)
     if n_cand:
+        # Second stage, O(rows * n_cand): candidates (ascending key order), their exact scores, the chosen slots.
+        cand = empty(rows, n_cand, device=q.device, dtype=torch.int32)
+        cand_scores = empty(rows, n_cand, device=q.device, dtype=torch.float32)
+        slots = empty(rows, top_k, device=q.device, dtype=torch.int32)
         zeros = torch.zeros(rows, device=q.device, dtype=torch.int32)
         n_valid = (end - start).clamp(max=n_cand).to(torch.int32)           # the fp8 pass fills this many slots
-    main = torch.cuda.current_stream(q.device) if n_buf == 2 else None
-    side = torch.cuda.Stream(q.device) if n_buf == 2 else None
-    done = [None] * n_buf
-    chunk = 0
     for bi in range(b):
         if fp8:
             k8, ks = ref.act_quant_fp8(k[bi], block=d)
@@ -410,33 +397,21 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int,
             ks = None if k_scale is None else k_scale[bi]
         for r0 in range(0, s, rows):
             n = min(rows, s - r0)
-            buf = bufs[chunk % n_buf]
-            if done[chunk % n_buf] is not None:
-                main.wait_event(done[chunk % n_buf])      # the selection two chunks back has read this workspace
-            ws = buf["ws"]
             if fp8:
                 q8, qs = ref.act_quant_fp8(q[bi, r0:r0 + n], block=d)             # [n,Hi,D], [n,Hi,1]
                 wf = (w[bi, r0:r0 + n].float() * qs[..., 0]).contiguous()
                 _launch_scores(q8, k8, wf, ks, ws, start[r0:], end[r0:], 0, n, False)
             else:
                 _launch_scores(q[bi], k[bi], w[bi], ks, ws, start, end, r0, n, False)
-            if side is not None:
-                side.wait_stream(main)
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                if not n_cand:
-                    launch_topk(ws[:n], start[r0:], end[r0:], out[bi, r0:], top_k, True)
-                else:
-                    cd, cs, sl = buf["cand"][:n], buf["scores"][:n], buf["slots"][:n]
-                    launch_topk(ws[:n], start[r0:], end[r0:], cd, n_cand, True)
-                    _launch_rerank(q[bi, r0:], k[bi], w[bi, r0:], cd, cs)
-                    # Slots are ascending positions in an ascending candidate list: ties still go to the lower key.
-                    launch_topk(cs, zeros, n_valid[r0:], sl, top_k, True)
-                    out[bi, r0:r0 + n] = torch.where(sl >= 0, cd.gather(1, sl.clamp_min(0).long()), sl)
-            if side is not None:
-                done[chunk % n_buf] = side.record_event()
-            chunk += 1
-    if side is not None:
-        main.wait_stream(side)
+            if not n_cand:
+                launch_topk(ws[:n], start[r0:], end[r0:], out[bi, r0:], top_k, True)
+                continue
+            cd, cs, sl = cand[:n], cand_scores[:n], slots[:n]
+            launch_topk(ws[:n], start[r0:], end[r0:], cd, n_cand, True)
+            _launch_rerank(q[bi, r0:], k[bi], w[bi, r0:], cd, cs)
+            # Slots are ascending positions in an ascending candidate list, so ties still go to the lower key index.
+            launch_topk(cs, zeros, n_valid[r0:], sl, top_k, True)
+            out[bi, r0:r0 + n] = torch.where(sl >= 0, cd.gather(1, sl.clamp_min(0).long()), sl)
     return out
 
 
