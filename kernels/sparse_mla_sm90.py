@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - older Triton: the Triton kernel serves
 # ("sm90", BLOCK_K, STAGES, schedule): 64 selected entries a block, double-buffered; schedule "serial" loads a
 # block's indices when its copy is issued, "prefetch" one block earlier. Shared memory: Q 72 KB + 2 x 72 KB of gathered
 # rows + 8 KB of P = 224 KB of the 227 KB a block may use.
-SM90_FWD_CONFIG = ("sm90", 64, 2, "serial")
+SM90_FWD_CONFIG = ("sm90", 64, 2, "prefetch")
 BLOCK_H = 64
 NUM_WARPS = 8
 
