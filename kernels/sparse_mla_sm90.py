@@ -202,13 +202,15 @@ if gluon is not None:
             buf = j % STAGES
             kn = kn_smem.index(buf)
             mbarrier.wait(kv_ready.index(buf), (j // STAGES) & 1)
+            fence_async_shared()                                    # the worker's cp.async wrote generic-proxy
             sc = warpgroup_mma(q_smem, kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
+            o = warpgroup_mma_wait(2, deps=[acc])                   # this partition's P.V of block j-1 is done
+            mbarrier.arrive(kv_empty.index((j + STAGES - 1) % STAGES), pred=j > 0)
             offs = j * BLOCK_K + offs_ks
             idx = gl.load(idx_base + offs, mask=offs < K, other=-1)
             valid = (idx >= 0) & (idx < T)
-            sc, o = warpgroup_mma_wait(0, deps=[sc, acc])          # also this partition's P.V of block j-1
-            mbarrier.arrive(kv_empty.index((j + STAGES - 1) % STAGES), pred=j > 0)
+            sc = warpgroup_mma_wait(0, deps=[sc])
             qk = gl.where(valid[None, :], sc * scale_log2, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(qk, 1))
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no valid key yet stays at 0
@@ -258,16 +260,10 @@ if gluon is not None:
         for j in gl.static_range(STAGES):                           # the buffers start empty
             _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j, K, T, offs_r, offs_c, offs_rp, offs_cp,
                          BLOCK_K, STAGES)
-        cp.wait_group(STAGES - 1)
-        fence_async_shared()                                        # cp.async writes are generic-proxy
-        mbarrier.arrive(kv_ready.index(0))
+            cp.mbarrier_arrive(kv_ready.index(j), increment_count=False)   # each thread, once its copies land
         acc = warpgroup_mma_init(gl.zeros([BLOCK_H, D_V // 2], gl.float32, layout=o_layout))
         for j in range(n_blocks):
             buf = j % STAGES
-            # Block j+1's rows (issued an iteration ago) have landed: the default partition may start on them.
-            cp.wait_group(0)
-            fence_async_shared()
-            mbarrier.arrive(kv_ready.index((j + 1) % STAGES))
             mbarrier.wait(p_ready, j & 1)
             alpha = a_smem.load(gl.SliceLayout(1, o_layout))
             o = warpgroup_mma_wait(0, deps=[acc])
@@ -281,6 +277,7 @@ if gluon is not None:
                 mbarrier.wait(kv_empty.index(buf), (j // STAGES) & 1)
                 _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j + STAGES, K, T, offs_r, offs_c, offs_rp,
                              offs_cp, BLOCK_K, STAGES)
+                cp.mbarrier_arrive(kv_ready.index(buf), increment_count=False)
         o = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.wait(done, 0)
         l_safe = l_smem.load(gl.SliceLayout(1, o_layout))
@@ -325,7 +322,7 @@ if gluon is not None:
         p_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.init(kv_ready.index(i), count=1)
+            mbarrier.init(kv_ready.index(i), count=128)        # one cp.async arrive per worker thread
             mbarrier.init(kv_empty.index(i), count=2)          # both partitions release a buffer
         mbarrier.init(p_ready, count=1)
         mbarrier.init(p_empty, count=1)
