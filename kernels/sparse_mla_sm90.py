@@ -12,6 +12,8 @@ so shared memory never holds stale bits, and their scores are set to -inf, so th
 
 Supported: bf16/fp16, d_v 512 with a rope part of 64 (V3.2's 576), heads a multiple of 64, top-k a multiple of
 BLOCK_K. `sparse_mla.sparse_mla_fwd` dispatches here on sm_90 and falls back to the Triton kernel otherwise.
+Gluon has no interpreter: `python -m dsaforge.kernels.sparse_mla_sm90 '["sm90", 64, 2, "ws"]'` compiles a
+configuration for sm_90a without a GPU and prints its shared memory, registers, spills and wgmma instructions.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ try:
 except ImportError:  # pragma: no cover - older Triton: the Triton kernel serves every GPU
     gluon = None
 
-# ("sm90", BLOCK_K, STAGES, schedule): 64 selected entries a block, double-buffered; schedule "serial" loads a
-# block's indices when its copy is issued, "prefetch" one block earlier. Shared memory: Q 72 KB + 2 x 72 KB of gathered
-# rows + 8 KB of P = 224 KB of the 227 KB a block may use.
+# ("sm90", BLOCK_K, STAGES, schedule): 64 selected entries a block, double-buffered. Schedules: "serial" loads a
+# block's indices when its copy is issued, "prefetch" one block earlier, "ws" is the warp-specialized kernel.
+# Shared memory: Q 72 KB + 2 x 72 KB of gathered rows + 8 KB of P = 224 KB of the 227 KB a block may use. On an
+# H200 at V3.2's shape (4096 queries, 64K keys, top-k 2048): prefetch 327-329 TFLOP/s, serial 305-306, ws 302-305.
 SM90_FWD_CONFIG = ("sm90", 64, 2, "prefetch")
 BLOCK_H = 64
 NUM_WARPS = 8
