@@ -22,12 +22,12 @@ def test_sparse_mla_fwd_bwd(shape):
     assert res["passed"], res
 
 
-@pytest.mark.parametrize("schedule", ["serial", "prefetch", "ws"])
+@pytest.mark.parametrize("schedule", [("serial", 2), ("prefetch", 2), ("ws", 2), ("ws3", 3)])
 def test_sm90_forward_schedules(schedule):
     """Every Hopper forward schedule against float64 at V3.2's shape (empty slots, an empty row, poisoned outputs)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward is for sm_90")
-    res = _show(checks.check_sparse_mla_fwd_config(("sm90", 64, 2, schedule)))
+    res = _show(checks.check_sparse_mla_fwd_config(("sm90", 64, schedule[1], schedule[0])))
     assert res["passed"], res
 
 
