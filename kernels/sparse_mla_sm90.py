@@ -12,7 +12,7 @@ so shared memory never holds stale bits, and their scores are set to -inf, so th
 
 Supported: bf16/fp16, d_v 512 with a rope part of 64 (V3.2's 576), heads a multiple of 64, top-k a multiple of
 BLOCK_K. `sparse_mla.sparse_mla_fwd` dispatches here on sm_90 and falls back to the Triton kernel otherwise.
-Gluon has no interpreter: `python -m dsaforge.kernels.sparse_mla_sm90 '["sm90", 64, 2, "ws"]'` compiles a
+Gluon has no interpreter: `python -m dsaforge.kernels.sparse_mla_sm90 '["sm90", 64, 3, "ws3"]'` compiles a
 configuration for sm_90a without a GPU and prints its shared memory, registers, spills and wgmma instructions.
 """
 from __future__ import annotations
@@ -30,18 +30,15 @@ except ImportError:  # pragma: no cover - older Triton: the Triton kernel serves
     gluon = None
 
 # ("sm90", BLOCK_K, STAGES, schedule): 64 selected entries a block, double-buffered. Schedules: "serial" loads a
-# block's indices when its copy is issued, "prefetch" one block earlier, "ws" and "ws3" are warp-specialized.
+# block's indices when its copy is issued, "prefetch" one block earlier, "ws3" is warp-specialized.
 # Shared memory: Q 72 KB + 2 x 72 KB of gathered rows + 8 KB of P = 224 KB of the 227 KB a block may use. On an
-# H200 at V3.2's shape (4096 queries, 64K keys, top-k 2048): prefetch 320-329 TFLOP/s, serial 305-306, ws 302-305,
-# ws3 299-300 ("ws3" keeps Q in registers for three stages; ptxas spills 268 bytes and serializes its wgmma for
-# lack of registers at 12 warps, the next thing to fix there).
+# H200 at V3.2's shape (4096 queries, 64K keys, top-k 2048): prefetch 320-329 TFLOP/s, serial 305-306, ws3 299-300
+# ("ws3" keeps Q in registers for three stages; ptxas spills 268 bytes and serializes its wgmma for lack of
+# registers at 12 warps, the next thing to fix there).
 SM90_FWD_CONFIG = ("sm90", 64, 2, "prefetch")
-SCHEDULES = ("serial", "prefetch", "ws", "ws3")
+SCHEDULES = ("serial", "prefetch", "ws3")
 BLOCK_H = 64
 NUM_WARPS = 8
-# The warp-specialized schedule ("ws"): 4 warps a partition; registers per thread of the worker partition (with
-# two partitions of 4 warps, 256 each: the register file holds both accumulators).
-WS_WORKER_REGS = 256 if gluon is None else gl.constexpr(256)
 # "ws3": 4 warps (S, softmax) + 8 warps (gathers, O); 12 warps fit 168 registers a thread (maxnreg), of which
 # the workers take 152 and the default partition the rest, 200.
 WS3_MAXNREG = 168
@@ -190,180 +187,6 @@ if gluon is not None:
         offs_hl = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
         gl.store(LSE + b64 * slb + s64 * sls + offs_hl * slh, lse)
 
-
-    @gluon.jit
-    def _ws_softmax_pv(q_smem, qp_smem, kn_smem, kp_smem, p_smem, a_smem, l_smem, bars, IDX, O, LSE, scale_log2,
-                       idx_off, o_off, soh, l_off, slh, hb, T, K,
-                       D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
-                       STAGES: gl.constexpr):
-        """Default partition (warpgroup 0): S = Q K^T for all of a block's keys, the softmax with row reductions
-        inside each warp, P and alpha to shared memory for the worker, and O's first D_V/2 columns."""
-        kv_ready, kv_empty, p_ready, p_empty, done = bars
-        dtype: gl.constexpr = kn_smem.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                          instr_shape=[16, BLOCK_K, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                          instr_shape=[16, D_V // 2, 16])
-        offs_ks = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, s_layout))
-        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
-        s_zero = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
-        acc = warpgroup_mma_init(gl.zeros([BLOCK_H, D_V // 2], gl.float32, layout=o_layout))
-        idx_base = IDX + idx_off
-        for j in range(gl.cdiv(K, BLOCK_K)):
-            buf = j % STAGES
-            kn = kn_smem.index(buf)
-            mbarrier.wait(kv_ready.index(buf), (j // STAGES) & 1)
-            fence_async_shared()                                    # the worker's cp.async wrote generic-proxy
-            sc = warpgroup_mma(q_smem, kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            sc = warpgroup_mma(qp_smem, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
-            o = warpgroup_mma_wait(2, deps=[acc])                   # this partition's P.V of block j-1 is done
-            mbarrier.arrive(kv_empty.index((j + STAGES - 1) % STAGES), pred=j > 0)
-            offs = j * BLOCK_K + offs_ks
-            idx = gl.load(idx_base + offs, mask=offs < K, other=-1)
-            valid = (idx >= 0) & (idx < T)
-            sc = warpgroup_mma_wait(0, deps=[sc])
-            qk = gl.where(valid[None, :], sc * scale_log2, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(qk, 1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no valid key yet stays at 0
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(qk - m_use[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            mbarrier.wait(p_empty, (j & 1) ^ 1)                    # the worker's P.V of block j-1 read P
-            p_smem.store(p.to(dtype))
-            a_smem.store(alpha)
-            fence_async_shared()
-            mbarrier.arrive(p_ready)
-            acc = warpgroup_mma(p_smem, kn.slice(0, D_V // 2, dim=1), o, is_async=True)
-        o = warpgroup_mma_wait(0, deps=[acc])
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        l_smem.store(l_safe)
-        mbarrier.arrive(done)
-        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-        out = o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-        offs_ho = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
-        offs_vo = gl.arange(0, D_V // 2, layout=gl.SliceLayout(0, o_layout))
-        gl.store(O + o_off + offs_ho[:, None].to(gl.int64) * soh + offs_vo[None, :], out.to(dtype))
-        offs_hl = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
-        gl.store(LSE + l_off + offs_hl * slh, lse)
-
-    @gluon.jit
-    def _ws_gather_pv(q_smem, qp_smem, kn_smem, kp_smem, p_smem, a_smem, l_smem, bars, KV, IDX, O,
-                      kv_off, idx_off, o_off, skt, soh, hb, T, K,
-                      D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
-                      STAGES: gl.constexpr):
-        """Worker partition (warpgroup 1): gathers the selected latent rows with cp.async, a block ahead, and
-        accumulates O's last D_V/2 columns from the P the default partition leaves in shared memory."""
-        kv_ready, kv_empty, p_ready, p_empty, done = bars
-        dtype: gl.constexpr = kn_smem.dtype
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                          instr_shape=[16, D_V // 2, 16])
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-        ld_pe: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_PE // 8), D_PE // 8], [4, 1], [1, 0])
-        offs_c = gl.arange(0, D_V, layout=gl.SliceLayout(0, ld))
-        offs_cp = D_V + gl.arange(0, D_PE, layout=gl.SliceLayout(0, ld_pe))
-        offs_r = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, ld))
-        offs_rp = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, ld_pe))
-        kv_base = KV + kv_off
-        idx_base = IDX + idx_off
-        n_blocks = gl.cdiv(K, BLOCK_K)
-        for j in gl.static_range(STAGES):                           # the buffers start empty
-            _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j, K, T, offs_r, offs_c, offs_rp, offs_cp,
-                         BLOCK_K, STAGES)
-            cp.mbarrier_arrive(kv_ready.index(j), increment_count=False)   # each thread, once its copies land
-        acc = warpgroup_mma_init(gl.zeros([BLOCK_H, D_V // 2], gl.float32, layout=o_layout))
-        for j in range(n_blocks):
-            buf = j % STAGES
-            mbarrier.wait(p_ready, j & 1)
-            alpha = a_smem.load(gl.SliceLayout(1, o_layout))
-            o = warpgroup_mma_wait(0, deps=[acc])
-            o = o * alpha[:, None]
-            acc = warpgroup_mma(p_smem, kn_smem.index(buf).slice(D_V // 2, D_V // 2, dim=1), o, is_async=True)
-            o = warpgroup_mma_wait(0, deps=[acc])
-            acc = warpgroup_mma_init(o)
-            mbarrier.arrive(p_empty)
-            mbarrier.arrive(kv_empty.index(buf))
-            if j + STAGES < n_blocks:                               # refill once both partitions are done with it
-                mbarrier.wait(kv_empty.index(buf), (j // STAGES) & 1)
-                _issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j + STAGES, K, T, offs_r, offs_c, offs_rp,
-                             offs_cp, BLOCK_K, STAGES)
-                cp.mbarrier_arrive(kv_ready.index(buf), increment_count=False)
-        o = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.wait(done, 0)
-        l_safe = l_smem.load(gl.SliceLayout(1, o_layout))
-        out = o / l_safe[:, None]
-        offs_ho = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
-        offs_vo = D_V // 2 + gl.arange(0, D_V // 2, layout=gl.SliceLayout(0, o_layout))
-        gl.store(O + o_off + offs_ho[:, None].to(gl.int64) * soh + offs_vo[None, :], out.to(dtype))
-
-    @gluon.jit
-    def _sparse_mla_fwd_ws_kernel(
-            Q, KV, IDX, O, LSE, scale_log2,
-            sqb, sqs, sqh, skb, skt, sib, sis, sob, sos, soh, slb, sls, slh,
-            T, K,
-            D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
-            NUM_HB: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-        """Warp-specialized forward: warpgroup 0 (default partition) computes S for the whole block, so the
-        softmax needs no exchange between warpgroups and Q is read once per k-step; warpgroup 1 gathers and
-        accumulates the other half of O. They hand over through mbarriers (see the two partitions)."""
-        gl.static_assert(STAGES == 2, "the worker's copy accounting assumes two buffers")
-        dtype: gl.constexpr = Q.dtype.element_ty
-        pid = gl.program_id(0)
-        s = pid // NUM_HB
-        hb = pid % NUM_HB
-        b = gl.program_id(1)
-        b64 = b.to(gl.int64)
-        s64 = s.to(gl.int64)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, D_V], gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_V], dtype))
-        qp_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, D_PE],
-                                            gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_PE], dtype))
-        kn_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, D_V],
-                                            gl.NVMMASharedLayout.get_default_for([BLOCK_K, D_V], dtype))
-        kp_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, D_PE],
-                                            gl.NVMMASharedLayout.get_default_for([BLOCK_K, D_PE], dtype))
-        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_K],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_K], dtype))
-        vec_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-        a_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec_sl)
-        l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec_sl)
-        kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        p_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        p_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(kv_ready.index(i), count=128)        # one cp.async arrive per worker thread
-            mbarrier.init(kv_empty.index(i), count=2)          # both partitions release a buffer
-        mbarrier.init(p_ready, count=1)
-        mbarrier.init(p_empty, count=1)
-        mbarrier.init(done, count=1)
-
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
-        ld_pe: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_PE // 8), D_PE // 8], [num_warps, 1], [1, 0])
-        offs_c = gl.arange(0, D_V, layout=gl.SliceLayout(0, ld))
-        offs_cp = gl.arange(0, D_PE, layout=gl.SliceLayout(0, ld_pe))
-        offs_hq = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
-        offs_hqp = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_pe))
-        q_base = Q + b64 * sqb + s64 * sqs
-        cp.async_copy_global_to_shared(q_smem, q_base + offs_hq[:, None].to(gl.int64) * sqh + offs_c[None, :])
-        cp.async_copy_global_to_shared(qp_smem, q_base + offs_hqp[:, None].to(gl.int64) * sqh + D_V + offs_cp[None, :])
-        cp.commit_group()
-        cp.wait_group(0)
-        fence_async_shared()
-        gl.thread_barrier()
-
-        bars = (kv_ready, kv_empty, p_ready, p_empty, done)
-        idx_off = b64 * sib + s64 * sis
-        o_off = b64 * sob + s64 * sos
-        gl.warp_specialize([
-            (_ws_softmax_pv, (q_smem, qp_smem, kn_smem, kp_smem, p_smem, a_smem, l_smem, bars, IDX, O, LSE,
-                              scale_log2, idx_off, o_off, soh, b64 * slb + s64 * sls, slh, hb, T, K,
-                              D_V, D_PE, BLOCK_H, BLOCK_K, STAGES)),
-            (_ws_gather_pv, (q_smem, qp_smem, kn_smem, kp_smem, p_smem, a_smem, l_smem, bars, KV, IDX, O,
-                             b64 * skb, idx_off, o_off, skt, soh, hb, T, K, D_V, D_PE, BLOCK_H, BLOCK_K, STAGES)),
-        ], [4], [WS_WORKER_REGS])
 
     @gluon.jit
     def _ws3_softmax(q_stage, qp_stage, kn_smem, kp_smem, p_smem, a_smem, l_smem, bars, Q, IDX, LSE, scale_log2,
@@ -561,15 +384,14 @@ def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tup
     _, block_k, stages, schedule = config or SM90_FWD_CONFIG
     check(schedule in SCHEDULES, f"unknown sm_90 forward schedule {schedule!r}; choose one of {SCHEDULES}")
     nhb = h // BLOCK_H
-    if schedule in ("ws", "ws3"):
-        kernel, extra = (_sparse_mla_fwd_ws3_kernel, dict(maxnreg=WS3_MAXNREG)) if schedule == "ws3" else (
-            _sparse_mla_fwd_ws_kernel, {})
-        kernel[(s * nhb, b)](
+    if schedule == "ws3":
+        _sparse_mla_fwd_ws3_kernel[(s * nhb, b)](
             q, kv, indices, out, lse, sm_scale_log2,
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
             kv.shape[1], indices.shape[2],
-            D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages, num_warps=4, **extra)
+            D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages, num_warps=4,
+            maxnreg=WS3_MAXNREG)
         return
     _sparse_mla_fwd_sm90_kernel[(s * nhb, b)](
         q, kv, indices, out, lse, sm_scale_log2,
@@ -595,16 +417,16 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
     _, block_k, stages, schedule = config or SM90_FWD_CONFIG
     sig = {"Q": "*bf16", "KV": "*bf16", "IDX": "*i32", "O": "*bf16", "LSE": "*fp32", "scale_log2": "fp32"}
     sig.update({n: "i32" for n in "sqb sqs sqh skb skt sib sis sob sos soh slb sls slh T K".split()})
-    ws = schedule in ("ws", "ws3")
+    ws = schedule == "ws3"
     ce = dict(D_V=d_v, D_PE=d_pe, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=2, STAGES=stages,
               num_warps=4 if ws else NUM_WARPS)
     if not ws:
         ce["PREFETCH"] = schedule == "prefetch"
     sig.update({k: "constexpr" for k in ce})
     aligned = {(i,): [["tt.divisibility", 16]] for i in [0, 1, 2, 3, 4, *range(6, 18)]}   # as Triton specializes
-    fn = {"ws": _sparse_mla_fwd_ws_kernel, "ws3": _sparse_mla_fwd_ws3_kernel}.get(schedule, _sparse_mla_fwd_sm90_kernel)
-    src = GluonASTSource(fn=fn, signature=sig, constexprs=ce, attrs=aligned)
-    options = {"num_warps": ce["num_warps"], **({"maxnreg": WS3_MAXNREG} if schedule == "ws3" else {})}
+    src = GluonASTSource(fn=_sparse_mla_fwd_ws3_kernel if ws else _sparse_mla_fwd_sm90_kernel, signature=sig,
+                         constexprs=ce, attrs=aligned)
+    options = {"num_warps": ce["num_warps"], **({"maxnreg": WS3_MAXNREG} if ws else {})}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     wgmma = {}
     for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", k.asm["ptx"]):
