@@ -69,16 +69,14 @@ if gluon is not None:
                     _load_idx(idx_base, j, K, T, offs_rp, BLOCK_K), offs_c, offs_cp)
 
     @gluon.jit
-    def _softmax_valid(sc, valid, m_i, l_i, scale_log2):
-        """Online-softmax step for one block's scores: (p, m, l, alpha), base 2; invalid slots score -inf. l is kept
-        per (row, slot) and summed over the slots once after the loop: each row's slots are split over the two
-        warpgroups, so a per-block row sum would cost a shared-memory exchange and a barrier every block."""
+    def _softmax_step(sc, valid, m_i, scale_log2):
+        """Online-softmax step for one block's scores: (p, new running max, alpha), base 2; invalid slots -inf. The
+        caller rescales its denominator by alpha and adds p's row sums."""
         qk = gl.where(valid[None, :], sc * scale_log2, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, 1))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no valid key yet stays at 0
         alpha = gl.exp2(m_i - m_use)
-        p = gl.exp2(qk - m_use[:, None])
-        return p, m_new, l_i * alpha[:, None] + p, alpha
+        return gl.exp2(qk - m_use[:, None]), m_new, alpha
 
     @gluon.jit
     def _valid(idx_base, j, K, T, offs_ks, BLOCK_K: gl.constexpr):
@@ -168,7 +166,10 @@ if gluon is not None:
                 idx_n = _load_idx(idx_base, j + STAGES, K, T, offs_r, BLOCK_K)
                 idx_np = _load_idx(idx_base, j + STAGES, K, T, offs_rp, BLOCK_K)
             sc = warpgroup_mma_wait(0, deps=[sc])
-            p, m_i, l_i, alpha = _softmax_valid(sc, valid, m_i, l_i, scale_log2)
+            p, m_i, alpha = _softmax_step(sc, valid, m_i, scale_log2)
+            # The denominator is kept per (row, slot) and summed once after the loop: each row's slots are split
+            # over the two warpgroups, so a per-block row sum would cost a shared-memory exchange and a barrier.
+            l_i = l_i * alpha[:, None] + p
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             p_smem.store(p.to(dtype))
             fence_async_shared()
@@ -228,18 +229,11 @@ if gluon is not None:
             fence_async_shared()                                    # the workers' cp.async wrote generic-proxy
             sc = warpgroup_mma(q_nope, kn_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             sc = warpgroup_mma(q_pe, kp_smem.index(buf).permute((1, 0)), sc, is_async=True)
-            offs = j * BLOCK_K + offs_ks
-            idx = gl.load(idx_base + offs, mask=offs < K, other=-1)
-            valid = (idx >= 0) & (idx < T)
+            valid = _valid(idx_base, j, K, T, offs_ks, BLOCK_K)
             sc = warpgroup_mma_wait(0, deps=[sc])
             mbarrier.arrive(kv_empty.index(buf))                    # S is done with this block's rows
-            qk = gl.where(valid[None, :], sc * scale_log2, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(qk, 1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no valid key yet stays at 0
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(qk - m_use[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
+            p, m_i, alpha = _softmax_step(sc, valid, m_i, scale_log2)
+            l_i = l_i * alpha + gl.sum(p, 1)                        # rows live inside a warp: no exchange
             mbarrier.wait(p_empty, (j & 1) ^ 1)                    # the workers' P.V of block j-1 read P
             p_smem.store(p.to(dtype))
             a_smem.store(alpha)
