@@ -53,6 +53,13 @@ if triton is not None:
         return (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
 
     @triton.jit
+    def _row_bounds(START, END, row, HAS_BOUNDS: tl.constexpr):
+        """[lo, hi) of a row's keys: per-row bounds, or the whole row with END[0] its length."""
+        if HAS_BOUNDS:
+            return tl.load(START + row), tl.load(END + row)
+        return 0, tl.load(END)
+
+    @triton.jit
     def _digit_step(hist, remaining, prefix, pmask, shift):
         """One radix round: the digit d* with count(> d*) < remaining <= count(>= d*) joins the prefix."""
         bins = tl.arange(0, 256)
@@ -95,12 +102,7 @@ if triton is not None:
     def _sample_kernel(X, START, END, THR, COUNT, sxr, K, HAS_BOUNDS: tl.constexpr, CAP: tl.constexpr,
                        G: tl.constexpr):
         row = tl.program_id(0)
-        if HAS_BOUNDS:
-            lo = tl.load(START + row)
-            hi = tl.load(END + row)
-        else:
-            lo = 0
-            hi = tl.load(END)
+        lo, hi = _row_bounds(START, END, row, HAS_BOUNDS)
         n = hi - lo
         tl.store(COUNT + row, 0)
         if n > CAP:
@@ -151,12 +153,7 @@ if triton is not None:
         pid = tl.program_id(0)
         row = pid // SPLIT
         part = SPLIT - 1 - pid % SPLIT     # last segment first: sequential runs (the interpreter) also reorder chunks
-        if HAS_BOUNDS:
-            lo = tl.load(START + row)
-            hi = tl.load(END + row)
-        else:
-            lo = 0
-            hi = tl.load(END)
+        lo, hi = _row_bounds(START, END, row, HAS_BOUNDS)
         if hi - lo > CAP:
             x_row = X + row.to(tl.int64) * sxr
             cand = CAND + row.to(tl.int64) * scr
@@ -184,12 +181,7 @@ if triton is not None:
                        HAS_BOUNDS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, NBLK: tl.constexpr):
         row = tl.program_id(0)
         out_row = OUT + row.to(tl.int64) * sor
-        if HAS_BOUNDS:
-            lo = tl.load(START + row)
-            hi = tl.load(END + row)
-        else:
-            lo = 0
-            hi = tl.load(END)
+        lo, hi = _row_bounds(START, END, row, HAS_BOUNDS)
         n = hi - lo
         co = tl.arange(0, CAP)
         if n <= CAP:
@@ -226,12 +218,7 @@ if triton is not None:
         """Rows whose candidates did not number between k and CAP: exact radix select over the whole row (four
         8-bit histogram passes, then one selection pass). Every other row returns at once."""
         row = tl.program_id(0)
-        if HAS_BOUNDS:
-            lo = tl.load(START + row)
-            hi = tl.load(END + row)
-        else:
-            lo = 0
-            hi = tl.load(END)
+        lo, hi = _row_bounds(START, END, row, HAS_BOUNDS)
         c = tl.load(COUNT + row)
         if (hi - lo > CAP) & ((c < K) | (c > CAP)):
             x_row = X + row.to(tl.int64) * sxr
