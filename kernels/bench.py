@@ -315,7 +315,7 @@ SWEEP = {   # split backward: kernel 1 (BLOCK_H, BLOCK_K, warps, stages), kernel
     "small": ([], [], (16, 32, 4, 2)),
 }
 FWD_SWEEP = {   # forward: Triton (BLOCK_H, BLOCK_K, warps, stages) or Hopper ("sm90", BLOCK_K, stages, schedule)
-    "v32": [("sm90", 64, 2, "serial"), ("sm90", 64, 2, "prefetch"), ("sm90", 64, 3, "ws3"), ("sm90", 32, 3, "serial"),
+    "v32": [("sm90", 64, 2, "pingpong"), ("sm90", 64, 2, "prefetch"), ("sm90", 64, 2, "serial"), ("sm90", 64, 3, "ws3"),
             (64, 64, 8, 2)],
     "small": [(16, 128, 4, 2), (16, 128, 4, 3), (16, 64, 4, 3), (16, 64, 4, 4), (16, 256, 8, 2), (16, 64, 2, 3),
               (16, 128, 8, 3)],

@@ -281,7 +281,7 @@ def run_all(log=print) -> list[dict]:
             ("attention_lse small", check_attention_lse, ("small",))]
     if torch.cuda.get_device_capability()[0] == 9:      # each Hopper forward schedule, not only the default
         jobs += [(f"sm90 fwd {s}", check_sparse_mla_fwd_config, (("sm90", 64, st, s),))
-                 for s, st in (("serial", 2), ("prefetch", 2), ("ws3", 3))]
+                 for s, st in (("pingpong", 2), ("serial", 2), ("prefetch", 2), ("ws3", 3))]
     results = []
     for name, fn, args in jobs:
         t0 = time.time()

@@ -6,13 +6,19 @@ computes the whole S = Q K^T of the block: the 576-deep product (53% of the FLOP
 shared memory twice per k-step. Gluon lets S use the [4, 2] warp layout instead: each warpgroup computes S for
 half of the block's keys, P goes through shared memory, and each warpgroup accumulates half of O's 512 columns.
 
+The default schedule, "pingpong", goes further (the layout of FlashMLA's Hopper kernel): warp-specialized, two math
+warpgroups take alternate blocks whole (S as m64n64 wgmma, their softmaxes interleaved with each other's MMAs) and a
+third gathers rows with cp.async. On an H200 at V3.2's shape it runs 403 TFLOP/s against 323-329 for "prefetch",
+the best single-instruction-stream schedule; docs/kernels.md has the measurements.
+
 Contract and numerics are those of `sparse_mla._sparse_mla_fwd_kernel` (base-2 online softmax, LSE in natural
 log, -inf for a row with no valid index). Slots with index -1 (or >= T) gather row 0 instead of masking the copy,
 so shared memory never holds stale bits, and their scores are set to -inf, so they add nothing.
 
 Supported: bf16/fp16, d_v 512 with a rope part of 64 (V3.2's 576), heads a multiple of 64, top-k a multiple of
-BLOCK_K. `sparse_mla.sparse_mla_fwd` dispatches here on sm_90 and falls back to the Triton kernel otherwise.
-Gluon has no interpreter: `python -m dsaforge.kernels.sparse_mla_sm90 '["sm90", 64, 3, "ws3"]'` compiles a
+BLOCK_K ("pingpong": of 2 * BLOCK_K, other top-k take SM90_FWD_FALLBACK). `sparse_mla.sparse_mla_fwd` dispatches
+here on sm_90 and falls back to the Triton kernel otherwise.
+Gluon has no interpreter: `python -m dsaforge.kernels.sparse_mla_sm90 '["sm90", 64, 2, "pingpong"]'` compiles a
 configuration for sm_90a without a GPU and prints its shared memory, registers, spills and wgmma instructions.
 """
 from __future__ import annotations
@@ -29,20 +35,25 @@ try:
 except ImportError:  # pragma: no cover - older Triton: the Triton kernel serves every GPU
     gluon = None
 
-# ("sm90", BLOCK_K, STAGES, schedule): 64 selected entries a block, double-buffered. Schedules: "serial" loads a
-# block's indices when its copy is issued, "prefetch" one block earlier, "ws3" is warp-specialized.
-# Shared memory: Q 72 KB + 2 x 72 KB of gathered rows + 8 KB of P = 224 KB of the 227 KB a block may use. On an
-# H200 at V3.2's shape (4096 queries, 64K keys, top-k 2048): prefetch 320-329 TFLOP/s, serial 305-306, ws3 299-300
-# ("ws3" keeps Q in registers for three stages; ptxas spills 268 bytes and serializes its wgmma for lack of
-# registers at 12 warps, the next thing to fix there).
-SM90_FWD_CONFIG = ("sm90", 64, 2, "prefetch")
-SCHEDULES = ("serial", "prefetch", "ws3")
+# ("sm90", BLOCK_K, STAGES, schedule): 64 selected entries a block, double-buffered. Schedules: "pingpong" (below),
+# "serial" loads a block's indices when its copy is issued, "prefetch" one block earlier, "ws3" is warp-specialized
+# with Q in registers. Shared memory: Q 72 KB + 2 x 72 KB of gathered rows + 8 KB of P = 224 KB of the 227 KB a
+# block may use. On an H200 at V3.2's shape (4096 queries, 64K keys, top-k 2048): pingpong 403-404 TFLOP/s,
+# prefetch 320-329, serial 305-306, ws3 299-303 (ptxas spills 268 bytes and serializes its wgmma for lack of
+# registers at 12 warps).
+SM90_FWD_CONFIG = ("sm90", 64, 2, "pingpong")
+SM90_FWD_FALLBACK = ("sm90", 64, 2, "prefetch")
+SCHEDULES = ("serial", "prefetch", "ws3", "pingpong")
 BLOCK_H = 64
 NUM_WARPS = 8
 # "ws3": 4 warps (S, softmax) + 8 warps (gathers, O); 12 warps fit 168 registers a thread (maxnreg), of which
 # the workers take 152 and the default partition the rest, 200.
 WS3_MAXNREG = 168
 WS3_WORKER_REGS = 152 if gluon is None else gl.constexpr(152)
+# "pingpong": 12 warps, registers a thread for (math warpgroup 1, the gathering warpgroup); warpgroup 0, the default
+# partition, gets what is left of 512, here 200. Measured against (216, 80) and (216, 72): 403 against 395-401 and
+# 362-395 TFLOP/s.
+PP_REGS = (208, 96)
 
 if gluon is not None:
 
@@ -344,6 +355,254 @@ if gluon is not None:
                               D_V, D_PE, BLOCK_H, BLOCK_K, STAGES)),
         ], [8], [WS3_WORKER_REGS])
 
+    # ---------------------------------------------------------------------------------------------------------------
+    # "pingpong": FlashMLA's Hopper layout. Warpgroup 0 computes S for the even blocks, warpgroup 1 for the odd ones,
+    # each over all 576 columns (m64n64 wgmma instead of m64n32); O is split by columns, each warpgroup adding both
+    # blocks' P.V to its 256 columns (its own P from registers, the other's through shared memory). A third warpgroup
+    # gathers. The gathered rows are kept in two halves with their own barriers: columns [0, 256) ("l", warpgroup 0's
+    # V) and [256, 576) ("r", warpgroup 1's V and the rope part), so each half is refilled as soon as its readers are
+    # done. Warpgroup 0's P goes into block 0's rope part, which only its own S reads.
+
+    @gluon.jit
+    def _pp_math(q_l, q_r, q_p, kl_smem, kr_smem, kp_smem, p1_smem, m_smem, l_smem, bars, IDX, O, LSE, scale_log2,
+                 idx_off, o_off, soh, l_off, slh, hb, T, K,
+                 WG: gl.constexpr, D_V: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr):
+        """One math warpgroup of "pingpong": S and the softmax of its own blocks (2i + WG), and O's columns
+        [WG * D_V/2, (WG+1) * D_V/2) for both blocks of each pair."""
+        q_ready, kl_ready, kr_ready, kl_free, kr_free, m_ready, s_ready, l_ready = bars
+        dtype: gl.constexpr = kl_smem.dtype
+        OTHER: gl.constexpr = 1 - WG
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, BLOCK_K, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, D_V // 2, 16])
+        pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        # This warpgroup's V: columns [0, 256) of each block for warpgroup 0, [256, 512) for warpgroup 1.
+        v_smem = kl_smem if WG == 0 else kr_smem
+        # A runtime zero added to every buffer index: with constant indices LLVM hoists the 50-odd wgmma descriptors
+        # out of the loop and they spill; with it they are rebuilt where used.
+        nz = (T < 0).to(gl.int32)
+        offs_ks = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, s_layout))
+        idx_base = IDX + idx_off
+        s_zero = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
+        o = gl.zeros([BLOCK_H, D_V // 2], gl.float32, layout=o_layout)
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, layout=row_s)
+        mbarrier.wait(q_ready, 0)
+        fence_async_shared()
+        n_pairs = K // (2 * BLOCK_K)
+        for i in range(n_pairs):
+            ph = i & 1
+            d = ph * nz
+            b0 = d
+            b1 = 1 + d
+            ql = q_l.index(d)
+            qr = q_r.index(d)
+            qp = q_p.index(d)
+            p_other = p1_smem.index(d) if WG == 0 else kp_smem.index(b0)   # the other warpgroup's P
+            p_mine = kp_smem.index(b0) if WG == 0 else p1_smem.index(d)    # where this one leaves its P
+            # S of block 2i + WG. Warpgroup 0 starts with the "l" half (refilled first), warpgroup 1 with "r".
+            if WG == 0:
+                mbarrier.wait(kl_ready.index(0), ph)
+                fence_async_shared()
+                sc = warpgroup_mma(ql, kl_smem.index(b0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(kr_ready.index(0), ph)
+                fence_async_shared()
+                sc = warpgroup_mma(qr, kr_smem.index(b0).permute((1, 0)), sc, is_async=True)
+                sc = warpgroup_mma(qp, kp_smem.index(b0).permute((1, 0)), sc, is_async=True)
+            else:
+                mbarrier.wait(kr_ready.index(1), ph)
+                fence_async_shared()
+                sc = warpgroup_mma(qr, kr_smem.index(b1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                sc = warpgroup_mma(qp, kp_smem.index(b1).permute((1, 0)), sc, is_async=True)
+                mbarrier.wait(kl_ready.index(1), ph)
+                fence_async_shared()
+                sc = warpgroup_mma(ql, kl_smem.index(b1).permute((1, 0)), sc, is_async=True)
+            valid = _valid(idx_base, 2 * i + WG, K, T, offs_ks, BLOCK_K)
+            sc = warpgroup_mma_wait(0, deps=[sc])
+            qk = gl.where(valid[None, :], sc * scale_log2, float("-inf"))
+            m_blk = gl.max(qk, 1)
+            if WG == 0:
+                m_new = gl.maximum(m_i, m_blk)
+            else:                                   # warpgroup 0's max already covers every earlier block
+                mbarrier.wait(m_ready.index(0), ph)
+                m_new = gl.maximum(m_smem.slice(0 * BLOCK_H, BLOCK_H).load(row_s), m_blk)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(qk - m_use[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            o = o * gl.convert_layout(alpha, row_o)[:, None]
+            m_smem.slice(WG * BLOCK_H, BLOCK_H).store(m_new)
+            mbarrier.arrive(m_ready.index(WG))
+            # Own P from registers into this warpgroup's columns.
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), pa_layout), v_smem.index(WG + d), o, is_async=True)
+            if WG == 0:
+                # Warpgroup 1's max covers both blocks: rescale this block's P to it before handing it over.
+                mbarrier.wait(m_ready.index(1), ph)
+                m_fin = m_smem.slice(1 * BLOCK_H, BLOCK_H).load(row_s)
+                beta = gl.exp2(m_use - gl.where(m_fin == float("-inf"), 0.0, m_fin))
+                p_out = (p * beta[:, None]).to(dtype)
+                o = warpgroup_mma_wait(0, deps=[acc])
+                mbarrier.arrive(kl_free.index(0))                 # P0.V0l done
+                p_mine.store(p_out)
+                fence_async_shared()
+                mbarrier.arrive(s_ready.index(0))
+                l_i = l_i * beta
+                o = o * gl.convert_layout(beta, row_o)[:, None]
+                m_i = m_fin
+                mbarrier.wait(s_ready.index(1), ph)
+                mbarrier.wait(kl_ready.index(1), ph)              # (complete) makes block 1's rows visible here
+                fence_async_shared()
+                # Waited here, not behind the next pair's S: an accumulator in flight across the loop's back edge
+                # makes ptxas serialize every wgmma, and at these register budgets the FlashMLA order spills
+                # (measured 371-373 against 384 TFLOP/s).
+                o = warpgroup_mma(p_other, v_smem.index(b1), o, is_async=True)
+                o = warpgroup_mma_wait(0, deps=[o])
+                mbarrier.arrive(kl_free.index(1))
+            else:
+                p_mine.store(p.to(dtype))
+                fence_async_shared()
+                mbarrier.arrive(s_ready.index(1))
+                m_i = m_new
+                mbarrier.wait(s_ready.index(0), ph)
+                mbarrier.wait(kr_ready.index(0), ph)
+                fence_async_shared()
+                acc = warpgroup_mma(p_other, v_smem.index(b0), acc, is_async=True)
+                warpgroup_mma_wait(1, deps=[acc])
+                mbarrier.arrive(kr_free.index(1))                 # S1 and P1.V1r done with block 1's "r" half
+                o = warpgroup_mma_wait(0, deps=[acc])
+                mbarrier.arrive(kr_free.index(0))                 # P0 (in its rope part) and P0.V0r done
+        o = warpgroup_mma_wait(0, deps=[o])
+        # The two warpgroups' denominators are relative to the same final max: add them.
+        l_smem.slice(WG * BLOCK_H, BLOCK_H).store(l_i)
+        mbarrier.arrive(l_ready.index(WG))
+        mbarrier.wait(l_ready.index(OTHER), 0)
+        l_tot = l_i + l_smem.slice(OTHER * BLOCK_H, BLOCK_H).load(row_s)
+        l_safe = gl.where(l_tot == 0.0, 1.0, l_tot)
+        # Both warpgroups are past their last S, so Q's buffers are free: O goes out through them, which needs a
+        # pointer per 16 bytes instead of one per accumulator pair (those spill at this register budget).
+        o_smem = q_l.index(0) if WG == 0 else q_r.index(0)
+        o_smem.store((o / gl.convert_layout(l_safe, row_o)[:, None]).to(dtype))
+        gl.thread_barrier()
+        st: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        offs_ho = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, st))
+        offs_vo = WG * (D_V // 2) + gl.arange(0, D_V // 2, layout=gl.SliceLayout(0, st))
+        gl.store(O + o_off + offs_ho[:, None].to(gl.int64) * soh + offs_vo[None, :], o_smem.load(st))
+        if WG == 1:
+            lse = gl.where(l_tot == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+            gl.store(LSE + l_off + (hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)) * slh, lse)
+
+    @gluon.jit
+    def _pp_copy_half(dst, kv_base, skt, idx_base, j, K, T, col0, ld: gl.constexpr, BLOCK_K: gl.constexpr,
+                      WIDTH: gl.constexpr):
+        offs_r = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, ld))
+        offs_c = col0 + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, ld))
+        idx = _load_idx(idx_base, j, K, T, offs_r, BLOCK_K)
+        cp.async_copy_global_to_shared(dst, kv_base + idx.to(gl.int64)[:, None] * skt + offs_c[None, :])
+
+    @gluon.jit
+    def _pp_gather(q_l, q_r, q_p, kl_smem, kr_smem, kp_smem, p1_smem, m_smem, l_smem, bars, Q, KV, IDX,
+                   q_off, sqh, kv_off, idx_off, skt, hb, T, K,
+                   D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr):
+        """Producer warpgroup of "pingpong": Q once, then each pair's halves in the order they are freed."""
+        q_ready, kl_ready, kr_ready, kl_free, kr_free, m_ready, s_ready, l_ready = bars
+        HALF: gl.constexpr = D_V // 2
+        # 8 lanes cover 64 columns (128 bytes) of a row and a thread 4 rows of a half, so it keeps 4 row indices
+        # (16 with a row a warp: those spill at this budget, and it measured 384 against 403 TFLOP/s).
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        ld_pe: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_PE // 8), D_PE // 8], [4, 1], [1, 0])
+        offs_h = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
+        offs_hp = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_pe))
+        offs_c = gl.arange(0, HALF, layout=gl.SliceLayout(0, ld))
+        offs_cp = gl.arange(0, D_PE, layout=gl.SliceLayout(0, ld_pe))
+        q_rows = Q + q_off + offs_h[:, None].to(gl.int64) * sqh
+        cp.async_copy_global_to_shared(q_l.index(0), q_rows + offs_c[None, :])
+        cp.async_copy_global_to_shared(q_r.index(0), q_rows + HALF + offs_c[None, :])
+        cp.async_copy_global_to_shared(q_p.index(0), Q + q_off + offs_hp[:, None].to(gl.int64) * sqh + D_V + offs_cp[None, :])
+        cp.mbarrier_arrive(q_ready, increment_count=False)
+        kv_base = KV + kv_off
+        idx_base = IDX + idx_off
+        for i in range(K // (2 * BLOCK_K)):
+            ph = (i & 1) ^ 1                      # a fresh barrier's "previous phase" reads as complete
+            j0 = 2 * i
+            mbarrier.wait(kl_free.index(0), ph)
+            _pp_copy_half(kl_smem.index(0), kv_base, skt, idx_base, j0, K, T, 0, ld, BLOCK_K, HALF)
+            cp.mbarrier_arrive(kl_ready.index(0), increment_count=False)
+            mbarrier.wait(kr_free.index(1), ph)
+            _pp_copy_half(kr_smem.index(1), kv_base, skt, idx_base, j0 + 1, K, T, HALF, ld, BLOCK_K, HALF)
+            _pp_copy_half(kp_smem.index(1), kv_base, skt, idx_base, j0 + 1, K, T, D_V, ld_pe, BLOCK_K, D_PE)
+            cp.mbarrier_arrive(kr_ready.index(1), increment_count=False)
+            mbarrier.wait(kr_free.index(0), ph)
+            _pp_copy_half(kr_smem.index(0), kv_base, skt, idx_base, j0, K, T, HALF, ld, BLOCK_K, HALF)
+            _pp_copy_half(kp_smem.index(0), kv_base, skt, idx_base, j0, K, T, D_V, ld_pe, BLOCK_K, D_PE)
+            cp.mbarrier_arrive(kr_ready.index(0), increment_count=False)
+            mbarrier.wait(kl_free.index(1), ph)
+            _pp_copy_half(kl_smem.index(1), kv_base, skt, idx_base, j0 + 1, K, T, 0, ld, BLOCK_K, HALF)
+            cp.mbarrier_arrive(kl_ready.index(1), increment_count=False)
+        cp.wait_group(0)
+
+    @gluon.jit
+    def _sparse_mla_fwd_pp_kernel(
+            Q, KV, IDX, O, LSE, scale_log2,
+            sqb, sqs, sqh, skb, skt, sib, sis, sob, sos, soh, slb, sls, slh,
+            T, K,
+            D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
+            NUM_HB: gl.constexpr, STAGES: gl.constexpr, MATH_REGS: gl.constexpr, GATHER_REGS: gl.constexpr,
+            num_warps: gl.constexpr):
+        """Warp-specialized ping-pong forward: two math warpgroups and a gathering one (see `_pp_math`)."""
+        dtype: gl.constexpr = Q.dtype.element_ty
+        pid = gl.program_id(0)
+        s = pid // NUM_HB
+        hb = pid % NUM_HB
+        b = gl.program_id(1)
+        b64 = b.to(gl.int64)
+        s64 = s.to(gl.int64)
+        HALF: gl.constexpr = D_V // 2
+        half_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, HALF], dtype)
+        pe_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, D_PE], dtype)
+        q_half_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, HALF], dtype)
+        q_l = gl.allocate_shared_memory(dtype, [1, BLOCK_H, HALF], q_half_sl)    # [1, ...]: see `nz` in _pp_math
+        q_r = gl.allocate_shared_memory(dtype, [1, BLOCK_H, HALF], q_half_sl)
+        q_p = gl.allocate_shared_memory(dtype, [1, BLOCK_H, D_PE], gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_PE], dtype))
+        kl_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_K, HALF], half_sl)
+        kr_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_K, HALF], half_sl)
+        kp_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_K, D_PE], pe_sl)
+        p1_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_H, BLOCK_K], pe_sl)
+        vec_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        m_smem = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_H], vec_sl)     # per warpgroup: running max
+        l_smem = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_H], vec_sl)     # per warpgroup: denominator
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kl_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        kr_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        kl_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        kr_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        m_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        s_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        l_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=128)               # one cp.async arrive per gathering thread
+        for i in gl.static_range(2):
+            mbarrier.init(kl_ready.index(i), count=128)
+            mbarrier.init(kr_ready.index(i), count=128)
+            mbarrier.init(kl_free.index(i), count=1)     # each half has one last reader
+            mbarrier.init(kr_free.index(i), count=1)
+            mbarrier.init(m_ready.index(i), count=1)
+            mbarrier.init(s_ready.index(i), count=1)
+            mbarrier.init(l_ready.index(i), count=1)
+        bars = (q_ready, kl_ready, kr_ready, kl_free, kr_free, m_ready, s_ready, l_ready)
+        idx_off = b64 * sib + s64 * sis
+        o_off = b64 * sob + s64 * sos
+        l_off = b64 * slb + s64 * sls
+        gl.warp_specialize([
+            (_pp_math, (q_l, q_r, q_p, kl_smem, kr_smem, kp_smem, p1_smem, m_smem, l_smem, bars, IDX, O, LSE, scale_log2, idx_off, o_off, soh, l_off, slh, hb, T, K,
+                        0, D_V, BLOCK_H, BLOCK_K)),
+            (_pp_math, (q_l, q_r, q_p, kl_smem, kr_smem, kp_smem, p1_smem, m_smem, l_smem, bars, IDX, O, LSE, scale_log2, idx_off, o_off, soh, l_off, slh, hb, T, K,
+                        1, D_V, BLOCK_H, BLOCK_K)),
+            (_pp_gather, (q_l, q_r, q_p, kl_smem, kr_smem, kp_smem, p1_smem, m_smem, l_smem, bars, Q, KV, IDX, b64 * sqb + s64 * sqs, sqh, b64 * skb, idx_off, skt, hb, T, K,
+                          D_V, D_PE, BLOCK_H, BLOCK_K)),
+        ], [4, 4], [MATH_REGS, GATHER_REGS])
+
 def supported(q, kv, indices, d_v: int) -> tuple[bool, str]:
     """Whether the sm_90 kernel takes these (already validated) inputs; the reason when not."""
     if gluon is None:
@@ -372,14 +631,36 @@ def shape_ok(q, kv, indices, d_v: int) -> tuple[bool, str]:
     return True, ""
 
 
+def resolve_config(k: int, config: tuple | None = None) -> tuple:
+    """The configuration to run for top-k k: `config` when given, else SM90_FWD_CONFIG, except that the default
+    "pingpong" (which takes blocks in pairs) hands a k that is not a multiple of 2 * BLOCK_K to SM90_FWD_FALLBACK."""
+    if config is not None:
+        return tuple(config)
+    if SM90_FWD_CONFIG[3] == "pingpong" and k % (2 * SM90_FWD_CONFIG[1]):
+        return SM90_FWD_FALLBACK
+    return SM90_FWD_CONFIG
+
+
 def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tuple | None = None) -> None:
     """Run the sm_90 forward into out [B,S,H,d_v] and lse [B,S,H] (caller checked `supported`)."""
     b, s, h, d = q.shape
-    _, block_k, stages, schedule = config or SM90_FWD_CONFIG
+    _, block_k, stages, schedule = resolve_config(indices.shape[2], config)
     check(schedule in SCHEDULES, f"unknown sm_90 forward schedule {schedule!r}; choose one of {SCHEDULES}")
     nhb = h // BLOCK_H
+    if schedule == "pingpong":
+        check(indices.shape[2] % (2 * block_k) == 0,
+              f"the pingpong schedule takes top-k in pairs of {block_k}-entry blocks; got {indices.shape[2]}")
+        _sparse_mla_fwd_pp_kernel[(s * nhb, b)](
+            q, kv, indices, out, lse, sm_scale_log2,
+            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+            kv.shape[1], indices.shape[2],
+            D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages,
+            MATH_REGS=PP_REGS[0], GATHER_REGS=PP_REGS[1], num_warps=4)
+        return
     if schedule == "ws3":
-        _sparse_mla_fwd_ws3_kernel[(s * nhb, b)](
+        kernel = _sparse_mla_fwd_ws3_kernel
+        kernel[(s * nhb, b)](
             q, kv, indices, out, lse, sm_scale_log2,
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
@@ -411,21 +692,29 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
     _, block_k, stages, schedule = config or SM90_FWD_CONFIG
     sig = {"Q": "*bf16", "KV": "*bf16", "IDX": "*i32", "O": "*bf16", "LSE": "*fp32", "scale_log2": "fp32"}
     sig.update({n: "i32" for n in "sqb sqs sqh skb skt sib sis sob sos soh slb sls slh T K".split()})
-    ws = schedule == "ws3"
+    ws = schedule in ("ws3", "pingpong")
     ce = dict(D_V=d_v, D_PE=d_pe, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=2, STAGES=stages,
               num_warps=4 if ws else NUM_WARPS)
     if not ws:
         ce["PREFETCH"] = schedule == "prefetch"
+    if schedule == "pingpong":
+        ce.update(MATH_REGS=PP_REGS[0], GATHER_REGS=PP_REGS[1])
     sig.update({k: "constexpr" for k in ce})
     aligned = {(i,): [["tt.divisibility", 16]] for i in [0, 1, 2, 3, 4, *range(6, 18)]}   # as Triton specializes
-    src = GluonASTSource(fn=_sparse_mla_fwd_ws3_kernel if ws else _sparse_mla_fwd_sm90_kernel, signature=sig,
+    fn = {"ws3": _sparse_mla_fwd_ws3_kernel, "pingpong": _sparse_mla_fwd_pp_kernel}.get(schedule,
+                                                                                      _sparse_mla_fwd_sm90_kernel)
+    src = GluonASTSource(fn=fn, signature=sig,
                          constexprs=ce, attrs=aligned)
-    options = {"num_warps": ce["num_warps"], **({"maxnreg": WS3_MAXNREG} if ws else {})}
+    options = {"num_warps": ce["num_warps"], **({"maxnreg": WS3_MAXNREG} if schedule == "ws3" else {})}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     wgmma = {}
     for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", k.asm["ptx"]):
         wgmma[m.group(1)] = wgmma.get(m.group(1), 0) + 1
     res = dict(config=list(config or SM90_FWD_CONFIG), shared_bytes=k.metadata.shared, wgmma=wgmma)
+    # Warp-specialized kernels: the per-partition register counts (REG below is the count at entry).
+    nreg = sorted({int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])})
+    if nreg:
+        res["setmaxnreg"] = nreg
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     if os.path.exists(tool):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

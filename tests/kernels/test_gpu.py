@@ -22,7 +22,7 @@ def test_sparse_mla_fwd_bwd(shape):
     assert res["passed"], res
 
 
-@pytest.mark.parametrize("schedule", [("serial", 2), ("prefetch", 2), ("ws3", 3)])
+@pytest.mark.parametrize("schedule", [("pingpong", 2), ("serial", 2), ("prefetch", 2), ("ws3", 3)])
 def test_sm90_forward_schedules(schedule):
     """Every Hopper forward schedule against float64 at V3.2's shape (empty slots, an empty row, poisoned outputs)."""
     if torch.cuda.get_device_capability()[0] != 9:

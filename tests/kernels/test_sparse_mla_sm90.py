@@ -1,6 +1,6 @@
 """The Hopper (Gluon) sparse MLA forward, on a machine without a GPU: it compiles for sm_90a with Triton's bundled
-ptxas, fits shared memory, spills nothing, and splits S = Q K^T over the two warpgroups instead of computing it on
-both; the dispatch leaves CPU tensors to the other paths. Numerics are checked on the H200
+ptxas, fits shared memory, does not spill, and issues the wgmma instructions its schedule is built on (S = Q K^T
+split between the two warpgroups, never computed by both); the dispatch leaves CPU tensors to the other paths. Numerics are checked on the H200
 (`checks.check_sparse_mla`)."""
 import json
 import os
@@ -20,7 +20,8 @@ SMEM_LIMIT = 232448          # bytes of shared memory one block may use on sm_90
 def test_compiles_for_sm90_within_limits():
     # A fresh process: this one runs Triton's interpreter, which Gluon cannot compile against.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cfgs = [["sm90", 64, 2, "serial"], ["sm90", 64, 2, "prefetch"], ["sm90", 32, 3, "serial"], ["sm90", 64, 3, "ws3"]]
+    cfgs = [["sm90", 64, 2, "pingpong"], ["sm90", 64, 2, "serial"], ["sm90", 64, 2, "prefetch"],
+            ["sm90", 32, 3, "serial"], ["sm90", 64, 3, "ws3"]]
     out = subprocess.run([sys.executable, "-m", "dsaforge.kernels.sparse_mla_sm90", *map(json.dumps, cfgs)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -28,6 +29,14 @@ def test_compiles_for_sm90_within_limits():
     assert [r["config"] for r in rows] == cfgs
     for (_, block_k, _, schedule), r in zip(cfgs, rows):
         assert r["shared_bytes"] + 1024 <= SMEM_LIMIT, r
+        if schedule == "pingpong":
+            # Each math warpgroup: S of its own block whole (36 k-steps of 16 over 576 columns), then both blocks'
+            # P.V into its 256 columns (64 / 16 k-steps each); the partitions get the registers asked for.
+            assert r["wgmma"] == {f"m64n{block_k}k16": 72, "m64n256k16": 2 * 2 * block_k // 16}, r
+            assert set(sm90.PP_REGS) <= set(r["setmaxnreg"]), r
+            if "local" in r:
+                assert r["local"] == 0 and r["stack"] <= 8, r     # 8 bytes of the default partition's epilogue
+            continue
         ws = schedule == "ws3"
         # S, 576 / 16 = 36 k-steps issued once: each warpgroup owns half of the block's keys, or (ws3) the
         # default partition's warpgroup owns all of them.
@@ -36,6 +45,14 @@ def test_compiles_for_sm90_within_limits():
         assert r["wgmma"].get("m64n256k16") == block_k // 16, r
         if "local" in r and schedule != "ws3":   # ws3 is known to spill (docs/kernels.md)
             assert r["local"] == 0 and r["stack"] == 0, r
+
+
+def test_default_schedule_takes_pairs_of_blocks():
+    assert sm90.SM90_FWD_CONFIG[3] == "pingpong"
+    bk = sm90.SM90_FWD_CONFIG[1]
+    assert sm90.resolve_config(2048) == sm90.SM90_FWD_CONFIG
+    assert sm90.resolve_config(3 * bk) == sm90.SM90_FWD_FALLBACK     # an odd number of blocks
+    assert sm90.resolve_config(3 * bk, ("sm90", 64, 2, "serial")) == ("sm90", 64, 2, "serial")
 
 
 def test_dispatch_declines_cpu_tensors():
