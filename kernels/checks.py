@@ -139,6 +139,20 @@ def check_topk(rows: int = 64, t: int = 131072, k: int = 2048) -> dict:
                 exact_match=same, exact_match_bounded=same_b, passed=same and same_b)
 
 
+def check_act_quant(rows: int = 4096, heads: int = 64, d: int = 128) -> dict:
+    """The fused fp8 quantization against `reference.act_quant_fp8`, bit for bit (values and scales)."""
+    from dsaforge.kernels.indexer import act_quant_fp8
+    x = (torch.randn(rows, heads, d, device="cuda") * torch.logspace(-6, 3, heads, device="cuda")[:, None]).bfloat16()
+    x[0] = 0.0
+    with poison_outputs():
+        got_q, got_s = act_quant_fp8(x, block=d)
+    want_q, want_s = ref.act_quant_fp8(x, block=d)
+    same_q = bool(torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)))
+    same_s = bool(torch.equal(got_s, want_s))
+    return dict(check="fp8 act_quant", shape=dict(rows=rows, heads=heads, d=d), values_identical=same_q,
+                scales_identical=same_s, passed=same_q and same_s)
+
+
 def _recall(got: torch.Tensor, want: torch.Tensor) -> float:
     """Fraction of the exact top-k (valid slots) that the kernel selected."""
     hits, total = 0, 0
@@ -275,7 +289,7 @@ def run_all(log=print) -> list[dict]:
     """Every check at both head shapes; an exception is recorded as a failed check, not raised."""
     jobs = [("sparse_mla v32", check_sparse_mla, ("v32",)), ("sparse_mla small", check_sparse_mla, ("small",)),
             ("decode v32", check_decode, ("v32",)), ("decode small", check_decode, ("small",)),
-            ("topk", check_topk, ()), ("indexer v32", check_indexer, ("v32",)),
+            ("topk", check_topk, ()), ("fp8 act_quant", check_act_quant, ()), ("indexer v32", check_indexer, ("v32",)),
             ("indexer small", check_indexer, ("small",)), ("kl v32", check_kl, ("v32",)),
             ("kl small", check_kl, ("small",)), ("attention_lse v32", check_attention_lse, ("v32",)),
             ("attention_lse small", check_attention_lse, ("small",))]

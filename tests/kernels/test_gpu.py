@@ -42,6 +42,11 @@ def test_topk_exact_at_128k():
     assert res["passed"], res
 
 
+def test_fp8_quantization_bit_identical():
+    res = _show(checks.check_act_quant())
+    assert res["passed"], res
+
+
 @pytest.mark.parametrize("shape", ["v32", "small"])
 def test_indexer_topk(shape):
     res = _show(checks.check_indexer(shape))

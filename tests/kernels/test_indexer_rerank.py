@@ -31,7 +31,7 @@ def _assert_valid_rows(idx, start, end, top_k):
         assert (v.diff() > 0).all() and (v >= lo).all() and (v < hi).all(), f"row {r}"
 
 
-@pytest.mark.parametrize("config", [None, (16, 16, 4)])      # default blocks; several head and candidate blocks
+@pytest.mark.parametrize("config", [None, (16, 16, 4, 1)])      # default blocks; several head and candidate blocks
 def test_rerank_kernel_matches_reference(interpret, report, monkeypatch, config):
     if config is not None:
         monkeypatch.setattr(indexer_mod, "RERANK_CONFIG", config)
@@ -157,3 +157,18 @@ def test_rerank_validation():
         indexer_rerank(q, k.half(), w, cand)
     with pytest.raises(KernelInputError, match="q dtype"):
         indexer_rerank(q8, k, w, cand)
+
+
+@pytest.mark.parametrize("block,shape", [(16, (3, 5, 2, 16)), (32, (7, 64)), (128, (2, 3, 128))])
+def test_act_quant_kernel_is_bit_identical_to_the_reference(interpret, block, shape):
+    x = torch.randn(*shape) * 3
+    flat = x.view(-1, block)
+    flat[0] = 0.0                                    # amax below 1e-4: the clamp decides the scale
+    flat[-1, 0] = 448.0 * 2.0 ** -3                  # amax / 448 an exact power of two: no rounding up
+    if flat.shape[0] > 2:
+        flat[1, 1] = -1e4                            # a large negative amax
+    want_q, want_s = ref.act_quant_fp8(x.bfloat16(), block=block)
+    got_q, got_s = indexer_mod.act_quant_fp8(x.bfloat16(), block=block)
+    assert got_q.dtype == torch.float8_e4m3fn and got_q.shape == want_q.shape and got_s.shape == want_s.shape
+    assert torch.equal(got_s, want_s)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
