@@ -50,7 +50,9 @@ SCORE_CONFIG_V2 = {"bf16": (4, 64, 8192, 4, 2), "fp8": (4, 64, 8192, 4, 3)}
 WORKSPACE_BYTES = 1 << 31
 # (BLOCK_C candidates, BLOCK_H heads, num_warps, num_stages) of the re-score kernel. Timed on an H200 at V3.2's shape
 # (4096 rows x 2560 candidates of 128K keys): 0.99 ms against 1.17 for (64, 64, 8, 3), 1.35 for (64, 64, 8, 1),
-# 1.27 for (32, 64, 4, 2) and 1.16 for (256, 64, 8, 2).
+# 1.27 for (32, 64, 4, 2) and 1.16 for (256, 64, 8, 2). Selecting inside this kernel (the row's scores back into
+# registers, radix select) was measured too and dropped: it needs 245-255 registers, and the whole fp8 + re-score
+# top-k took 14.8-15.8 ms against 14.2 ms with the separate select and gather.
 RERANK_CONFIG = (128, 64, 8, 3)
 MARGIN_ALIGN = 64
 
@@ -166,10 +168,13 @@ if triton is not None:
         # Round to the e4m3 grid here (to nearest, ties to even, like torch's cast) so that the cast below is exact
         # whatever rounding the backend's conversion uses: the grid step is 2^(max(e, -6) - 3) for |v| in [2^e,
         # 2^(e+1)), and adding then subtracting 1.5 * 2^23 steps rounds an fp32 to a multiple of the step.
-        e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+        # The rounding runs on |v| and the sign goes back on afterwards, so what rounds to zero keeps its sign (-0).
+        bits = v.to(tl.int32, bitcast=True)
+        e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
         step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
         big = step * 12582912.0
-        v = (v + big) - big
+        r = (tl.abs(v) + big) - big
+        v = (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
         tl.store(XQ + g[:, None] * BLOCK + offs[None, :], v.to(XQ.dtype.element_ty), mask=gmask[:, None])
         tl.store(SCALE + g, scale, mask=gmask)
 

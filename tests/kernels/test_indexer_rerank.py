@@ -166,7 +166,8 @@ def test_act_quant_kernel_is_bit_identical_to_the_reference(interpret, block, sh
     flat[0] = 0.0                                    # amax below 1e-4: the clamp decides the scale
     flat[-1, 0] = 448.0 * 2.0 ** -3                  # amax / 448 an exact power of two: no rounding up
     if flat.shape[0] > 2:
-        flat[1, 1] = -1e4                            # a large negative amax
+        flat[1, 1] = -1e4                            # a large negative amax ...
+        flat[1, 2:6] = torch.tensor([-1e-3, 1e-3, -0.0, 2.0])   # ... beside values that round to (-)0
     want_q, want_s = ref.act_quant_fp8(x.bfloat16(), block=block)
     got_q, got_s = indexer_mod.act_quant_fp8(x.bfloat16(), block=block)
     assert got_q.dtype == torch.float8_e4m3fn and got_q.shape == want_q.shape and got_s.shape == want_s.shape
