@@ -8,8 +8,8 @@ half of the block's keys, P goes through shared memory, and each warpgroup accum
 
 The default schedule, "pingpong", goes further (the layout of FlashMLA's Hopper kernel): warp-specialized, two math
 warpgroups take alternate blocks whole (S as m64n64 wgmma, their softmaxes interleaved with each other's MMAs) and a
-third gathers rows with cp.async. On an H200 at V3.2's shape it runs 403 TFLOP/s against 323-329 for "prefetch",
-the best single-instruction-stream schedule; docs/kernels.md has the measurements.
+third gathers rows with cp.async. On an H200 at V3.2's shape it runs 494-519 TFLOP/s against 322-329 for
+"prefetch", the best single-instruction-stream schedule; docs/kernels.md has the measurements.
 
 Contract and numerics are those of `sparse_mla._sparse_mla_fwd_kernel` (base-2 online softmax, LSE in natural
 log, -inf for a row with no valid index). Slots with index -1 (or >= T) gather row 0 instead of masking the copy,
@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - older Triton: the Triton kernel serves
 # ("sm90", BLOCK_K, STAGES, schedule): 64 selected entries a block, double-buffered. Schedules: "pingpong" (below),
 # "serial" loads a block's indices when its copy is issued, "prefetch" one block earlier, "ws3" is warp-specialized
 # with Q in registers. Shared memory: Q 72 KB + 2 x 72 KB of gathered rows + 8 KB of P = 224 KB of the 227 KB a
-# block may use. On an H200 at V3.2's shape (4096 queries, 64K keys, top-k 2048): pingpong 403-404 TFLOP/s,
+# block may use. On an H200 at V3.2's shape (4096 queries, 64K keys, top-k 2048): pingpong 494-519 TFLOP/s,
 # prefetch 320-329, serial 305-306, ws3 299-303 (ptxas spills 268 bytes and serializes its wgmma for lack of
 # registers at 12 warps).
 SM90_FWD_CONFIG = ("sm90", 64, 2, "pingpong")
@@ -51,8 +51,8 @@ NUM_WARPS = 8
 WS3_MAXNREG = 168
 WS3_WORKER_REGS = 152 if gluon is None else gl.constexpr(152)
 # "pingpong": 12 warps, registers a thread for (math warpgroup 1, the gathering warpgroup); warpgroup 0, the default
-# partition, gets what is left of 512, here 200. Measured against (216, 80) and (216, 72): 403 against 395-401 and
-# 362-395 TFLOP/s.
+# partition, gets what is left of 512, here 200. (216, 80) measured the same (491-501 against 494-499 TFLOP/s),
+# (216, 72) worse before the index prefetch (362-395 against 403).
 PP_REGS = (208, 96)
 
 if gluon is not None:
