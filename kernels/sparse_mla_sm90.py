@@ -459,7 +459,7 @@ if gluon is not None:
                 fence_async_shared()
                 # Waited here, not behind the next pair's S: an accumulator in flight across the loop's back edge
                 # makes ptxas serialize every wgmma, and at these register budgets the FlashMLA order spills
-                # (measured 371-373 against 384 TFLOP/s).
+                # (371-373 against 384 TFLOP/s, measured before the gatherers prefetched their indices).
                 o = warpgroup_mma(p_other, v_smem.index(b1), o, is_async=True)
                 o = warpgroup_mma_wait(0, deps=[o])
                 mbarrier.arrive(kl_free.index(1))
