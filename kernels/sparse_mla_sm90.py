@@ -58,6 +58,13 @@ PP_REGS = (208, 96)
 if gluon is not None:
 
     @gluon.jit
+    def _program(NUM_HB: gl.constexpr):
+        """This program's (head block, batch, query); the last two int64. The head blocks of one query are adjacent
+        in the grid, so they read its gathered rows from L2 one after the other."""
+        pid = gl.program_id(0)
+        return pid % NUM_HB, gl.program_id(1).to(gl.int64), (pid // NUM_HB).to(gl.int64)
+
+    @gluon.jit
     def _load_idx(idx_base, j, K, T, offs, BLOCK_K: gl.constexpr):
         """Block j's selected indices in offs' layout; empty (-1) or out-of-range slots read row 0 instead."""
         o = j * BLOCK_K + offs
@@ -103,10 +110,7 @@ if gluon is not None:
             D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
             NUM_HB: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = Q.dtype.element_ty
-        pid = gl.program_id(0)
-        s = pid // NUM_HB                      # head blocks of one token are adjacent: they share the gathered KV in L2
-        hb = pid % NUM_HB
-        b = gl.program_id(1)
+        hb, b64, s64 = _program(NUM_HB)
 
         # S [BLOCK_H, BLOCK_K]: warpgroup g computes keys [g*BLOCK_K/2, (g+1)*BLOCK_K/2) of every head.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -129,8 +133,6 @@ if gluon is not None:
         kp_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, D_PE], kp_sl)
         p_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_K], p_sl)
 
-        b64 = b.to(gl.int64)
-        s64 = s.to(gl.int64)
         offs_c = gl.arange(0, D_V, layout=gl.SliceLayout(0, ld))
         offs_cp = gl.arange(0, D_PE, layout=gl.SliceLayout(0, ld_pe))
         offs_r = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, ld))
@@ -316,12 +318,7 @@ if gluon is not None:
             NUM_HB: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         """Warp-specialized forward with Q in registers: 4 warps for S and the softmax, 8 for the gathers and O."""
         dtype: gl.constexpr = Q.dtype.element_ty
-        pid = gl.program_id(0)
-        s = pid // NUM_HB
-        hb = pid % NUM_HB
-        b = gl.program_id(1)
-        b64 = b.to(gl.int64)
-        s64 = s.to(gl.int64)
+        hb, b64, s64 = _program(NUM_HB)
         kn_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, D_V],
                                             gl.NVMMASharedLayout.get_default_for([BLOCK_K, D_V], dtype))
         kp_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, D_PE],
@@ -564,12 +561,7 @@ if gluon is not None:
             num_warps: gl.constexpr):
         """Warp-specialized ping-pong forward: two math warpgroups and a gathering one (see `_pp_math`)."""
         dtype: gl.constexpr = Q.dtype.element_ty
-        pid = gl.program_id(0)
-        s = pid // NUM_HB
-        hb = pid % NUM_HB
-        b = gl.program_id(1)
-        b64 = b.to(gl.int64)
-        s64 = s.to(gl.int64)
+        hb, b64, s64 = _program(NUM_HB)
         HALF: gl.constexpr = D_V // 2
         half_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, HALF], dtype)
         pe_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, D_PE], dtype)
@@ -657,35 +649,22 @@ def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tup
     b, s, h, d = q.shape
     _, block_k, stages, schedule = resolve_config(indices.shape[2], config)
     check(schedule in SCHEDULES, f"unknown sm_90 forward schedule {schedule!r}; choose one of {SCHEDULES}")
+    check(schedule != "pingpong" or indices.shape[2] % (2 * block_k) == 0,
+          f"the pingpong schedule takes top-k in pairs of {block_k}-entry blocks; got {indices.shape[2]}")
     nhb = h // BLOCK_H
+    args = (q, kv, indices, out, lse, sm_scale_log2,
+            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+            kv.shape[1], indices.shape[2])
+    shape = dict(D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages)
     if schedule == "pingpong":
-        check(indices.shape[2] % (2 * block_k) == 0,
-              f"the pingpong schedule takes top-k in pairs of {block_k}-entry blocks; got {indices.shape[2]}")
-        _sparse_mla_fwd_pp_kernel[(s * nhb, b)](
-            q, kv, indices, out, lse, sm_scale_log2,
-            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            kv.shape[1], indices.shape[2],
-            D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages,
-            MATH_REGS=PP_REGS[0], GATHER_REGS=PP_REGS[1], num_warps=4)
-        return
-    if schedule == "ws3":
-        kernel = _sparse_mla_fwd_ws3_kernel
-        kernel[(s * nhb, b)](
-            q, kv, indices, out, lse, sm_scale_log2,
-            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            kv.shape[1], indices.shape[2],
-            D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages, num_warps=4,
-            maxnreg=WS3_MAXNREG)
-        return
-    _sparse_mla_fwd_sm90_kernel[(s * nhb, b)](
-        q, kv, indices, out, lse, sm_scale_log2,
-        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        kv.shape[1], indices.shape[2],
-        D_V=d_v, D_PE=d - d_v, BLOCK_H=BLOCK_H, BLOCK_K=block_k, NUM_HB=nhb, STAGES=stages,
-        PREFETCH=schedule == "prefetch", num_warps=NUM_WARPS)
+        _sparse_mla_fwd_pp_kernel[(s * nhb, b)](*args, **shape, MATH_REGS=PP_REGS[0], GATHER_REGS=PP_REGS[1],
+                                                num_warps=4)
+    elif schedule == "ws3":
+        _sparse_mla_fwd_ws3_kernel[(s * nhb, b)](*args, **shape, num_warps=4, maxnreg=WS3_MAXNREG)
+    else:
+        _sparse_mla_fwd_sm90_kernel[(s * nhb, b)](*args, **shape, PREFETCH=schedule == "prefetch",
+                                                  num_warps=NUM_WARPS)
 
 
 def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) -> dict:

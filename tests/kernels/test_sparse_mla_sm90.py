@@ -2,6 +2,7 @@
 ptxas, fits shared memory, does not spill, and issues the wgmma instructions its schedule is built on (S = Q K^T
 split between the two warpgroups, never computed by both); the dispatch leaves CPU tensors to the other paths. Numerics are checked on the H200
 (`checks.check_sparse_mla`)."""
+import inspect
 import json
 import os
 import subprocess
@@ -9,6 +10,8 @@ import sys
 
 import pytest
 import torch
+
+from dsaforge.kernels._dispatch import KernelInputError
 
 sm90 = pytest.importorskip("dsaforge.kernels.sparse_mla_sm90")
 if sm90.gluon is None:
@@ -72,3 +75,49 @@ def test_shape_rules(h, d, k, dtype, ok):
     idx = torch.zeros(1, 1, k, dtype=torch.int32)
     got, why = sm90.shape_ok(q, kv, idx, 512 if d == 576 else 256)
     assert got == ok, why
+
+
+@pytest.mark.parametrize("schedule", sm90.SCHEDULES)
+def test_launch_binds_every_kernel_parameter(monkeypatch, schedule):
+    """`launch` without a GPU: each schedule's kernel gets every one of its parameters exactly once, the grid is one
+    program per (query, 64-head block) and batch, and the launch options are the schedule's."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append((self.fn, grid, a, kw))
+
+    names = ("_sparse_mla_fwd_sm90_kernel", "_sparse_mla_fwd_ws3_kernel", "_sparse_mla_fwd_pp_kernel")
+    for name in names:
+        monkeypatch.setattr(sm90, name, Recorder(getattr(sm90, name).fn))
+    b, s, h, k = 2, 3, 128, 256
+    q = torch.zeros(b, s, h, 576, dtype=torch.bfloat16)
+    kv = torch.zeros(b, 40, 576, dtype=torch.bfloat16)
+    idx = torch.zeros(b, s, k, dtype=torch.int32)
+    out, lse = torch.zeros(b, s, h, 512, dtype=torch.bfloat16), torch.zeros(b, s, h)
+    config = ("sm90", 64, 3 if schedule == "ws3" else 2, schedule)
+    sm90.launch(q, kv, idx, out, lse, 0.1, 512, config)
+    (fn, grid, args, kwargs), = calls
+    want = {"pingpong": "_sparse_mla_fwd_pp_kernel", "ws3": "_sparse_mla_fwd_ws3_kernel"}.get(
+        schedule, "_sparse_mla_fwd_sm90_kernel")
+    assert fn is getattr(sm90, want).fn
+    assert grid == (s * h // sm90.BLOCK_H, b)
+    options = {"maxnreg"} if schedule == "ws3" else set()
+    bound = inspect.signature(fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in options})
+    assert set(bound.arguments) == set(inspect.signature(fn).parameters)
+    assert bound.arguments["K"] == k and bound.arguments["T"] == 40 and bound.arguments["NUM_HB"] == 2
+    if schedule == "pingpong":
+        assert (bound.arguments["MATH_REGS"], bound.arguments["GATHER_REGS"]) == sm90.PP_REGS
+    if schedule in ("serial", "prefetch"):
+        assert bound.arguments["PREFETCH"] == (schedule == "prefetch")
+
+
+def test_pingpong_refuses_an_odd_number_of_blocks():
+    q = torch.zeros(1, 1, 64, 576, dtype=torch.bfloat16)
+    idx = torch.zeros(1, 1, 192, dtype=torch.int32)
+    with pytest.raises(KernelInputError, match="pairs of 64-entry blocks"):
+        sm90.launch(q, torch.zeros(1, 4, 576, dtype=torch.bfloat16), idx, None, None, 0.1, 512,
+                    ("sm90", 64, 2, "pingpong"))
