@@ -1,23 +1,32 @@
 # dsaforge: `make demo` runs the tiny end-to-end pipeline, `make test` runs the test suite.
-# Both create .venv and install everything on a fresh machine.
+# Both create .venv and install everything on a fresh machine, from the lock files in requirements/.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# CPU build of torch for laptops and CI; on a GPU machine set TORCH_SPEC to the build you want (or "").
-TORCH_SPEC ?= torch==2.13.0
 PRESET ?= tiny
+# Where PyTorch's CPU build comes from (PyPI has only the CUDA build for Linux). On a GPU machine, TORCH_LOCK= keeps
+# the machine's own torch (with VENV_ARGS=--system-site-packages) instead of installing the CPU build.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_LOCK  ?= requirements/torch-cpu.lock
+VENV_ARGS   ?=
+# The locks are pinned and hashed; pip installs exactly them, never a dependency they do not name.
+PIP_LOCKED := -m pip install -q --require-hashes --no-deps
+UV_VERSION ?= 0.13.9
+TORCH_FIND_LINKS ?= $(TORCH_INDEX)/torch/
+LOCK_ARGS ?=
 
-.PHONY: demo test setup setup-dev system-deps gpu-test clean
+.PHONY: demo test test-latest setup setup-dev system-deps gpu-test lock clean
 
-$(VENV)/.base: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	[ -z "$(TORCH_SPEC)" ] || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e .
+$(VENV)/.base: requirements/torch-cpu.lock requirements/cpu.lock
+	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	$(PY) $(PIP_LOCKED) -r requirements/cpu.lock
+	# torch's own dependencies are in cpu.lock and already installed, so only torch is looked up on TORCH_INDEX.
+	[ -z "$(TORCH_LOCK)" ] || $(PY) $(PIP_LOCKED) --extra-index-url $(TORCH_INDEX) -r $(TORCH_LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.base
-	$(PY) -m pip install -q -e ".[dev]"
+$(VENV)/.dev: $(VENV)/.base requirements/cpu-dev.lock
+	$(PY) $(PIP_LOCKED) -r requirements/cpu-dev.lock
 	touch $@
 
 setup: $(VENV)/.base system-deps
@@ -38,8 +47,37 @@ test: setup-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
+# The suite against the newest releases pyproject.toml allows (not the lock): catches the next upstream break
+# before users meet it. Not run by CI. torch stays the locked CPU build unless TORCH_SPEC names another.
+TORCH_SPEC ?=
+test-latest: system-deps
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	if [ -n "$(TORCH_SPEC)" ]; then .venv-latest/bin/python -m pip install -q "$(TORCH_SPEC)"; \
+	else .venv-latest/bin/python $(PIP_LOCKED) --extra-index-url $(TORCH_INDEX) -r requirements/torch-cpu.lock; fi
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; \
+	echo "versions tested: .venv-latest/versions.txt"; exit $$rc
+
 gpu-test: setup-dev
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+# Refresh the locks from pyproject.toml (on purpose: after changing a dependency, or to take upstream releases
+# that `make test-latest` has shown to pass). uv resolves; pip installs. LOCK_ARGS passes extra uv flags,
+# e.g. LOCK_ARGS="--upgrade-package transformers" or "--find-links DIR" for a local wheel mirror.
+UV := $(VENV)/bin/uv
+UV_COMPILE := $(UV) pip compile -q --generate-hashes --no-emit-find-links --custom-compile-command "make lock" $(LOCK_ARGS)
+lock: $(VENV)/.base
+	$(PY) -m pip install -q "uv==$(UV_VERSION)"
+	$(UV_COMPILE) pyproject.toml requirements/build.in --universal --python-version 3.11 \
+	  --override requirements/torch-cpu.in --no-emit-package torch --find-links $(TORCH_FIND_LINKS) -o requirements/cpu.lock
+	$(UV_COMPILE) pyproject.toml requirements/build.in --extra dev --universal --python-version 3.11 -c requirements/cpu.lock \
+	  --override requirements/torch-cpu.in --no-emit-package torch --find-links $(TORCH_FIND_LINKS) -o requirements/cpu-dev.lock
+	$(UV_COMPILE) requirements/torch-cpu.in --python-version 3.11 -c requirements/cpu.lock \
+	  --find-links $(TORCH_FIND_LINKS) -o requirements/torch-cpu.lock
+	$(UV_COMPILE) pyproject.toml requirements/build.in --extra gpu --python-version 3.12 \
+	  --python-platform x86_64-manylinux_2_28 --override requirements/cuda.in -o requirements/cuda.lock
 
 clean:
 	rm -rf build .pytest_cache

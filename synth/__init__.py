@@ -7,3 +7,6 @@ Public API:
 - `gates.validate_env`, `gates.BaselineSolver`, `llm.ChatSolver`: the gates and the pass@k solvers;
 - `registry.agent_class(name)`: the four agent classes (general, code, search, code_interpreter).
 """
+if __name__ == "synth":  # imported under its bare name from a checkout's root: dsaforge/_layout.py
+    from dsaforge._layout import hand_over
+    hand_over(__name__, __path__[0])
