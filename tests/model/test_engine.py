@@ -19,6 +19,15 @@ SHAPE = dict(index_topk=8, index_n_heads=16)
 TOL = 2e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Decode steps are many tiny matmuls: on a shared 2-core machine intra-op threads only spin against each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _prompts(lengths, vocab, seed=5):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
