@@ -186,7 +186,20 @@ def cmd_generate(args) -> int:
                                max_batch=args.max_batch, max_len=args.max_len, thinking=not args.no_thinking,
                                device=args.device, capture_routing=args.capture_routing,
                                capture_kept=args.capture_kept)
-    summary = generate(policy, episodes, Path(args.out), rollout)
+    from dsaforge.tracking import start_stage_run
+
+    tracker = None if args.no_track else start_stage_run(cfg, "generate", parent_run_id=args.parent_run_id)
+    try:
+        summary = generate(policy, episodes, Path(args.out), rollout, tracker=tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        tracker.log_params({"backend": args.server or str(args.checkpoint), "mode": args.mode,
+                            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                            "max_new_tokens": args.max_new_tokens, "thinking": not args.no_thinking})
+        tracker.finish("FINISHED")
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -268,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--context", default="discard_all", choices=["discard_all", "discard_75", "reprefill", "none"])
     sp.add_argument("--context-budget", type=float, default=0.8)
     p.add_argument("--out", required=True, help="output .parquet file")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--parent-run-id", default=None, help="attach to this MLflow run as a child")
     _config_args(p)
     p.set_defaults(func=cmd_generate)
     return parser

@@ -165,10 +165,15 @@ def engine_policy(checkpoint: Path, tokenizer: Optional[Path], params, mode: str
     return EnginePolicy(engine, ChatTemplate(tok, thinking=thinking), params)
 
 
-def generate(policy, episodes: list, out: Path, cfg: RolloutConfig = RolloutConfig(), desc: str = "generate") -> dict:
-    """Roll out every episode with progress, write the Parquet file, return a summary."""
+def generate(policy, episodes: list, out: Path, cfg: RolloutConfig = RolloutConfig(), desc: str = "generate",
+             tracker=None) -> dict:
+    """Roll out every episode with progress, write the Parquet file, return a summary. With a tracker
+    (`dsaforge.tracking`), per-conversation metrics, the summary and the Parquet file are logged."""
     t0 = time.monotonic()
     done: list[Trajectory] = []
+    if tracker is not None:
+        tracker.log_params({"rollout." + k: v for k, v in vars(cfg).items()} |
+                           {"episodes": len(episodes), "captures": ",".join(sorted(policy.captures))})
     with Progress(desc, total=len(episodes), unit="conv") as p:
         def on_done(t):
             done.append(t)
@@ -178,13 +183,20 @@ def generate(policy, episodes: list, out: Path, cfg: RolloutConfig = RolloutConf
             if scored:
                 fields["pass"] = sum(x.passed for x in scored) / len(scored)
             p.update(1, **fields)
+            if tracker is not None:
+                tracker.log_metrics({"tokens_per_s": fields["tok/s"], "turns": float(t.turns),
+                                     **({"pass_rate": fields["pass"]} if scored else {})}, step=len(done))
         trajs = run_episodes(policy, episodes, cfg, on_done=on_done)
     write_rows(trajs, out)
     wall = time.monotonic() - t0
     gen = sum(sum(w.mask) for t in trajs for w in t.windows)
     scored = [t for t in trajs if t.agent_class != "prompt"]
-    return {"conversations": len(trajs), "generated_tokens": gen, "wall_s": round(wall, 2),
+    summary = {"conversations": len(trajs), "generated_tokens": gen, "wall_s": round(wall, 2),
             "tokens_per_s": round(gen / max(wall, 1e-9), 1),
             "pass_rate": round(sum(t.passed for t in scored) / len(scored), 4) if scored else None,
             "finish_reasons": {r: sum(t.finish_reason == r for t in trajs) for r in sorted({t.finish_reason for t in trajs})},
             "out": str(out)}
+    if tracker is not None:
+        tracker.log_dict(summary, "generate/summary.json")
+        tracker.log_artifact(out, "generate")
+    return summary

@@ -20,7 +20,8 @@ def ckpt(tmp_path_factory):
     return d, model
 
 
-def test_generate_writes_parquet(ckpt, tmp_path, capsys):
+def test_generate_writes_parquet(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     d, model = ckpt
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in [
@@ -43,6 +44,12 @@ def test_generate_writes_parquet(ckpt, tmp_path, capsys):
         assert len(r["routing"]) == n - 1 and len(r["routing"][0]) == model.n_moe_layers
         assert all(lp <= 0 for lp, m in zip(r["logprobs"], r["mask"]) if m)
     assert summary["generated_tokens"] == sum(sum(r["mask"]) for r in rows)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["dsaforge.stage"] == "generate" and run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "tokens_per_s")) == 3
+    assert run.data.params["temperature"] == "0.8"
 
 
 @pytest.mark.parametrize("argv, why", [
@@ -61,6 +68,6 @@ def test_bad_input_exits_2(ckpt, tmp_path, capsys, argv, why):
     files["NOPROMPT"].write_text('{"text": "hi"}\n')
     argv = [str(files[a]) if a in files else str(ckpt[0]) if a == "CKPT" else a for a in argv]
     out = tmp_path / "o.parquet"
-    assert main(["generate", *argv, "--out", str(out), "--device", "cpu"]) == 2
+    assert main(["generate", *argv, "--out", str(out), "--device", "cpu", "--no-track"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and why in err[0] and not out.exists()
