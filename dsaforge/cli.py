@@ -70,7 +70,7 @@ def _self_command() -> str:
 
 def cmd_stage(args) -> int:
     from dsaforge.stages import get_stage, run_stage
-    from dsaforge.tracking import NullTracker, start_stage_run
+    from dsaforge.tracking import stage_run
 
     cfg = _load(args)
     get_stage(args.name)
@@ -80,15 +80,8 @@ def cmd_stage(args) -> int:
             raise _UsageError(f"--input {item!r}: expected STAGE=DIR")
         key, value = item.split("=", 1)
         inputs[key] = Path(value)
-    tracker = NullTracker() if args.no_track else start_stage_run(cfg, args.name, parent_run_id=args.parent_run_id)
-    try:
+    with stage_run(cfg, args.name, parent_run_id=args.parent_run_id, enabled=not args.no_track) as tracker:
         summary = run_stage(args.name, cfg, Path(args.out), inputs, tracker)
-    except BaseException:
-        if hasattr(tracker, "finish"):
-            tracker.finish("FAILED")
-        raise
-    if hasattr(tracker, "finish"):
-        tracker.finish("FINISHED")
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
