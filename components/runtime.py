@@ -53,3 +53,17 @@ def run_component(stage: str, config_json: str, tracking_uri: str, parent_run_id
         metadata["mlflow_run_id"] = tracker.run_id
     return summary
 
+
+def run_stage_component(stage: str, config_json: str, tracking_uri: str, parent_run_id: str, output,
+                        **artifacts) -> dict[str, Any]:
+    """run_component for a component whose parameters follow the stage registry: one input artifact per upstream
+    stage (named `input_param(stage)`, None when an optional input is not wired) and one output artifact."""
+    from dsaforge.stages import get_stage, input_param
+
+    spec = get_stage(stage)
+    names = {input_param(n): n for n in spec.inputs + spec.optional}
+    unknown = sorted(set(artifacts) - set(names))
+    if unknown:
+        raise TypeError(f"component of {stage!r} passes {unknown}, not inputs of the stage in dsaforge.stages.STAGES")
+    inputs = {names[k]: a.path for k, a in artifacts.items() if a is not None}
+    return run_component(stage, config_json, tracking_uri, parent_run_id, output.path, inputs, output.metadata)

@@ -74,7 +74,14 @@ def default_tracking_uri(home: str | Path) -> str:
 
 
 def resolve_tracking_uri(cfg: Config) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.pipeline.home)
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if os.environ.get("KFP_POD_NAME"):
+        # In a cluster pod a local SQLite file would be lost with the pod and differ per task.
+        raise ConfigError("no MLflow tracking server for this pod: set tracking.uri, or MLFLOW_TRACKING_URI in the "
+                          "dsaforge-mlflow Secret (pipeline.secrets)")
+    return default_tracking_uri(cfg.pipeline.home)
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:
@@ -93,6 +100,8 @@ def check_reachable(uri: str, timeout_s: float) -> None:
 
 
 def _git_commit() -> str:
+    if os.environ.get("DSAFORGE_GIT_COMMIT"):       # set in the images, which have no .git
+        return os.environ["DSAFORGE_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -247,6 +256,13 @@ def stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None, trac
 def attach_run(uri: str, run_id: str) -> MlflowTracker:
     """A tracker for an existing run (e.g. the pipeline's parent, from the task that closes it)."""
     return MlflowTracker(uri, run_id)
+
+
+def reopen_run(uri: str, run_id: str) -> MlflowTracker:
+    """Mark a finished or failed run RUNNING again (a resumed pipeline continues under its parent run)."""
+    tracker = MlflowTracker(uri, run_id)
+    tracker._client.update_run(run_id, status="RUNNING")
+    return tracker
 
 
 def find_pipeline_run(cfg: Config, pipeline_run_id: str, tracking_uri: Optional[str] = None) -> str:
