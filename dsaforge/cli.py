@@ -4,6 +4,8 @@
   dsaforge stage prepare-data --out DIR            one stage in-process (no KFP), for debugging
   dsaforge config show|schema|diff                 resolved configs, the JSON schema, differences
   dsaforge pipelines list|compile                  available pipelines; KFP IR YAML for a cluster
+  dsaforge submit end-to-end --host URL            start a run on a Kubeflow Pipelines cluster
+  dsaforge runs list|get|cancel --host URL         the cluster's runs
   dsaforge mlflow ui                               MLflow's UI on 127.0.0.1 over the local store
   dsaforge generate --checkpoint DIR --prompts F   complete prompts (or roll out --tasks) into Parquet
 Exit status: 0 on success; 2 for bad input (config, files, unreachable servers); 1 for other failures.
@@ -36,7 +38,14 @@ def cmd_run(args) -> int:
     from dsaforge.tracking import default_tracking_uri
 
     cfg = _load(args)
-    result = run_local(args.pipeline, cfg)
+    if args.resume and not (args.preset or args.config):
+        # the resumed run's own config, with --set applied on top (e.g. the fix for what failed)
+        from dsaforge.config import load_config
+        from dsaforge.records import find_record
+
+        home = Path(cfg.pipeline.home).resolve()
+        cfg = load_config(None, [str(find_record(home, args.resume) / "config.yaml")], args.sets)
+    result = run_local(args.pipeline, cfg, reuse=_inputs(args.input), resume=args.resume)
     print(f"\npipeline {result.name} finished in {result.seconds:.0f}s")
     print(f"  outputs:       {result.run_dir}")
     for task, path in result.outputs.items():
@@ -71,7 +80,7 @@ def _self_command() -> str:
 
 def cmd_stage(args) -> int:
     from dsaforge.stages import get_stage, run_stage
-    from dsaforge.tracking import NullTracker, start_stage_run
+    from dsaforge.tracking import stage_run
 
     cfg = _load(args)
     get_stage(args.name)
@@ -81,16 +90,64 @@ def cmd_stage(args) -> int:
             raise _UsageError(f"--input {item!r}: expected STAGE=DIR")
         key, value = item.split("=", 1)
         inputs[key] = Path(value)
-    tracker = NullTracker() if args.no_track else start_stage_run(cfg, args.name, parent_run_id=args.parent_run_id)
-    try:
+    with stage_run(cfg, args.name, parent_run_id=args.parent_run_id, enabled=not args.no_track) as tracker:
         summary = run_stage(args.name, cfg, Path(args.out), inputs, tracker)
-    except BaseException:
-        if hasattr(tracker, "finish"):
-            tracker.finish("FAILED")
-        raise
-    if hasattr(tracker, "finish"):
-        tracker.finish("FINISHED")
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _inputs(items) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise _UsageError(f"--input {item!r}: expected STAGE=URI")
+        key, value = item.split("=", 1)
+        out[key] = value
+    return out
+
+
+def cmd_submit(args) -> int:
+    from dsaforge.cluster import kfp_host, submit
+
+    cfg = _load(args)
+    host = kfp_host(cfg, args.host)
+    result = submit(args.pipeline, cfg, host, experiment=args.experiment, reuse=_inputs(args.input),
+                    run_name=args.run_name, namespace=args.namespace)
+    print(f"submitted {args.pipeline} to {host}")
+    print(f"  run:  {result.run_id}")
+    print(f"  link: {result.url}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from dsaforge import cluster
+
+    host = cluster.kfp_host(None, args.host)
+    if args.action == "list":
+        rows = cluster.list_runs(host, args.experiment, args.limit, args.namespace)
+        if args.format == "json":
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            print(f"{r['run_id']:<38} {r['state']:<10} {r['created'][:19]:<20} {r['name']}")
+        if not rows:
+            print("no runs")
+        return 0
+    if not args.run_id:
+        raise _UsageError(f"runs {args.action} needs a RUN_ID")
+    if args.action == "get":
+        row = cluster.get_run(host, args.run_id)
+        if args.format == "json":
+            print(json.dumps(row, indent=2))
+        else:
+            for key in ("run_id", "name", "state", "created", "finished", "error", "url"):
+                if row[key]:
+                    print(f"{key + ':':<10} {row[key]}")
+            for task, state in row["tasks"].items():
+                print(f"  {task:<24} {state}")
+        return 0
+    cluster.cancel_run(host, args.run_id)
+    print(f"cancelled {args.run_id}")
     return 0
 
 
@@ -218,8 +275,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a pipeline on KFP's local runner, tracked in MLflow")
     p.add_argument("pipeline", help="pipeline name (see `dsaforge pipelines list`)")
+    p.add_argument("--input", action="append", default=[], metavar="STAGE=PATH",
+                   help="start from a finished stage's output instead of running it (repeatable)")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="re-run a failed run's failed step and those after it, reusing what finished "
+                        "(RUN: its run id prefix or run record folder; config: the run's own plus --set)")
     _config_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="compile a pipeline from the config and start it on a Kubeflow Pipelines cluster")
+    p.add_argument("pipeline", help="pipeline name (see `dsaforge pipelines list`)")
+    p.add_argument("--host", default=None, help="KFP API URL (default $KFP_HOST, else pipeline.host); credentials "
+                   "from $KFP_TOKEN, $KFP_TOKEN_FILE or $KFP_COOKIE")
+    p.add_argument("--experiment", default=None, help="KFP experiment (default pipeline.kfp_experiment)")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--namespace", default=None, help="profile namespace on multi-user installations")
+    p.add_argument("--input", action="append", default=[], metavar="STAGE=URI",
+                   help="start from a finished stage's output (s3://, gs://, minio://) instead of running it")
+    _config_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("runs", help="list, inspect or cancel runs on a Kubeflow Pipelines cluster")
+    p.add_argument("action", choices=["list", "get", "cancel"])
+    p.add_argument("run_id", nargs="?", help="for get/cancel: the KFP run id")
+    p.add_argument("--host", default=None, help="KFP API URL (default $KFP_HOST)")
+    p.add_argument("--experiment", default=None, help="for list: only this KFP experiment")
+    p.add_argument("--namespace", default=None)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("stage", help="run one stage in-process (no KFP), for debugging")
     p.add_argument("name", help="stage name, e.g. prepare-data")
