@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dsaforge.config import Config, ConfigError
+from dsaforge.outputs import check_out_dir, claim
 from dsaforge.tracking import NullTracker, Tracker
 
 
@@ -28,6 +29,7 @@ class Stage:
     target: str                                     # "module:function", the function takes a StageContext
     inputs: tuple[str, ...]                         # names of the stages whose outputs it reads
     help: str
+    resumable: bool = False                         # resumes inside its own output directory (checkpoints)
 
     def load(self) -> Callable[[StageContext], dict]:
         module, func = self.target.split(":")
@@ -38,11 +40,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("prepare-data", "dsaforge.data.prepare:run", (),
           "Ingest a corpus, dedup, train the BPE tokenizer, pack token sequences into Parquet shards."),
     Stage("pretrain", "dsaforge.model.train.stages:pretrain", ("prepare-data",),
-          "Dense MLA+MoE language-model pretraining (from scratch, or continued from an HF checkpoint)."),
+          "Dense MLA+MoE language-model pretraining (from scratch, or continued from an HF checkpoint).", True),
     Stage("warmup", "dsaforge.model.train.stages:warmup", ("prepare-data", "pretrain"),
-          "Dense warm-up: everything frozen but the lightning indexer, trained on its KL to the attention."),
+          "Dense warm-up: everything frozen but the lightning indexer, trained on its KL to the attention.", True),
     Stage("sparse", "dsaforge.model.train.stages:sparse", ("prepare-data", "warmup"),
-          "Sparse adaptation: top-k attention, all parameters, LM loss + indexer KL on the selected set."),
+          "Sparse adaptation: top-k attention, all parameters, LM loss + indexer KL on the selected set.", True),
     Stage("synthesize", "dsaforge.synth.stage:run", (),
           "Agentic task synthesis: environments, tools, tasks and verifiers that pass every validation gate."),
 ]}
@@ -64,6 +66,10 @@ def run_stage(name: str, cfg: Config, out_dir: Path, inputs: Optional[dict[str, 
     for key, path in inputs.items():
         if not Path(path).exists():
             raise ConfigError(f"stage {name!r}: input {key!r} does not exist: {path}")
+    # A non-empty output is refused unless it is this stage's own unfinished work (resume); see dsaforge.outputs.
+    check_out_dir(Path(out_dir), name, stage.resumable)
+    if stage.resumable:
+        claim(Path(out_dir), name, getattr(tracker, "run_id", None))
     ctx = StageContext(cfg=cfg, out_dir=Path(out_dir), inputs={k: Path(v) for k, v in inputs.items()},
                        tracker=tracker or NullTracker())
     return stage.load()(ctx)
