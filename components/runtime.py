@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dsaforge.config import Config, validate
-from dsaforge.stages import run_stage
+from dsaforge.outputs import previous_run_id
+from dsaforge.stages import get_stage, run_stage
 from dsaforge.tracking import MlflowTracker, start_pipeline_run, start_stage_run
 
 
@@ -55,7 +56,9 @@ def close_pipeline_run(config_json: str, tracking_uri: str, parent_run_id: str, 
 def run_component(stage: str, config_json: str, tracking_uri: str, parent_run_id: str, out_dir: str,
                   inputs: Optional[dict[str, str]] = None, metadata: Optional[dict] = None) -> dict[str, Any]:
     cfg = parse_config(config_json)
-    tracker = start_stage_run(cfg, stage, parent_run_id=parent_run_id or None, tracking_uri=tracking_uri or None)
+    resume = previous_run_id(Path(out_dir), stage) if get_stage(stage).resumable else None
+    tracker = start_stage_run(cfg, stage, parent_run_id=parent_run_id or None, tracking_uri=tracking_uri or None,
+                              resume_run_id=resume)
     try:
         summary = run_stage(stage, cfg, Path(out_dir), {k: Path(v) for k, v in (inputs or {}).items()}, tracker)
     except BaseException as e:

@@ -5,6 +5,7 @@
   dsaforge config show|schema|diff                 resolved configs, the JSON schema, differences
   dsaforge pipelines list|compile                  available pipelines; KFP IR YAML for a cluster
   dsaforge mlflow ui                               MLflow's UI on 127.0.0.1 over the local store
+  dsaforge tracking replay SPOOL                   log what a stage kept on disk while tracking was down
 Exit status: 0 on success; 2 for bad input (config, files, unreachable servers); 1 for other failures.
 `--debug` shows the traceback.
 """
@@ -69,18 +70,22 @@ def _self_command() -> str:
 
 
 def cmd_stage(args) -> int:
+    from dsaforge.outputs import check_out_dir, previous_run_id
     from dsaforge.stages import get_stage, run_stage
     from dsaforge.tracking import NullTracker, start_stage_run
 
     cfg = _load(args)
-    get_stage(args.name)
     inputs = {}
     for item in args.input:
         if "=" not in item:
             raise _UsageError(f"--input {item!r}: expected STAGE=DIR")
         key, value = item.split("=", 1)
         inputs[key] = Path(value)
-    tracker = NullTracker() if args.no_track else start_stage_run(cfg, args.name, parent_run_id=args.parent_run_id)
+    stage = get_stage(args.name)
+    check_out_dir(Path(args.out), args.name, stage.resumable)      # before a tracking run is opened
+    tracker = NullTracker() if args.no_track else start_stage_run(
+        cfg, args.name, parent_run_id=args.parent_run_id,
+        resume_run_id=previous_run_id(Path(args.out), args.name) if stage.resumable else None)
     try:
         summary = run_stage(args.name, cfg, Path(args.out), inputs, tracker)
     except BaseException:
@@ -149,6 +154,19 @@ def cmd_mlflow(args) -> int:
     return 0
 
 
+def cmd_tracking(args) -> int:
+    from dsaforge.tracking import replay, resolve_tracking_uri
+
+    cfg = _load(args)
+    uri = args.tracking_uri or resolve_tracking_uri(cfg)
+    for spool in args.spools:
+        if not Path(spool).is_file():
+            raise _UsageError(f"no spool file {spool}")
+        n = replay(spool, uri)
+        print(f"replayed {n} tracking call(s) of run {Path(spool).stem} into {uri}")
+    return 0
+
+
 class _UsageError(Exception):
     """Arguments that parse but make no sense together; reported like other bad input."""
 
@@ -190,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build/pipelines", help="output directory for compiled YAML")
     _config_args(p)
     p.set_defaults(func=cmd_pipelines)
+
+    p = sub.add_parser("tracking", help="log what a stage kept on disk while its tracking server was away")
+    p.add_argument("action", choices=["replay"])
+    p.add_argument("spools", nargs="+", metavar="SPOOL", help="spool files (PIPELINE_HOME/spool/RUN_ID.jsonl)")
+    p.add_argument("--tracking-uri", default=None, help="default: the configured store")
+    _config_args(p)
+    p.set_defaults(func=cmd_tracking)
 
     p = sub.add_parser("mlflow", help="MLflow helpers")
     p.add_argument("action", choices=["ui"])

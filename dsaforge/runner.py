@@ -22,9 +22,12 @@ class PipelineFailed(RuntimeError):
 def _stage_errors(uri: str, parent_run_id: str) -> list[str]:
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = client.get_run(parent_run_id).info.experiment_id
+        runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    except Exception:  # noqa: BLE001 - the store being down must not hide the stage's own error
+        return []
     return [f"{r.data.tags.get('dsaforge.stage', r.info.run_name)}: {r.data.tags['dsaforge.error']}"
             for r in runs if "dsaforge.error" in r.data.tags]
 
@@ -41,11 +44,13 @@ class PipelineResult:
     outputs: dict[str, str]
 
 
-def _latest_run_dir(root: Path, name: str, before: set[Path]) -> Path:
-    dirs = [p for p in root.glob(f"{name}-*") if p.is_dir() and p not in before]
-    if not dirs:
-        raise RuntimeError(f"KFP wrote no run folder under {root}")
-    return max(dirs, key=lambda p: p.stat().st_mtime)
+def _run_dir(root: Path, name: str) -> Path:
+    """KFP's folder of this run: the only one under the run's own pipeline root (never chosen by mtime, which
+    would hand two concurrent runs the same folder)."""
+    dirs = [p for p in root.glob(f"{name}-*") if p.is_dir()]
+    if len(dirs) != 1:
+        raise RuntimeError(f"expected one KFP run folder under {root}, found {len(dirs)}")
+    return dirs[0]
 
 
 def run_local(name: str, cfg: Config) -> PipelineResult:
@@ -55,9 +60,9 @@ def run_local(name: str, cfg: Config) -> PipelineResult:
 
     module = get_pipeline(name)
     home = Path(cfg.pipeline.home).resolve()
-    kfp_root = home / "kfp"
-    kfp_root.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
+    kfp_root = home / "kfp" / run_id            # this run's own pipeline root: concurrent runs never share one
+    kfp_root.mkdir(parents=True)
     record = home / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{run_id[:8]}"
     record.mkdir(parents=True)
     (record / "config.yaml").write_text(to_yaml(cfg))
@@ -70,7 +75,6 @@ def run_local(name: str, cfg: Config) -> PipelineResult:
     workspace = Path(tempfile.mkdtemp(prefix="dsaforge-ws-"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root),
                workspace_root=str(workspace), raise_on_error=True, enable_caching=cfg.pipeline.caching)
-    before = set(kfp_root.glob(f"{name}-*"))
     t0 = time.time()
     try:
         with warnings.catch_warnings():
@@ -88,7 +92,7 @@ def run_local(name: str, cfg: Config) -> PipelineResult:
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     seconds = time.time() - t0
-    run_dir = _latest_run_dir(kfp_root, name, before)
+    run_dir = _run_dir(kfp_root, name)
     outputs = {p.parent.name: str(p) for p in sorted(run_dir.glob("*/*")) if p.name != "executor_output.json"}
     summary = {"pipeline": name, "pipeline_run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": uri,
                "kfp_run_dir": str(run_dir), "seconds": round(seconds, 1), "outputs": outputs}
