@@ -70,9 +70,8 @@ def _self_command() -> str:
 
 
 def cmd_stage(args) -> int:
-    from dsaforge.outputs import check_out_dir, previous_run_id
-    from dsaforge.stages import get_stage, run_stage
-    from dsaforge.tracking import NullTracker, start_stage_run
+    from dsaforge.stages import run_stage
+    from dsaforge.tracking import stage_run
 
     cfg = _load(args)
     inputs = {}
@@ -81,19 +80,9 @@ def cmd_stage(args) -> int:
             raise _UsageError(f"--input {item!r}: expected STAGE=DIR")
         key, value = item.split("=", 1)
         inputs[key] = Path(value)
-    stage = get_stage(args.name)
-    check_out_dir(Path(args.out), args.name, stage.resumable)      # before a tracking run is opened
-    tracker = NullTracker() if args.no_track else start_stage_run(
-        cfg, args.name, parent_run_id=args.parent_run_id,
-        resume_run_id=previous_run_id(Path(args.out), args.name) if stage.resumable else None)
-    try:
+    with stage_run(cfg, args.name, parent_run_id=args.parent_run_id, enabled=not args.no_track,
+                   out_dir=Path(args.out)) as tracker:
         summary = run_stage(args.name, cfg, Path(args.out), inputs, tracker)
-    except BaseException:
-        if hasattr(tracker, "finish"):
-            tracker.finish("FAILED")
-        raise
-    if hasattr(tracker, "finish"):
-        tracker.finish("FINISHED")
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

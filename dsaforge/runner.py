@@ -12,24 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsaforge.config import Config, to_yaml
-from dsaforge.tracking import resolve_tracking_uri, start_pipeline_run
+from dsaforge.tracking import resolve_tracking_uri, stage_errors, start_pipeline_run
 
 
 class PipelineFailed(RuntimeError):
     """A pipeline task failed; the message names the stage and its error."""
-
-
-def _stage_errors(uri: str, parent_run_id: str) -> list[str]:
-    import mlflow
-
-    try:
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        exp = client.get_run(parent_run_id).info.experiment_id
-        runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    except Exception:  # noqa: BLE001 - the store being down must not hide the stage's own error
-        return []
-    return [f"{r.data.tags.get('dsaforge.stage', r.info.run_name)}: {r.data.tags['dsaforge.error']}"
-            for r in runs if "dsaforge.error" in r.data.tags]
 
 
 @dataclass
@@ -84,7 +71,7 @@ def run_local(name: str, cfg: Config) -> PipelineResult:
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
             module.build(cfg)(config_json=json.dumps(cfg.model_dump()), tracking_uri=uri, parent_run_id=parent.run_id)
     except Exception as e:
-        errors = _stage_errors(uri, parent.run_id)
+        errors = stage_errors(uri, parent.run_id)
         reason = "; ".join(errors) or re.sub(r"\x1b\[[0-9;]*m", "", str(e))
         parent.set_tags({"dsaforge.error": reason[:4000]})
         parent.finish("FAILED")

@@ -11,9 +11,11 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Iterator, Mapping, Optional, Protocol
 
 from dsaforge.config import Config, ConfigError, config_hash, flatten
 
@@ -29,6 +31,7 @@ class Tracker(Protocol):
     def log_dataset(self, name: str, source: str, digest: str, context: str = "training",
                     profile: Optional[Mapping[str, Any]] = None) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
 
 
 class NullTracker:
@@ -64,13 +67,23 @@ class NullTracker:
     def set_tags(self, tags):
         self.tags.update(tags)
 
+    def finish(self, status="FINISHED"):
+        self.tags["status"] = status
+
 
 def default_tracking_uri(home: str | Path) -> str:
     return f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
 
 
 def resolve_tracking_uri(cfg: Config) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.pipeline.home)
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if os.environ.get("KFP_POD_NAME"):
+        # In a cluster pod a local SQLite file would be lost with the pod and differ per task.
+        raise ConfigError("no MLflow tracking server for this pod: set tracking.uri, or MLFLOW_TRACKING_URI in the "
+                          "dsaforge-mlflow Secret (pipeline.secrets)")
+    return default_tracking_uri(cfg.pipeline.home)
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:
@@ -89,6 +102,8 @@ def check_reachable(uri: str, timeout_s: float) -> None:
 
 
 def _git_commit() -> str:
+    if os.environ.get("DSAFORGE_GIT_COMMIT"):       # set in the images, which have no .git
+        return os.environ["DSAFORGE_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -391,3 +406,71 @@ def start_stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None
     tracker = MlflowTracker(uri, run.info.run_id, system_metrics_interval_s=interval, spool_dir=spool)
     tracker.log_params(flatten(cfg))
     return tracker
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None, tracking_uri: Optional[str] = None,
+              enabled: bool = True, out_dir: Optional[Path] = None) -> Iterator[Tracker]:
+    """The one lifecycle of a stage's run, for every caller (CLI, KFP component, the in-process chain).
+
+    Opens the run (a child of `parent_run_id` when given), yields its tracker, and closes it FINISHED; when the
+    body raises, the run gets a `dsaforge.error` tag and an `error.json` traceback and is closed FAILED.
+    `enabled=False` yields a NullTracker (no MLflow). With `out_dir`, an output the stage may not write into is
+    refused before any run is opened, and a resumed training stage reopens the run of its interrupted attempt."""
+    resume = None
+    if out_dir is not None:
+        from dsaforge.outputs import check_out_dir, previous_run_id
+        from dsaforge.stages import get_stage
+
+        resumable = get_stage(stage).resumable
+        check_out_dir(Path(out_dir), stage, resumable)
+        resume = previous_run_id(Path(out_dir), stage) if resumable else None
+    tracker: Tracker = (start_stage_run(cfg, stage, parent_run_id=parent_run_id or None,
+                                        tracking_uri=tracking_uri or None, resume_run_id=resume)
+                        if enabled else NullTracker())
+    try:
+        yield tracker
+    except BaseException as e:
+        tracker.set_tags({"dsaforge.error": f"{type(e).__name__}: {e}"[:4000]})
+        tracker.log_dict({"traceback": traceback.format_exc()}, "error.json")
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+
+
+def attach_run(uri: str, run_id: str) -> MlflowTracker:
+    """A tracker for an existing run (e.g. the pipeline's parent, from the task that closes it)."""
+    return MlflowTracker(uri, run_id)
+
+
+def reopen_run(uri: str, run_id: str) -> MlflowTracker:
+    """Mark a finished or failed run RUNNING again (a resumed pipeline continues under its parent run)."""
+    tracker = MlflowTracker(uri, run_id)
+    tracker._client.update_run(run_id, status="RUNNING")
+    return tracker
+
+
+def find_pipeline_run(cfg: Config, pipeline_run_id: str, tracking_uri: Optional[str] = None) -> str:
+    """The parent run tagged kfp.pipeline_run_id=`pipeline_run_id` (how a KFP exit task finds it on a cluster)."""
+    uri = tracking_uri or resolve_tracking_uri(cfg)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    # Stage runs carry the parent's kfp.* tags too; the parent is the one without a parent.
+    runs = [] if exp is None else [r for r in client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`kfp.pipeline_run_id` = '{pipeline_run_id}'", max_results=1000)
+        if "mlflow.parentRunId" not in r.data.tags]
+    if not runs:
+        raise RuntimeError(f"no MLflow run tagged kfp.pipeline_run_id={pipeline_run_id} in {uri}")
+    return runs[0].info.run_id
+
+
+def stage_errors(uri: str, parent_run_id: str) -> list[str]:
+    """`stage: error` for every child run of `parent_run_id` that recorded a failure."""
+    try:
+        client = _client(uri)
+        exp = client.get_run(parent_run_id).info.experiment_id
+        runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    except Exception:  # noqa: BLE001 - the store being down must not hide the stage's own error
+        return []
+    return [f"{r.data.tags.get('dsaforge.stage', r.info.run_name)}: {r.data.tags['dsaforge.error']}"
+            for r in runs if "dsaforge.error" in r.data.tags]
