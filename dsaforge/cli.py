@@ -8,6 +8,7 @@
   dsaforge runs list|get|cancel --host URL         the cluster's runs
   dsaforge mlflow ui                               MLflow's UI on 127.0.0.1 over the local store
   dsaforge generate --checkpoint DIR --prompts F   complete prompts (or roll out --tasks) into Parquet
+  dsaforge tracking replay SPOOL                   log what a stage kept on disk while tracking was down
 Exit status: 0 on success; 2 for bad input (config, files, unreachable servers); 1 for other failures.
 `--debug` shows the traceback.
 """
@@ -79,18 +80,18 @@ def _self_command() -> str:
 
 
 def cmd_stage(args) -> int:
-    from dsaforge.stages import get_stage, run_stage
+    from dsaforge.stages import run_stage
     from dsaforge.tracking import stage_run
 
     cfg = _load(args)
-    get_stage(args.name)
     inputs = {}
     for item in args.input:
         if "=" not in item:
             raise _UsageError(f"--input {item!r}: expected STAGE=DIR")
         key, value = item.split("=", 1)
         inputs[key] = Path(value)
-    with stage_run(cfg, args.name, parent_run_id=args.parent_run_id, enabled=not args.no_track) as tracker:
+    with stage_run(cfg, args.name, parent_run_id=args.parent_run_id, enabled=not args.no_track,
+                   out_dir=Path(args.out)) as tracker:
         summary = run_stage(args.name, cfg, Path(args.out), inputs, tracker)
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -261,6 +262,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_tracking(args) -> int:
+    from dsaforge.tracking import replay, resolve_tracking_uri
+
+    cfg = _load(args)
+    uri = args.tracking_uri or resolve_tracking_uri(cfg)
+    for spool in args.spools:
+        if not Path(spool).is_file():
+            raise _UsageError(f"no spool file {spool}")
+        n = replay(spool, uri)
+        print(f"replayed {n} tracking call(s) of run {Path(spool).stem} into {uri}")
+    return 0
+
+
 class _UsageError(Exception):
     """Arguments that parse but make no sense together; reported like other bad input."""
 
@@ -329,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build/pipelines", help="output directory for compiled YAML")
     _config_args(p)
     p.set_defaults(func=cmd_pipelines)
+
+    p = sub.add_parser("tracking", help="log what a stage kept on disk while its tracking server was away")
+    p.add_argument("action", choices=["replay"])
+    p.add_argument("spools", nargs="+", metavar="SPOOL", help="spool files (PIPELINE_HOME/spool/RUN_ID.jsonl)")
+    p.add_argument("--tracking-uri", default=None, help="default: the configured store")
+    _config_args(p)
+    p.set_defaults(func=cmd_tracking)
 
     p = sub.add_parser("mlflow", help="MLflow helpers")
     p.add_argument("action", choices=["ui"])

@@ -151,7 +151,10 @@ class TrackingConfig(Section):
     experiment: str = "dsaforge"
     system_metrics: bool = True
     system_metrics_interval_s: float = Field(10.0, gt=0)
-    connect_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0, description="Timeout of one request to a tracking server.")
+    retries: int = Field(3, ge=0, description="Retries of a failed tracking request (exponential backoff); with the "
+                         "defaults a call to a dead server gives up within about a minute.")
+    backoff_s: float = Field(2.0, ge=0, description="Backoff factor between retries: waits of 0, 2b, 4b, ... seconds.")
 
 
 class SecretEnv(Section):
@@ -230,3 +233,21 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> "Config":
+        """What the trainer would otherwise find only after building the model and reading the data."""
+        dp = max(1, self.parallel.world_size // (self.parallel.tp * self.parallel.pp))
+        problems = []
+        for name in ("pretrain", "warmup", "sparse"):
+            s = getattr(self.train, name)
+            if s.batch_size % (s.micro_batch_size * dp):
+                problems.append(f"train.{name}.batch_size {s.batch_size} is not a multiple of micro_batch_size "
+                                f"{s.micro_batch_size}" + (f" x data-parallel size {dp}" if dp > 1 else ""))
+            if s.seq_len > self.model.max_seq_len:
+                problems.append(f"train.{name}.seq_len {s.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        if self.data.seq_len > self.model.max_seq_len:
+            problems.append(f"data.seq_len {self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

@@ -115,6 +115,12 @@ def run(ctx, stage: str) -> dict:
     ctx.tracker.log_params({f"train.{stage}.{k}": v for k, v in scfg.model_dump().items()})
     ctx.tracker.set_tags({"dsaforge.train.mode": {"pretrain": "dense"}.get(stage, stage)})
     inside_torchrun = "LOCAL_RANK" in os.environ
+    if "prepare-data" in ctx.inputs and not inside_torchrun:    # once per stage, before any model is built
+        from dsaforge.data.prepare import verify_dataset
+
+        verified = verify_dataset(ctx.inputs["prepare-data"], ctx.cfg.model.vocab_size)
+        ctx.tracker.set_tags({"dsaforge.dataset.sha256": verified["digest"]})
+        ctx.tracker.log_params({f"dataset.{k}": v for k, v in verified.items() if k != "digest"})
     if ctx.cfg.parallel.world_size > 1 and not inside_torchrun:
         summary = _launch_torchrun(ctx, stage)
     else:
