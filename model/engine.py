@@ -86,7 +86,8 @@ class Engine:
         max_len = max_len or cfg.max_seq_len
         if max_len > cfg.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-        self.model, self.mode, self.max_batch, self.max_len = model.eval(), mode, max_batch, max_len
+        # The model's train/eval mode is left alone (a trainer may share it); the inference path depends on neither.
+        self.model, self.mode, self.max_batch, self.max_len = model, mode, max_batch, max_len
         self.capture_routing, self.capture_kept, self.capture_topk = capture_routing, capture_kept, capture_topk
         self.prefill_tokens = prefill_tokens
         self.device = model.embed.weight.device

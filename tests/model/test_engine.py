@@ -190,6 +190,10 @@ def test_bad_requests_are_rejected():
     # a sequence reaching the cache's end finishes with "context"
     out = engine.generate([[1] * 28], SamplingParams(temperature=0, max_new_tokens=50))[0]
     assert out.finish_reason == "context" and len(out.tokens) == 4
+    # a trainer's model keeps its mode (and its MoE load counters stay untouched by generation)
+    model.train()
+    Engine(model, mode="dense", max_batch=1, max_len=32).generate([[3, 4]], SamplingParams(max_new_tokens=3))
+    assert model.training and all(float(m.expert_load.sum()) == 0 for m in model.modules() if hasattr(m, "expert_load"))
 
 
 def test_greedy_equals_transformers_on_an_exported_checkpoint(tmp_path):
