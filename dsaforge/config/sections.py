@@ -130,6 +130,10 @@ class SynthConfig(Section):
     targets: dict[Literal["general", "code", "search", "code_interpreter"], tuple[int, int]] = Field(
         default_factory=dict, description="Per-class (tasks, environments) overriding tasks_per_class/envs_per_class.")
     corpus_documents: int = Field(1500, gt=0, description="Documents in the search agent's offline corpus.")
+    shards: int = Field(1, ge=1, le=4096, description="Split synthesis into this many shards, run as parallel "
+                        "pipeline tasks (dsl.ParallelFor) and merged; each shard uses `workers` processes.")
+    shard_overbuild: float = Field(1.0, ge=0, description="Shards also build this fraction more environments "
+                                   "than the first round, for the top-up rounds, so the merge builds few itself.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
     @model_validator(mode="after")
@@ -152,6 +156,10 @@ class TrackingConfig(Section):
     system_metrics: bool = True
     system_metrics_interval_s: float = Field(10.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
+    model_max_mb: float = Field(2048.0, ge=0, description="A model stage's LoggedModel holds its HF export's files "
+                                "when they are smaller than this; above, a reference to the checkpoint's URI.")
+    register_as: Optional[str] = Field(None, description="Register the pipeline's final model as a version of this "
+                                       "MLflow registered model when the pipeline succeeds.")
 
 
 class SecretEnv(Section):
