@@ -130,6 +130,10 @@ class SynthConfig(Section):
     targets: dict[Literal["general", "code", "search", "code_interpreter"], tuple[int, int]] = Field(
         default_factory=dict, description="Per-class (tasks, environments) overriding tasks_per_class/envs_per_class.")
     corpus_documents: int = Field(1500, gt=0, description="Documents in the search agent's offline corpus.")
+    shards: int = Field(1, ge=1, le=4096, description="Split synthesis into this many shards, run as parallel "
+                        "pipeline tasks (dsl.ParallelFor) and merged; each shard uses `workers` processes.")
+    shard_overbuild: float = Field(1.0, ge=0, description="Shards also build this fraction more environments "
+                                   "than the first round, for the top-up rounds, so the merge builds few itself.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
     @model_validator(mode="after")
@@ -155,6 +159,10 @@ class TrackingConfig(Section):
     retries: int = Field(3, ge=0, description="Retries of a failed tracking request (exponential backoff); with the "
                          "defaults a call to a dead server gives up within about a minute.")
     backoff_s: float = Field(2.0, ge=0, description="Backoff factor between retries: waits of 0, 2b, 4b, ... seconds.")
+    model_max_mb: float = Field(2048.0, ge=0, description="A model stage's LoggedModel holds its HF export's files "
+                                "when they are smaller than this; above, a reference to the checkpoint's URI.")
+    register_as: Optional[str] = Field(None, description="Register the pipeline's final model as a version of this "
+                                       "MLflow registered model when the pipeline succeeds.")
 
 
 class SecretEnv(Section):

@@ -114,6 +114,8 @@ def run(ctx, stage: str) -> dict:
     scfg = getattr(ctx.cfg.train, stage)
     ctx.tracker.log_params({f"train.{stage}.{k}": v for k, v in scfg.model_dump().items()})
     ctx.tracker.set_tags({"dsaforge.train.mode": {"pretrain": "dense"}.get(stage, stage)})
+    if "prepare-data" in ctx.inputs and (Path(ctx.inputs["prepare-data"]) / "manifest.json").is_file():
+        log_training_data(ctx)
     inside_torchrun = "LOCAL_RANK" in os.environ
     if "prepare-data" in ctx.inputs and not inside_torchrun:    # once per stage, before any model is built
         from dsaforge.data.prepare import verify_dataset
@@ -121,14 +123,43 @@ def run(ctx, stage: str) -> dict:
         verified = verify_dataset(ctx.inputs["prepare-data"], ctx.cfg.model.vocab_size)
         ctx.tracker.set_tags({"dsaforge.dataset.sha256": verified["digest"]})
         ctx.tracker.log_params({f"dataset.{k}": v for k, v in verified.items() if k != "digest"})
-    if ctx.cfg.parallel.world_size > 1 and not inside_torchrun:
+    if ctx.cfg.parallel.nnodes > 1 and not inside_torchrun and "PET_NODE_RANK" not in os.environ:
+        from dsaforge.trainjob import run_trainjob    # a KFP task on a cluster: the nodes are a TrainJob's pods
+        summary = run_trainjob(ctx, stage)
+    elif ctx.cfg.parallel.world_size > 1 and not inside_torchrun:
         summary = _launch_torchrun(ctx, stage)
     else:
         summary = train_stage(ctx, stage)
     for name in ("metrics.json", "hf/config.json"):
         if (ctx.out_dir / name).is_file():
             ctx.tracker.log_artifact(ctx.out_dir / name)
-    return _flat_summary(summary)
+    flat = _flat_summary(summary)
+    if (ctx.out_dir / "hf" / "config.json").is_file():
+        ctx.tracker.log_model(stage, ctx.out_dir / "hf", {k: v for k, v in flat.items() if k.startswith("end.val/")
+                                                          and isinstance(v, (int, float))},
+                              reference_uri=artifact_uri(ctx.out_dir / "hf"), max_mb=ctx.cfg.tracking.model_max_mb)
+    return flat
+
+
+def log_training_data(ctx) -> None:
+    """The prepared dataset as the run's training input: the same MLflow dataset (name and digest) prepare-data
+    logged, so the run, its model and its data link up."""
+    data = Path(ctx.inputs["prepare-data"])
+    manifest = json.loads((data / "manifest.json").read_text())
+    counts = manifest.get("counts", {})
+    ctx.tracker.log_dataset("corpus", artifact_uri(data), manifest["documents_sha256"][:16], context="training",
+                            profile={"documents": counts.get("documents"),
+                                     "tokens": counts.get("train_tokens", 0) + counts.get("val_tokens", 0)})
+
+
+def artifact_uri(path: Path) -> str:
+    """The object-store URI of a KFP artifact path (KFP mounts s3://b/k at /s3/b/k, gs:// at /gcs, minio:// at
+    /minio); a local path stays a path."""
+    text = str(Path(path).absolute())
+    for mount, scheme in (("/s3/", "s3://"), ("/gcs/", "gs://"), ("/minio/", "minio://")):
+        if text.startswith(mount):
+            return scheme + text[len(mount):]
+    return text
 
 
 def _flat_summary(summary: dict) -> dict:
