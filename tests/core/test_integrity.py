@@ -117,7 +117,6 @@ def test_a_broken_manifest_is_one_line_naming_the_file(copy, content, message):
     (["train.pretrain.batch_size=6", "train.pretrain.micro_batch_size=4"],
      "train.pretrain.batch_size 6 is not a multiple of micro_batch_size 4"),
     (["train.sparse.seq_len=4096", "model.max_seq_len=2048"], "train.sparse.seq_len 4096 exceeds model.max_seq_len 2048"),
-    (["data.seq_len=300", "model.max_seq_len=256"], "data.seq_len 300 exceeds model.max_seq_len 256"),
 ])
 def test_config_errors_are_caught_at_validation(sets, message):
     with pytest.raises(ConfigError, match=message):
