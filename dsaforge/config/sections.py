@@ -237,14 +237,15 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_stages(self) -> "Config":
         """What the trainer would otherwise find only after building the model and reading the data."""
-        # The data-parallel factor is checked by the trainer against the world it was launched in: the v32
-        # preset's layout is a plan, and its paper batch sizes do not split over that plan's 32 replicas.
+        # data.seq_len is not checked against max_seq_len: it is the packing row length, and each stage re-cuts
+        # the token stream to its own seq_len.
+        dp = max(1, self.parallel.world_size // (self.parallel.tp * self.parallel.pp))
         problems = []
         for name in ("pretrain", "warmup", "sparse"):
             s = getattr(self.train, name)
-            if s.batch_size % s.micro_batch_size:
+            if s.batch_size % (s.micro_batch_size * dp):
                 problems.append(f"train.{name}.batch_size {s.batch_size} is not a multiple of micro_batch_size "
-                                f"{s.micro_batch_size}")
+                                f"{s.micro_batch_size}" + (f" x data-parallel size {dp}" if dp > 1 else ""))
             if s.seq_len > self.model.max_seq_len:
                 problems.append(f"train.{name}.seq_len {s.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
         if problems:
