@@ -245,6 +245,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_stages(self) -> "Config":
         """What the trainer would otherwise find only after building the model and reading the data."""
+        # data.seq_len is not checked against max_seq_len: it is the packing row length, and each stage re-cuts
+        # the token stream to its own seq_len.
         dp = max(1, self.parallel.world_size // (self.parallel.tp * self.parallel.pp))
         problems = []
         for name in ("pretrain", "warmup", "sparse"):
@@ -254,8 +256,6 @@ class Config(Section):
                                 f"{s.micro_batch_size}" + (f" x data-parallel size {dp}" if dp > 1 else ""))
             if s.seq_len > self.model.max_seq_len:
                 problems.append(f"train.{name}.seq_len {s.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
-        if self.data.seq_len > self.model.max_seq_len:
-            problems.append(f"data.seq_len {self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
