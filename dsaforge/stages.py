@@ -45,6 +45,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           "Sparse adaptation: top-k attention, all parameters, LM loss + indexer KL on the selected set."),
     Stage("synthesize", "dsaforge.synth.stage:run", (),
           "Agentic task synthesis: environments, tools, tasks and verifiers that pass every validation gate."),
+    Stage("sft", "dsaforge.model.train.stages:sft", ("prepare-data", "sparse", "synthesize"),
+          "Supervised fine-tuning on the tasks' reference trajectories (chat template, loss on assistant tokens)."),
+    Stage("grpo", "dsaforge.model.rl.stage:run", ("prepare-data", "sft", "synthesize"),
+          "GRPO with the four stabilisers: generate, reward, advantage, train, sync weights, evaluate."),
 ]}
 
 

@@ -1,5 +1,6 @@
-"""The end-to-end pipeline: prepare-data -> pretrain -> warmup -> sparse, and synthesize from the same data;
-each stage is one component, all tracked under one MLflow run.
+"""The end-to-end pipeline: prepare-data -> pretrain -> warmup -> sparse, and synthesize from the same data; then
+sft on the synthesized tasks' reference trajectories and GRPO on the tasks; each stage is one component, all
+tracked under one MLflow run.
 
 Run locally: `dsaforge run end-to-end --preset tiny` (KFP local runner). Compile for a cluster:
 `dsaforge pipelines compile end-to-end --preset small`.
@@ -8,8 +9,9 @@ Run locally: `dsaforge run end-to-end --preset tiny` (KFP local runner). Compile
 from kfp import dsl
 
 from dsaforge.components.data import prepare_data
+from dsaforge.components.rl import grpo
 from dsaforge.components.synth import synthesize
-from dsaforge.components.train import pretrain, sparse, warmup
+from dsaforge.components.train import pretrain, sft, sparse, warmup
 from dsaforge.components.tracking import close_run, open_run
 from dsaforge.config import Config
 from dsaforge.pipelines.resources import cpu_task, gpu_task
@@ -31,7 +33,11 @@ def build(cfg: Config):
             dataset = data.outputs["dataset"]
             pre = gpu_task(pretrain(dataset=dataset, **common).set_display_name("pretrain"), cfg)
             warm = gpu_task(warmup(dataset=dataset, base=pre.outputs["model"], **common).set_display_name("warmup"), cfg)
-            gpu_task(sparse(dataset=dataset, base=warm.outputs["model"], **common).set_display_name("sparse"), cfg)
-            cpu_task(synthesize(dataset=dataset, **common).set_display_name("synthesize"), "8", "16G")
+            sp = gpu_task(sparse(dataset=dataset, base=warm.outputs["model"], **common).set_display_name("sparse"), cfg)
+            tasks = cpu_task(synthesize(dataset=dataset, **common).set_display_name("synthesize"), "8", "16G")
+            tuned = gpu_task(sft(dataset=dataset, base=sp.outputs["model"], tasks=tasks.outputs["tasks"], **common)
+                             .set_display_name("sft"), cfg)
+            gpu_task(grpo(dataset=dataset, base=tuned.outputs["model"], tasks=tasks.outputs["tasks"], **common)
+                     .set_display_name("grpo"), cfg)
 
     return end_to_end
