@@ -51,8 +51,8 @@ class GRPO:
     # ------------------------------------------------------------------ the algorithm
 
     def fit(self) -> dict:
-        self.history["start"] = self.evaluate()
-        self.log(self.history["start"])
+        self.history["start"] = metrics = self.evaluate()
+        self.log(metrics)
         with Progress("grpo", total=self.rl.steps - self.step, unit="step") as bar:
             while self.step < self.rl.steps:
                 with self.phase("generate"):
