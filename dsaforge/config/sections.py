@@ -111,8 +111,11 @@ class RLConfig(Section):
     updates_per_step: int = Field(1, gt=0, description="Optimizer steps per rollout batch (mini-batches); > 1 makes "
                                   "the later ones off-policy, which OPSM and the clip guard against.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward in the policy update.")
-    mode: Literal["dense", "sparse"] = Field("sparse", description="Attention in rollouts and training: the DSA "
-                                             "model's top-k attention, or dense MLA.")
+    mode: Literal["dense", "sparse"] = Field("sparse", description="Attention in sft, rollouts and training: the "
+                                             "DSA model's top-k attention, or dense MLA.")
+    agent_classes: list[Literal["general", "code", "search", "code_interpreter"]] = Field(
+        default_factory=lambda: ["general", "code", "search", "code_interpreter"],
+        description="Task classes GRPO trains and evaluates on.")
     std_normalize: bool = Field(False, description="Divide group advantages by their std (original GRPO); the paper "
                                 "and Dr.GRPO centre only.")
     aggregation: Literal["sequence", "token", "dr_grpo"] = Field(
@@ -135,7 +138,9 @@ class RLConfig(Section):
     max_new_tokens: int = Field(1024, gt=0, description="Response budget per episode (all assistant turns).")
     max_turns: int = Field(8, gt=0, description="Assistant turns per episode (tool calls + the final answer).")
     eval_every: int = Field(10, gt=0, description="Held-out evaluation every this many steps (and at the end).")
-    eval_prompts: int = Field(256, gt=0, description="Held-out prompts per evaluation (greedy, one episode each).")
+    eval_prompts: int = Field(256, gt=0, description="Held-out prompts per evaluation (one episode each).")
+    eval_sampled: bool = Field(False, description="Evaluate with the training sampling settings (pass@1 of the "
+                               "sampled policy) instead of greedy decoding.")
     save_every: int = Field(50, gt=0)
     seed: int = 0
     reward: RewardConfig = Field(default_factory=RewardConfig)

@@ -149,9 +149,9 @@ class GRPO:
             self.sync_fn(self.state.model)
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out pass rate, overall and per agent class, with its standard error (one greedy episode per prompt
-        unless eval.temperature > 0)."""
-        episodes = self.rollout(self.heldout[:self.rl.eval_prompts], 1, greedy=True)
+        """Held-out pass rate, overall and per agent class, with its standard error: one episode per prompt, greedy
+        (rl.eval_sampled off) or sampled as in training."""
+        episodes = self.rollout(self.heldout[:self.rl.eval_prompts], 1, greedy=not self.rl.eval_sampled)
         return heldout_metrics(episodes)
 
     # ------------------------------------------------------------------ bookkeeping

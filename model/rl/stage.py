@@ -53,10 +53,12 @@ def run(ctx) -> dict:
         tasks = load_tasks(ctx.inputs["synthesize"])
     except FileNotFoundError as e:
         raise ConfigError(f"grpo: {e}") from None
+    tasks = [t for t in tasks if t.agent_class in rl.agent_classes]
     train = [t for t in tasks if t.split == "train"]
     heldout = [t for t in tasks if t.split == "heldout"] or train
     if not train:
-        raise ConfigError(f"grpo: {ctx.inputs['synthesize']} holds no train-split task")
+        raise ConfigError(f"grpo: {ctx.inputs['synthesize']} holds no train-split task of the classes "
+                          f"{', '.join(rl.agent_classes)} (rl.agent_classes)")
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

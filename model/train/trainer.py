@@ -39,7 +39,8 @@ from dsaforge.progress import Progress
 from dsaforge.tracking import NullTracker, Tracker
 
 # sft trains the DSA model as the sparse stage left it: top-k attention, all parameters, LM loss (on the assistant's
-# tokens only) + the indexer's KL on the selected set, so the indexer follows the attention as it moves.
+# tokens only) + the indexer's KL on the selected set, so the indexer follows the attention as it moves (with
+# rl.mode = "dense", dense attention and a frozen indexer instead).
 STAGE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse", "sft": "sparse"}
 
 
@@ -84,7 +85,9 @@ class Trainer:
                  tracker: Optional[Tracker] = None, doc_mask: bool = False, rows: Optional[tuple] = None):
         """rows: (train, validation) row sources with `len()` and `.batch(indices) -> Batch` in place of the
         prepared token rows under data_dir (the sft stage's rendered conversations)."""
-        self.cfg, self.stage, self.mode = cfg, stage, STAGE_MODE[stage]
+        # sft trains in the attention mode RL will sample and train in (rl.mode): dense keeps the indexer frozen
+        self.cfg, self.stage = cfg, stage
+        self.mode = ("sparse" if cfg.rl.mode == "sparse" else "dense") if stage == "sft" else STAGE_MODE[stage]
         self.scfg = getattr(cfg.train, stage)
         self.out_dir, self.ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
         self.tracker = tracker or NullTracker()
