@@ -137,6 +137,8 @@ class RLConfig(Section):
     top_k: int = Field(0, ge=0, description="0 = no top-k truncation.")
     max_new_tokens: int = Field(1024, gt=0, description="Response budget per episode (all assistant turns).")
     max_turns: int = Field(8, gt=0, description="Assistant turns per episode (tool calls + the final answer).")
+    diagnostics: bool = Field(False, description="Each step, also score one micro-batch with Keep Routing and with "
+                              "Keep Sampling Mask switched off (rl/diag/*): the stabilisers' effect on the same run.")
     eval_every: int = Field(10, gt=0, description="Held-out evaluation every this many steps (and at the end).")
     eval_prompts: int = Field(256, gt=0, description="Held-out prompts per evaluation (one episode each).")
     eval_sampled: bool = Field(False, description="Evaluate with the training sampling settings (pass@1 of the "

@@ -62,7 +62,7 @@ class GRPO:
                 with self.phase("advantage"):
                     self.advantages(episodes, rewards)
                 with self.phase("train"):
-                    stats = self.train(episodes)
+                    stats = {**self.diagnose(episodes), **self.train(episodes)}
                 with self.phase("sync"):
                     self.sync()
                 self.step += 1
@@ -140,6 +140,28 @@ class GRPO:
             out["rl/ratio_min"], out["rl/ratio_max"] = min(sums["ratio_min"]), max(sums["ratio_max"])
             out["rl/engine_trainer_logp_gap"] = out.pop("rl/logp_gap")
         out["rl/lr"] = lr
+        return out
+
+    @torch.no_grad()
+    def diagnose(self, episodes: list[EpisodeRecord]) -> dict[str, float]:
+        """rl.diagnostics: on one micro-batch, before this step's update, what each stabiliser changes - the mean
+        |trainer - engine| log-prob with and without Keep Routing, the mean importance ratio with and without Keep
+        Sampling Mask. Both sides see the same weights and episodes, so their difference is the stabiliser's."""
+        rl, st = self.rl, self.state
+        if not rl.diagnostics:
+            return {}
+        micro = episodes[:rl.micro_batch_size]
+        b = _to(collate(micro, self.pad_id, self.cfg.model.vocab_size, [0.0] * len(micro), True, True,
+                        self.cfg.model.n_activated_experts), st.device)
+        out = {}
+        st.model.eval()
+        with st.autocast_context():
+            for name, routing, keep in [("on", b.routing, b.keep), ("routing_off", None, b.keep),
+                                        ("mask_off", b.routing, None)]:
+                logp, _, mask = token_logprobs(st.model, b.tokens, b.sampled, rl.mode, routing, keep, rl.temperature)
+                diff = (logp - b.old_logp)[mask]
+                out[f"rl/diag/logp_gap/{name}"] = float(diff.abs().mean())
+                out[f"rl/diag/ratio_mean/{name}"] = float(diff.exp().mean())
         return out
 
     def sync(self) -> None:

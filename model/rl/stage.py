@@ -68,8 +68,9 @@ def run(ctx) -> dict:
         reference = build_model(cfg, init, state.device).eval().requires_grad_(False)
         reference.fused_dsa = state.model.fused_dsa
     engine = Engine(state.model, mode=rl.mode, max_batch=min(256, rl.prompts_per_step * rl.group_size),
-                    max_len=cfg.model.max_seq_len, capture_routing=rl.keep_routing,
-                    capture_kept=rl.keep_sampling_mask and (rl.top_p < 1 or rl.top_k > 0), seed=rl.seed)
+                    max_len=cfg.model.max_seq_len, capture_routing=rl.keep_routing or rl.diagnostics,
+                    capture_kept=(rl.keep_sampling_mask or rl.diagnostics) and (rl.top_p < 1 or rl.top_k > 0),
+                    seed=rl.seed)
     rollout = Rollout(engine, ChatTemplate(tokenizer, thinking=True), rl, cfg.synth.sandbox)
 
     def sync(model):

@@ -27,10 +27,11 @@ def tiny_rl_config(**overrides):
     cfg = load_config("tiny")
     cfg.train.device = "cpu"
     s = cfg.train.sft
-    s.steps, s.lr, s.batch_size, s.micro_batch_size, s.seq_len = 150, 3e-3, 16, 16, 256
+    s.steps, s.lr, s.batch_size, s.micro_batch_size, s.seq_len = 80, 3e-3, 8, 8, 208
     s.warmup_steps, s.eval_every, s.ckpt_every, s.eval_batches, s.min_lr_ratio = 10, 50, 1000, 1, 0.1
     rl = cfg.rl
-    rl.steps, rl.lr, rl.group_size, rl.prompts_per_step, rl.micro_batch_size = 8, 1e-3, 8, 16, 32
+    rl.mode = "dense"
+    rl.steps, rl.lr, rl.group_size, rl.prompts_per_step, rl.micro_batch_size = 8, 5e-4, 8, 16, 16
     rl.kl_coef, rl.temperature, rl.top_p, rl.max_new_tokens, rl.max_turns = 0.0, 1.0, 1.0, 48, 3
     rl.eval_every, rl.eval_prompts, rl.eval_sampled, rl.save_every = 1000, 1000, True, 1000
     for k, v in overrides.items():
