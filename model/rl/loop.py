@@ -102,7 +102,7 @@ class GRPO:
         """rl.updates_per_step optimizer steps over mini-batches of the episodes, each accumulated over micro-batches.
         Episodes whose group had all-equal rewards carry zero advantage and no KL if beta is 0: they are skipped."""
         rl, st, model = self.rl, self.state, self.state.model
-        live = [e for e in episodes if e.advantage != 0 or self.kl_coef(e.agent_class) > 0]
+        live = [e for e in episodes if e.response_tokens and (e.advantage != 0 or self.kl_coef(e.agent_class) > 0)]
         random.Random(f"{rl.seed}-order-{self.step}").shuffle(live)
         minis = [live[i::rl.updates_per_step] for i in range(rl.updates_per_step)]
         sums: dict[str, list] = defaultdict(list)
@@ -150,7 +150,9 @@ class GRPO:
         rl, st = self.rl, self.state
         if not rl.diagnostics:
             return {}
-        micro = episodes[:rl.micro_batch_size]
+        micro = [e for e in episodes if e.response_tokens][:rl.micro_batch_size]
+        if not micro:
+            return {}
         b = _to(collate(micro, self.pad_id, self.cfg.model.vocab_size, [0.0] * len(micro), True, True,
                         self.cfg.model.n_activated_experts), st.device)
         out = {}

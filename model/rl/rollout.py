@@ -56,13 +56,23 @@ class Rollout:
             return ep, messages, self.chat.encode(messages, ep.tools)
 
         jobs = [(g, t) for g, t in enumerate(tasks) for _ in range(group_size)]
-        for (group, task), (ep, messages, prompt) in zip(jobs, self.pool.map(lambda j: start(*j), jobs)):
-            sid = eng.submit(prompt, self.params(greedy, rl.max_new_tokens))
+        finished: dict[int, EpisodeRecord] = {}
+        too_long: list[tuple[int, object]] = []
+        for n, ((group, task), (ep, messages, prompt)) in enumerate(zip(jobs, self.pool.map(lambda j: start(*j), jobs))):
             rec = EpisodeRecord(task.task_id, task.agent_class, group, list(prompt), [False] * len(prompt),
                                 [0.0] * len(prompt), messages=list(messages))
+            if len(prompt) + 1 >= eng.max_len:      # the prompt alone fills the context: scored as it stands
+                rec.finish, sid = "context", -1 - n
+                too_long.append((sid, None))
+            else:
+                sid = eng.submit(prompt, self.params(greedy, rl.max_new_tokens))
             live[sid] = _Live(rec, ep)
             order.append(sid)
-        finished: dict[int, EpisodeRecord] = {}
+        for sid, _ in too_long:
+            live[sid].record.well_formed = False
+            finished[sid] = live[sid].record
+        for (sid, _), verdict in zip(too_long, self.pool.map(lambda st: self._score(live[st[0]], None), too_long)):
+            finished[sid].score, finished[sid].passed = float(verdict.score), bool(verdict.passed)
         while eng.busy:
             ended = eng.step()
             continuing, closing = [], []
@@ -115,7 +125,7 @@ class Rollout:
     def _score(self, lv: _Live, turn):
         ep = lv.episode
         try:
-            submission = ep.submission_from_text(turn.content) if not turn.tool_calls else None
+            submission = ep.submission_from_text(turn.content) if turn is not None and not turn.tool_calls else None
             lv.record.well_formed = lv.turn_ok and submission is not None
             return ep.submit(submission)
         finally:
