@@ -10,7 +10,15 @@ import torch
 from dsaforge.model.rl.grpo import (LossConfig, aggregate, clipped_surrogate, group_advantages, grpo_loss, k3,
                                     keep_mask_from_sets, kept_logprobs, opsm_keep, unbiased_kl)
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exact comparisons in double precision, restored afterwards (the default dtype is process-wide)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def test_group_advantage_is_mean_centred_and_optionally_std_normalised():
