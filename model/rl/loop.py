@@ -55,6 +55,7 @@ class GRPO:
         self.log(metrics)
         with Progress("grpo", total=self.rl.steps - self.step, unit="step") as bar:
             while self.step < self.rl.steps:
+                self.times = {}
                 with self.phase("generate"):
                     episodes = self.rollout(self.prompts(self.step), self.rl.group_size, greedy=False)
                 with self.phase("reward"):
