@@ -81,6 +81,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           optional=("prepare-data",), output="tasks", artifact="Dataset",
           component="dsaforge.components.synth:synthesize", cpu="8", memory="16G",
           fan_out=("dsaforge.components.synth:synthesize_shard", "dsaforge.components.synth:synthesize_merge")),
+    Stage("sft", "dsaforge.model.train.stages:sft", ("prepare-data", "sparse", "synthesize"),
+          "Supervised fine-tuning on the tasks' reference trajectories (chat template, loss on assistant tokens).",
+          component="dsaforge.components.train:sft", gpu=True, cpu="8", memory="64G", resumable=True),
+    Stage("grpo", "dsaforge.model.rl.stage:run", ("prepare-data", "sft", "synthesize"),
+          "GRPO with the four stabilisers: generate, reward, advantage, train, sync weights, evaluate.",
+          component="dsaforge.components.rl:grpo", gpu=True, cpu="8", memory="64G"),
 ]}
 
 
