@@ -216,3 +216,36 @@ def start_stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None
     tracker = MlflowTracker(uri, run.info.run_id, system_metrics_interval_s=interval)
     tracker.log_params(flatten(cfg))
     return tracker
+
+
+# --- the tracking server's database (the Helm chart's migration job and the server's start-up gate) ---
+
+def upgrade_store(db_uri: str) -> str:
+    """Bring an MLflow SQL store and its basic-auth tables to the installed MLflow's schema; returns the revision.
+    An empty database gets the tables created; an older one is migrated (back it up first)."""
+    from mlflow.server.auth.db import utils as auth_db
+    from mlflow.store.db import utils as db
+
+    engine = db.create_sqlalchemy_engine_with_retry(db_uri)
+    try:
+        if db._all_tables_exist(engine):
+            db._upgrade_db(engine)
+        else:
+            db._initialize_tables(engine)
+        auth_db.migrate(engine, "head")
+        return db._get_schema_version(engine)
+    finally:
+        engine.dispose()
+
+
+def store_schema(db_uri: str) -> tuple[Optional[str], str]:
+    """(the store's schema revision or None, the revision the installed MLflow expects)."""
+    import sqlalchemy
+    from mlflow.store.db import utils as db
+
+    engine = sqlalchemy.create_engine(db_uri)
+    try:
+        current = db._get_schema_version(engine) if db._all_tables_exist(engine) else None
+        return current, db._get_latest_schema_revision()
+    finally:
+        engine.dispose()
