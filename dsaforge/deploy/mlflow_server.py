@@ -40,9 +40,10 @@ def _need(env: Mapping[str, str], name: str) -> str:
 
 
 def database_uri(env: Mapping[str, str]) -> str:
-    """PostgreSQL URI with the user, password and database quoted (passwords may hold '@', ':' or '/')."""
+    """PostgreSQL URI with the user, password and database quoted (passwords may hold '@', ':' or '/'). The driver is
+    named: a bare postgresql:// means psycopg2 to some SQLAlchemy versions and psycopg 3 to others."""
     quote = lambda s: urllib.parse.quote(s, safe="")  # noqa: E731
-    uri = (f"postgresql://{quote(_need(env, 'DSAFORGE_DB_USER'))}:{quote(_need(env, 'DSAFORGE_DB_PASSWORD'))}"
+    uri = (f"postgresql+psycopg://{quote(_need(env, 'DSAFORGE_DB_USER'))}:{quote(_need(env, 'DSAFORGE_DB_PASSWORD'))}"
            f"@{_need(env, 'DSAFORGE_DB_HOST')}:{int(env.get('DSAFORGE_DB_PORT') or 5432)}"
            f"/{quote(_need(env, 'DSAFORGE_DB_NAME'))}")
     if env.get("DSAFORGE_DB_SSLMODE"):

@@ -15,7 +15,7 @@ ENV = {"DSAFORGE_DB_HOST": "db.ml.svc", "DSAFORGE_DB_PORT": "5432", "DSAFORGE_DB
 
 def test_database_uri_quotes_the_password():
     uri = server.database_uri({**ENV, "DSAFORGE_DB_SSLMODE": "verify-full"})
-    assert uri == "postgresql://mlflow:p%40ss%3Aw%2Frd%2541@db.ml.svc:5432/mlflow?sslmode=verify-full"
+    assert uri == "postgresql+psycopg://mlflow:p%40ss%3Aw%2Frd%2541@db.ml.svc:5432/mlflow?sslmode=verify-full"
     import sqlalchemy
 
     assert sqlalchemy.engine.make_url(uri).password == ENV["DSAFORGE_DB_PASSWORD"]
