@@ -50,6 +50,8 @@ def test_lint_strict_and_kubernetes_schemas(helm, rendered):
         chart.lint(helm, values=[values] if values else [])
         chart.validate(rendered[variant])
     assert len(rendered["default"]) > 20
+    oldest, newest = (tuple(map(int, v.split("."))) for v in chart.kube_versions())
+    assert oldest == (1, 31) and newest >= (1, 35)
 
 
 def test_validation_catches_an_unknown_field(rendered):
@@ -287,6 +289,9 @@ def test_console_off_by_default(rendered):
     (["minio.enabled=false"], "minio.enabled=false needs mlflow.artifacts.existingSecret"),
     (["mlflow.ingress.enabled=true"], "mlflow.ingress.enabled=true needs mlflow.ingress.host"),
     (["mlflow.ingress.enabled=true", "mlflow.ingress.host=m.example.com"], "needs networkPolicy.mlflowFrom"),
+    (["pipelines.stages.sft.pool=cpu"], "pipelines.stages.sft.resources is required for a CPU stage"),
+    (["gpu.shmSize=lots"], "at '/gpu/shmSize'"),
+    (["image.digest=sha256:abc"], "at '/image/digest'"),
 ])
 def test_bad_values_rejected_with_a_clear_error(helm, sets, message):
     proc = chart.template(helm, sets=sets)
