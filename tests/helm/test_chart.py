@@ -82,6 +82,12 @@ def test_security_contexts_everywhere(rendered):
         for name, kind, spec in pod_specs(docs):
             where = f"{variant}: {kind}/{name}"
             assert spec["automountServiceAccountToken"] is False, where
+            # Pod Security "restricted": no host namespaces, ports or paths; only these volume types.
+            assert not {"hostNetwork", "hostPID", "hostIPC"} & set(spec), where
+            assert {next(k for k in v if k != "name") for v in spec.get("volumes", [])} <= {
+                "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                "secret"}, where
+            assert not [p for c in containers(spec) for p in c.get("ports", []) if "hostPort" in p], where
             psc = spec["securityContext"]
             assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0, where
             sandbox = kind == "PodTemplate" and name.rsplit("-stage-", 1)[1] in SANDBOX
