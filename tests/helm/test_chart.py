@@ -157,7 +157,9 @@ def test_gpu_pool_placement(rendered):
             assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "256Gi"}, name
             assert {"name": "dshm", "mountPath": "/dev/shm"} in spec["containers"][0]["volumeMounts"]
             assert spec["containers"][0]["resources"]["requests"] == {"cpu": "96", "memory": "1536Gi"}
+            assert spec["containers"][0]["image"] == "dsaforge:0.1.0"
         else:
+            assert spec["containers"][0]["image"] == "dsaforge-cpu:0.1.0"
             assert "nvidia.com/gpu" not in limits and "tolerations" not in spec, name
             assert spec["nodeSelector"] == {"node-pool": "cpu"}, name
     cluster = yaml.safe_load(by_kind(rendered["gpu-pool"], "ConfigMap")["dsaforge-pipelines"]["data"]["cluster.yaml"])
@@ -168,8 +170,22 @@ def test_cluster_config_layer_is_a_valid_dsaforge_config(rendered, tmp_path):
     for variant, docs in rendered.items():
         path = tmp_path / f"{variant}.yaml"
         path.write_text(by_kind(docs, "ConfigMap")["dsaforge-pipelines"]["data"]["cluster.yaml"])
-        cfg = load_config("small", [str(path)])
-        assert cfg.pipeline.image == "dsaforge/dsaforge:0.1.0" and cfg.pipeline.namespace == "ml"
+        p = load_config("small", [str(path)]).pipeline
+        assert (p.image, p.cpu_image, p.namespace) == ("dsaforge:0.1.0", "dsaforge-cpu:0.1.0", "ml")
+        assert p.env["MLFLOW_TRACKING_URI"] == "http://dsaforge-mlflow.ml.svc.cluster.local:5000"
+        password = {"MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+        assert [(s.name, s.keys) for s in p.secrets][0] == (
+            "mlflow-admin" if variant == "external-services" else "dsaforge-mlflow", password)
+        assert p.host == "http://ml-pipeline.kubeflow.svc.cluster.local:8888" and p.gpu_toleration
+    gpu = load_config("small", [str(tmp_path / "gpu-pool.yaml")]).pipeline
+    assert gpu.shm_size == "256Gi" and gpu.cpu_node_selector == {"node-pool": "cpu"}
+    assert [t.key for t in gpu.tolerations] == ["dedicated"]          # nvidia.com/gpu is gpu_toleration
+    direct = chart.render(chart.install_helm(), sets=["mlflow.artifacts.proxied=false"])
+    path.write_text(by_kind(direct, "ConfigMap")["dsaforge-pipelines"]["data"]["cluster.yaml"])
+    p = load_config("small", [str(path)]).pipeline
+    assert p.secrets[1].name == "dsaforge-minio" and p.secrets[1].keys == {
+        "root-user": "AWS_ACCESS_KEY_ID", "root-password": "AWS_SECRET_ACCESS_KEY"}
+    assert p.env["MLFLOW_S3_ENDPOINT_URL"] == "http://dsaforge-minio.ml.svc.cluster.local:9000"
 
 
 def test_sandbox_profile_only_where_needed(helm, rendered):
@@ -227,22 +243,25 @@ def test_network_policies(rendered):
 
 
 def test_no_default_passwords(helm, rendered):
-    def generated(docs):
+    def secrets(docs):
         return {(n, k): base64.b64decode(v).decode() for n, s in by_kind(docs, "Secret").items()
                 for k, v in s["data"].items()}
 
-    first, second = generated(rendered["default"]), generated(chart.render(helm))
-    assert set(first) == {("dsaforge-mlflow-auth", "password"), ("dsaforge-mlflow-auth", "flask-secret-key"),
-                          ("dsaforge-postgresql", "password"), ("dsaforge-minio", "root-user"),
-                          ("dsaforge-minio", "root-password")}
-    for key, value in first.items():
-        assert len(value) >= 20 and value.isalnum() and value != second[key], key
+    first, second = secrets(rendered["default"]), secrets(chart.render(helm))
+    generated = {("dsaforge-mlflow", "MLFLOW_TRACKING_PASSWORD"), ("dsaforge-mlflow-flask", "flask-secret-key"),
+                 ("dsaforge-postgresql", "password"), ("dsaforge-minio", "root-user"),
+                 ("dsaforge-minio", "root-password")}
+    assert set(first) == generated | {("dsaforge-mlflow", "MLFLOW_TRACKING_URI"),
+                                      ("dsaforge-mlflow", "MLFLOW_TRACKING_USERNAME")}
+    for key in generated:
+        assert len(first[key]) >= 20 and first[key].isalnum() and first[key] != second[key], key
+    assert first[("dsaforge-mlflow", "MLFLOW_TRACKING_URI")] == "http://dsaforge-mlflow.ml.svc.cluster.local:5000"
     # Nothing in values or the rendered chart carries a password; external services come only from existing Secrets.
     assert not re.search(r"(?im)^\s*\w*password(?!key)\w*\s*:", (CHART / "values.yaml").read_text())
     text = chart.template(helm).stdout.lower()
     for known in ("password1234", "minioadmin", "changeme"):
         assert known not in text
-    assert not by_kind(rendered["external-services"], "Secret")
+    assert set(by_kind(rendered["external-services"], "Secret")) == {"dsaforge-mlflow-flask"}
     proc = chart.template(helm, sets=["mlflow.auth.adminPassword=hunter2"])
     assert proc.returncode != 0 and "adminPassword" in proc.stderr
 
@@ -255,7 +274,8 @@ def test_mlflow_server_wiring(rendered):
     assert env["DSAFORGE_DB_SSLMODE"]["value"] == "verify-full"
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-s3", "key": "AWS_ACCESS_KEY_ID"}
     assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "https://s3.eu-central-1.amazonaws.com"
-    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-admin"
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-admin",
+                                                                              "key": "MLFLOW_TRACKING_PASSWORD"}
     assert "mlflow.example.com" in env["DSAFORGE_MLFLOW_ALLOWED_HOSTS"]["value"].split(",")
     assert spec["initContainers"][0]["command"][-1] == "wait"
     jobs = by_kind(rendered["external-services"], "Job")
@@ -275,10 +295,17 @@ def test_pdb_only_with_two_replicas(rendered):
     assert set(by_kind(rendered["gpu-pool"], "PodDisruptionBudget")) == {"dsaforge-mlflow", "dsaforge-console"}
 
 
-def test_console_off_by_default(rendered):
+def test_console(rendered):
     assert not [d for d in rendered["default"] if d["metadata"]["name"].startswith("dsaforge-console")]
     ingress = by_kind(rendered["gpu-pool"], "Ingress")["dsaforge-console"]
     assert ingress["spec"]["rules"][0]["host"] == "dsaforge.example.com"
+    (c,) = by_kind(rendered["gpu-pool"], "Deployment")["dsaforge-console"]["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:6] == ["dsaforge", "ui", "--host", "0.0.0.0", "--port", "8765"]
+    assert c["command"][c["command"].index("--kfp-host") + 1] == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["DSAFORGE_CONSOLE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dsaforge-console", "key": "token"}
+    assert env["KFP_TOKEN_FILE"]["value"] == "/var/run/secrets/kubeflow/pipelines/token"
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "dsaforge-mlflow"
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -297,7 +324,7 @@ def test_console_off_by_default(rendered):
     (["mlflow.ingress.enabled=true", "mlflow.ingress.host=m.example.com"], "needs networkPolicy.mlflowFrom"),
     (["pipelines.stages.sft.pool=cpu"], "pipelines.stages.sft.resources is required for a CPU stage"),
     (["gpu.shmSize=lots"], "at '/gpu/shmSize'"),
-    (["image.digest=sha256:abc"], "at '/image/digest'"),
+    (["images.gpu.digest=sha256:abc"], "at '/images/gpu/digest'"),
 ])
 def test_bad_values_rejected_with_a_clear_error(helm, sets, message):
     proc = chart.template(helm, sets=sets)
@@ -361,4 +388,4 @@ def test_notes_say_how_to_reach_everything(helm):
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "port-forward svc/t-dsaforge-mlflow 5000:5000" in notes
     assert "https://dsaforge.example.com" in notes and "dsaforge submit end-to-end" in notes
-    assert "get secret t-dsaforge-mlflow-auth" in notes
+    assert "get secret dsaforge-mlflow -o jsonpath='{.data.MLFLOW_TRACKING_PASSWORD}'" in notes

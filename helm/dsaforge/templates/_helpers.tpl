@@ -48,8 +48,14 @@ dsaforge.io/mlflow-client: "true"
 {{- if .digest }}{{ printf "%s@%s" .repository .digest }}{{ else }}{{ printf "%s:%s" .repository .tag }}{{ end }}
 {{- end }}
 
+{{/* The CPU image (servers, jobs, CPU stages) and the CUDA image (GPU stages). */}}
 {{- define "dsaforge.image" -}}
-{{- $img := .Values.image }}
+{{- $img := .Values.images.cpu }}
+{{- include "dsaforge.imageRef" (dict "repository" $img.repository "digest" $img.digest "tag" (default .Chart.AppVersion $img.tag)) }}
+{{- end }}
+
+{{- define "dsaforge.gpuImage" -}}
+{{- $img := .Values.images.gpu }}
 {{- include "dsaforge.imageRef" (dict "repository" $img.repository "digest" $img.digest "tag" (default .Chart.AppVersion $img.tag)) }}
 {{- end }}
 
@@ -65,7 +71,7 @@ dsaforge.io/mlflow-client: "true"
 
 {{/* Secrets: the chart's generated one unless the user named an existing one. */}}
 {{- define "dsaforge.mlflow.authSecret" -}}
-{{- default (printf "%s-auth" (include "dsaforge.mlflow.fullname" .)) .Values.mlflow.auth.existingSecret }}
+{{- default .Values.pipelines.trackingSecret .Values.mlflow.auth.existingSecret }}
 {{- end }}
 
 {{- define "dsaforge.database.secret" -}}
@@ -149,7 +155,7 @@ The env of every MLflow client pod (stages, the console): the tracking URI and t
   valueFrom:
     secretKeyRef:
       name: {{ include "dsaforge.mlflow.authSecret" . }}
-      key: password
+      key: MLFLOW_TRACKING_PASSWORD
 {{- if not .Values.mlflow.artifacts.proxied }}
 {{ include "dsaforge.artifacts.env" . }}
 {{- end }}
@@ -274,4 +280,11 @@ httpHeaders:
 {{/* The profile of a stage: "sandbox" for stages that run untrusted code, else "restricted". */}}
 {{- define "dsaforge.stageProfile" -}}
 {{- if has .stage .root.Values.sandbox.stages }}sandbox{{ else }}restricted{{ end }}
+{{- end }}
+
+{{/* The MLflow URL users' browsers reach, for the console's links. */}}
+{{- define "dsaforge.console.mlflowUrl" -}}
+{{- if .Values.console.mlflowUrl }}{{ .Values.console.mlflowUrl }}
+{{- else if .Values.mlflow.ingress.enabled }}http{{ if .Values.mlflow.ingress.tlsSecretName }}s{{ end }}://{{ .Values.mlflow.ingress.host }}
+{{- end }}
 {{- end }}
