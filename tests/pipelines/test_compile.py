@@ -3,6 +3,7 @@
 Run: python -m pytest tests/pipelines/test_compile.py -q
 """
 import inspect
+import json
 
 import pytest
 import yaml
@@ -151,3 +152,23 @@ def test_pods_without_a_tracking_server_fail_with_one_line(monkeypatch):
         resolve_tracking_uri(cfg)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.mlflow:5000")
     assert resolve_tracking_uri(cfg) == "http://mlflow.mlflow:5000"
+
+
+def test_synthesize_fans_out_into_parallel_shards_and_a_merge(tmp_path):
+    spec, platform = _compile(tmp_path, "post-training", "synth.shards=16", "pipeline.caching=true",
+                              "pipeline.cpu_image=registry.example/dsaforge-cpu:1.2")
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    (loop_name,) = [t for t in tasks if t.startswith("for-loop")]
+    loop = tasks[loop_name]
+    assert loop["parameterIterator"]["items"]["raw"] == json.dumps(list(range(16)))
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 16
+    shard = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]["synthesize-shard"]
+    # shards use KFP's own key (their inputs); a static key would be shared by all iterations
+    assert shard["cachingOptions"] == {"enableCache": True}
+    assert "parent_run_id" not in shard["inputs"].get("parameters", {})
+    merge = tasks["synthesize-merge"]
+    assert merge["taskInfo"]["name"] == "synthesize" and merge["cachingOptions"]["cacheKey"].startswith("dsaforge-")
+    assert merge["inputs"]["artifacts"]["shards"]["taskOutputArtifact"]["producerTask"] == loop_name
+    shard_exec = spec["components"]["comp-synthesize-shard"]["executorLabel"]
+    assert spec["deploymentSpec"]["executors"][shard_exec]["container"]["image"] == "registry.example/dsaforge-cpu:1.2"
+    assert spec["deploymentSpec"]["executors"][shard_exec]["container"]["resources"]["resourceCpuRequest"] == "8"
