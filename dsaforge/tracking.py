@@ -540,3 +540,36 @@ def register_final_model(uri: str, parent_run_id: str, name: str, order: list[st
     # the SQL registry keeps the link only as the models:/ source; tag both ways so either end finds the other
     client.set_logged_model_tags(final.model_id, {"dsaforge.registered_as": f"{name}/{version.version}"})
     return version
+
+
+# --- the tracking server's database (the Helm chart's migration job and the server's start-up gate) ---
+
+def upgrade_store(db_uri: str) -> str:
+    """Bring an MLflow SQL store and its basic-auth tables to the installed MLflow's schema; returns the revision.
+    An empty database gets the tables created; an older one is migrated (back it up first)."""
+    from mlflow.server.auth.db import utils as auth_db
+    from mlflow.store.db import utils as db
+
+    engine = db.create_sqlalchemy_engine_with_retry(db_uri)
+    try:
+        if db._all_tables_exist(engine):
+            db._upgrade_db(engine)
+        else:
+            db._initialize_tables(engine)
+        auth_db.migrate(engine, "head")
+        return db._get_schema_version(engine)
+    finally:
+        engine.dispose()
+
+
+def store_schema(db_uri: str) -> tuple[Optional[str], str]:
+    """(the store's schema revision or None, the revision the installed MLflow expects)."""
+    import sqlalchemy
+    from mlflow.store.db import utils as db
+
+    engine = sqlalchemy.create_engine(db_uri)
+    try:
+        current = db._get_schema_version(engine) if db._all_tables_exist(engine) else None
+        return current, db._get_latest_schema_revision()
+    finally:
+        engine.dispose()
