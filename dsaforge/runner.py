@@ -10,6 +10,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from dsaforge.config import Config, to_yaml
 from dsaforge.tracking import resolve_tracking_uri, start_pipeline_run
@@ -48,16 +49,21 @@ def _latest_run_dir(root: Path, name: str, before: set[Path]) -> Path:
     return max(dirs, key=lambda p: p.stat().st_mtime)
 
 
-def run_local(name: str, cfg: Config) -> PipelineResult:
+def run_local(name: str, cfg: Config, run_id: Optional[str] = None, kfp_root: Optional[Path] = None) -> PipelineResult:
+    """Run a pipeline on KFP's local runner in this process (it is process-global and blocking: one at a time).
+
+    `run_id` and `kfp_root` let a launcher (the console's worker) choose the pipeline run id and give the run a
+    pipeline root of its own, so concurrent runs never share an output folder.
+    """
     from kfp import local
 
     from dsaforge.pipelines import get_pipeline
 
     module = get_pipeline(name)
     home = Path(cfg.pipeline.home).resolve()
-    kfp_root = home / "kfp"
+    kfp_root = Path(kfp_root).resolve() if kfp_root else home / "kfp"
     kfp_root.mkdir(parents=True, exist_ok=True)
-    run_id = uuid.uuid4().hex
+    run_id = run_id or uuid.uuid4().hex
     record = home / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{run_id[:8]}"
     record.mkdir(parents=True)
     (record / "config.yaml").write_text(to_yaml(cfg))
