@@ -22,12 +22,19 @@ def create_app(settings: Settings):
     return _create(settings)
 
 
+def require_token(settings: Settings) -> bool:
+    """Bound beyond this machine without a token: make one, so the console is never open to the network.
+    Returns whether a token was generated."""
+    if settings.token or is_loopback(settings.host):
+        return False
+    settings.token = secrets.token_urlsafe(24)
+    return True
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    if not settings.token and not is_loopback(settings.host):
-        # Bound beyond this machine without a token: make one, so the console is never open to the network.
-        settings.token = secrets.token_urlsafe(24)
+    if require_token(settings):
         print(f"dsaforge ui: bound to {settings.host}, so every request needs a token; this run's token: "
               f"{settings.token}", file=sys.stderr, flush=True)
     app = create_app(settings)
