@@ -60,10 +60,14 @@ def stage_tasks(graph: Graph) -> list[str]:
 
 
 def _metadata(executor_output: dict) -> dict:
+    """The numbers a reader checks first, from the output artifacts' metadata (per-layer detail stays in MLflow)."""
     meta = {}
     for output in executor_output.get("artifacts", {}).values():
         for artifact in output.get("artifacts", []):
-            meta.update({k: v for k, v in artifact.get("metadata", {}).items() if isinstance(v, (int, float, str))})
+            for key, value in artifact.get("metadata", {}).items():
+                if key in ("mlflow_run_id", "stage", "mode") or "layer" in key or not isinstance(value, (int, float)):
+                    continue
+                meta[key] = float(f"{value:.4g}") if isinstance(value, float) else value
     return meta
 
 
