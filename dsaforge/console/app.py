@@ -36,7 +36,7 @@ from dsaforge.console.core import Console, Settings, age, when
 from dsaforge.console.graph import pipeline_graph, to_svg
 from dsaforge.console.security import (CSRF_COOKIE, SESSION_COOKIE, Forbidden, Guard, csrf_token, read_form)
 from dsaforge.console.status import stage_tasks
-from dsaforge.console.store import ACTIVE, FAILED, INTERRUPTED, CANCELLED, Run
+from dsaforge.console.store import FAILED, Run
 
 STATIC = Path(__file__).parent / "static"
 _env = Environment(loader=PackageLoader("dsaforge.console", "templates"), autoescape=select_autoescape(["html"]))
@@ -189,7 +189,7 @@ def _run_row(console: Console, run: Run, status=None) -> dict:
     row = {"id": run.id, "pipeline": run.pipeline, "backend": run.backend, "preset": run.preset,
            "status": run.status, "created": run.created, "started": run.started, "finished": run.finished,
            "seconds": run.seconds, "error": run.error, "note": run.note, "remote_url": run.remote_url,
-           "resubmit_of": run.resubmit_of, "resume_of": run.resume_of}
+           "resubmit_of": run.resubmit_of}
     if status is not None:
         row.update(progress=status.progress, mlflow_run_id=status.parent_run_id,
                    mlflow_experiment_id=status.experiment_id, tracking_error=status.error,
@@ -223,7 +223,7 @@ async def run_page(request: Request) -> Response:
     graph = pipeline_graph(run.pipeline)
     return _page(request, "run.html", run=run, status=status, artifacts=artifacts,
                  svg=to_svg(graph, status.states()), log=console.log_tail(run),
-                 can_resume=run.status in (FAILED, INTERRUPTED, CANCELLED),
+                 can_resume=run.status == FAILED and run.backend == "local",
                  mlflow_url=console.mlflow_run_url(status.experiment_id, status.parent_run_id)
                  if status.parent_run_id else None)
 

@@ -15,7 +15,7 @@ from dsaforge.config import Config, ConfigError, validate
 from dsaforge.console.graph import pipeline_graph
 from dsaforge.console.local import LocalBackend
 from dsaforge.console.status import RunStatus, run_status
-from dsaforge.console.store import ACTIVE, FAILED, INTERRUPTED, CANCELLED, Run, Store
+from dsaforge.console.store import FAILED, Run, Store
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Console:
         if settings.kfp_host:
             from dsaforge.console.remote import RemoteBackend
 
-            self.backends["kfp"] = RemoteBackend(self.store, settings.kfp_host)
+            self.backends["kfp"] = RemoteBackend(self.store, settings.kfp_host, poll_s=max(settings.poll_s, 5.0))
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -61,8 +61,9 @@ class Console:
 
         # Create the store before any worker does: two fresh runs racing on its schema migration break it.
         ensure_store(self.tracking_uri, str(self.home), "dsaforge")
-        for run in self.backends["local"].recover():
-            self._kill_tracking(run, "the console stopped while this run was running")
+        for backend in self.backends.values():
+            for run in backend.recover():
+                self._kill_tracking(run, "the console stopped while this run was running")
         self._thread = threading.Thread(target=self._loop, name="dsaforge-console-queue", daemon=True)
         self._thread.start()
 
@@ -116,10 +117,15 @@ class Console:
         return self.submit(run.pipeline, cfg, run.backend, resubmit_of=run.id)
 
     def resume(self, run: Run) -> Run:
-        """Run a failed run again from its failed step: earlier steps' outputs are reused, not recomputed."""
-        if run.status not in (FAILED, INTERRUPTED, CANCELLED):
-            raise ConfigError(f"run {run.id[:8]} is {run.status}; only failed, interrupted or cancelled runs resume")
-        return self.backends[run.backend].resume(run, self)
+        """Run a failed run again from its failed step, as the same run: the steps that finished are reused (their
+        outputs, not recomputed) and MLflow's parent run continues (`dsaforge run --resume`)."""
+        if run.status != FAILED:
+            raise ConfigError(f"run {run.id[:8]} is {run.status}; only a failed run resumes (its record says which "
+                              "steps finished); re-submit the others")
+        if run.backend not in self.backends:
+            raise ConfigError(f"backend {run.backend!r} of run {run.id[:8]} is not configured in this console")
+        self.backends[run.backend].resume(run)
+        return self.store.get(run.id)
 
     def _kill_tracking(self, run: Run, reason: str) -> None:
         from dsaforge import tracking
@@ -135,7 +141,8 @@ class Console:
     def status(self, run: Run) -> RunStatus:
         backend = self.backends.get(run.backend)
         outputs = backend.executor_outputs(run) if backend else {}
-        return run_status(run, pipeline_graph(run.pipeline), self.tracking_uri, outputs)
+        tasks = backend.task_states(run) if backend and hasattr(backend, "task_states") else None
+        return run_status(run, pipeline_graph(run.pipeline), self.tracking_uri, outputs, tasks)
 
     def log_tail(self, run: Run, lines: int = 80) -> str:
         backend = self.backends.get(run.backend)

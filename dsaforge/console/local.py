@@ -18,6 +18,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from dsaforge.config import ConfigError
 from dsaforge.console.store import CANCELLED, FAILED, INTERRUPTED, QUEUED, RUNNING, Run, Store
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")       # KFP's local runner colours its log lines
@@ -113,6 +114,16 @@ class LocalBackend:
             pass
         if proc:
             proc.wait(10)
+
+    def resume(self, run: Run) -> None:
+        """Queue a failed run again; its worker resumes it from the failed step (`run_local(resume=...)`)."""
+        job_path = self.run_dir(run.id) / "job.json"
+        job = json.loads(job_path.read_text())
+        job["resume"] = True
+        job_path.write_text(json.dumps(job, indent=2))
+        if not self.store.update(run.id, only_if=(FAILED,), status=QUEUED, finished=None, error=None, pid=None,
+                                 note=f"resumed from the failed step; it had failed with: {run.error}"[:2000]):
+            raise ConfigError(f"run {run.id[:8]} is no longer {run.status}; reload the page")
 
     def recover(self) -> list[Run]:
         """After a console restart: adopt live workers, mark runs whose worker is gone as interrupted."""

@@ -71,7 +71,9 @@ def _metadata(executor_output: dict) -> dict:
     return meta
 
 
-def run_status(run: Run, graph: Graph, uri: str, executor_outputs: dict[str, dict]) -> RunStatus:
+def run_status(run: Run, graph: Graph, uri: str, executor_outputs: dict[str, dict],
+               task_states: Optional[dict[str, str]] = None) -> RunStatus:
+    """`executor_outputs`: local tasks that finished, by name; `task_states`: a cluster's own word on each task."""
     from dsaforge import tracking
 
     pipeline_run_id = run.remote_id if run.backend != "local" and run.remote_id else run.id
@@ -90,6 +92,8 @@ def run_status(run: Run, graph: Graph, uri: str, executor_outputs: dict[str, dic
             step.state, step.mlflow_run_id = _MLFLOW.get(child.status, PENDING), child.run_id
             step.start, step.end = child.start, child.end if child.status != "RUNNING" else None
             step.error = child.tags.get("dsaforge.error", "")
+        if step.state == PENDING and task_states and name in task_states:
+            step.state = task_states[name]
         if name in executor_outputs:
             step.state = SUCCEEDED
             step.highlights = _metadata(executor_outputs[name])

@@ -36,8 +36,7 @@ CREATE TABLE IF NOT EXISTS runs (
     mlflow_run_id TEXT,
     error TEXT,
     note TEXT,                      -- what the console did to the run (cancelled, found interrupted, ...)
-    resubmit_of TEXT,
-    resume_of TEXT
+    resubmit_of TEXT                -- the run this one re-submitted with edits
 );
 """
 
@@ -60,7 +59,6 @@ class Run:
     error: Optional[str] = None
     note: Optional[str] = None
     resubmit_of: Optional[str] = None
-    resume_of: Optional[str] = None
     config: dict = field(default_factory=dict, repr=False)
 
     @property
