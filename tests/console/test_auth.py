@@ -90,3 +90,12 @@ def test_a_token_link_signs_in_and_drops_the_token_from_the_url(guarded):
     assert s.get(guarded.url + "/submit?preset=small", timeout=60).status_code == 200
     r = requests.get(guarded.url + "/runs?token=wrong", allow_redirects=False, timeout=30)
     assert r.headers["location"].startswith("/login")
+
+
+def test_cli_refuses_bad_ui_options(tmp_path):
+    from dsaforge.cli import main
+
+    assert main(["ui", "--token-file", str(tmp_path / "missing")]) == 2
+    (tmp_path / "empty").write_text("\n")
+    assert main(["ui", "--token-file", str(tmp_path / "empty")]) == 2
+    assert main(["ui", "--max-parallel", "0"]) == 2
