@@ -152,7 +152,9 @@ class LocalBackend:
     def executor_outputs(self, run: Run) -> dict[str, dict]:
         """Each finished task's executor output (KFP writes it when a task succeeds), by task name."""
         out = {}
-        for path in sorted(self.run_dir(run.id).glob(f"kfp/{run.pipeline}-*/*/executor_output.json")):
+        # one pipeline root per attempt (a resumed run has several); the newest attempt's word on a task wins
+        paths = self.run_dir(run.id).glob(f"kfp/*/{run.pipeline}-*/*/executor_output.json")
+        for path in sorted(paths, key=lambda p: p.stat().st_mtime):
             try:
                 out[path.parent.name] = json.loads(path.read_text())
             except (OSError, ValueError):

@@ -159,7 +159,7 @@ def test_failed_run_shows_the_failed_step_and_can_be_resubmitted_and_compared(se
     assert "DataError: input not found" in run["log_tail"] and "\x1b[" not in run["log_tail"]
     assert run["config"]["pipeline"]["home"] == str(served.console.home)
     # its own pipeline root, under the console's run folder
-    assert list((served.console.home / "console" / "runs" / run_id / "kfp").glob("end-to-end-*/prepare-data"))
+    assert list((served.console.home / "console" / "runs" / run_id / "kfp").glob("*/end-to-end-*/prepare-data"))
     # the MLflow parent run is linked and FAILED
     page = s.get(f"{served.url}/runs/{run_id}", timeout=60).text
     assert f'href="http://127.0.0.1:5000/#/experiments/{run["mlflow_experiment_id"]}/runs/{run["mlflow_run_id"]}"' in page
