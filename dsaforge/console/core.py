@@ -28,7 +28,8 @@ class Settings:
     mlflow_url: Optional[str] = None            # MLflow's UI; default: the tracking server, else 127.0.0.1:5000
     max_parallel: int = 1                       # local runs at once (each is a whole pipeline)
     kfp_host: Optional[str] = None              # a Kubeflow Pipelines API: enables the remote backend
-    poll_s: float = 1.0
+    poll_s: float = 1.0                         # how often the queue starts runs and notices finished workers
+    remote_poll_s: float = 5.0                  # how often running cluster runs are asked for their state
 
 
 class Console:
@@ -50,7 +51,7 @@ class Console:
         if settings.kfp_host:
             from dsaforge.console.remote import RemoteBackend
 
-            self.backends["kfp"] = RemoteBackend(self.store, settings.kfp_host, poll_s=max(settings.poll_s, 5.0))
+            self.backends["kfp"] = RemoteBackend(self.store, settings.kfp_host, poll_s=settings.remote_poll_s)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -97,6 +98,7 @@ class Console:
         if backend not in self.backends:
             raise ConfigError(f"backend {backend!r} is not configured; available: {', '.join(self.backends)}")
         cfg = self.prepare(cfg)
+        self.backends[backend].check(cfg)                  # refused before it is queued, so the form shows why
         run = self.store.add(pipeline, backend, cfg.preset, cfg.model_dump(), **links)
         self.backends[backend].submit(run)
         return run

@@ -119,7 +119,7 @@ def pipeline_graph(name: str) -> Graph:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = compile_pipeline(name, preset("tiny"), Path(tmp) / f"{name}.yaml")
-        return from_ir(yaml.safe_load(path.read_text()))
+        return from_ir(next(yaml.safe_load_all(path.read_text())))      # then the platform (Kubernetes) spec
 
 
 _W, _H, _GX, _GY = 120, 34, 40, 16

@@ -51,6 +51,9 @@ class LocalBackend:
         # run ids are the store's own uuid hex strings, never text from a request
         return self.runs_dir / run_id
 
+    def check(self, cfg) -> None:
+        pass                                        # a local run needs nothing the validated config lacks
+
     def submit(self, run: Run) -> None:
         d = self.run_dir(run.id)
         d.mkdir(parents=True)

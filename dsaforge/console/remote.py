@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from dsaforge.config import ConfigError, validate
+from dsaforge.config import Config, ConfigError, validate
 from dsaforge.console.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Run, Store
 
 _FINAL = {"SUCCEEDED": SUCCEEDED, "FAILED": FAILED, "CANCELED": CANCELLED, "CANCELLED": CANCELLED,
@@ -31,12 +31,14 @@ class RemoteBackend:
         self._last_poll = 0.0
         self._tasks: dict[str, dict[str, str]] = {}      # run id -> KFP task display name -> state
 
-    def submit(self, run: Run) -> None:
+    def check(self, cfg: Config) -> None:
+        """What a cluster run needs that a laptop run does not (a tracking server every pod reaches)."""
         from dsaforge import cluster
 
-        # What a cluster run needs that a laptop run does not (a tracking server every pod reaches), checked at
-        # submission so the form shows it, not a failed run later.
-        cluster.check_submittable(validate(run.config, where="submitted config"))
+        cluster.check_submittable(cfg)
+
+    def submit(self, run: Run) -> None:
+        pass                                        # tick() submits it, so a slow cluster never blocks the form
 
     def tick(self) -> None:
         from dsaforge import cluster

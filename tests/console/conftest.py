@@ -1,14 +1,19 @@
 """A console served on 127.0.0.1 from a thread of the test process; runs still execute in worker processes."""
+import contextlib
 import html
+import os
 import re
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import requests
 import uvicorn
 
 from dsaforge.console import Settings, create_app
-from tests.helpers import free_port, wait_http
+from tests.helpers import free_port, stop, wait_http
 
 
 class Served:
@@ -60,3 +65,20 @@ def monkeypatch_module():
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield mp
     mp.undo()
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path):
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store under `root`; yields its URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=root, env=env, stdout=open(root / "mlflow.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)

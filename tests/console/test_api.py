@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from dsaforge import tracking
+from dsaforge.pipelines import PIPELINES
 from tests.console.conftest import csrf_of, error_line
 
 
@@ -57,8 +58,10 @@ def test_pages_render_with_security_headers(served):
 
 
 def test_pipelines_page_shows_the_stage_graph(served):
-    html = requests.get(served.url + "/pipelines", timeout=60).text
-    assert "end-to-end" in html and "DeepSeek-V3.2 recipe end to end" in html
+    page = requests.get(served.url + "/pipelines", timeout=60).text
+    assert all(f'id="pipeline-{name}"' in page for name in PIPELINES)
+    html = page.split('id="pipeline-end-to-end"')[1].split("</section>")[0]
+    assert "DeepSeek-V3.2 recipe end to end" in html
     for task in ("open-run", "prepare-data", "pretrain", "warmup", "sparse", "synthesize", "close-run"):
         assert f'data-task="{task}"' in html
     assert html.count('class="edge"') == 7            # the chain, with open-run's edge to every task reduced away
@@ -84,7 +87,7 @@ def test_submit_form_is_generated_from_the_schema(served):
     ({"pipeline.home": "/etc"}, "pipeline.home: set by the console, not by a submitted form"),
     ({"tracking.uri": "sqlite:////tmp/elsewhere.db"}, "tracking.uri: set by the console, not by a submitted form"),
     ({"preset": "huge"}, "unknown preset 'huge'; available: tiny, small, v32, base"),
-    ({"pipeline_name": "nope"}, "unknown pipeline 'nope'; available: end-to-end"),
+    ({"pipeline_name": "nope"}, f"unknown pipeline 'nope'; available: {', '.join(PIPELINES)}"),
 ])
 def test_bad_config_is_one_line_naming_the_field(served, fields, message):
     s = served.session()

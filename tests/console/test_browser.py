@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.console.conftest import mlflow_server
 from tests.helpers import free_port, stop, wait_http
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -42,24 +43,17 @@ def shots():
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    mlflow_port, ui_port = free_port(), free_port()
-    mlflow = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                               f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-                               "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-                              cwd=root, env=env, stdout=open(root / "mlflow.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
-    ui = subprocess.Popen([sys.executable, "-m", "dsaforge", "ui", "--home", str(root / ".dsaforge"),
-                           "--port", str(ui_port)], cwd=root, env=env, stdout=open(root / "ui.log", "w"),
-                          stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120)
-        wait_http(f"http://127.0.0.1:{ui_port}/healthz", 120)
-        yield f"http://127.0.0.1:{ui_port}", f"http://127.0.0.1:{mlflow_port}", root
-    finally:
-        stop(ui)
-        stop(mlflow)
+    with mlflow_server(root) as mlflow:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow}
+        port = free_port()
+        ui = subprocess.Popen([sys.executable, "-m", "dsaforge", "ui", "--home", str(root / ".dsaforge"),
+                               "--port", str(port)], cwd=root, env=env, stdout=open(root / "ui.log", "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/healthz", 120)
+            yield f"http://127.0.0.1:{port}", mlflow, root
+        finally:
+            stop(ui)
 
 
 def test_submit_follow_and_open_in_mlflow(servers, shots):
