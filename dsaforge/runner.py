@@ -80,7 +80,13 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
     else:
         parent = start_pipeline_run(cfg, name, run_id, pipeline_run_url=record.as_uri())
     parent.log_artifact(record / "config.yaml")
-    pipeline = module.build(cfg, reuse)
+    # Retries are for a cluster's transient failures (preemption, eviction); on this machine a failed step would
+    # only fail again, and open one more MLflow run each time.
+    local_cfg = cfg.model_copy(deep=True)
+    local_cfg.pipeline.retries = 0
+    for r in local_cfg.pipeline.resources.values():
+        r.retries = 0
+    pipeline = module.build(local_cfg, reuse)
 
     # The local orchestrator deletes workspace_root after every run, so it gets a fresh temporary directory.
     workspace = Path(tempfile.mkdtemp(prefix="dsaforge-ws-"))
