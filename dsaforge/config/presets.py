@@ -22,8 +22,11 @@ def v32() -> Config:
     cfg.preset = "v32"
     cfg.model.n_mtp_layers = 1
     cfg.data.seq_len = 131072
+    # 1024 GPUs: data-parallel size 16, so the paper's warm-up batch (16 sequences) is one sequence per replica
+    # and its sparse batch (480) is 30; the pretraining batch follows the same multiple.
     cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.pp = 8, 64, 8
-    cfg.parallel.nproc_per_node, cfg.parallel.nnodes = 8, 256
+    cfg.parallel.nproc_per_node, cfg.parallel.nnodes = 8, 128
+    cfg.train.pretrain.batch_size = 16
     cfg.pipeline.gpus_per_stage = 8
     return cfg
 

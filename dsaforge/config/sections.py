@@ -183,6 +183,10 @@ class SynthConfig(Section):
     targets: dict[Literal["general", "code", "search", "code_interpreter"], tuple[int, int]] = Field(
         default_factory=dict, description="Per-class (tasks, environments) overriding tasks_per_class/envs_per_class.")
     corpus_documents: int = Field(1500, gt=0, description="Documents in the search agent's offline corpus.")
+    shards: int = Field(1, ge=1, le=4096, description="Split synthesis into this many shards, run as parallel "
+                        "pipeline tasks (dsl.ParallelFor) and merged; each shard uses `workers` processes.")
+    shard_overbuild: float = Field(1.0, ge=0, description="Shards also build this fraction more environments "
+                                   "than the first round, for the top-up rounds, so the merge builds few itself.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
     @model_validator(mode="after")
@@ -204,18 +208,79 @@ class TrackingConfig(Section):
     experiment: str = "dsaforge"
     system_metrics: bool = True
     system_metrics_interval_s: float = Field(10.0, gt=0)
-    connect_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0, description="Timeout of one request to a tracking server.")
+    retries: int = Field(3, ge=0, description="Retries of a failed tracking request (exponential backoff); with the "
+                         "defaults a call to a dead server gives up within about a minute.")
+    backoff_s: float = Field(2.0, ge=0, description="Backoff factor between retries: waits of 0, 2b, 4b, ... seconds.")
+    model_max_mb: float = Field(2048.0, ge=0, description="A model stage's LoggedModel holds its HF export's files "
+                                "when they are smaller than this; above, a reference to the checkpoint's URI.")
+    register_as: Optional[str] = Field(None, description="Register the pipeline's final model as a version of this "
+                                       "MLflow registered model when the pipeline succeeds.")
+
+
+class SecretEnv(Section):
+    """A Kubernetes Secret whose keys become environment variables in every task's pod."""
+    name: str = Field(min_length=1)
+    keys: dict[str, str] = Field(description="Secret key -> environment variable name.")
+    optional: bool = Field(False, description="Start the pod even when the Secret or a key is missing.")
+
+
+class Toleration(Section):
+    key: str
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: Optional[str] = None
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = "NoSchedule"
+
+
+class TaskResources(Section):
+    """Per-stage overrides of the placement the stage registry gives (dsaforge.stages.STAGES)."""
+    cpu: Optional[str] = Field(None, description="CPU request, e.g. '8' or '500m'.")
+    memory: Optional[str] = Field(None, description="Memory request, e.g. '64G'.")
+    gpus: Optional[int] = Field(None, ge=0, description="Accelerators per task (per node for a TrainJob).")
+    timeout_s: Optional[int] = Field(None, ge=0, description="Kill the pod after this long (0: no limit).")
+    retries: Optional[int] = Field(None, ge=0)
+
+
+def _default_secrets() -> list[SecretEnv]:
+    # The conventions the Helm chart and docs/deployment.md use; optional so a cluster may provide either.
+    return [SecretEnv(name="dsaforge-mlflow", optional=True, keys={
+                "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN"}),
+            SecretEnv(name="dsaforge-storage", optional=True, keys={
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+                "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"})]
 
 
 class PipelineConfig(Section):
     home: str = Field(".dsaforge", description="Local state: MLflow store, KFP outputs, run records.")
-    image: str = Field("dsaforge:0.1.0", description="Container image for cluster runs.")
+    image: str = Field("dsaforge:0.1.0", description="Container image of GPU tasks on a cluster (the CUDA image).")
+    cpu_image: str = Field("dsaforge-cpu:0.1.0", description="Container image of CPU-only tasks on a cluster.")
+    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
+    image_pull_secrets: list[str] = Field(default_factory=list)
     namespace: str = "kubeflow"
     gpu_type: str = Field("nvidia.com/gpu", description="Accelerator resource name on the cluster.")
-    gpus_per_stage: int = Field(0, ge=0)
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    gpu_toleration: bool = True
-    caching: bool = False
+    gpus_per_stage: int = Field(0, ge=0, description="Accelerators per GPU task (per node for multi-node stages).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels GPU tasks require, e.g. "
+                                          "{'nvidia.com/gpu.product': 'NVIDIA-H200'}.")
+    cpu_node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels CPU tasks require.")
+    gpu_toleration: bool = Field(True, description="GPU tasks tolerate the `<gpu_type>` NoSchedule taint.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="More tolerations for GPU tasks.")
+    workspace_pvc: Optional[str] = Field(None, description="An existing PersistentVolumeClaim mounted in every task "
+                                         "at workspace_mount; training checkpoints go there (survive retries).")
+    workspace_mount: str = "/workspace"
+    shm_size: Optional[str] = Field(None, description="Size limit of the memory-backed /dev/shm of GPU tasks.")
+    secrets: list[SecretEnv] = Field(default_factory=_default_secrets,
+                                     description="Secrets exposed as env in every task (MLflow, object storage).")
+    env: dict[str, str] = Field(default_factory=dict, description="Plain environment variables for every task.")
+    retries: int = Field(2, ge=0, description="Retries of a failed task (transient failures: preemption, eviction).")
+    retry_backoff_s: int = Field(60, ge=0, description="First retry delay; doubles up to an hour.")
+    timeout_s: int = Field(0, ge=0, description="Default task timeout (0: none).")
+    resources: dict[str, TaskResources] = Field(default_factory=dict, description="Per-stage placement overrides.")
+    caching: bool = Field(False, description="Reuse a task's outputs when its stage, config and inputs are unchanged.")
+    host: Optional[str] = Field(None, description="Kubeflow Pipelines API URL for `dsaforge submit` ($KFP_HOST).")
+    kfp_experiment: str = Field("dsaforge", description="KFP experiment that submitted runs go to.")
+    trainer_runtime: str = Field("torch-distributed", description="Kubeflow Trainer ClusterTrainingRuntime of "
+                                 "multi-node stages.")
 
 
 class Config(Section):
@@ -229,3 +294,21 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> "Config":
+        """What the trainer would otherwise find only after building the model and reading the data."""
+        # data.seq_len is not checked against max_seq_len: it is the packing row length, and each stage re-cuts
+        # the token stream to its own seq_len.
+        dp = max(1, self.parallel.world_size // (self.parallel.tp * self.parallel.pp))
+        problems = []
+        for name in ("pretrain", "warmup", "sparse"):
+            s = getattr(self.train, name)
+            if s.batch_size % (s.micro_batch_size * dp):
+                problems.append(f"train.{name}.batch_size {s.batch_size} is not a multiple of micro_batch_size "
+                                f"{s.micro_batch_size}" + (f" x data-parallel size {dp}" if dp > 1 else ""))
+            if s.seq_len > self.model.max_seq_len:
+                problems.append(f"train.{name}.seq_len {s.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

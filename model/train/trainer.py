@@ -35,6 +35,7 @@ from dsaforge.model.train import seam
 from dsaforge.model.train.data import IGNORE, Batch, StepSampler, TokenRows, micro_batches, unigram_entropy
 from dsaforge.model.train.metrics import indexer_recall, memory_gib, peak_flops, topk_recall
 from dsaforge.model.train.state import TrainState, export, resolve_device  # noqa: F401  (export: re-exported)
+from dsaforge.outputs import write_atomic
 from dsaforge.progress import Progress
 from dsaforge.tracking import NullTracker, Tracker
 
@@ -316,6 +317,9 @@ class Trainer:
         s = self.scfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume():
+            # No checkpoint: whatever metrics.jsonl holds belongs to a run that died before its first one.
+            if self.is_main:
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
             start = self.evaluate()
             if self.mode == "sparse":                   # the dense model this stage must stay close to
                 start.update(self.evaluate(mode="dense", prefix="val_dense"))
@@ -355,7 +359,7 @@ class Trainer:
             summary["unigram_entropy"] = unigram_entropy(self.val_rows)
         self.state.export(self.out_dir / "hf", summary)
         if self.is_main:
-            (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+            write_atomic(self.out_dir / "metrics.json", json.dumps(summary, indent=2, default=str))
         return summary
 
     def close(self) -> None:
