@@ -135,8 +135,9 @@ class RLConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = no top-k truncation.")
-    max_new_tokens: int = Field(1024, gt=0, description="Response budget per episode (all assistant turns).")
-    max_turns: int = Field(8, gt=0, description="Assistant turns per episode (tool calls + the final answer).")
+    max_new_tokens: int = Field(1024, gt=0, description="Tokens per assistant segment (and the length penalty's "
+                                "budget).")
+    max_turns: int = Field(8, gt=0, description="Segments that call tools, per episode.")
     diagnostics: bool = Field(False, description="Each step, also score one micro-batch with Keep Routing and with "
                               "Keep Sampling Mask switched off (rl/diag/*): the stabilisers' effect on the same run.")
     eval_every: int = Field(10, gt=0, description="Held-out evaluation every this many steps (and at the end).")

@@ -61,6 +61,10 @@ class ConversationRows:
 
     def __init__(self, examples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int):
         self.seq_len = seq_len
+        # a conversation whose assistant tokens all lie beyond seq_len would be a row with nothing to score
+        kept = [(ids, sampled) for ids, sampled in examples if any(sampled[1:seq_len + 1])]
+        self.dropped = len(examples) - len(kept)
+        examples = kept
         n = len(examples)
         self.ids = np.full((n, seq_len + 1), pad_id, dtype=np.int64)
         self.scored = np.zeros((n, seq_len + 1), dtype=bool)
@@ -104,11 +108,18 @@ def conversation_rows(cfg, inputs: dict[str, Path]) -> tuple[ConversationRows, C
             split.setdefault(t["split"], []).append(render_tokens(chat, t["messages"], t["tools"]))
     if not split["train"]:
         raise ConfigError(f"sft: {inputs['synthesize']} holds no passing train-split reference trajectory")
-    val = split["heldout"] or split["train"][-max(1, len(split["train"]) // 20):]
     seq_len, pad = cfg.train.sft.seq_len, tokenizer.token_to_id(PAD)
-    train_rows, val_rows = ConversationRows(split["train"], seq_len, pad), ConversationRows(val, seq_len, pad)
+    train_rows = ConversationRows(split["train"], seq_len, pad)
+    if not len(train_rows):
+        raise ConfigError(f"sft: every train conversation's prompt is longer than train.sft.seq_len={seq_len} "
+                          "tokens (no assistant token to score); raise it")
+    val_rows = ConversationRows(split["heldout"], seq_len, pad)
+    if not len(val_rows):
+        val = split["train"][-max(1, len(split["train"]) // 20):]
+        val_rows = ConversationRows(val, seq_len, pad)
     lengths = [len(ids) for ids, _ in split["train"]]
     stats = {"sft_conversations": len(train_rows), "sft_val_conversations": len(val_rows),
              "sft_assistant_tokens": train_rows.assistant_tokens, "sft_truncated": train_rows.truncated,
+             "sft_dropped_too_long": train_rows.dropped,
              "sft_mean_tokens": float(np.mean(lengths))}
     return train_rows, val_rows, stats

@@ -168,3 +168,22 @@ def test_keep_sampling_mask_renormalises_over_the_kept_set():
     assert full.item() == pytest.approx(torch.log_softmax(logits, -1)[0, 1].item())
     sets = keep_mask_from_sets(torch.tensor([0, 1, 3]), torch.tensor([0, 2, 3, 3]), 4)
     assert sets.tolist() == [[True, True, False, False], [False, False, False, True], [True] * 4]
+
+
+@pytest.mark.parametrize("how", ["sequence", "token", "dr_grpo"])
+def test_micro_batches_add_up_to_the_batch(how):
+    g = torch.Generator().manual_seed(3)
+    logp = (-torch.rand(6, 5, generator=g)).requires_grad_(True)
+    old, ref = -torch.rand(6, 5, generator=g), -torch.rand(6, 5, generator=g)
+    adv, beta = torch.randn(6, generator=g), torch.rand(6, generator=g)
+    mask = torch.rand(6, 5, generator=g) > 0.3
+    mask[:, 0] = True
+    cfg = LossConfig(aggregation=how, max_len=5)
+    grpo_loss(logp, old, adv, mask, cfg, ref, beta)[0].backward()
+    whole = logp.grad.clone()
+    logp.grad = None
+    for rows in (slice(0, 2), slice(2, 6)):
+        loss, _ = grpo_loss(logp[rows], old[rows], adv[rows], mask[rows], cfg, ref[rows], beta[rows],
+                            n_seqs=6, n_tokens=int(mask.sum()))
+        loss.backward()
+    assert torch.allclose(logp.grad, whole)

@@ -56,11 +56,16 @@ def test_rows_score_only_assistant_tokens_and_pad(chat):
     ids, sampled = render_tokens(chat, CONVERSATION, TOOLS)
     pad = chat.tokenizer.token_to_id(PAD)
     rows = ConversationRows([(ids, sampled), (ids[:10], sampled[:10])], seq_len=len(ids) + 5, pad_id=pad)
-    batch = rows.batch(np.array([0, 1]))
+    assert len(rows) == 1 and rows.dropped == 1             # the prompt-only conversation has nothing to score
+    batch = rows.batch(np.array([0]))
     t = batch.targets[0]
     scored = (t != IGNORE).numpy()
     assert scored.sum() == sum(sampled[1:]) == rows.assistant_tokens and rows.truncated == 0
     assert (t[scored].numpy() == np.array(ids[1:])[np.array(sampled[1:])]).all()
-    assert (batch.targets[1] == IGNORE).all() and (batch.inputs[1, 10:] == pad).all()
-    short = ConversationRows([(ids, sampled)], seq_len=20, pad_id=pad)
-    assert short.truncated == 1 and short.batch(np.array([0])).inputs.shape == (1, 20)
+    assert (batch.targets[0, len(ids) - 1:] == IGNORE).all() and (batch.inputs[0, len(ids):] == pad).all()
+    first = sampled.index(True)
+    short = ConversationRows([(ids, sampled)], seq_len=first + 3, pad_id=pad)
+    assert short.truncated == 1 and short.batch(np.array([0])).inputs.shape == (1, first + 3)
+    # a row whose assistant tokens all lie beyond seq_len has nothing to score: left out, counted
+    none = ConversationRows([(ids, sampled)], seq_len=first - 1, pad_id=pad)
+    assert len(none) == 0 and none.dropped == 1

@@ -13,10 +13,12 @@ def dirs(tmp_path):
     return d
 
 
-def test_sft_without_reference_trajectories(dirs, tmp_path):
+def test_sft_without_reference_trajectories(dirs):
+    from dsaforge.model.train.sft import conversation_rows
+
     with pytest.raises(ConfigError, match="no reference trajectories"):
-        run_stage("sft", load_config("tiny"), tmp_path / "out",
-                  {"prepare-data": dirs["data"], "sparse": dirs["sparse"], "synthesize": dirs["synth"]})
+        conversation_rows(load_config("tiny"), {"prepare-data": dirs["data"], "sparse": dirs["sparse"],
+                                                "synthesize": dirs["synth"]})
 
 
 def test_grpo_without_an_sft_export_or_with_a_bad_reward_path(dirs, tmp_path):
