@@ -162,3 +162,58 @@ def test_config_round_trip_and_unexportable_settings():
         to_hf_config(tiny_cfg(score_func="softmax"))
     with pytest.raises(ValueError, match="model_type"):
         from_hf_config({"model_type": "llama"})
+
+
+def test_import_names_missing_unused_and_misshapen_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from dsaforge.model.hf import UnsupportedCheckpoint
+    model = make_model(seed=5, n_mtp_layers=1)
+    export_hf(model, tmp_path)
+    f = tmp_path / "model.safetensors"
+    good = load_file(str(f))
+
+    def rewrite(tensors):
+        save_file(tensors, str(f), metadata={"format": "pt"})
+
+    rewrite({k: v for k, v in good.items() if k != "model.layers.0.self_attn.o_proj.weight"})
+    with pytest.raises(UnsupportedCheckpoint, match=r"missing tensor\(s\) model\.layers\.0\.self_attn\.o_proj\.weight"):
+        import_hf(tmp_path)
+    rewrite(good | {"model.layers.0.self_attn.o_proj.bias": torch.zeros(model.cfg.dim)})
+    with pytest.raises(UnsupportedCheckpoint, match=r"does not use: model\.layers\.0\.self_attn\.o_proj\.bias"):
+        import_hf(tmp_path)
+    rewrite(good | {"model.norm.weight": torch.ones(3)})
+    with pytest.raises(UnsupportedCheckpoint, match=r"model\.norm\.weight has shape \(3,\)"):
+        import_hf(tmp_path)
+    # the MTP module's copy of the embedding must be the embedding dsaforge shares with it
+    rewrite(good | {"model.layers.2.embed_tokens.weight": good["model.embed_tokens.weight"] + 1})
+    with pytest.raises(UnsupportedCheckpoint, match=r"model\.layers\.2\.embed_tokens\.weight differs"):
+        import_hf(tmp_path)
+
+
+def test_tied_embeddings_import_as_a_copy_and_a_differing_stored_head_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from dsaforge.model.hf import UnsupportedCheckpoint
+    model = make_model(seed=5)
+    export_hf(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": True}))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    with pytest.raises(UnsupportedCheckpoint, match="tie_word_embeddings=True but lm_head.weight differs"):
+        import_hf(tmp_path)
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="imported as a copy of the embedding"):
+        tied = import_hf(tmp_path)
+    assert torch.equal(tied.head.weight, model.embed.weight)
+
+
+def test_fp8_indexer_export_warns_and_names_it_in_the_model_card(tmp_path):
+    model = make_model(seed=3, index_fp8=True)
+    with pytest.warns(UserWarning, match="index_fp8=True"):
+        export_hf(model, tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "`index_fp8=True`" in card and "select different keys" in card
+    assert import_hf(tmp_path).cfg.index_fp8      # and dsaforge reads it back from config.json's dsaforge key
+    plain = tmp_path / "plain"
+    export_hf(make_model(seed=3), plain)
+    assert "None: transformers computes this model's logits as dsaforge does." in (plain / "README.md").read_text()
