@@ -135,7 +135,25 @@ def export_hf(model: Transformer, out_dir: str | Path, max_shard_bytes: int = 5 
     return out
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+FP8_BLOCK = 128
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """DeepSeek's FP8 weight (e4m3 [out, in]) times its 128x128 block scales (`weight_scale_inv`, fp32
+    [ceil(out/128), ceil(in/128)]) -> `dtype`, computed in fp32."""
+    out_f, in_f = weight.shape
+    want = (-(-out_f // FP8_BLOCK), -(-in_f // FP8_BLOCK))
+    if tuple(scale_inv.shape) != want:
+        raise UnsupportedCheckpoint(f"FP8 weight {tuple(weight.shape)} needs block scales of shape {want}, "
+                                    f"got {tuple(scale_inv.shape)}")
+    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:out_f].repeat_interleave(FP8_BLOCK, 1)[:, :in_f]
+    return (weight.float() * scale).to(dtype)
+
+
+def _read_tensors(path: Path, fp8_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, read one at a time (memory-mapped); FP8 weights with a `weight_scale_inv`
+    are dequantised to `fp8_dtype` as they are read, so no FP8 copy and no fp32 copy of the model is ever held."""
+    from safetensors import safe_open
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -143,9 +161,21 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         files = [f.name for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise FileNotFoundError(f"no safetensors files in {path}")
+    handles = {f: safe_open(str(path / f), "pt") for f in files}
+    where = {k: f for f, h in handles.items() for k in h.keys()}
     tensors = {}
-    for f in files:
-        tensors.update(load_file(str(path / f)))
+    for key, f in where.items():
+        if key.endswith(".weight_scale_inv"):
+            continue
+        t = handles[f].get_tensor(key)
+        scale_key = key + "_scale_inv"
+        if t.dtype == torch.float8_e4m3fn:
+            if scale_key not in where:
+                raise UnsupportedCheckpoint(f"{path}: FP8 tensor {key} has no {scale_key}")
+            t = dequantize_fp8(t, handles[where[scale_key]].get_tensor(scale_key), fp8_dtype)
+        elif scale_key in where:
+            raise UnsupportedCheckpoint(f"{path}: {scale_key} scales {key}, which is {t.dtype}, not float8_e4m3fn")
+        tensors[key] = t
     return tensors
 
 
@@ -188,16 +218,14 @@ def _take_copies(tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor
 
 
 def import_hf(path: str | Path, dtype: Optional[torch.dtype] = None, device=None) -> Transformer:
-    """Build a Transformer from an exported (or DeepSeek/transformers-saved, unquantised) directory. Settings
+    """Build a Transformer from an exported, DeepSeek- or transformers-saved directory (DeepSeek's FP8 block-scaled
+    weights are dequantised on load, to `dtype` or bf16). Settings
     dsaforge does not compute as transformers does, and checkpoint tensors missing or left unused, are errors
     that name them (`UnsupportedCheckpoint`, a ConfigError)."""
     path = Path(path)
     hf_cfg = json.loads((path / "config.json").read_text())
     cfg = from_hf_config(hf_cfg)
-    tensors = _read_tensors(path)
-    if any(k.endswith("weight_scale_inv") for k in tensors):
-        raise UnsupportedCheckpoint(f"{path} holds an FP8-quantised checkpoint (weight_scale_inv); dequantise it "
-                                    "to bf16 first")
+    tensors = _read_tensors(path, dtype or torch.bfloat16)
     _split_fused_experts(tensors)
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -181,7 +181,10 @@ def _check_deepseek_keys(d: dict) -> None:
         "topk_method": (lambda v: v == "noaux_tc", "'noaux_tc' (group-limited top-k with the correction bias)"),
         "moe_layer_freq": (lambda v: v == 1, "1 (every layer past first_k_dense_replace is MoE)"),
         "hidden_act": (lambda v: v in ("silu", "swish"), CHECKED["hidden_act"]),
-        "quantization_config": (lambda v: v is None, "unquantised checkpoints (dequantise FP8 to bf16 first)"),
+        "quantization_config": (lambda v: v is None or (
+            v.get("quant_method") == "fp8" and v.get("fmt", "e4m3") == "e4m3"
+            and list(v.get("weight_block_size", [128, 128])) == [128, 128]),
+            "unquantised or DeepSeek's FP8 (quant_method fp8, fmt e4m3, weight_block_size [128, 128])"),
     }
     for key, (ok, supported) in checks.items():
         if key in d and not ok(d[key]):
