@@ -134,6 +134,9 @@ def _stages(cfg: ModelConfig, lay: Layout) -> list[tuple[int, int, bool, bool]]:
 
 def rank_plan(cfg: Config, lay: Layout, stage: str, seq_len: int, gpu_mem_gib: float) -> RankPlan:
     m, scfg = cfg.model, getattr(cfg.train, stage)
+    if m.n_layers % lay.pp or lay.dp % lay.ep or m.n_routed_experts % lay.ep or m.n_heads % lay.tp:
+        raise ConfigError(f"layout {lay.name} does not divide the model (n_layers {m.n_layers}, n_heads {m.n_heads}, "
+                          f"n_routed_experts {m.n_routed_experts}) or has ep not dividing dp")
     mode = {"pretrain": "dense"}.get(stage, stage)
     mb = scfg.micro_batch_size
     n_micro = max(1, scfg.batch_size // (lay.dp * mb))
@@ -168,7 +171,8 @@ def rank_plan(cfg: Config, lay: Layout, stage: str, seq_len: int, gpu_mem_gib: f
         full = sum(b * n for b, n in per_tok)       # an upper bound under TP: head-split tensors are counted whole
         biggest = max(b for b, n in per_tok if n) if n_blocks else 0.0
         if recompute:
-            kept = 4 * m.dim + (4 * m.index_topk if mode == "sparse" and cfg.train.replay_topk else 0)
+            # replay_topk holds each layer's [S, top_k] int32 indices and fp32 KL target until its backward
+            kept = 4 * m.dim + (8 * m.index_topk if mode == "sparse" and cfg.train.replay_topk else 0)
             act = tokens * (in_flight * n_blocks * kept + biggest)
         else:
             act = tokens * in_flight * full
