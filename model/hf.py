@@ -18,12 +18,20 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from dsaforge.config.model import ModelConfig
 from dsaforge.model.hf_config import (UnsupportedCheckpoint, from_hf_config, noted_settings, to_hf_config,
                                      unexpressed_settings)
 from dsaforge.model.moe import MoE
 from dsaforge.model.transformer import Transformer
 
-__all__ = ["UnsupportedCheckpoint", "export_hf", "from_hf_config", "hf_name", "import_hf", "to_hf_config"]
+__all__ = ["UnsupportedCheckpoint", "check_run_config", "export_hf", "from_hf_config", "hf_name", "import_hf",
+           "to_hf_config"]
+
+# ModelConfig fields a run may set differently from the checkpoint it starts from, on purpose: context extension
+# (rope), the indexer's selection and numerics, the MTP depth being trained, training-only settings.
+MAY_DIFFER = {"max_seq_len", "rope_type", "original_seq_len", "rope_theta", "rope_factor", "beta_fast", "beta_slow",
+              "yarn_truncate", "mscale", "rope_attention_factor", "index_topk", "index_fp8", "index_hadamard",
+              "seq_aux_loss_alpha", "bias_update_speed", "init_std"}
 
 # our module path -> DeepSeek on-disk name, applied to the text after "layers.{i}." / "mtp.{d}.block."
 _LAYER_RULES = [
@@ -255,3 +263,19 @@ def import_hf(path: str | Path, dtype: Optional[torch.dtype] = None, device=None
         if isinstance(m, MoE):
             m.expert_load = torch.zeros(m.n_experts)
     return model.to(device=device or "cpu", dtype=dtype or state["embed.weight"].dtype)
+
+
+def check_run_config(run: ModelConfig, checkpoint: ModelConfig, path: str | Path) -> None:
+    """A run that starts from a checkpoint computes with its own `model` section: refuse (naming the fields) where it
+    would compute a different architecture than the checkpoint's config.json, and warn where it deliberately may
+    (`MAY_DIFFER`: context extension, indexer settings, training settings)."""
+    diff = {k: (getattr(run, k), getattr(checkpoint, k)) for k in type(run).model_fields
+            if getattr(run, k) != getattr(checkpoint, k)}
+    hard = {k: v for k, v in diff.items() if k not in MAY_DIFFER}
+    if hard:
+        raise UnsupportedCheckpoint(f"{path}: the run's model section differs from the checkpoint's config.json: "
+                                    + ", ".join(f"model.{k}={a!r} vs {b!r}" for k, (a, b) in sorted(hard.items())))
+    if diff:
+        warnings.warn(f"{path}: continuing with the run's "
+                      + ", ".join(f"model.{k}={a!r} (checkpoint: {b!r})" for k, (a, b) in sorted(diff.items())),
+                      stacklevel=2)

@@ -273,3 +273,13 @@ def test_import_of_deepseeks_fp8_block_scaled_layout(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"quantization_config=.*weight_block_size \[128, 128\]"):
         import_hf(tmp_path)
+
+
+def test_a_run_starting_from_a_checkpoint_must_compute_its_architecture():
+    from dsaforge.model.hf import UnsupportedCheckpoint, check_run_config
+    ckpt = tiny_cfg()
+    check_run_config(tiny_cfg(), ckpt, "ckpt")                      # the same: silent
+    with pytest.raises(UnsupportedCheckpoint, match=r"model\.norm_topk_prob=False vs True"):
+        check_run_config(tiny_cfg(norm_topk_prob=False), ckpt, "ckpt")
+    with pytest.warns(UserWarning, match=r"model\.max_seq_len=1024 \(checkpoint: 512\)"):
+        check_run_config(tiny_cfg(max_seq_len=1024), ckpt, "ckpt")   # context extension is deliberate
