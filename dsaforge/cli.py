@@ -6,6 +6,7 @@
   dsaforge pipelines list|compile                  available pipelines; KFP IR YAML for a cluster
   dsaforge submit end-to-end --host URL            start a run on a Kubeflow Pipelines cluster
   dsaforge runs list|get|cancel --host URL         the cluster's runs
+  dsaforge plan --preset v32 --gpus 64 --gpu-mem 141  per-GPU memory of each parallel layout, and which to use
   dsaforge mlflow ui                               MLflow's UI on 127.0.0.1 over the local store
   dsaforge generate --checkpoint DIR --prompts F   complete prompts (or roll out --tasks) into Parquet
   dsaforge tracking replay SPOOL                   log what a stage kept on disk while tracking was down
@@ -197,6 +198,19 @@ def cmd_pipelines(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from dsaforge.model.train.plan import format_table, plan
+
+    cfg = _load(args)
+    rows, best = plan(cfg, args.gpus, args.gpu_mem, args.seq_len, args.stage)
+    seq_len = args.seq_len or getattr(cfg.train, args.stage).seq_len
+    print(f"{cfg.preset or 'config'}: {args.stage} stage, {args.gpus} GPUs x {args.gpu_mem:g} GiB, seq_len {seq_len}, "
+          f"micro-batch {getattr(cfg.train, args.stage).micro_batch_size}, activation checkpointing "
+          f"{'on' if cfg.train.activation_checkpointing else 'off'}")
+    print(format_table(rows, best, args.gpu_mem, cfg.train.activation_checkpointing))
+    return 0 if best is not None else 2
+
+
 def cmd_mlflow(args) -> int:
     from dsaforge.tracking import resolve_tracking_uri
 
@@ -370,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="default: the configured store")
     _config_args(p)
     p.set_defaults(func=cmd_tracking)
+
+    p = sub.add_parser("plan", help="memory plan: per-GPU memory and communication of each parallel layout")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu-mem", type=float, required=True, metavar="GiB", help="memory per GPU, e.g. 141 (H200)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the stage's train.<stage>.seq_len")
+    p.add_argument("--stage", choices=["pretrain", "warmup", "sparse"], default="sparse")
+    _config_args(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("mlflow", help="MLflow helpers")
     p.add_argument("action", choices=["ui"])

@@ -138,13 +138,13 @@ class MLA(nn.Module):
         super().__init__()
         self.n_heads, self.kv_lora_rank = cfg.n_heads, cfg.kv_lora_rank
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(cfg.q_lora_rank)       # eps 1e-6 fixed, as in the reference and HF
         self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=cfg.attention_bias)
         self.indexer = Indexer(cfg)
         self.softmax_scale = yarn_softmax_scale(cfg)
 

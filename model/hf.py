@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -18,8 +19,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsaforge.config.model import ModelConfig
+from dsaforge.model.hf_config import (UnsupportedCheckpoint, from_hf_config, noted_settings, to_hf_config,
+                                     unexpressed_settings)
 from dsaforge.model.moe import MoE
 from dsaforge.model.transformer import Transformer
+
+__all__ = ["UnsupportedCheckpoint", "check_run_config", "export_hf", "from_hf_config", "hf_name", "import_hf",
+           "to_hf_config"]
+
+# ModelConfig fields a run may set differently from the checkpoint it starts from, on purpose: context extension
+# (rope), the indexer's selection and numerics, the MTP depth being trained, training-only settings.
+MAY_DIFFER = {"max_seq_len", "rope_type", "original_seq_len", "rope_theta", "rope_factor", "beta_fast", "beta_slow",
+              "yarn_truncate", "mscale", "rope_attention_factor", "index_topk", "index_fp8", "index_hadamard",
+              "seq_aux_loss_alpha", "bias_update_speed", "init_std"}
 
 # our module path -> DeepSeek on-disk name, applied to the text after "layers.{i}." / "mtp.{d}.block."
 _LAYER_RULES = [
@@ -69,77 +81,38 @@ def hf_name(name: str, n_layers: int) -> str:
     raise KeyError(f"no DeepSeek checkpoint name for parameter {name!r}")
 
 
-def to_hf_config(cfg: ModelConfig) -> dict:
-    """config.json in DeepSeek's published layout (which transformers reads, and vLLM/SGLang expect)."""
-    if cfg.score_func != "sigmoid":
-        raise ValueError("DeepSeek-V3.2 checkpoints (and transformers' DeepseekV32) route with sigmoid scores; "
-                         f"score_func={cfg.score_func!r} cannot be exported")
-    if cfg.n_mtp_layers > 1:
-        raise ValueError("DeepSeek's checkpoint layout holds one MTP module (num_nextn_predict_layers <= 1)")
-    out = {
-        "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.inter_dim,
-        "moe_intermediate_size": cfg.moe_inter_dim, "num_hidden_layers": cfg.n_layers,
-        "first_k_dense_replace": cfg.n_dense_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_heads, "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
-        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
-        "num_experts_per_tok": cfg.n_activated_experts, "n_group": cfg.n_expert_groups,
-        "topk_group": cfg.n_limited_groups, "routed_scaling_factor": cfg.route_scale, "scoring_func": "sigmoid",
-        "topk_method": "noaux_tc", "norm_topk_prob": True, "moe_layer_freq": 1,
-        "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
-        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
-        "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim, "index_topk": cfg.index_topk,
-        "num_nextn_predict_layers": cfg.n_mtp_layers, "hidden_act": "silu", "tie_word_embeddings": False,
-        "attention_bias": False, "initializer_range": cfg.init_std, "rope_theta": cfg.rope_theta,
-        "bos_token_id": 0, "eos_token_id": 1,
-        "dsaforge": cfg.model_dump(),
-    }
-    if cfg.max_seq_len > cfg.original_seq_len:   # the reference applies YaRN only past the original length
-        out["rope_scaling"] = {
-            "type": "yarn", "factor": cfg.rope_factor, "original_max_position_embeddings": cfg.original_seq_len,
-            "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale,
-        }
-        if cfg.mscale == 0:   # keep HF from inventing a cos/sin magnitude the reference does not have
-            out["rope_scaling"]["attention_factor"] = 1.0
-    return out
-
-
-def from_hf_config(d: dict) -> ModelConfig:
-    """ModelConfig from a DeepSeek-V3.2 config.json (ours or DeepSeek's)."""
-    if d.get("model_type") != "deepseek_v32":
-        raise ValueError(f"expected model_type 'deepseek_v32', got {d.get('model_type')!r}")
-    base = dict(d.get("dsaforge") or {})
-    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
-    fields = dict(
-        vocab_size=d["vocab_size"], dim=d["hidden_size"], inter_dim=d["intermediate_size"],
-        moe_inter_dim=d["moe_intermediate_size"], n_layers=d["num_hidden_layers"],
-        n_dense_layers=d.get("first_k_dense_replace", 3), n_heads=d["num_attention_heads"],
-        norm_eps=d.get("rms_norm_eps", 1e-6), max_seq_len=d["max_position_embeddings"],
-        n_routed_experts=d["n_routed_experts"], n_shared_experts=d.get("n_shared_experts", 1),
-        n_activated_experts=d["num_experts_per_tok"], n_expert_groups=d.get("n_group", 1),
-        n_limited_groups=d.get("topk_group", 1), route_scale=d.get("routed_scaling_factor", 1.0),
-        q_lora_rank=d["q_lora_rank"], kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["qk_nope_head_dim"],
-        qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"], index_n_heads=d["index_n_heads"],
-        index_head_dim=d["index_head_dim"], index_topk=d["index_topk"],
-        n_mtp_layers=d.get("num_nextn_predict_layers", 0),
-        rope_theta=d.get("rope_theta", rope.get("rope_theta", 10000.0)),
-    )
-    if rope.get("type", rope.get("rope_type")) == "yarn":
-        fields.update(rope_factor=rope["factor"], original_seq_len=rope["original_max_position_embeddings"],
-                      beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1),
-                      mscale=rope.get("mscale_all_dim", rope.get("mscale", 1.0)))
-    else:   # no YaRN: make the original length cover every position, so none is applied
-        fields.update(original_seq_len=d["max_position_embeddings"])
-    base.update(fields)
-    return ModelConfig.model_validate(base)
+def model_card(cfg, hf_cfg: dict) -> str:
+    """README.md of an export: what the checkpoint is, and every setting transformers does not compute."""
+    lines = ["---", "library_name: transformers", "tags: [deepseek_v32, dsaforge]", "---", "",
+             "# DeepSeek-V3.2-architecture checkpoint (dsaforge export)", "",
+             f"{cfg.n_layers} layers, hidden {cfg.dim}, {cfg.n_routed_experts} routed experts "
+             f"({cfg.n_activated_experts} active), lightning indexer {cfg.index_n_heads}x{cfg.index_head_dim} "
+             f"with top-k {cfg.index_topk}, RoPE: {cfg.applied_rope_type}. Loads as "
+             "`transformers.DeepseekV32ForCausalLM`; the full dsaforge model config is config.json's `dsaforge` key.",
+             ""]
+    unexpressed = unexpressed_settings(cfg)
+    lines += ["## Settings transformers does not compute", ""]
+    if unexpressed:
+        lines += ["These change what the model computes; transformers' DeepseekV32ForCausalLM runs without them:", ""]
+        lines += [f"- `{k}={getattr(cfg, k)!r}`: {v}" for k, v in unexpressed.items()]
+    else:
+        lines += ["None: transformers computes this model's logits as dsaforge does."]
+    noted = noted_settings(cfg)
+    if noted:
+        lines += ["", "Also carried, without effect on transformers' logits:", ""]
+        lines += [f"- `{k}`: {v}" for k, v in noted.items()]
+    return "\n".join(lines) + "\n"
 
 
 def export_hf(model: Transformer, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write config.json and safetensors (sharded with model.safetensors.index.json when large)."""
+    """Write config.json, README.md (model card) and safetensors (sharded with model.safetensors.index.json when
+    large). Warns when the model uses a setting transformers cannot express (the card names it too)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     hf_cfg = to_hf_config(cfg)
+    for name, what in unexpressed_settings(cfg).items():
+        warnings.warn(f"HF export {name}={getattr(cfg, name)!r}: {what}", stacklevel=2)
     tensors = {hf_name(k, cfg.n_layers): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     for d in range(len(model.mtp)):   # the MTP module carries its own copies of the shared embedding and head
         prefix = f"model.layers.{cfg.n_layers + d}."
@@ -147,6 +120,7 @@ def export_hf(model: Transformer, out_dir: str | Path, max_shard_bytes: int = 5 
         tensors[prefix + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(cfg, hf_cfg))
     shards, current, size = [], {}, 0
     for k in sorted(tensors):
         n = tensors[k].numel() * tensors[k].element_size()
@@ -169,7 +143,25 @@ def export_hf(model: Transformer, out_dir: str | Path, max_shard_bytes: int = 5 
     return out
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+FP8_BLOCK = 128
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """DeepSeek's FP8 weight (e4m3 [out, in]) times its 128x128 block scales (`weight_scale_inv`, fp32
+    [ceil(out/128), ceil(in/128)]) -> `dtype`, computed in fp32."""
+    out_f, in_f = weight.shape
+    want = (-(-out_f // FP8_BLOCK), -(-in_f // FP8_BLOCK))
+    if tuple(scale_inv.shape) != want:
+        raise UnsupportedCheckpoint(f"FP8 weight {tuple(weight.shape)} needs block scales of shape {want}, "
+                                    f"got {tuple(scale_inv.shape)}")
+    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:out_f].repeat_interleave(FP8_BLOCK, 1)[:, :in_f]
+    return (weight.float() * scale).to(dtype)
+
+
+def _read_tensors(path: Path, fp8_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, read one at a time (memory-mapped); FP8 weights with a `weight_scale_inv`
+    are dequantised to `fp8_dtype` as they are read, so no FP8 copy and no fp32 copy of the model is ever held."""
+    from safetensors import safe_open
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -177,9 +169,21 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         files = [f.name for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise FileNotFoundError(f"no safetensors files in {path}")
+    handles = {f: safe_open(str(path / f), "pt") for f in files}
+    where = {k: f for f, h in handles.items() for k in h.keys()}
     tensors = {}
-    for f in files:
-        tensors.update(load_file(str(path / f)))
+    for key, f in where.items():
+        if key.endswith(".weight_scale_inv"):
+            continue
+        t = handles[f].get_tensor(key)
+        scale_key = key + "_scale_inv"
+        if t.dtype == torch.float8_e4m3fn:
+            if scale_key not in where:
+                raise UnsupportedCheckpoint(f"{path}: FP8 tensor {key} has no {scale_key}")
+            t = dequantize_fp8(t, handles[where[scale_key]].get_tensor(scale_key), fp8_dtype)
+        elif scale_key in where:
+            raise UnsupportedCheckpoint(f"{path}: {scale_key} scales {key}, which is {t.dtype}, not float8_e4m3fn")
+        tensors[key] = t
     return tensors
 
 
@@ -195,24 +199,83 @@ def _split_fused_experts(tensors: dict[str, torch.Tensor]) -> None:
             tensors[f"{prefix}{e}.down_proj.weight"] = down[e]
 
 
+def _names_list(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _take_copies(tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor], hf_cfg: dict, n_layers: int,
+                 n_mtp: int, path: Path) -> None:
+    """Tensors the checkpoint stores but dsaforge shares: a tied head (transformers' tie_word_embeddings) and the
+    MTP module's copies of the embedding and head (DeepSeek's layout). Each copy must equal what it stands for."""
+    if hf_cfg.get("tie_word_embeddings", False):
+        # transformers ties lm_head to the embedding and ignores a stored lm_head.weight
+        head = tensors.pop("lm_head.weight", None)
+        state["head.weight"] = state["embed.weight"].clone()
+        if head is not None and not torch.equal(head, state["embed.weight"]):
+            raise UnsupportedCheckpoint(f"{path}: tie_word_embeddings=True but lm_head.weight differs from "
+                                        "model.embed_tokens.weight (transformers would use the embedding)")
+        warnings.warn(f"{path}: tie_word_embeddings=True: the output head is imported as a copy of the embedding "
+                      "(dsaforge keeps them untied, so training updates them separately)", stacklevel=3)
+    for d in range(n_mtp):
+        prefix = f"model.layers.{n_layers + d}."
+        for copy, shared in (("embed_tokens.weight", "embed.weight"), ("shared_head.head.weight", "head.weight")):
+            t = tensors.pop(prefix + copy, None)
+            if t is not None and not torch.equal(t, state[shared]):
+                raise UnsupportedCheckpoint(f"{path}: {prefix + copy} differs from the main model's "
+                                            f"{hf_name(shared, n_layers)}; dsaforge's MTP module shares them")
+
+
 def import_hf(path: str | Path, dtype: Optional[torch.dtype] = None, device=None) -> Transformer:
-    """Build a Transformer from an exported (or DeepSeek/transformers-saved, unquantised) directory."""
+    """Build a Transformer from an exported, DeepSeek- or transformers-saved directory (DeepSeek's FP8 block-scaled
+    weights are dequantised on load, to `dtype` or bf16). Settings
+    dsaforge does not compute as transformers does, and checkpoint tensors missing or left unused, are errors
+    that name them (`UnsupportedCheckpoint`, a ConfigError)."""
     path = Path(path)
-    cfg = from_hf_config(json.loads((path / "config.json").read_text()))
-    tensors = _read_tensors(path)
-    if any(k.endswith("weight_scale_inv") for k in tensors):
-        raise ValueError(f"{path} holds an FP8-quantised checkpoint (weight_scale_inv); dequantise it to bf16 first")
+    hf_cfg = json.loads((path / "config.json").read_text())
+    cfg = from_hf_config(hf_cfg)
+    tensors = _read_tensors(path, dtype or torch.bfloat16)
     _split_fused_experts(tensors)
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = {}
-    for name in model.state_dict():
+    state, missing = {}, []
+    tied = hf_cfg.get("tie_word_embeddings", False)
+    for name, want in model.state_dict().items():
         key = hf_name(name, cfg.n_layers)
-        if key not in tensors:
-            raise KeyError(f"{path}: missing tensor {key!r} (for {name})")
-        state[name] = tensors[key]
+        if name == "head.weight" and tied:
+            continue                                   # _take_copies gives it the embedding
+        if key in tensors:
+            state[name] = tensors.pop(key)
+            if state[name].shape != want.shape:
+                raise UnsupportedCheckpoint(f"{path}: tensor {key} has shape {tuple(state[name].shape)}; config.json "
+                                            f"implies {tuple(want.shape)}")
+        else:
+            missing.append(key)
+    if missing:
+        raise UnsupportedCheckpoint(f"{path}: missing tensor(s) {_names_list(missing)}")
+    _take_copies(tensors, state, hf_cfg, cfg.n_layers, cfg.n_mtp_layers, path)
+    # zero-size tensors carry nothing (transformers' n_shared_experts=0 stores [0, dim] shared-expert weights)
+    unused = sorted(k for k, t in tensors.items() if t.numel())
+    if unused:
+        raise UnsupportedCheckpoint(f"{path}: tensor(s) the model does not use: {_names_list(unused)} "
+                                    f"({len(unused)} in all)")
     model.load_state_dict(state, strict=True, assign=True)
     for m in model.modules():   # non-persistent buffers are not in the checkpoint: give them storage
         if isinstance(m, MoE):
             m.expert_load = torch.zeros(m.n_experts)
     return model.to(device=device or "cpu", dtype=dtype or state["embed.weight"].dtype)
+
+
+def check_run_config(run: ModelConfig, checkpoint: ModelConfig, path: str | Path) -> None:
+    """A run that starts from a checkpoint computes with its own `model` section: refuse (naming the fields) where it
+    would compute a different architecture than the checkpoint's config.json, and warn where it deliberately may
+    (`MAY_DIFFER`: context extension, indexer settings, training settings)."""
+    diff = {k: (getattr(run, k), getattr(checkpoint, k)) for k in type(run).model_fields
+            if getattr(run, k) != getattr(checkpoint, k)}
+    hard = {k: v for k, v in diff.items() if k not in MAY_DIFFER}
+    if hard:
+        raise UnsupportedCheckpoint(f"{path}: the run's model section differs from the checkpoint's config.json: "
+                                    + ", ".join(f"model.{k}={a!r} vs {b!r}" for k, (a, b) in sorted(hard.items())))
+    if diff:
+        warnings.warn(f"{path}: continuing with the run's "
+                      + ", ".join(f"model.{k}={a!r} (checkpoint: {b!r})" for k, (a, b) in sorted(diff.items())),
+                      stacklevel=2)

@@ -47,18 +47,23 @@ class MLP(nn.Module):
 # ---------------------------------------------------------------- YaRN RoPE
 
 def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """[qk_rope_head_dim/2] inverse frequencies; YaRN-blended only when max_seq_len > original_seq_len (as the
-    reference's `precompute_freqs_cis`): low frequencies are interpolated by rope_factor, high ones kept."""
+    """[qk_rope_head_dim/2] inverse frequencies of the RoPE variant `cfg.applied_rope_type`. YaRN (the reference's
+    `precompute_freqs_cis`) interpolates low frequencies by rope_factor and keeps high ones; linear interpolates all."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    if cfg.max_seq_len <= cfg.original_seq_len:
+    rope = cfg.applied_rope_type
+    if rope == "linear":
+        return (inv_freq / cfg.rope_factor).float()
+    if rope == "default":
         return inv_freq.float()
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(cfg.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+    low, high = correction_dim(cfg.beta_fast), correction_dim(cfg.beta_slow)
+    if cfg.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # the reference's guard against a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
@@ -67,19 +72,24 @@ def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def yarn_softmax_scale(cfg: ModelConfig) -> float:
-    """MLA softmax scale: qk_head_dim^-1/2, times mscale^2 when YaRN is active (0.1 ln(factor) + 1)."""
+    """MLA softmax scale: qk_head_dim^-1/2, times mscale^2 when YaRN is applied (0.1 ln(factor) + 1)."""
     scale = cfg.qk_head_dim ** -0.5
-    if cfg.max_seq_len > cfg.original_seq_len:
+    if cfg.applied_rope_type == "yarn":
         m = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0
         scale = scale * m * m
     return scale
 
 
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [max_seq_len, qk_rope_head_dim/2] (one angle per rotated pair)."""
+    """cos, sin of shape [max_seq_len, qk_rope_head_dim/2] (one angle per rotated pair). Under YaRN both carry
+    `rope_attention_factor` (transformers' attention_factor; 1 in DeepSeek's reference), so every rotated q.k
+    product, MLA's and the indexer's, is scaled by its square."""
     inv_freq = yarn_inv_freq(cfg).to(device)
     angles = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    if cfg.applied_rope_type == "yarn" and cfg.rope_attention_factor != 1.0:
+        cos, sin = cos * cfg.rope_attention_factor, sin * cfg.rope_attention_factor
+    return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -155,10 +155,13 @@ def _megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
 def _tp_linear(linear: nn.Linear, kind: str, par: Parallel, reduce_input_grad: bool = True) -> nn.Module:
     """A megatron parallel layer holding this rank's slice of `linear`'s weight ([out, in])."""
     out_f, in_f = linear.weight.shape
+    bias = linear.bias
     mcfg = _megatron_config(par.tp, linear.weight.dtype)
     if kind == "column":
         if out_f % par.tp:
             raise ConfigError(f"tensor parallel {par.tp} does not divide output width {out_f}")
+        if bias is not None:
+            raise ConfigError("tensor-parallel column layers carry no bias (only MLA's output projection has one)")
         new = ColumnLinear(in_f, out_f, config=mcfg, init_method=nn.init.zeros_, bias=False, gather_output=False,
                            disable_grad_reduce=not reduce_input_grad)
         n = out_f // par.tp
@@ -166,12 +169,15 @@ def _tp_linear(linear: nn.Linear, kind: str, par: Parallel, reduce_input_grad: b
     else:
         if in_f % par.tp:
             raise ConfigError(f"tensor parallel {par.tp} does not divide input width {in_f}")
-        new = RowLinear(in_f, out_f, config=mcfg, init_method=nn.init.zeros_, bias=False, input_is_parallel=True,
-                        skip_bias_add=False)
+        # A row layer's bias is whole on every rank, added once after the reduction.
+        new = RowLinear(in_f, out_f, config=mcfg, init_method=nn.init.zeros_, bias=bias is not None,
+                        input_is_parallel=True, skip_bias_add=False)
         n = in_f // par.tp
         shard = linear.weight.data[:, par.tp_rank * n:(par.tp_rank + 1) * n]
     new = new.to(linear.weight.device)
     new.weight.data.copy_(shard)
+    if bias is not None:   # attention_bias: wo's bias, replicated
+        new.bias.data.copy_(bias.data)
     new.weight.dsaforge_shard = f"tp{par.tp_rank}/"
     new.weight.dsaforge_partition_dim = 0 if kind == "column" else 1
     # megatron marks a sharded weight only when it initializes it; its grad norm counts unmarked ones on TP rank 0

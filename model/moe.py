@@ -26,6 +26,7 @@ class Gate(nn.Module):
         super().__init__()
         self.topk, self.n_groups, self.topk_groups = cfg.n_activated_experts, cfg.n_expert_groups, cfg.n_limited_groups
         self.score_func, self.route_scale = cfg.score_func, cfg.route_scale
+        self.norm_topk_prob = cfg.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         # A buffer, not a parameter: it is moved by `update_router_bias`, never by the optimizer.
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
@@ -50,7 +51,7 @@ class Gate(nn.Module):
         with torch.no_grad():
             indices = self.select(scores.detach()) if forced is None else forced
         weights = scores.gather(1, indices)
-        if self.score_func == "sigmoid":
+        if self.score_func == "sigmoid" and self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         return (weights * self.route_scale).to(x.dtype), indices, scores
 

@@ -103,12 +103,15 @@ class Transformer(nn.Module):
         # ... and there reuse the top-k indices the forward chose (held until the block's backward), rather than
         # running the indexer's scores and selection a second time.
         self.replay_topk = True
-        self.apply(self._init_weights)
+        if self.embed.weight.device.type != "meta":   # on meta (checkpoint import) there is nothing to fill
+            self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
         std = self.cfg.init_std
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, std)
+            if getattr(m, "bias", None) is not None:   # attention_bias: start at zero
+                nn.init.zeros_(m.bias)
         elif isinstance(m, Gate):
             nn.init.normal_(m.weight, 0.0, std)
         elif isinstance(m, nn.LayerNorm):

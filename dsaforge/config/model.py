@@ -29,6 +29,7 @@ class ModelConfig(Section):
     n_limited_groups: int = Field(4, gt=0)
     score_func: Literal["sigmoid", "softmax"] = "sigmoid"
     route_scale: float = Field(2.5, gt=0)
+    norm_topk_prob: bool = Field(True, description="Sigmoid routing: renormalise the k chosen scores to sum to 1.")
     seq_aux_loss_alpha: float = Field(0.0, ge=0, description="Sequence-wise balance loss weight (0 = off).")
     bias_update_speed: float = Field(1e-3, ge=0, description="Auxiliary-loss-free balancing: step of the correction bias.")
     # mla
@@ -37,13 +38,21 @@ class ModelConfig(Section):
     qk_nope_head_dim: int = Field(128, gt=0)
     qk_rope_head_dim: int = Field(64, gt=0)
     v_head_dim: int = Field(128, gt=0)
-    # yarn
+    attention_bias: bool = Field(False, description="Biases on MLA's q_a, kv_a and output projections.")
+    # rope (YaRN)
+    rope_type: Literal["auto", "yarn", "linear", "default"] = Field(
+        "auto", description="auto: YaRN only when max_seq_len > original_seq_len (DeepSeek's reference); yarn: YaRN "
+        "at every length (transformers' rope_type yarn); linear: positions divided by rope_factor; default: plain RoPE.")
     original_seq_len: int = Field(4096, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     rope_factor: float = Field(40.0, ge=1)
     beta_fast: int = Field(32, gt=0)
     beta_slow: int = Field(1, gt=0)
-    mscale: float = Field(1.0, ge=0)
+    yarn_truncate: bool = Field(True, description="Round YaRN's correction range to whole dims (transformers' truncate).")
+    mscale: float = Field(1.0, ge=0, description="YaRN softmax scale: qk^-1/2 * (0.1 mscale ln(rope_factor) + 1)^2 "
+                          "(transformers' mscale_all_dim).")
+    rope_attention_factor: float = Field(1.0, gt=0, description="YaRN's cos/sin magnitude (transformers' "
+                                         "attention_factor); DeepSeek's reference leaves it at 1.")
     # index (DSA lightning indexer)
     index_n_heads: int = Field(64, gt=0)
     index_head_dim: int = Field(128, gt=0)
@@ -79,6 +88,13 @@ class ModelConfig(Section):
         if self.qk_rope_head_dim > self.index_head_dim:
             raise ValueError(f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim})")
         return self
+
+    @property
+    def applied_rope_type(self) -> Literal["yarn", "linear", "default"]:
+        """The RoPE variant the model computes ("auto" resolved by the sequence lengths)."""
+        if self.rope_type == "auto":
+            return "yarn" if self.max_seq_len > self.original_seq_len else "default"
+        return self.rope_type
 
     @property
     def qk_head_dim(self) -> int:

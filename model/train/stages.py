@@ -119,6 +119,8 @@ def _launch_torchrun(ctx, stage: str) -> dict:
 def run(ctx, stage: str) -> dict:
     scfg = getattr(ctx.cfg.train, stage)
     ctx.tracker.log_params({f"train.{stage}.{k}": v for k, v in scfg.model_dump().items()})
+    from dsaforge.model.train.plan import plan_params
+    ctx.tracker.log_params(plan_params(ctx.cfg, stage))     # the memory plan of this run's layout (plan.*)
     ctx.tracker.set_tags({"dsaforge.train.mode": {"pretrain": "dense"}.get(stage, stage)})
     if "prepare-data" in ctx.inputs and (Path(ctx.inputs["prepare-data"]) / "manifest.json").is_file():
         log_training_data(ctx)

@@ -22,7 +22,7 @@ import torch
 
 from dsaforge.config import Config
 from dsaforge.model import Transformer, set_trainable, update_router_bias
-from dsaforge.model.hf import export_hf, import_hf
+from dsaforge.model.hf import check_run_config, export_hf, import_hf
 from dsaforge.model.moe import MoE
 from dsaforge.model.train import checkpoint as ckpt
 
@@ -39,7 +39,9 @@ def build_model(cfg: Config, init_from: Optional[Path], device: torch.device) ->
     `device`, with the training switches of `cfg.train`. Every rank builds the same model from the same seed."""
     model = Transformer(cfg.model)
     if init_from is not None:
-        model.load_state_dict(import_hf(init_from).state_dict())
+        imported = import_hf(init_from)
+        check_run_config(cfg.model, imported.cfg, init_from)
+        model.load_state_dict(imported.state_dict())
     model.to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     model.replay_topk = cfg.train.replay_topk

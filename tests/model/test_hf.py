@@ -7,7 +7,7 @@ import torch
 
 from dsaforge.kernels import topk_indices
 from dsaforge.model import Indexer
-from dsaforge.model.hf import export_hf, from_hf_config, import_hf, to_hf_config
+from dsaforge.model.hf import export_hf, from_hf_config, hf_name, import_hf, to_hf_config
 from tests.model.model_helpers import make_model, rand_tokens, tiny_cfg
 
 transformers = pytest.importorskip("transformers")
@@ -162,3 +162,124 @@ def test_config_round_trip_and_unexportable_settings():
         to_hf_config(tiny_cfg(score_func="softmax"))
     with pytest.raises(ValueError, match="model_type"):
         from_hf_config({"model_type": "llama"})
+
+
+def test_import_names_missing_unused_and_misshapen_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from dsaforge.model.hf import UnsupportedCheckpoint
+    model = make_model(seed=5, n_mtp_layers=1)
+    export_hf(model, tmp_path)
+    f = tmp_path / "model.safetensors"
+    good = load_file(str(f))
+
+    def rewrite(tensors):
+        save_file(tensors, str(f), metadata={"format": "pt"})
+
+    rewrite({k: v for k, v in good.items() if k != "model.layers.0.self_attn.o_proj.weight"})
+    with pytest.raises(UnsupportedCheckpoint, match=r"missing tensor\(s\) model\.layers\.0\.self_attn\.o_proj\.weight"):
+        import_hf(tmp_path)
+    rewrite(good | {"model.layers.0.self_attn.o_proj.bias": torch.zeros(model.cfg.dim)})
+    with pytest.raises(UnsupportedCheckpoint, match=r"does not use: model\.layers\.0\.self_attn\.o_proj\.bias"):
+        import_hf(tmp_path)
+    rewrite(good | {"model.norm.weight": torch.ones(3)})
+    with pytest.raises(UnsupportedCheckpoint, match=r"model\.norm\.weight has shape \(3,\)"):
+        import_hf(tmp_path)
+    # the MTP module's copy of the embedding must be the embedding dsaforge shares with it
+    rewrite(good | {"model.layers.2.embed_tokens.weight": good["model.embed_tokens.weight"] + 1})
+    with pytest.raises(UnsupportedCheckpoint, match=r"model\.layers\.2\.embed_tokens\.weight differs"):
+        import_hf(tmp_path)
+
+
+def test_tied_embeddings_import_as_a_copy_and_a_differing_stored_head_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from dsaforge.model.hf import UnsupportedCheckpoint
+    model = make_model(seed=5)
+    export_hf(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": True}))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    with pytest.raises(UnsupportedCheckpoint, match="tie_word_embeddings=True but lm_head.weight differs"):
+        import_hf(tmp_path)
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="imported as a copy of the embedding"):
+        tied = import_hf(tmp_path)
+    assert torch.equal(tied.head.weight, model.embed.weight)
+
+
+def test_fp8_indexer_export_warns_and_names_it_in_the_model_card(tmp_path):
+    model = make_model(seed=3, index_fp8=True)
+    with pytest.warns(UserWarning, match="index_fp8=True"):
+        export_hf(model, tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "`index_fp8=True`" in card and "select different keys" in card
+    assert import_hf(tmp_path).cfg.index_fp8      # and dsaforge reads it back from config.json's dsaforge key
+    plain = tmp_path / "plain"
+    export_hf(make_model(seed=3), plain)
+    assert "None: transformers computes this model's logits as dsaforge does." in (plain / "README.md").read_text()
+
+
+def _quantize_fp8_blocks(w: torch.Tensor, block: int = 128):
+    """DeepSeek's FP8 weight format, written independently: e4m3 values and one fp32 scale per 128x128 block."""
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // block), -(-in_f // block)
+    q = torch.empty(out_f, in_f, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+            s = blk.abs().max().clamp_min(1e-12) / 448.0
+            scale[i, j] = s
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_block_dequantisation_against_a_blockwise_loop():
+    from dsaforge.model.hf import dequantize_fp8
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    q, scale = _quantize_fp8_blocks(w)
+    ref = torch.empty_like(w)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            sl = (slice(i * 128, (i + 1) * 128), slice(j * 128, (j + 1) * 128))
+            ref[sl] = q[sl].float() * scale[i, j]
+    assert torch.equal(dequantize_fp8(q, scale, torch.float32), ref)
+    assert (ref - w).abs().max() <= 0.07 * w.abs().max()          # e4m3: 3 mantissa bits
+
+
+def test_import_of_deepseeks_fp8_block_scaled_layout(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = make_model(seed=6, dim=256, moe_inter_dim=160)        # some weights span several 128-blocks
+    export_hf(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    quantised = [k for k, v in tensors.items() if v.dim() == 2 and k.startswith("model.layers.")
+                 and (".mlp." in k or "_proj" in k) and "gate.weight" not in k and "weights_proj" not in k]
+    expected = {}
+    for k in quantised:
+        q, s = _quantize_fp8_blocks(tensors[k])
+        tensors[k], tensors[k + "_scale_inv"] = q, s
+        expected[k] = q.float() * s.repeat_interleave(128, 0)[:q.shape[0]].repeat_interleave(128, 1)[:, :q.shape[1]]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = import_hf(tmp_path, dtype=torch.float32)
+    names = {hf_name(n, ours.cfg.n_layers): n for n in ours.state_dict()}
+    state = ours.state_dict()
+    assert len(quantised) > 20 and all(torch.equal(state[names[k]], v) for k, v in expected.items())
+    assert import_hf(tmp_path).embed.weight.dtype == torch.float32     # the unquantised tensors keep theirs
+    cfg["quantization_config"]["weight_block_size"] = [64, 64]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"quantization_config=.*weight_block_size \[128, 128\]"):
+        import_hf(tmp_path)
+
+
+def test_a_run_starting_from_a_checkpoint_must_compute_its_architecture():
+    from dsaforge.model.hf import UnsupportedCheckpoint, check_run_config
+    ckpt = tiny_cfg()
+    check_run_config(tiny_cfg(), ckpt, "ckpt")                      # the same: silent
+    with pytest.raises(UnsupportedCheckpoint, match=r"model\.norm_topk_prob=False vs True"):
+        check_run_config(tiny_cfg(norm_topk_prob=False), ckpt, "ckpt")
+    with pytest.warns(UserWarning, match=r"model\.max_seq_len=1024 \(checkpoint: 512\)"):
+        check_run_config(tiny_cfg(max_seq_len=1024), ckpt, "ckpt")   # context extension is deliberate
