@@ -58,7 +58,14 @@ def test_debug_shows_traceback():
 
 def test_pipelines_list_and_compile(tmp_path):
     assert "end-to-end" in dsaforge("pipelines", "list").stdout
-    dsaforge("pipelines", "compile", "--preset", "small", "--out", str(tmp_path))
+    out = dsaforge("pipelines", "compile", "--preset", "small", "--out", str(tmp_path)).stdout
+    # a sub-pipeline that starts from earlier outputs is compiled only when given them
+    assert "skipped post-training: it starts from earlier outputs" in out and "--input sparse=URI" in out
+    dsaforge("pipelines", "compile", "post-training", "--preset", "small", "--out", str(tmp_path),
+             "--input", "prepare-data=s3://b/data", "--input", "sparse=s3://b/sparse")
+    assert (tmp_path / "post-training.yaml").is_file()
+    missing = dsaforge("pipelines", "compile", "post-training", "--out", str(tmp_path), check=False)
+    assert missing.returncode == 2 and "needs the output of prepare-data, sparse" in missing.stderr
     ir, platform = yaml.safe_load_all((tmp_path / "end-to-end.yaml").read_text())
     assert ir["pipelineInfo"]["name"] == "end-to-end" and ir["schemaVersion"] == "2.1.0"
     executors = ir["deploymentSpec"]["executors"]
