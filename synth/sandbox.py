@@ -150,13 +150,14 @@ class Sandbox:
         cmd += ["--ro-bind", etc["passwd"], "/etc/passwd", "--ro-bind", etc["group"], "/etc/group"]
         cmd += ["--bind", workdir, "/tmp"]
         # The interpreter prefixes after /tmp: a venv made under /tmp stays visible over the private directory.
-        # Parents are created world-traversable (bwrap would make them 0700 root-owned under a tmpfs).
+        # Parents are created world-traversable (bwrap would make them 0700 root-owned, closed to the sandbox uid),
+        # those under /tmp too: a checkout under /tmp with its .venv is how a CI job often runs.
         made: set[str] = set()
         for r in _allowed_roots():
             parts = Path(r).parts
             for i in range(2, len(parts)):
                 d = str(Path(*parts[:i]))
-                if d not in made and not d.startswith(("/usr", "/tmp")) and d != "/tmp":
+                if d not in made and not d.startswith("/usr") and d != "/tmp":
                     made.add(d)
                     cmd += ["--perms", "0755", "--dir", d]
             cmd += ["--ro-bind", r, r]
