@@ -5,6 +5,7 @@
   dsaforge config show|schema|diff                 resolved configs, the JSON schema, differences
   dsaforge pipelines list|compile                  available pipelines; KFP IR YAML for a cluster
   dsaforge mlflow ui                               MLflow's UI on 127.0.0.1 over the local store
+  dsaforge eval compare RUN RUN [...]              evaluation metrics of MLflow runs side by side
 Exit status: 0 on success; 2 for bad input (config, files, unreachable servers); 1 for other failures.
 `--debug` shows the traceback.
 """
@@ -149,6 +150,17 @@ def cmd_mlflow(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from dsaforge.eval.compare import compare
+    from dsaforge.tracking import resolve_tracking_uri
+
+    uri = args.tracking_uri or resolve_tracking_uri(_load(args))
+    print(compare(uri, args.runs, Path(args.out) if args.out else None, args.prefix))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
 class _UsageError(Exception):
     """Arguments that parse but make no sense together; reported like other bad input."""
 
@@ -197,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="default: the configured store")
     _config_args(p)
     p.set_defaults(func=cmd_mlflow)
+
+    p = sub.add_parser("eval", help="evaluation helpers: compare runs")
+    p.add_argument("action", choices=["compare"])
+    p.add_argument("runs", nargs="+", metavar="RUN", help="evaluate-stage or pipeline MLflow run ids (two or more)")
+    p.add_argument("--out", default=None, help="also write the table to this .md, .csv or .json file")
+    p.add_argument("--prefix", default="eval/", help="metrics whose names start with this (default eval/)")
+    p.add_argument("--tracking-uri", default=None, help="default: the configured store")
+    _config_args(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

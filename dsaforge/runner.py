@@ -99,7 +99,9 @@ def run_local(name: str, cfg: Config) -> PipelineResult:
     return PipelineResult(name, run_id, parent.run_id, uri, run_dir, record, seconds, outputs)
 
 
-_SCALARS = ("documents", "train_tokens", "bytes_per_token", "steps", "unigram_entropy", "tasks", "envs", "heldout_tasks")
+_SCALARS = ("documents", "train_tokens", "bytes_per_token", "steps", "unigram_entropy", "tasks", "envs", "heldout_tasks",
+            "lm/dense/loss", "lm/sparse/loss", "long-context/dense/accuracy", "long-context/sparse/accuracy",
+            "agentic/pass@1", "code/pass@1", "reasoning/mean_score")
 _CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean")
 
 

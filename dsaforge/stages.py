@@ -45,6 +45,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           "Sparse adaptation: top-k attention, all parameters, LM loss + indexer KL on the selected set."),
     Stage("synthesize", "dsaforge.synth.stage:run", (),
           "Agentic task synthesis: environments, tools, tasks and verifiers that pass every validation gate."),
+    # The model input is any training stage's output (sparse, warmup, pretrain, rl) or hf-checkpoint=DIR; the
+    # synthesize output is read by the agentic suite only. dsaforge.eval.stage checks what the chosen suites need.
+    Stage("evaluate", "dsaforge.eval.stage:run", ("prepare-data",),
+          "Evaluation suites (perplexity, long-context dense vs DSA, agentic, code, reasoning, cost) and a report."),
 ]}
 
 
