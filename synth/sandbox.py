@@ -16,6 +16,7 @@ isolation; it exists for machines without bubblewrap and must be asked for by na
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -243,11 +244,106 @@ class Sandbox:
         return SandboxResult(rc, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - t0,
                              timed_out=timed_out, output_truncated=over.is_set(), killed_by=killed_by)
 
+    def spawn(self, argv: Sequence[str], files: Optional[Mapping[str, str | bytes]] = None) -> SandboxProcess:
+        """Start argv in a fresh private directory holding `files` and keep it running (see SandboxProcess)."""
+        wd = Path(tempfile.mkdtemp(prefix="dsaforge-sbx-"))
+        for rel, data in (files or {}).items():
+            p = wd / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data.encode() if isinstance(data, str) else data)
+        env = self._env()
+        if self.backend == "bwrap":
+            if os.geteuid() == 0:
+                uid = self.uid_base + os.getpid() % 20000
+                for p in [wd, *wd.rglob("*")]:
+                    os.lchown(p, uid, uid)
+            cmd, cwd = self._bwrap_argv(str(wd), argv), None
+        else:
+            cmd = self._limits() + [f"{wd}/{a[len('/tmp/'):]}" if a.startswith("/tmp/") and
+                                    os.path.exists(f"{wd}/{a[len('/tmp/'):]}") else a for a in argv]
+            cwd = str(wd)
+            env["HOME"] = env["TMPDIR"] = str(wd)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        return SandboxProcess(proc, wd, self.cfg.max_output_bytes)
+
     def run_python(self, source: str, files: Optional[Mapping[str, str | bytes]] = None,
                    stdin: Optional[str] = None, wall_seconds: Optional[float] = None) -> SandboxResult:
         files = dict(files or {})
         files["__main__.py"] = source
         return self.run([self.python, "-I", "/tmp/__main__.py"], files=files, stdin=stdin, wall_seconds=wall_seconds)
+
+
+class SandboxProcess:
+    """A long-lived sandboxed process spoken to in JSON lines (one request, one reply): the code interpreter's live
+    kernel. The sandbox's rlimits cover the process's whole life; `wall_seconds` bounds each reply, and a process
+    that overruns it, writes a line over the output cap, or dies is killed and reports `alive = False`."""
+
+    def __init__(self, proc: subprocess.Popen, workdir: Path, cap: int) -> None:
+        import queue
+
+        self.proc, self.workdir, self.cap, self.alive = proc, workdir, cap, True
+        self._lines: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self._stderr = bytearray()
+
+        def pump_out():
+            while True:
+                line = proc.stdout.readline(cap + 1)
+                if not line:
+                    self._lines.put(None)
+                    return
+                self._lines.put(line)
+
+        def pump_err():
+            while chunk := proc.stderr.read1(65536):
+                self._stderr += chunk[: max(0, cap - len(self._stderr))]
+
+        for f in (pump_out, pump_err):
+            threading.Thread(target=f, daemon=True).start()
+
+    def request(self, obj: Optional[dict], wall_seconds: float) -> dict:
+        """Send one JSON request (None: send nothing, e.g. to read a greeting) and wait up to wall_seconds for the
+        one-line JSON reply."""
+        import queue
+
+        if not self.alive:
+            return {"error": "the sandboxed process is no longer running"}
+        try:
+            if obj is not None:
+                self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+                self.proc.stdin.flush()
+            line = self._lines.get(timeout=wall_seconds)
+        except queue.Empty:
+            self.close()
+            return {"error": f"no reply within {wall_seconds:.0f}s; the process was stopped"}
+        except (BrokenPipeError, OSError):
+            line = None
+        if line is None:
+            self.close()
+            return {"error": "the sandboxed process exited: " + self._stderr.decode(errors="replace").strip()[-300:]}
+        if len(line) > self.cap:
+            self.close()
+            return {"error": "output limit reached; the process was stopped"}
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            return {"error": "unreadable reply: " + line[:200].decode(errors="replace")}
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            _kill(self.proc)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "SandboxProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -61,6 +61,21 @@ class Index:
         return {"error": f"no document {doc_id}"}
 
 
+class Recorder:
+    """The index as the reference solver sees it, recording each call in the tools' own call format."""
+
+    def __init__(self, index):
+        self.index, self.docs, self.calls = index, index.docs, []
+
+    def search(self, query, k=5):
+        self.calls.append({"name": "search", "arguments": {"query": query, "k": k}})
+        return self.index.search(query, k)
+
+    def open(self, doc_id):
+        self.calls.append({"name": "open_document", "arguments": {"doc_id": doc_id}})
+        return self.index.open(doc_id)
+
+
 def load_index():
     docs = [json.loads(l) for l in open("corpus.jsonl")] + [json.loads(l) for l in open("facts.jsonl")]
     return Index(docs)
@@ -135,6 +150,10 @@ def main():
             rng = None if it.get("seed") is None else random.Random(it["seed"])
             ans, ev = solve(index, t["start"], t["chain"], rng)
             out.append({"answer": ans, "evidence": ev})
+        elif job["op"] == "plan":
+            rec = Recorder(index)
+            ans, _ = solve(rec, t["start"], t["chain"])
+            out.append({"answer": ans, "calls": rec.calls})
         elif job["op"] == "check":
             out.append(check(index, t))
         elif job["op"] == "call":
