@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dsaforge.config import ConfigError, SandboxConfig
-from dsaforge.eval.extract import truncate_completion
+from dsaforge.eval.extract import HUMANEVAL_STOPS, cut_at_stops
 from dsaforge.eval.passk import summarize
 from dsaforge.eval.results import SuiteResult
 from dsaforge.progress import Progress
@@ -62,7 +62,7 @@ def run_programs(programs: Sequence[str], sandbox_cfg: SandboxConfig, workers: i
 def score(problems: Sequence[dict], completions: Sequence[Sequence[str]], sandbox_cfg: SandboxConfig,
           workers: int = 2) -> list[dict]:
     """One row per (problem, sample): the completion as run (truncated), passed, and why not."""
-    flat = [(p, i, truncate_completion(c)) for p, cs in zip(problems, completions) for i, c in enumerate(cs)]
+    flat = [(p, i, cut_at_stops(c, HUMANEVAL_STOPS)) for p, cs in zip(problems, completions) for i, c in enumerate(cs)]
     with Progress("eval code (sandbox)", total=len(flat), unit="program") as bar:
         verdicts = run_programs([program(p, c) for p, _, c in flat], sandbox_cfg, workers, bar)
     return [{"task_id": p["task_id"], "sample": i, "completion": c, "passed": ok, "detail": detail}
@@ -81,7 +81,7 @@ def run(cfg, generator) -> SuiteResult:
     e = cfg.eval
     problems = load_problems(e.max_samples)
     completions = generator.generate([p["prompt"] for p in problems], e.samples, e.max_new_tokens,
-                                     stop=("\ndef ", "\nclass ", "\nif __name__", "\nprint("))
+                                     stop=HUMANEVAL_STOPS)
     rows = score(problems, completions, cfg.synth.sandbox, workers=cfg.synth.workers)
     return SuiteResult("code", rows, summarize_rows(rows, e.pass_k),
                        {"benchmark": "HumanEval", "samples": e.samples, "temperature": e.temperature,

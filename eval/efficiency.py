@@ -1,8 +1,11 @@
 """The efficiency suite: prefill and decode throughput and cost per million tokens against context position, dense
 MLA vs DSA, for the whole model forward (the analogue of DeepSeek-V3.2's cost figure, paper Figure 3).
 
-Model-level, not kernel-level: every layer's projections, attention, FFN/MoE and the output head run, with the fused
-DSA path (`fused_dsa`) and no indexer KL (inference computes none). At each position p:
+Model-level, not kernel-level: every layer's projections, attention, FFN/MoE and the output head run, through the
+rollout engine's inference forward (`dsaforge.model.infer.forward_rows`: DSA's indexer scores + top-k + sparse MLA,
+the fused sparse decode kernel for decode, no indexer KL; dense MLA as MHA for prefill and absorbed MQA for decode).
+Decode is timed eager (the engine replays it from a CUDA graph, which removes launch overhead from both modes).
+At each position p:
 - prefill: the next `prefill_chunk` tokens after a cache holding p tokens (the marginal cost of prefilling at p);
 - decode: one token for each of `decode_batch` sequences whose caches hold p tokens.
 The caches are filled with random entries: timing does not depend on their values, and filling them by prefill
@@ -16,7 +19,6 @@ GPU only:
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import time
 from pathlib import Path
@@ -38,39 +40,37 @@ def default_positions(max_len: int, chunk: int) -> list[int]:
     return out
 
 
-def _forward(model, tokens, mode, cache, start_pos):
-    kwargs = {}
-    params = inspect.signature(model.forward).parameters
-    if "indexer_loss" in params:            # the inference switch: no indexer KL
-        kwargs["indexer_loss"] = False
-    return model(tokens, mode=mode, cache=cache, start_pos=start_pos, return_hidden=True, **kwargs)
-
-
-def _fill(cache, upto: int) -> None:
-    g = torch.Generator(device=cache.layers[0].kv.device).manual_seed(0)
-    for layer in cache.layers:
-        for t in (layer.kv, layer.index_k):
-            t[:, :upto].normal_(generator=g)
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 @torch.no_grad()
 def time_call(model, mode: str, batch: int, start: int, length: int, repeats: int) -> float:
-    """Median seconds of one forward of [batch, length] tokens at positions [start, start + length)."""
+    """Median seconds of one inference forward (the rollout engine's: per-row positions over a slot cache, no indexer
+    KL) of [batch, length] tokens at positions [start, start + length), logits at each row's last token."""
+    from dsaforge.model.infer import SlotCache, forward_rows, stack_experts
+
     dev = next(model.parameters()).device
-    cache = model.new_cache(batch, start + length)
-    _fill(cache, start)
+    cache = SlotCache.allocate(model, batch, start + length, with_indexer=mode == "sparse")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for t in cache.kv + [k for k in cache.index_k if k is not None]:
+        t[:, :start].normal_(generator=g)
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, length), device=dev)
+    first = torch.full((batch,), start, device=dev, dtype=torch.long)
+    n = torch.full((batch,), length, device=dev, dtype=torch.long)
+    stacked = stack_experts(model)
     times = []
     for i in range(repeats + 1):
-        torch.cuda.synchronize(dev)
+        _sync(dev)
         t0 = time.perf_counter()
-        out = _forward(model, tokens, mode, cache, start)
-        model.head(out.hidden[:, -1:])            # the head on the positions a generator would sample from
-        torch.cuda.synchronize(dev)
-        if i:                                      # the first call warms up kernels and allocator
+        forward_rows(model, cache, tokens, first, n, None, mode, stacked)
+        _sync(dev)
+        if i:                                      # the first call warms up kernels and the allocator
             times.append(time.perf_counter() - t0)
     del cache
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return sorted(times)[len(times) // 2]
 
 
@@ -106,11 +106,10 @@ def summarize_rows(rows: list[dict]) -> dict:
 
 def run(model, cfg) -> SuiteResult:
     e = cfg.eval.efficiency
-    model.fused_dsa = True
     positions = e.positions or default_positions(model.cfg.max_seq_len, e.prefill_chunk)
     rows = measure(model, positions, e.prefill_chunk, e.decode_batch, e.repeats, e.gpu_hour_usd)
     return SuiteResult("efficiency", rows, summarize_rows(rows),
-                       {"gpu": torch.cuda.get_device_name(), "usd_per_gpu_hour": e.gpu_hour_usd,
+                       {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "usd_per_gpu_hour": e.gpu_hour_usd,
                         "prefill_chunk": e.prefill_chunk, "decode_batch": e.decode_batch,
                         "dtype": str(next(model.parameters()).dtype), "top_k": model.cfg.index_topk,
                         "n_heads": model.cfg.n_heads, "kv_lora_rank": model.cfg.kv_lora_rank,

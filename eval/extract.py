@@ -81,11 +81,11 @@ def extract_code(text: str) -> str:
 HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
 
 
-def truncate_completion(completion: str, stops=HUMANEVAL_STOPS) -> str:
-    """Cut a function-body completion at the first stop sequence."""
-    cut = len(completion)
+def cut_at_stops(text: str, stops=HUMANEVAL_STOPS) -> str:
+    """Text up to the first of the stop strings (a function-body completion ends at top-level code)."""
+    cut = len(text)
     for s in stops:
-        i = completion.find(s)
+        i = text.find(s)
         if i != -1:
             cut = min(cut, i)
-    return completion[:cut]
+    return text[:cut]

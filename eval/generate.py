@@ -1,15 +1,16 @@
-"""Text generation for the suites that sample completions (code, reasoning): prompts in, n completions each out.
+"""Text generation for the suites that sample completions (code, reasoning, lm-eval's generate_until): prompts in,
+n completions each out, through the rollout engine (`dsaforge.model.engine.Engine`: continuous batching, dense or
+sparse attention without the indexer KL, CUDA-graph decode on GPUs).
 
-`Generator` is the interface the suites use. `CacheDecoder` decodes with the model's KV cache, one prompt at a time
-with its n samples as the batch (rows of one prompt share their length, so the cache's single position serves them
-all): greedy at temperature 0, else temperature + top-p sampling; stops at EOS or when every row produced a stop
-string.
+The engine stops on EOS; stop strings (HumanEval's top-level statements, `</answer>`) are applied to the decoded
+text afterwards, so a completion is exactly what a server honouring them would have returned.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Protocol, Sequence
 
-import torch
+from dsaforge.eval.extract import cut_at_stops
+from dsaforge.progress import Progress
 
 
 class Generator(Protocol):
@@ -17,62 +18,36 @@ class Generator(Protocol):
                  stop: Sequence[str] = ()) -> list[list[str]]: ...
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]: argmax at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p            # the smallest prefix reaching top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
-
-
-class CacheDecoder:
-    def __init__(self, em, mode: str = "sparse", temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+class EngineGenerator:
+    def __init__(self, em, mode: str = "sparse", temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 max_batch: int = 64, desc: str = "generate"):
         self.em, self.mode, self.temperature, self.top_p = em, mode, temperature, top_p
-        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed, self.max_batch, self.desc = seed, max_batch, desc
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], n: int, max_new_tokens: int,
                  stop: Sequence[str] = ()) -> list[list[str]]:
-        return [self._one(p, n, max_new_tokens, stop) for p in prompts]
+        from dsaforge.model.engine import Engine
+        from dsaforge.model.sampling import SamplingParams
 
-    def _one(self, prompt: str, n: int, max_new_tokens: int, stop: Sequence[str]) -> list[str]:
-        em, model = self.em, self.em.model
-        ids = [em.bos] + em.encode(prompt)
-        budget = min(max_new_tokens, em.max_len - len(ids))
-        if budget <= 0:
-            return [""] * n
-        ids = ids[-(em.max_len - 1):]
-        cache = model.new_cache(n, len(ids) + budget)
-        tokens = torch.tensor([ids] * n, device=em.device)
-        out = model(tokens, mode=self.mode, cache=cache, return_hidden=True)
-        logits = model.head(out.hidden[:, -1])                                   # [n, V]
-        new: list[list[int]] = [[] for _ in range(n)]
-        done = [False] * n
-        pos = len(ids)
-        for _ in range(budget):
-            nxt = sample_next(logits.cpu(), self.temperature, self.top_p, self.gen)
-            for r in range(n):
-                if not done[r]:
-                    t = int(nxt[r])
-                    if t == em.eos:
-                        done[r] = True
-                    else:
-                        new[r].append(t)
-                        if stop and any(s in em.decode(new[r][-16:]) for s in stop):
-                            done[r] = True
-            if all(done) or pos >= cache.max_len:
-                break
-            out = model(nxt.view(n, 1).to(em.device), mode=self.mode, cache=cache, start_pos=pos, return_hidden=True)
-            logits = model.head(out.hidden[:, -1])
-            pos += 1
-        return [em.decode(r) for r in new]
+        em = self.em
+        # The prompt's tail when it is longer than the window leaves room for the completion.
+        keep = max(1, em.max_len - max_new_tokens)
+        ids = [([em.bos] + em.encode(p))[-keep:] for p in prompts]
+        flat = [x for x in ids for _ in range(n)]
+        if not flat:
+            return [[] for _ in prompts]
+        max_len = min(em.max_len, max(len(x) for x in flat) + max_new_tokens)
+        engine = Engine(em.model, self.mode, max_batch=min(self.max_batch, len(flat)), max_len=max_len,
+                        seed=self.seed)
+        params = [SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                                 max_new_tokens=max(1, min(max_new_tokens, max_len - len(x))),
+                                 stop_token_ids=(em.eos,)) for x in flat]
+        with Progress(self.desc, total=len(flat), unit="completion") as bar:
+            done = engine.generate(flat, params, on_step=lambda _new, ended: bar.update(ended))
+        texts = [cut_at_stops(em.decode(c.tokens), stop) for c in done]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
-def make_generator(em, cfg, mode: str = "sparse", seed: Optional[int] = None) -> Generator:
+def make_generator(em, cfg, mode: str = "sparse", desc: str = "generate") -> EngineGenerator:
     e = cfg.eval
-    return CacheDecoder(em, mode=mode, temperature=e.temperature, top_p=e.top_p, seed=e.seed if seed is None else seed)
+    return EngineGenerator(em, mode=mode, temperature=e.temperature, top_p=e.top_p, seed=e.seed, desc=desc)

@@ -20,7 +20,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from dsaforge.eval.checkpoint import EvalModel
-from dsaforge.eval.generate import CacheDecoder
+from dsaforge.eval.extract import cut_at_stops
+from dsaforge.eval.generate import EngineGenerator
 
 
 @register_model("dsaforge")
@@ -65,11 +66,9 @@ class DsaforgeLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
-            decoder = CacheDecoder(self.em, self.mode, temperature, float(kwargs.get("top_p", 1.0)))
-            text = decoder.generate([context], 1, int(kwargs.get("max_gen_toks", self.max_gen_toks)), until)[0][0]
-            for s in until:
-                text = text.split(s)[0]
-            out.append(text)
+            gen = EngineGenerator(self.em, self.mode, temperature, float(kwargs.get("top_p", 1.0)), desc="lm-eval")
+            text = gen.generate([context], 1, int(kwargs.get("max_gen_toks", self.max_gen_toks)), until)[0][0]
+            out.append(cut_at_stops(text, until))
         return out
 
 

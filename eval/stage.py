@@ -37,13 +37,13 @@ def _long_context(ctx, em) -> SuiteResult:
 def _code(ctx, em) -> SuiteResult:
     from dsaforge.eval import code
     from dsaforge.eval.generate import make_generator
-    return code.run(ctx.cfg, make_generator(em, ctx.cfg))
+    return code.run(ctx.cfg, make_generator(em, ctx.cfg, desc="eval code (generate)"))
 
 
 def _reasoning(ctx, em) -> SuiteResult:
     from dsaforge.eval import reasoning
     from dsaforge.eval.generate import make_generator
-    return reasoning.run(ctx.cfg, make_generator(em, ctx.cfg))
+    return reasoning.run(ctx.cfg, make_generator(em, ctx.cfg, desc="eval reasoning (generate)"))
 
 
 def _agentic(ctx, em) -> SuiteResult:

@@ -1,5 +1,5 @@
-"""The end-to-end pipeline: prepare-data -> pretrain -> warmup -> sparse, and synthesize from the same data;
-each stage is one component, all tracked under one MLflow run.
+"""The end-to-end pipeline: prepare-data -> pretrain -> warmup -> sparse, and synthesize from the same data; evaluate
+last, on the sparse checkpoint with the held-out tasks; each stage is one component, all tracked under one MLflow run.
 
 Run locally: `dsaforge run end-to-end --preset tiny` (KFP local runner). Compile for a cluster:
 `dsaforge pipelines compile end-to-end --preset small`.
@@ -8,6 +8,7 @@ Run locally: `dsaforge run end-to-end --preset tiny` (KFP local runner). Compile
 from kfp import dsl
 
 from dsaforge.components.data import prepare_data
+from dsaforge.components.eval import evaluate
 from dsaforge.components.synth import synthesize
 from dsaforge.components.train import pretrain, sparse, warmup
 from dsaforge.components.tracking import close_run, open_run
@@ -31,7 +32,9 @@ def build(cfg: Config):
             dataset = data.outputs["dataset"]
             pre = gpu_task(pretrain(dataset=dataset, **common).set_display_name("pretrain"), cfg)
             warm = gpu_task(warmup(dataset=dataset, base=pre.outputs["model"], **common).set_display_name("warmup"), cfg)
-            gpu_task(sparse(dataset=dataset, base=warm.outputs["model"], **common).set_display_name("sparse"), cfg)
-            cpu_task(synthesize(dataset=dataset, **common).set_display_name("synthesize"), "8", "16G")
+            sp = gpu_task(sparse(dataset=dataset, base=warm.outputs["model"], **common).set_display_name("sparse"), cfg)
+            syn = cpu_task(synthesize(dataset=dataset, **common).set_display_name("synthesize"), "8", "16G")
+            gpu_task(evaluate(dataset=dataset, model=sp.outputs["model"], tasks=syn.outputs["tasks"], **common)
+                     .set_display_name("evaluate"), cfg)
 
     return end_to_end

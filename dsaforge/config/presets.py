@@ -79,6 +79,7 @@ def tiny() -> Config:
     cfg.synth.max_difficulty = 2
     cfg.eval.max_samples, cfg.eval.max_new_tokens, cfg.eval.batch_size = 16, 32, 8
     cfg.eval.long_context.samples, cfg.eval.long_context.depths = 2, [0.0, 0.5, 1.0]
+    cfg.eval.max_turns = 2
     cfg.tracking.system_metrics_interval_s = 2.0
     return cfg
 

@@ -185,6 +185,7 @@ class EvalConfig(Section):
     samples: int = Field(1, gt=0, description="Completions per prompt for pass@k / pass^k (n).")
     pass_k: list[int] = Field(default_factory=lambda: [1, 2, 4], description="k values reported (k <= samples).")
     batch_size: int = Field(4, gt=0, description="Sequences per forward pass.")
+    max_turns: int = Field(8, ge=0, description="Tool-calling segments per agentic episode.")
     lm_seq_len: int = Field(0, ge=0, description="Held-out perplexity window; 0: data.seq_len.")
     reasoning_tasks: list[str] = Field(
         default_factory=lambda: ["basic_arithmetic", "leg_counting", "chain_sum", "word_sorting"],
