@@ -101,7 +101,7 @@ def run_local(name: str, cfg: Config) -> PipelineResult:
 
 _SCALARS = ("documents", "train_tokens", "bytes_per_token", "steps", "unigram_entropy", "tasks", "envs", "heldout_tasks",
             "lm/dense/loss", "lm/sparse/loss", "long-context/dense/accuracy", "long-context/sparse/accuracy",
-            "agentic/pass@1", "code/pass@1", "reasoning/mean_score")
+            "agentic/pass_at_1", "code/pass_at_1", "reasoning/mean_score")
 _CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean")
 
 

@@ -110,8 +110,8 @@ def haystack_tokens(em, texts: list[str], need: int) -> list[int]:
 
 
 def default_lengths(max_len: int) -> list[int]:
-    """Doubling from max(128, max_len / 8) up to max_len."""
-    n, out = max(128, max_len // 8), []
+    """Doubling from max(256, max_len / 8) up to max_len (shorter contexts cannot hold the multi-key needles)."""
+    n, out = max(256, max_len // 8), []
     while n < max_len:
         out.append(n)
         n *= 2

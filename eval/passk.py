@@ -53,13 +53,14 @@ def mean_pass_hat_k(counts: Iterable[tuple[int, int]], k: int) -> float:
 
 
 def summarize(counts: Sequence[tuple[int, int]], ks: Sequence[int], prefix: str = "") -> dict[str, float]:
-    """{prefix}pass@k and {prefix}pass^k for every k not above the smallest n."""
+    """{prefix}pass_at_k (pass@k) and {prefix}pass_hat_k (pass^k) for every k not above the smallest n (MLflow
+    metric names cannot hold '@' or '^')."""
     if not counts:
         return {}
     n_min = min(n for n, _ in counts)
     out = {}
     for k in sorted(set(ks)):
         if 1 <= k <= n_min:
-            out[f"{prefix}pass@{k}"] = mean_pass_at_k(counts, k)
-            out[f"{prefix}pass^{k}"] = mean_pass_hat_k(counts, k)
+            out[f"{prefix}pass_at_{k}"] = mean_pass_at_k(counts, k)
+            out[f"{prefix}pass_hat_{k}"] = mean_pass_hat_k(counts, k)
     return out

@@ -122,7 +122,7 @@ def build(out_dir: Path, histories: Optional[dict] = None, title: str = "dsaforg
             figs = [bars("held-out loss", {m: s[f"{m}/loss"] for m in ("dense", "sparse")}, rep, "lm_loss",
                          "nats / token")]
         else:
-            rates = {k: v for k, v in s.items() if (k.endswith("pass@1") or k.endswith("mean_score"))
+            rates = {k: v for k, v in s.items() if (k.endswith("pass_at_1") or k.endswith("mean_score"))
                      and isinstance(v, (int, float)) and v == v}
             if rates:
                 figs = [bars(f"{suite}: pass@1 / mean score", rates, rep, f"{suite}_rates", "rate")]

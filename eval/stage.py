@@ -68,6 +68,9 @@ def check_inputs(cfg, inputs: dict) -> None:
     if "agentic" in suites and "synthesize" not in inputs:
         raise ConfigError("the agentic suite needs the synthesize output (--input synthesize=DIR), or drop it from "
                           "eval.suites")
+    if "agentic" in suites:
+        from dsaforge.eval.agentic import heldout_tasks
+        heldout_tasks(inputs["synthesize"], 1)
     if "efficiency" in suites and not torch.cuda.is_available():
         raise ConfigError("the efficiency suite measures GPU throughput and cost and needs a CUDA device; drop it "
                           "from eval.suites on this machine")
@@ -104,7 +107,7 @@ def run(ctx) -> dict:
 
 
 def _headline(key: str) -> bool:
-    return key.endswith(("/loss", "accuracy", "pass@1", "mean_score", "usd_per_mtok")) and key.count("/") <= 1
+    return key.endswith(("/loss", "accuracy", "pass_at_1", "mean_score", "usd_per_mtok")) and key.count("/") <= 1
 
 
 def _histories(tracker, names: list[str]) -> dict:

@@ -37,10 +37,10 @@ def test_pass_at_k_edge_cases_and_reductions():
 def test_summaries_average_tasks_and_skip_k_above_n():
     counts = [(4, 1), (4, 4), (4, 0)]
     s = summarize(counts, [1, 2, 8])
-    assert set(s) == {"pass@1", "pass^1", "pass@2", "pass^2"}
-    assert s["pass@1"] == pytest.approx((0.25 + 1 + 0) / 3)
-    assert s["pass@2"] == pytest.approx(mean_pass_at_k(counts, 2)) == pytest.approx((0.5 + 1 + 0) / 3)
-    assert s["pass^2"] == pytest.approx((0 + 1 + 0) / 3)
+    assert set(s) == {"pass_at_1", "pass_hat_1", "pass_at_2", "pass_hat_2"}
+    assert s["pass_at_1"] == pytest.approx((0.25 + 1 + 0) / 3)
+    assert s["pass_at_2"] == pytest.approx(mean_pass_at_k(counts, 2)) == pytest.approx((0.5 + 1 + 0) / 3)
+    assert s["pass_hat_2"] == pytest.approx((0 + 1 + 0) / 3)
 
 
 @pytest.mark.parametrize("text, want", [

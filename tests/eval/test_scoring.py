@@ -80,7 +80,7 @@ def test_long_context_prompts_have_exact_length_and_needles_in_place(em, task):
 
 
 def test_default_grids():
-    assert longctx.default_lengths(512) == [128, 256, 512]
+    assert longctx.default_lengths(512) == [256, 512]
     assert longctx.default_lengths(65536) == [8192, 16384, 32768, 65536]
     assert efficiency.default_positions(163840, 2048) == [4096, 8192, 16384, 32768, 65536, 131072]
 
