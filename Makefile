@@ -15,7 +15,7 @@ UV_VERSION ?= 0.13.9
 TORCH_FIND_LINKS ?= $(TORCH_INDEX)/torch/
 LOCK_ARGS ?=
 
-.PHONY: demo test test-latest setup setup-dev system-deps gpu-test lock clean
+.PHONY: demo test test-latest setup setup-dev system-deps gpu-test lock clean image
 
 $(VENV)/.base: requirements/torch-cpu.lock requirements/cpu.lock
 	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -78,6 +78,18 @@ lock: $(VENV)/.base
 	  --find-links $(TORCH_FIND_LINKS) -o requirements/torch-cpu.lock
 	$(UV_COMPILE) pyproject.toml requirements/build.in --extra gpu --python-version 3.12 \
 	  --python-platform x86_64-manylinux_2_28 --override requirements/cuda.in -o requirements/cuda.lock
+
+# Container images for a cluster (docker/): the CUDA runtime image (GPU stages, TrainJob nodes) and the CPU image.
+# Their names are the config's defaults (pipeline.image, pipeline.cpu_image); IMAGE_PREFIX=registry.example/ to push.
+VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_PREFIX ?=
+DOCKER       ?= docker
+GIT_COMMIT   := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+image:
+	@command -v $(DOCKER) >/dev/null 2>&1 || { echo "error: make image needs $(DOCKER) (DOCKER=podman works too)"; exit 1; }
+	$(DOCKER) build -f docker/cuda.Dockerfile --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(IMAGE_PREFIX)dsaforge:$(VERSION) .
+	$(DOCKER) build -f docker/cpu.Dockerfile --build-arg GIT_COMMIT=$(GIT_COMMIT) --build-arg TORCH_INDEX=$(TORCH_INDEX) -t $(IMAGE_PREFIX)dsaforge-cpu:$(VERSION) .
+	@echo "built $(IMAGE_PREFIX)dsaforge:$(VERSION) and $(IMAGE_PREFIX)dsaforge-cpu:$(VERSION)"
 
 clean:
 	rm -rf build .pytest_cache

@@ -1,4 +1,8 @@
-"""The container image every component runs in on a cluster (the local runner uses the current interpreter)."""
-import os
+"""The image a component names at definition time. Every pipeline task is given its image from the config
+(`pipeline.image` for GPU stages, `pipeline.cpu_image` for the rest, see dsaforge.pipelines.placement), so this
+default only matters to someone who uses a component outside dsaforge's pipelines. The images contain dsaforge and
+kfp, so components never pip-install anything at start (`install_kfp_package=False`)."""
+from dsaforge.config.sections import PipelineConfig
 
-IMAGE = os.environ.get("DSAFORGE_IMAGE", "dsaforge/dsaforge:0.1.0")
+IMAGE = PipelineConfig.model_fields["image"].default
+COMPONENT = dict(base_image=IMAGE, install_kfp_package=False)

@@ -4,8 +4,12 @@
   dsaforge stage prepare-data --out DIR            one stage in-process (no KFP), for debugging
   dsaforge config show|schema|diff                 resolved configs, the JSON schema, differences
   dsaforge pipelines list|compile                  available pipelines; KFP IR YAML for a cluster
+  dsaforge submit end-to-end --host URL            start a run on a Kubeflow Pipelines cluster
+  dsaforge runs list|get|cancel --host URL         the cluster's runs
   dsaforge mlflow ui                               MLflow's UI on 127.0.0.1 over the local store
   dsaforge eval compare RUN RUN [...]              evaluation metrics of MLflow runs side by side
+  dsaforge generate --checkpoint DIR --prompts F   complete prompts (or roll out --tasks) into Parquet
+  dsaforge tracking replay SPOOL                   log what a stage kept on disk while tracking was down
 Exit status: 0 on success; 2 for bad input (config, files, unreachable servers); 1 for other failures.
 `--debug` shows the traceback.
 """
@@ -36,7 +40,14 @@ def cmd_run(args) -> int:
     from dsaforge.tracking import default_tracking_uri
 
     cfg = _load(args)
-    result = run_local(args.pipeline, cfg)
+    if args.resume and not (args.preset or args.config):
+        # the resumed run's own config, with --set applied on top (e.g. the fix for what failed)
+        from dsaforge.config import load_config
+        from dsaforge.records import find_record
+
+        home = Path(cfg.pipeline.home).resolve()
+        cfg = load_config(None, [str(find_record(home, args.resume) / "config.yaml")], args.sets)
+    result = run_local(args.pipeline, cfg, reuse=_inputs(args.input), resume=args.resume)
     print(f"\npipeline {result.name} finished in {result.seconds:.0f}s")
     print(f"  outputs:       {result.run_dir}")
     for task, path in result.outputs.items():
@@ -70,27 +81,75 @@ def _self_command() -> str:
 
 
 def cmd_stage(args) -> int:
-    from dsaforge.stages import get_stage, run_stage
-    from dsaforge.tracking import NullTracker, start_stage_run
+    from dsaforge.stages import run_stage
+    from dsaforge.tracking import stage_run
 
     cfg = _load(args)
-    get_stage(args.name)
     inputs = {}
     for item in args.input:
         if "=" not in item:
             raise _UsageError(f"--input {item!r}: expected STAGE=DIR")
         key, value = item.split("=", 1)
         inputs[key] = Path(value)
-    tracker = NullTracker() if args.no_track else start_stage_run(cfg, args.name, parent_run_id=args.parent_run_id)
-    try:
+    with stage_run(cfg, args.name, parent_run_id=args.parent_run_id, enabled=not args.no_track,
+                   out_dir=Path(args.out)) as tracker:
         summary = run_stage(args.name, cfg, Path(args.out), inputs, tracker)
-    except BaseException:
-        if hasattr(tracker, "finish"):
-            tracker.finish("FAILED")
-        raise
-    if hasattr(tracker, "finish"):
-        tracker.finish("FINISHED")
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _inputs(items) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise _UsageError(f"--input {item!r}: expected STAGE=URI")
+        key, value = item.split("=", 1)
+        out[key] = value
+    return out
+
+
+def cmd_submit(args) -> int:
+    from dsaforge.cluster import kfp_host, submit
+
+    cfg = _load(args)
+    host = kfp_host(cfg, args.host)
+    result = submit(args.pipeline, cfg, host, experiment=args.experiment, reuse=_inputs(args.input),
+                    run_name=args.run_name, namespace=args.namespace)
+    print(f"submitted {args.pipeline} to {host}")
+    print(f"  run:  {result.run_id}")
+    print(f"  link: {result.url}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from dsaforge import cluster
+
+    host = cluster.kfp_host(None, args.host)
+    if args.action == "list":
+        rows = cluster.list_runs(host, args.experiment, args.limit, args.namespace)
+        if args.format == "json":
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            print(f"{r['run_id']:<38} {r['state']:<10} {r['created'][:19]:<20} {r['name']}")
+        if not rows:
+            print("no runs")
+        return 0
+    if not args.run_id:
+        raise _UsageError(f"runs {args.action} needs a RUN_ID")
+    if args.action == "get":
+        row = cluster.get_run(host, args.run_id)
+        if args.format == "json":
+            print(json.dumps(row, indent=2))
+        else:
+            for key in ("run_id", "name", "state", "created", "finished", "error", "url"):
+                if row[key]:
+                    print(f"{key + ':':<10} {row[key]}")
+            for task, state in row["tasks"].items():
+                print(f"  {task:<24} {state}")
+        return 0
+    cluster.cancel_run(host, args.run_id)
+    print(f"cancelled {args.run_id}")
     return 0
 
 
@@ -158,6 +217,70 @@ def cmd_eval(args) -> int:
     print(compare(uri, args.runs, Path(args.out) if args.out else None, args.prefix))
     if args.out:
         print(f"wrote {args.out}")
+def cmd_generate(args) -> int:
+    from dsaforge.model.sampling import SamplingParams
+    from dsaforge.rollout.generate import PromptEpisode, engine_policy, generate, load_prompts
+    from dsaforge.rollout.runner import RolloutConfig
+
+    if bool(args.prompts) == bool(args.tasks):
+        raise _UsageError("give exactly one of --prompts FILE or --tasks DIR")
+    if bool(args.checkpoint) == bool(args.server):
+        raise _UsageError("give exactly one of --checkpoint DIR (in-process engine) or --server URL")
+    cfg = _load(args)
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_new_tokens=args.max_new_tokens)
+        rollout = RolloutConfig(max_turns=args.max_turns, context=args.context, context_budget=args.context_budget)
+    except ValueError as e:
+        raise _UsageError(str(e)) from e
+    if args.tasks:
+        from dsaforge.synth.episode import make_episode
+        from dsaforge.synth.task import load_tasks
+
+        tasks = load_tasks(Path(args.tasks), split=args.split)[: args.limit]
+        if not tasks:
+            raise _UsageError(f"no tasks in {args.tasks}" + (f" with split {args.split!r}" if args.split else ""))
+        episodes = [make_episode(t, cfg.synth.sandbox) for t in tasks]
+    else:
+        episodes = [PromptEpisode(i, r) for i, r in enumerate(load_prompts(Path(args.prompts))[: args.limit])]
+    if args.server:
+        from dsaforge.rollout.openai import LIMITS, OpenAIPolicy
+
+        policy = OpenAIPolicy(args.server, params, model=args.model, max_context=args.max_len or 131072)
+        print(f"dsaforge: {LIMITS}", file=sys.stderr)
+    else:
+        policy = engine_policy(Path(args.checkpoint), args.tokenizer and Path(args.tokenizer), params, mode=args.mode,
+                               max_batch=args.max_batch, max_len=args.max_len, thinking=not args.no_thinking,
+                               device=args.device, capture_routing=args.capture_routing,
+                               capture_kept=args.capture_kept)
+    from dsaforge.tracking import start_stage_run
+
+    tracker = None if args.no_track else start_stage_run(cfg, "generate", parent_run_id=args.parent_run_id)
+    try:
+        summary = generate(policy, episodes, Path(args.out), rollout, tracker=tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        tracker.log_params({"backend": args.server or str(args.checkpoint), "mode": args.mode,
+                            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                            "max_new_tokens": args.max_new_tokens, "thinking": not args.no_thinking})
+        tracker.finish("FINISHED")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_tracking(args) -> int:
+    from dsaforge.tracking import replay, resolve_tracking_uri
+
+    cfg = _load(args)
+    uri = args.tracking_uri or resolve_tracking_uri(cfg)
+    for spool in args.spools:
+        if not Path(spool).is_file():
+            raise _UsageError(f"no spool file {spool}")
+        n = replay(spool, uri)
+        print(f"replayed {n} tracking call(s) of run {Path(spool).stem} into {uri}")
     return 0
 
 
@@ -175,12 +298,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a pipeline on KFP's local runner, tracked in MLflow")
     p.add_argument("pipeline", help="pipeline name (see `dsaforge pipelines list`)")
+    p.add_argument("--input", action="append", default=[], metavar="STAGE=PATH",
+                   help="start from a finished stage's output instead of running it (repeatable)")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="re-run a failed run's failed step and those after it, reusing what finished "
+                        "(RUN: its run id prefix or run record folder; config: the run's own plus --set)")
     _config_args(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("submit", help="compile a pipeline from the config and start it on a Kubeflow Pipelines cluster")
+    p.add_argument("pipeline", help="pipeline name (see `dsaforge pipelines list`)")
+    p.add_argument("--host", default=None, help="KFP API URL (default $KFP_HOST, else pipeline.host); credentials "
+                   "from $KFP_TOKEN, $KFP_TOKEN_FILE or $KFP_COOKIE")
+    p.add_argument("--experiment", default=None, help="KFP experiment (default pipeline.kfp_experiment)")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--namespace", default=None, help="profile namespace on multi-user installations")
+    p.add_argument("--input", action="append", default=[], metavar="STAGE=URI",
+                   help="start from a finished stage's output (s3://, gs://, minio://) instead of running it")
+    _config_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("runs", help="list, inspect or cancel runs on a Kubeflow Pipelines cluster")
+    p.add_argument("action", choices=["list", "get", "cancel"])
+    p.add_argument("run_id", nargs="?", help="for get/cancel: the KFP run id")
+    p.add_argument("--host", default=None, help="KFP API URL (default $KFP_HOST)")
+    p.add_argument("--experiment", default=None, help="for list: only this KFP experiment")
+    p.add_argument("--namespace", default=None)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_runs)
+
     p = sub.add_parser("stage", help="run one stage in-process (no KFP), for debugging")
     p.add_argument("name", help="stage name, e.g. prepare-data")
-    p.add_argument("--out", required=True, help="output directory of the stage (must be new or empty)")
+    p.add_argument("--out", required=True,
+                   help="output directory of the stage: new or empty (a training stage resumes its own unfinished one)")
     p.add_argument("--input", action="append", default=[], metavar="STAGE=DIR",
                    help="an upstream stage's output directory (repeatable)")
     p.add_argument("--parent-run-id", default=None, help="attach to this MLflow pipeline run as a child")
@@ -203,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_pipelines)
 
+    p = sub.add_parser("tracking", help="log what a stage kept on disk while its tracking server was away")
+    p.add_argument("action", choices=["replay"])
+    p.add_argument("spools", nargs="+", metavar="SPOOL", help="spool files (PIPELINE_HOME/spool/RUN_ID.jsonl)")
+    p.add_argument("--tracking-uri", default=None, help="default: the configured store")
+    _config_args(p)
+    p.set_defaults(func=cmd_tracking)
+
     p = sub.add_parser("mlflow", help="MLflow helpers")
     p.add_argument("action", choices=["ui"])
     p.add_argument("--port", type=int, default=5000)
@@ -218,6 +376,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="default: the configured store")
     _config_args(p)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="complete prompts or roll out agent tasks into Parquet")
+    src = p.add_argument_group("what to generate")
+    src.add_argument("--prompts", default=None, help=".jsonl/.parquet with 'prompt' or 'messages' (and 'id')")
+    src.add_argument("--tasks", default=None, help="a synthesize output directory: roll out its agent tasks")
+    src.add_argument("--split", default=None, help="with --tasks: train or heldout")
+    src.add_argument("--limit", type=int, default=None, help="at most this many prompts/tasks")
+    be = p.add_argument_group("backend")
+    be.add_argument("--checkpoint", default=None, help="a training stage's output (or HF) directory")
+    be.add_argument("--tokenizer", default=None, help="tokenizer.json or the prepare-data output directory")
+    be.add_argument("--server", default=None, help="OpenAI-compatible base URL instead of --checkpoint (no routing "
+                                                   "or kept-set capture)")
+    be.add_argument("--model", default=None, help="model name at --server (default: the first one listed)")
+    be.add_argument("--mode", choices=["sparse", "dense"], default="sparse")
+    be.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    be.add_argument("--max-batch", type=int, default=64)
+    be.add_argument("--max-len", type=int, default=None, help="context window (default: the model's max_seq_len)")
+    be.add_argument("--capture-routing", action="store_true", help="record MoE routing per token (Keep Routing)")
+    be.add_argument("--capture-kept", action="store_true", help="record kept-token sets (Keep Sampling Mask)")
+    sp = p.add_argument_group("sampling and turns")
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--max-new-tokens", type=int, default=1024, help="per assistant segment")
+    sp.add_argument("--no-thinking", action="store_true", help="non-thinking mode (no <think> reasoning)")
+    sp.add_argument("--max-turns", type=int, default=20)
+    sp.add_argument("--context", default="discard_all", choices=["discard_all", "discard_75", "reprefill", "none"])
+    sp.add_argument("--context-budget", type=float, default=0.8)
+    p.add_argument("--out", required=True, help="output .parquet file")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--parent-run-id", default=None, help="attach to this MLflow run as a child")
+    _config_args(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -235,7 +425,9 @@ def main(argv=None) -> int:
         from dsaforge.config import ConfigError
         from dsaforge.data.ingest import DataError
 
-        bad_input = isinstance(e, (ConfigError, DataError, FileNotFoundError, _UsageError))
+        from dsaforge.synth.llm import LLMError
+
+        bad_input = isinstance(e, (ConfigError, DataError, FileNotFoundError, _UsageError, LLMError))
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"dsaforge: error: {msg}" + ("" if bad_input else f" ({type(e).__name__}; --debug for the traceback)"),
               file=sys.stderr)

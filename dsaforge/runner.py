@@ -10,23 +10,14 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from dsaforge.config import Config, to_yaml
-from dsaforge.tracking import resolve_tracking_uri, start_pipeline_run
+from dsaforge.config import Config, ConfigError, to_yaml
+from dsaforge.tracking import reopen_run, resolve_tracking_uri, stage_errors, start_pipeline_run
 
 
 class PipelineFailed(RuntimeError):
     """A pipeline task failed; the message names the stage and its error."""
-
-
-def _stage_errors(uri: str, parent_run_id: str) -> list[str]:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return [f"{r.data.tags.get('dsaforge.stage', r.info.run_name)}: {r.data.tags['dsaforge.error']}"
-            for r in runs if "dsaforge.error" in r.data.tags]
 
 
 @dataclass
@@ -41,57 +32,86 @@ class PipelineResult:
     outputs: dict[str, str]
 
 
-def _latest_run_dir(root: Path, name: str, before: set[Path]) -> Path:
-    dirs = [p for p in root.glob(f"{name}-*") if p.is_dir() and p not in before]
-    if not dirs:
-        raise RuntimeError(f"KFP wrote no run folder under {root}")
-    return max(dirs, key=lambda p: p.stat().st_mtime)
+def _run_dir(root: Path, name: str, required: bool = True) -> Optional[Path]:
+    """KFP's folder of this run: the only one under the attempt's own pipeline root (never chosen by mtime, which
+    would hand two concurrent runs the same folder). None when a failed run wrote none and `required` is False."""
+    dirs = [p for p in root.glob(f"{name}-*") if p.is_dir()]
+    if not dirs and not required:
+        return None
+    if len(dirs) != 1:
+        raise RuntimeError(f"expected one KFP run folder under {root}, found {len(dirs)}")
+    return dirs[0]
 
 
-def run_local(name: str, cfg: Config) -> PipelineResult:
+def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
+              resume: Optional[str] = None) -> PipelineResult:
+    """Run pipeline `name` on KFP's local runner. `reuse` maps stages to finished outputs that are imported instead
+    of run (--input); `resume` names an earlier failed run whose finished stages are reused the same way, under the
+    same MLflow parent run (see dsaforge.records)."""
     from kfp import local
 
     from dsaforge.pipelines import get_pipeline
+    from dsaforge.records import finished_outputs, find_record, load_record
 
-    module = get_pipeline(name)
     home = Path(cfg.pipeline.home).resolve()
-    kfp_root = home / "kfp"
-    kfp_root.mkdir(parents=True, exist_ok=True)
-    run_id = uuid.uuid4().hex
+    reuse = dict(reuse or {})
+    earlier = None
+    if resume:
+        earlier = load_record(find_record(home, resume))
+        if earlier["pipeline"] != name:
+            raise ConfigError(f"--resume: that run is of pipeline {earlier['pipeline']!r}, not {name!r}")
+        reuse = {**earlier.get("reused", {}), **earlier.get("finished", {}), **reuse}
+    module = get_pipeline(name)
+    run_id = earlier["pipeline_run_id"] if earlier else uuid.uuid4().hex
+    # Each attempt gets its own pipeline root (a resumed run keeps its run id, not the failed attempt's folder), so
+    # concurrent runs never share one and the run folder is found without comparing mtimes.
+    kfp_root = home / "kfp" / uuid.uuid4().hex
+    kfp_root.mkdir(parents=True)
     record = home / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{run_id[:8]}"
-    record.mkdir(parents=True)
+    record.mkdir(parents=True, exist_ok=bool(earlier))
     (record / "config.yaml").write_text(to_yaml(cfg))
     uri = resolve_tracking_uri(cfg)
     cfg.tracking.uri = uri          # every component, in whatever process, writes to the same store
-    parent = start_pipeline_run(cfg, name, run_id, pipeline_run_url=record.as_uri())
+    if earlier:
+        parent = reopen_run(uri, earlier["mlflow_run_id"])
+        parent.set_tags({"dsaforge.resumed": str(sorted(reuse))})
+    else:
+        parent = start_pipeline_run(cfg, name, run_id, pipeline_run_url=record.as_uri())
     parent.log_artifact(record / "config.yaml")
+    pipeline = module.build(cfg, reuse)
 
     # The local orchestrator deletes workspace_root after every run, so it gets a fresh temporary directory.
     workspace = Path(tempfile.mkdtemp(prefix="dsaforge-ws-"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root),
                workspace_root=str(workspace), raise_on_error=True, enable_caching=cfg.pipeline.caching)
-    before = set(kfp_root.glob(f"{name}-*"))
     t0 = time.time()
+    summary = {"pipeline": name, "pipeline_run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": uri,
+               "resumed_from": earlier and earlier.get("record"), "reused": reuse, "record": str(record)}
     try:
         with warnings.catch_warnings():
             # The local runner warns that the cluster image is not used; running in this interpreter is the point.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
             # Resource and placement settings are for clusters; the local runner says so once per task.
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-            module.build(cfg)(config_json=json.dumps(cfg.model_dump()), tracking_uri=uri, parent_run_id=parent.run_id)
+            pipeline(config_json=json.dumps(cfg.model_dump()), tracking_uri=uri, parent_run_id=parent.run_id)
     except Exception as e:
-        errors = _stage_errors(uri, parent.run_id)
+        errors = stage_errors(uri, parent.run_id)
         reason = "; ".join(errors) or re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        run_dir = _run_dir(kfp_root, name, required=False)
+        summary.update(state="FAILED", error=reason[:4000], kfp_run_dir=str(run_dir or ""),
+                       finished=finished_outputs(run_dir), seconds=round(time.time() - t0, 1))
+        (record / "summary.json").write_text(json.dumps(summary, indent=2))
         parent.set_tags({"dsaforge.error": reason[:4000]})
         parent.finish("FAILED")
-        raise PipelineFailed(f"pipeline {name} failed: {reason} (logs: {kfp_root})") from e
+        raise PipelineFailed(f"pipeline {name} failed: {reason} (logs: {kfp_root}; after fixing, "
+                             f"resume with --resume {run_id[:8]})") from e
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     seconds = time.time() - t0
-    run_dir = _latest_run_dir(kfp_root, name, before)
+    run_dir = _run_dir(kfp_root, name)
     outputs = {p.parent.name: str(p) for p in sorted(run_dir.glob("*/*")) if p.name != "executor_output.json"}
-    summary = {"pipeline": name, "pipeline_run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": uri,
-               "kfp_run_dir": str(run_dir), "seconds": round(seconds, 1), "outputs": outputs}
+    summary.update(state="SUCCEEDED", kfp_run_dir=str(run_dir), seconds=round(seconds, 1), outputs=outputs,
+                   finished=finished_outputs(run_dir))
     (record / "summary.json").write_text(json.dumps(summary, indent=2))
     parent.log_metrics({"pipeline_seconds": seconds})
     parent.log_artifact(record / "summary.json")
@@ -102,7 +122,7 @@ def run_local(name: str, cfg: Config) -> PipelineResult:
 _SCALARS = ("documents", "train_tokens", "bytes_per_token", "steps", "unigram_entropy", "tasks", "envs", "heldout_tasks",
             "lm/dense/loss", "lm/sparse/loss", "long-context/dense/accuracy", "long-context/sparse/accuracy",
             "agentic/pass_at_1", "code/pass_at_1", "reasoning/mean_score")
-_CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean")
+_CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean", "heldout/pass_rate")
 
 
 def stage_highlights(run_dir: Path) -> dict[str, str]:
@@ -125,13 +145,13 @@ def stage_highlights(run_dir: Path) -> dict[str, str]:
     return lines
 
 
-def compile_pipeline(name: str, cfg: Config, out: Path) -> Path:
+def compile_pipeline(name: str, cfg: Config, out: Path, reuse: Optional[dict[str, str]] = None) -> Path:
     from kfp import compiler
 
     from dsaforge.pipelines import get_pipeline
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(get_pipeline(name).build(cfg), str(out),
+    compiler.Compiler().compile(get_pipeline(name).build(cfg, reuse), str(out),
                                 pipeline_parameters={"config_json": json.dumps(cfg.model_dump())})
     return out

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dsaforge.config import Config, ConfigError
 
-MODEL_STAGES = ("rl", "sft", "sparse", "warmup", "pretrain")      # the newest checkpoint a pipeline made, first
+MODEL_STAGES = ("grpo", "sft", "sparse", "warmup", "pretrain")    # the newest checkpoint a pipeline made, first
 
 
 def model_input(inputs: dict[str, Path]) -> tuple[str, Path]:
@@ -30,7 +30,7 @@ def model_input(inputs: dict[str, Path]) -> tuple[str, Path]:
                 raise ConfigError(f"evaluate: input {name}={path} has no HF export ({hf}/config.json is missing; "
                                   "did that stage finish?)")
             return name, hf
-    raise ConfigError("evaluate needs a model: pass --input sparse=DIR (or pretrain=, warmup=, rl=, or "
+    raise ConfigError("evaluate needs a model: pass --input sparse=DIR (or pretrain=, warmup=, sft=, grpo=, or "
                       "hf-checkpoint=DIR for any exported checkpoint)")
 
 

@@ -5,8 +5,9 @@
     1 GPU: the same command; add `--set eval.suites=[efficiency]` for throughput and cost (GPU only)
     (KFP: the evaluate component, last in the end-to-end pipeline)
 
-Inputs: prepare-data (tokenizer, held-out rows, haystack text), a model stage's output (`rl`, `sparse`, `warmup`,
-`pretrain`, or `hf-checkpoint=DIR`), and synthesize (held-out agentic tasks; only the agentic suite reads it).
+Inputs: prepare-data (tokenizer, held-out rows, haystack text), a model stage's output (`grpo`, `sft`, `sparse`,
+`warmup`, `pretrain`, or `hf-checkpoint=DIR`; the newest wins), and synthesize (held-out agentic tasks; only the
+agentic suite reads it).
 Output directory: `<suite>/results.parquet` + `<suite>/summary.json` per suite, `summary.json` for all of them,
 and `report/index.html` with its PNG plots. Metrics go to MLflow as `eval/<suite>/<name>`.
 """
@@ -22,6 +23,7 @@ from dsaforge.config import ConfigError
 from dsaforge.eval import report
 from dsaforge.eval.checkpoint import load_for_eval
 from dsaforge.eval.results import SuiteResult
+from dsaforge.outputs import staged_dir
 
 
 def _lm(ctx, em) -> SuiteResult:
@@ -79,30 +81,30 @@ def check_inputs(cfg, inputs: dict) -> None:
 def run(ctx) -> dict:
     cfg, tracker = ctx.cfg, ctx.tracker
     check_inputs(cfg, ctx.inputs)
-    out = Path(ctx.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tracker.log_params({f"eval.{k}": v for k, v in cfg.eval.model_dump().items()})
     em, source = load_for_eval(cfg, ctx.inputs)
     tracker.set_tags({"dsaforge.eval.checkpoint": source})
     overall: dict = {"checkpoint": source, "device": str(em.device), "suites": {}}
     flat: dict = {}
-    for suite in cfg.eval.suites:
-        t0 = time.time()
-        result = SUITES[suite](ctx, em)
-        seconds = time.time() - t0
-        result.summary["seconds"] = round(seconds, 2)
-        result.write(out)
-        tracker.log_metrics(result.metrics())
-        tracker.log_artifacts(out / suite, f"eval/{suite}")
-        overall["suites"][suite] = result.summary
-        flat.update({f"{suite}/{k}": v for k, v in result.summary.items() if _headline(k)})
-    (out / "summary.json").write_text(json.dumps(overall, indent=2, default=str) + "\n")
-    tracker.log_artifact(out / "summary.json", "eval")
-    histories = _histories(tracker, cfg.eval.report_metrics)
-    rep = report.build(out, histories, title=f"dsaforge evaluation: {source}",
-                       about={"checkpoint": source, "device": str(em.device), "preset": cfg.preset,
-                              "top_k": em.cfg.index_topk, "max_seq_len": em.cfg.max_seq_len})
-    tracker.log_artifacts(rep, "eval/report")
+    # Built aside and published whole (dsaforge.outputs); each suite's metrics and files reach MLflow as it ends,
+    # so a later suite's failure loses none of them.
+    with staged_dir(Path(ctx.out_dir)) as out:
+        for suite in cfg.eval.suites:
+            t0 = time.time()
+            result = SUITES[suite](ctx, em)
+            result.summary["seconds"] = round(time.time() - t0, 2)
+            result.write(out)
+            tracker.log_metrics(result.metrics())
+            tracker.log_artifacts(out / suite, f"eval/{suite}")
+            overall["suites"][suite] = result.summary
+            flat.update({f"{suite}/{k}": v for k, v in result.summary.items() if _headline(k)})
+        (out / "summary.json").write_text(json.dumps(overall, indent=2, default=str) + "\n")
+        tracker.log_artifact(out / "summary.json", "eval")
+        histories = _histories(tracker, cfg.eval.report_metrics)
+        rep = report.build(out, histories, title=f"dsaforge evaluation: {source}",
+                           about={"checkpoint": source, "device": str(em.device), "preset": cfg.preset,
+                                  "top_k": em.cfg.index_topk, "max_seq_len": em.cfg.max_seq_len})
+        tracker.log_artifacts(rep, "eval/report")
     return {"checkpoint": source, **flat}
 
 

@@ -34,3 +34,29 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(15)
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store under `root`; use as a context manager."""
+
+    def __init__(self, root) -> None:
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                     "--backend-store-uri", f"sqlite:///{root}/db.sqlite", "--artifacts-destination",
+                     f"{root}/artifacts", "--workers", "1"]
+
+    def __enter__(self) -> str:
+        self._proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)
+        try:
+            wait_http(self.url + "/health")
+        except BaseException:
+            stop(self._proc)
+            raise
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        stop(self._proc)

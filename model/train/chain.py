@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dsaforge.config import load_config
 from dsaforge.stages import StageContext
-from dsaforge.tracking import NullTracker
+from dsaforge.tracking import stage_run
 
 
 def main(argv=None) -> int:
@@ -36,22 +36,16 @@ def main(argv=None) -> int:
     from dsaforge.model.train import stages
     parent = None
     if args.mlflow:
-        from dsaforge.tracking import start_pipeline_run, start_stage_run
+        from dsaforge.tracking import start_pipeline_run
         parent = start_pipeline_run(cfg, "chain", uuid.uuid4().hex, str(args.out.resolve()))
     inputs = {"prepare-data": data}
     status = "FAILED"
     try:
         for name in stages.ORDER:
             t0 = time.time()
-            tracker = start_stage_run(cfg, name, parent_run_id=parent.run_id) if parent else NullTracker()
-            try:
+            with stage_run(cfg, name, parent_run_id=parent and parent.run_id, enabled=parent is not None) as tracker:
                 summary = getattr(stages, name)(StageContext(cfg, args.out / name, dict(inputs), tracker))
-            except BaseException:
-                if parent:
-                    tracker.finish("FAILED")
-                raise
             if parent:
-                tracker.finish()
                 parent.log_metrics({f"{name}.seconds": time.time() - t0})
             print(json.dumps({"stage": name, "seconds": round(time.time() - t0, 1), **summary}, default=str),
                   flush=True)
