@@ -14,6 +14,7 @@ import sys
 import traceback
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Protocol
 
@@ -586,3 +587,111 @@ def register_final_model(uri: str, parent_run_id: str, name: str, order: list[st
     # the SQL registry keeps the link only as the models:/ source; tag both ways so either end finds the other
     client.set_logged_model_tags(final.model_id, {"dsaforge.registered_as": f"{name}/{version.version}"})
     return version
+
+
+# --- the tracking server's database (the Helm chart's migration job and the server's start-up gate) ---
+
+def upgrade_store(db_uri: str) -> str:
+    """Bring an MLflow SQL store and its basic-auth tables to the installed MLflow's schema; returns the revision.
+    An empty database gets the tables created; an older one is migrated (back it up first)."""
+    from mlflow.server.auth.db import utils as auth_db
+    from mlflow.store.db import utils as db
+
+    engine = db.create_sqlalchemy_engine_with_retry(db_uri)
+    try:
+        if db._all_tables_exist(engine):
+            db._upgrade_db(engine)
+        else:
+            db._initialize_tables(engine)
+        auth_db.migrate(engine, "head")
+        return db._get_schema_version(engine)
+    finally:
+        engine.dispose()
+
+
+def store_schema(db_uri: str) -> tuple[Optional[str], str]:
+    """(the store's schema revision or None, the revision the installed MLflow expects)."""
+    import sqlalchemy
+    from mlflow.store.db import utils as db
+
+    engine = sqlalchemy.create_engine(db_uri)
+    try:
+        current = db._get_schema_version(engine) if db._all_tables_exist(engine) else None
+        return current, db._get_latest_schema_revision()
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------------- reading runs
+# What the console shows of a pipeline run: its parent run, found by the kfp.pipeline_run_id tag (so the same lookup
+# serves local runs and cluster runs, whose parent is opened inside the pipeline), and one child run per stage.
+
+@dataclass
+class RunView:
+    run_id: str
+    experiment_id: str
+    name: str
+    status: str                     # MLflow's: RUNNING, FINISHED, FAILED, KILLED, SCHEDULED
+    start: Optional[float]          # seconds since the epoch
+    end: Optional[float]
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+def _view(run) -> RunView:
+    info = run.info
+    return RunView(info.run_id, info.experiment_id, info.run_name or info.run_id, info.status,
+                   info.start_time / 1000 if info.start_time else None, info.end_time / 1000 if info.end_time else None,
+                   dict(run.data.tags), dict(run.data.metrics))
+
+
+def find_pipeline_runs(uri: str, experiment: str, pipeline_run_id: str) -> tuple[Optional[RunView], list[RunView]]:
+    """The parent run of a pipeline run and its stage children (children empty, parent None, until they exist)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None, []
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`kfp.pipeline_run_id` = '{pipeline_run_id}'")
+    parents = [_view(r) for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not parents:
+        return None, []
+    parent = parents[0]
+    children = [_view(r) for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
+    return parent, sorted(children, key=lambda r: r.start or 0)
+
+
+def last_step(uri: str, run_id: str, key: str) -> Optional[int]:
+    history = _client(uri).get_metric_history(run_id, key)
+    return max((m.step for m in history), default=None)
+
+
+def kill_runs(uri: str, run_ids: list[str], reason: str) -> None:
+    """Mark still-running runs KILLED with a `dsaforge.error` saying why (a cancelled or interrupted pipeline)."""
+    client = _client(uri)
+    for run_id in run_ids:
+        client.set_tag(run_id, "dsaforge.error", reason[:4000])
+        client.set_terminated(run_id, "KILLED")
+
+
+def list_run_artifacts(uri: str, run_id: str, path: Optional[str] = None, depth: int = 2) -> list[str]:
+    """Artifact files of a run (not folders), up to `depth` folders down."""
+    client = _client(uri)
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        if item.is_dir:
+            if depth > 0:
+                out += list_run_artifacts(uri, run_id, item.path, depth - 1)
+        else:
+            out.append(item.path)
+    return out
+
+
+def download_run_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
+    return Path(_client(uri).download_artifacts(run_id, path, str(dst)))
+
+
+def ensure_store(uri: str, home: str, experiment: str) -> str:
+    """Create the store and the experiment before any run writes to them (the console does at start, so its first
+    runs find both); returns the experiment id."""
+    client = _client(uri)
+    return _experiment_id(client, experiment, _artifact_root(uri, home, experiment))
