@@ -64,6 +64,8 @@ def run(em, cfg, tasks_dir: Path) -> SuiteResult:
         summary[f"{cls}/tasks"] = len({r["task_id"] for r in mine})
         summary[f"{cls}/mean_reward"] = sum(r["reward"] for r in mine) / len(mine)
         summary[f"{cls}/invalid_calls_per_episode"] = sum(r["invalid_calls"] for r in mine) / len(mine)
+        # episodes the context window ended (on small models, a task and its tools may not even fit)
+        summary[f"{cls}/context_ended"] = sum(r["finish_reason"] == "context" for r in mine) / len(mine)
         summary.update(summarize(_counts(mine), ks, prefix=f"{cls}/"))
     return SuiteResult("agentic", rows, summary, {"samples": e.samples, "temperature": e.temperature,
                                                   "max_turns": e.max_turns, "policy": "engine (sparse)"})

@@ -60,15 +60,24 @@ class DsaforgeLM(LM):
         return out
 
     def generate_until(self, requests) -> list[str]:
-        out = []
-        for r in requests:
-            context, kwargs = r.args[0], dict(r.args[1]) if len(r.args) > 1 else {}
+        """Requests with the same generation settings go through the engine together."""
+        groups: dict[tuple, list[int]] = {}
+        settings = []
+        for i, r in enumerate(requests):
+            kwargs = dict(r.args[1]) if len(r.args) > 1 else {}
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
-            gen = EngineGenerator(self.em, self.mode, temperature, float(kwargs.get("top_p", 1.0)), desc="lm-eval")
-            text = gen.generate([context], 1, int(kwargs.get("max_gen_toks", self.max_gen_toks)), until)[0][0]
-            out.append(cut_at_stops(text, until))
+            key = (until, temperature, float(kwargs.get("top_p", 1.0)),
+                   int(kwargs.get("max_gen_toks", self.max_gen_toks)))
+            settings.append(key)
+            groups.setdefault(key, []).append(i)
+        out = [""] * len(requests)
+        for (until, temperature, top_p, max_toks), idx in groups.items():
+            gen = EngineGenerator(self.em, self.mode, temperature, top_p, desc="lm-eval generate")
+            texts = gen.generate([requests[i].args[0] for i in idx], 1, max_toks, until)
+            for i, t in zip(idx, texts):
+                out[i] = cut_at_stops(t[0], until)
         return out
 
 
