@@ -74,7 +74,8 @@ def time_call(model, mode: str, batch: int, start: int, length: int, repeats: in
     return sorted(times)[len(times) // 2]
 
 
-def measure(model, positions: list[int], chunk: int, decode_batch: int, repeats: int, usd_per_hour: float) -> list[dict]:
+def measure(model, positions: list[int], chunk: int, decode_batch: int, repeats: int,
+            usd_per_hour: float) -> list[dict]:
     rows = []
     with Progress("eval efficiency", total=len(positions) * len(MODES) * 2, unit="point") as bar:
         for position in positions:
@@ -109,7 +110,8 @@ def run(model, cfg) -> SuiteResult:
     positions = e.positions or default_positions(model.cfg.max_seq_len, e.prefill_chunk)
     rows = measure(model, positions, e.prefill_chunk, e.decode_batch, e.repeats, e.gpu_hour_usd)
     return SuiteResult("efficiency", rows, summarize_rows(rows),
-                       {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "usd_per_gpu_hour": e.gpu_hour_usd,
+                       {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                        "usd_per_gpu_hour": e.gpu_hour_usd,
                         "prefill_chunk": e.prefill_chunk, "decode_batch": e.decode_batch,
                         "dtype": str(next(model.parameters()).dtype), "top_k": model.cfg.index_topk,
                         "n_heads": model.cfg.n_heads, "kv_lora_rank": model.cfg.kv_lora_rank,

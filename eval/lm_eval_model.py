@@ -2,7 +2,7 @@
 
     python -m dsaforge.eval.lm_eval_model --model_args checkpoint=SPARSE/hf,tokenizer=DATA/tokenizer.json,mode=sparse \
         --tasks hellaswag --include_path my_tasks/          # any `lm_eval` CLI argument after these
-    from dsaforge.eval.lm_eval_model import DsaforgeLM       # or in Python: lm_eval.simple_evaluate(model=DsaforgeLM(...))
+    from dsaforge.eval.lm_eval_model import DsaforgeLM   # in Python: lm_eval.simple_evaluate(model=DsaforgeLM(...))
 
 Registered as lm-eval model "dsaforge". Requests map onto `EvalModel`: `loglikelihood` -> score (sum log-prob and
 whether greedy decoding yields the continuation), `loglikelihood_rolling` -> rolling windows of max_seq_len,

@@ -73,8 +73,8 @@ def build_prompt(em, probe: Probe, length: int, haystack: Sequence[int], offset:
     hay = [haystack[(offset + i) % len(haystack)] for i in range(filler)]
     # Back to front, so earlier insertions do not shift later positions; at equal positions the later needle goes in
     # first, which keeps the needles in their order.
-    for pos, _, needle in sorted(((int(round(d * filler)), i, n) for i, (d, n) in enumerate(zip(probe.depths, needles))),
-                                 key=lambda x: (-x[0], -x[1])):
+    placed = [(int(round(d * filler)), i, n) for i, (d, n) in enumerate(zip(probe.depths, needles))]
+    for pos, _, needle in sorted(placed, key=lambda x: (-x[0], -x[1])):
         hay[pos:pos] = needle
     return [em.bos] + hay + question, answer
 

@@ -60,7 +60,8 @@ def run(cfg, generator) -> SuiteResult:
         completions = generator.generate([PROMPT.format(question=x["question"]) for x in entries], e.samples,
                                          e.max_new_tokens, stop=("</answer>", "\n\n"))
         rows += score_completions(ds, entries, completions, name)
-    summary: dict = {"items": len({(r["task"], r["item"]) for r in rows}), "mean_score": _mean(r["score"] for r in rows)}
+    summary: dict = {"items": len({(r["task"], r["item"]) for r in rows}),
+                     "mean_score": _mean(r["score"] for r in rows)}
     for name in e.reasoning_tasks:
         mine = [r for r in rows if r["task"] == name]
         summary[f"{name}/mean_score"] = _mean(r["score"] for r in mine)

@@ -152,8 +152,8 @@ def _html(title: str, sections, training: list[Path], about: dict) -> str:
         parts.append("<table><tr><th>metric</th><th>value</th></tr>" + "".join(
             f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in summary.items()) + "</table>")
         if info:
-            parts.append(f"<details><summary>settings</summary><pre>{html.escape(json.dumps(info, indent=1, default=str))}"
-                         "</pre></details>")
+            settings = html.escape(json.dumps(info, indent=1, default=str))
+            parts.append(f"<details><summary>settings</summary><pre>{settings}</pre></details>")
     if training:
         parts.append("<h2>training and reward curves</h2>" + "".join(_img(f) for f in training))
     parts.append("</body></html>")
