@@ -385,12 +385,21 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
 def sparse_mla_decode(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
                       num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse decode: one or a few queries per sequence (q [B,S_q,H,Dqk], S_q small) against the top-k entries of a
-    long latent cache kv [B,T,Dqk]. Splits the top-k over programs so that a small batch still fills the GPU."""
+    long latent cache kv [B,T,Dqk]. Splits the top-k over programs so that a small batch still fills the GPU.
+
+    Where the Hopper kernel takes the shape, it runs unsplit from 8 (query, 64-head block) programs up: on an H200 at
+    V3.2's shape over a 64K cache, replayed from a CUDA graph, it took 60-63 us from batch 2 to 16 and 76 us at
+    batch 64 (1.99 TB/s of gathered cache), where the best split Triton launch took 58-98 us and 163 us. Below that,
+    32 split programs in all (batch 1: 16 splits, 43.8 us; 32 splits 46.0 us). `python -m dsaforge.kernels.bench_decode`, docs/benchmarks/decode_sweep_h200.md.
+    """
     if num_splits is None:
         b, s, h = q.shape[:3]
         programs = b * s * max(1, -(-h // 64))
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        num_splits = max(1, min(32, -(-2 * sms // programs)))
+        if q.is_cuda and sm90.supported(q, kv, indices, d_v)[0]:
+            num_splits = 1 if programs >= 8 else max(1, 32 // programs)
+        else:
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+            num_splits = max(1, min(32, -(-2 * sms // programs)))
     return sparse_mla_fwd(q, kv, indices, sm_scale, d_v, num_splits=num_splits)
 
 

@@ -49,6 +49,8 @@ def run(ctx) -> dict:
     for cls, s in summary["classes"].items():
         for k in ("tasks", "envs", "candidates", "validated", "gate_pass_rate", "tasks_per_min", "mean_pass_at_k"):
             metrics[f"{cls}.{k}"] = s[k]
+    for cls, s in (summary.get("trajectories") or {}).items():
+        metrics[f"{cls}.reference_trajectories_passed"] = s["passed"] / max(s["trajectories"], 1)
     ctx.tracker.log_metrics(metrics)
     ctx.tracker.log_dict(summary, "synth/summary.json")
     tasks = load_tasks(ctx.out_dir)
@@ -60,6 +62,8 @@ def run(ctx) -> dict:
     ctx.tracker.log_dict(samples, "synth/samples.json")
     manifest = ctx.out_dir / "tasks.parquet"
     ctx.tracker.log_artifact(manifest, "synth")
+    if (ctx.out_dir / "trajectories.parquet").exists():
+        ctx.tracker.log_artifact(ctx.out_dir / "trajectories.parquet", "synth")
     ctx.tracker.log_dataset("synth-tasks", str(manifest), hashlib.sha256(manifest.read_bytes()).hexdigest()[:16],
                             context="training")
     ctx.tracker.set_tags({"synth.generator_version": summary["generator_version"], "synth.sandbox": summary["sandbox"]})

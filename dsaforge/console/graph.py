@@ -113,12 +113,15 @@ def _toposort(nodes: list[str], edges: list[tuple[str, str]]) -> list[str]:
 
 @lru_cache(maxsize=16)
 def pipeline_graph(name: str) -> Graph:
-    """Compile the pipeline (with the tiny preset: placement does not change the graph) and read its IR."""
+    """Compile the pipeline (with the tiny preset: placement does not change the graph) and read its IR. A
+    sub-pipeline's upstream outputs, given by URI when it runs, show as the importer steps that bring them in."""
     from dsaforge.config import preset
+    from dsaforge.pipelines import builder, get_pipeline
     from dsaforge.runner import compile_pipeline
 
+    upstream = {i: f"{i}-output" for i in builder.external_inputs(get_pipeline(name).STAGES)}
     with tempfile.TemporaryDirectory() as tmp:
-        path = compile_pipeline(name, preset("tiny"), Path(tmp) / f"{name}.yaml")
+        path = compile_pipeline(name, preset("tiny"), Path(tmp) / f"{name}.yaml", reuse=upstream)
         return from_ir(next(yaml.safe_load_all(path.read_text())))      # then the platform (Kubernetes) spec
 
 

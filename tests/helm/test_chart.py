@@ -138,6 +138,8 @@ def test_rbac_is_least_privilege(rendered):
     assert len(rules) == 4 and not any("*" in v for r in role["rules"] for v in r["verbs"] + r["resources"])
     (binding,) = by_kind(docs, "RoleBinding").values()
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "dsaforge-launcher", "namespace": "ml"}]
+    (gpu_binding,) = by_kind(rendered["gpu-pool"], "RoleBinding").values()
+    assert [s["name"] for s in gpu_binding["subjects"]] == ["dsaforge-launcher", "default-editor"]
     minimal = by_kind(rendered["minimal"], "Role")["dsaforge-launcher"]
     assert not any("trainer.kubeflow.org" in r["apiGroups"] for r in minimal["rules"])
 

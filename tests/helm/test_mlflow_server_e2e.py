@@ -1,7 +1,7 @@
 """The chart's MLflow server for real: a PostgreSQL server, an S3 endpoint (moto), then `migrate`, `wait` and `serve`
 exactly as the migration job, the init container and the server container run them; a client with only the MLflow
 login logs a run and an artifact through the proxy. Needs PostgreSQL's server binaries (Debian: postgresql) and the
-`server` extra plus moto; skipped, saying which is missing, elsewhere."""
+psycopg, boto3 and moto; skipped, saying which is missing, elsewhere."""
 from __future__ import annotations
 
 import os
@@ -68,7 +68,7 @@ def postgres():
 @pytest.fixture
 def s3():
     pytest.importorskip("moto", reason="moto (an S3 endpoint) not installed")
-    pytest.importorskip("boto3", reason="boto3 (the server extra) not installed")
+    pytest.importorskip("boto3", reason="boto3  not installed")
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
@@ -94,7 +94,7 @@ def _request(url, host="localhost", auth=None, body=None):
 
 
 def test_migrate_wait_serve_and_log_through_the_proxy(postgres, s3, tmp_path):
-    pytest.importorskip("psycopg", reason="psycopg (the server extra) not installed")
+    pytest.importorskip("psycopg", reason="psycopg  not installed")
     port = _free_port()
     env = {**os.environ, "HOME": str(tmp_path),
            "DSAFORGE_DB_HOST": "127.0.0.1", "DSAFORGE_DB_PORT": str(postgres), "DSAFORGE_DB_NAME": "mlflow",

@@ -27,8 +27,7 @@ CLUSTER = ["pipeline.image=registry.example/dsaforge:1.2", "pipeline.cpu_image=r
 
 def _upstream(name):
     """A sub-pipeline starts from another's outputs: every input its stages need from outside, as a URI."""
-    stages = builder.available(get_pipeline(name).STAGES)
-    return {i: f"s3://bucket/{i}" for s in stages for i in STAGES[s].inputs if i not in stages}
+    return {i: f"s3://bucket/{i}" for i in builder.external_inputs(get_pipeline(name).STAGES)}
 
 
 def _compile(tmp_path, name, *sets):
