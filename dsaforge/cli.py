@@ -8,6 +8,7 @@
   dsaforge runs list|get|cancel --host URL         the cluster's runs
   dsaforge plan --preset v32 --gpus 64 --gpu-mem 141  per-GPU memory of each parallel layout, and which to use
   dsaforge mlflow ui                               MLflow's UI on 127.0.0.1 over the local store
+  dsaforge eval compare RUN RUN [...]              evaluation metrics of MLflow runs side by side
   dsaforge generate --checkpoint DIR --prompts F   complete prompts (or roll out --tasks) into Parquet
   dsaforge tracking replay SPOOL                   log what a stage kept on disk while tracking was down
   dsaforge ui                                      the web console: submit, follow, cancel, resume, compare
@@ -230,6 +231,14 @@ def cmd_mlflow(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from dsaforge.eval.compare import compare
+    from dsaforge.tracking import resolve_tracking_uri
+
+    uri = args.tracking_uri or resolve_tracking_uri(_load(args))
+    print(compare(uri, args.runs, Path(args.out) if args.out else None, args.prefix))
+    if args.out:
+        print(f"wrote {args.out}")
 def cmd_generate(args) -> int:
     from dsaforge.model.sampling import SamplingParams
     from dsaforge.rollout.generate import PromptEpisode, engine_policy, generate, load_prompts
@@ -409,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_mlflow)
 
+    p = sub.add_parser("eval", help="evaluation helpers: compare runs")
+    p.add_argument("action", choices=["compare"])
+    p.add_argument("runs", nargs="+", metavar="RUN", help="evaluate-stage or pipeline MLflow run ids (two or more)")
+    p.add_argument("--out", default=None, help="also write the table to this .md, .csv or .json file")
+    p.add_argument("--prefix", default="eval/", help="metrics whose names start with this (default eval/)")
+    p.add_argument("--tracking-uri", default=None, help="default: the configured store")
+    _config_args(p)
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("generate", help="complete prompts or roll out agent tasks into Parquet")
     src = p.add_argument_group("what to generate")
     src.add_argument("--prompts", default=None, help=".jsonl/.parquet with 'prompt' or 'messages' (and 'id')")

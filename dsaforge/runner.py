@@ -127,7 +127,9 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
     return PipelineResult(name, run_id, parent.run_id, uri, run_dir, record, seconds, outputs)
 
 
-_SCALARS = ("documents", "train_tokens", "bytes_per_token", "steps", "unigram_entropy", "tasks", "envs", "heldout_tasks")
+_SCALARS = ("documents", "train_tokens", "bytes_per_token", "steps", "unigram_entropy", "tasks", "envs", "heldout_tasks",
+            "lm/dense/loss", "lm/sparse/loss", "long-context/dense/accuracy", "long-context/sparse/accuracy",
+            "agentic/pass_at_1", "code/pass_at_1", "reasoning/mean_score")
 _CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean", "heldout/pass_rate")
 
 

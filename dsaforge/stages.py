@@ -87,6 +87,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("grpo", "dsaforge.model.rl.stage:run", ("prepare-data", "sft", "synthesize"),
           "GRPO with the four stabilisers: generate, reward, advantage, train, sync weights, evaluate.",
           component="dsaforge.components.rl:grpo", gpu=True, cpu="8", memory="64G"),
+    # The model is the newest training stage's output the pipeline has (grpo, sft, sparse, warmup, pretrain; or
+    # hf-checkpoint=DIR from the CLI); synthesize is read by the agentic suite only. dsaforge.eval.stage checks
+    # what the chosen suites need before any of them runs.
+    Stage("evaluate", "dsaforge.eval.stage:run", ("prepare-data",),
+          "Evaluation suites (perplexity and long-context dense vs DSA, agentic, code, reasoning, cost) and a report.",
+          optional=("pretrain", "warmup", "sparse", "sft", "grpo", "synthesize"), output="results",
+          artifact="Artifact", component="dsaforge.components.eval:evaluate", gpu=True, cpu="8", memory="64G"),
 ]}
 
 

@@ -438,6 +438,52 @@ def start_stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None
     return tracker
 
 
+# ---------------------------------------------------------------------------------------------- reading runs back
+
+def _run_or_error(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"no MLflow run {run_id!r} in the tracking store") from None
+
+
+def stage_runs(uri: str, run_id: str) -> dict[str, Any]:
+    """The stage runs of the pipeline that `run_id` belongs to (itself a pipeline run, or one of its stages), by
+    stage name; a run without a parent stands alone as {its stage or name: run}."""
+    client = _client(uri)
+    run = _run_or_error(client, run_id)
+    parent = run.data.tags.get("mlflow.parentRunId") or (run_id if "kfp.pipeline_run_id" in run.data.tags else None)
+    if parent is None:
+        return {run.data.tags.get("dsaforge.stage", run.info.run_name): run}
+    runs = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    return {r.data.tags.get("dsaforge.stage", r.info.run_name): r for r in runs}
+
+
+def metric_histories(uri: str, run_id: str, names: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{stage: {metric: [(step, value), ...]}} for every named metric logged by a stage of `run_id`'s pipeline."""
+    client = _client(uri)
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for stage, run in stage_runs(uri, run_id).items():
+        for name in names:
+            if name in run.data.metrics:
+                hist = client.get_metric_history(run.info.run_id, name)
+                out.setdefault(stage, {})[name] = sorted((m.step, m.value) for m in hist)
+    return out
+
+
+def run_record(uri: str, run_id: str, stage: Optional[str] = "evaluate") -> dict[str, Any]:
+    """Name, id, params, tags and latest metrics of a run. Given a pipeline run, the record of its `stage` child."""
+    client = _client(uri)
+    run = _run_or_error(client, run_id)
+    if stage and run.data.tags.get("dsaforge.stage") != stage and "mlflow.parentRunId" not in run.data.tags:
+        children = stage_runs(uri, run_id)
+        if stage not in children:
+            raise ConfigError(f"MLflow run {run_id} has no {stage!r} stage (stages: {', '.join(sorted(children))})")
+        run = children[stage]
+    return {"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
+            "params": dict(run.data.params), "tags": dict(run.data.tags), "metrics": dict(run.data.metrics)}
 @contextmanager
 def stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None, tracking_uri: Optional[str] = None,
               enabled: bool = True, out_dir: Optional[Path] = None) -> Iterator[Tracker]:

@@ -42,7 +42,7 @@ def test_every_stage_is_a_finished_child_run(demo):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     children = {r.data.tags["dsaforge.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"prepare-data", "pretrain", "warmup", "sparse", "synthesize", "sft", "grpo"}
+    assert set(children) == {"prepare-data", "pretrain", "warmup", "sparse", "synthesize", "sft", "grpo", "evaluate"}
     for stage, run in children.items():
         assert run.info.status == "FINISHED", stage
         assert run.data.tags["kfp.pipeline_id"] == "end-to-end"
@@ -63,6 +63,15 @@ def test_every_stage_is_a_finished_child_run(demo):
         assert key in grpo, key
     synth = children["synthesize"].data.metrics
     assert all(synth[f"{cls}.tasks"] > 0 for cls in ("general", "code", "search", "code_interpreter")), synth
+    # the evaluation of the sparse checkpoint: every CPU suite, and the report
+    ev = children["evaluate"]
+    for key in ("eval/lm/dense/loss", "eval/lm/sparse/loss", "eval/long-context/dense/accuracy",
+                "eval/long-context/sparse/accuracy", "eval/agentic/pass_at_1", "eval/code/pass_at_1",
+                "eval/reasoning/mean_score"):
+        assert key in ev.data.metrics, key
+    assert ev.data.tags["dsaforge.eval.checkpoint"].startswith("sparse")
+    report = {a.path for a in client.list_artifacts(ev.info.run_id, "eval/report")}
+    assert "eval/report/index.html" in report and "eval/report/training_curves.png" in report
 
 
 def test_failed_stage_fails_the_run_and_keeps_earlier_runs(demo, tmp_path):

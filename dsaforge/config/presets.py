@@ -92,7 +92,9 @@ def tiny() -> Config:
     r.agent_classes = ["general", "search"]
     cfg.synth.tasks_per_class, cfg.synth.envs_per_class, cfg.synth.pass_k = 6, 3, 2
     cfg.synth.max_difficulty = 2
-    cfg.eval.max_samples, cfg.eval.max_new_tokens = 16, 32
+    cfg.eval.max_samples, cfg.eval.max_new_tokens, cfg.eval.batch_size = 16, 32, 8
+    cfg.eval.long_context.samples, cfg.eval.long_context.depths = 2, [0.0, 0.5, 1.0]
+    cfg.eval.max_turns = 2
     cfg.tracking.system_metrics_interval_s = 2.0
     return cfg
 

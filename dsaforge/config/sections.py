@@ -197,11 +197,63 @@ class SynthConfig(Section):
         return self
 
 
+EVAL_SUITES = ("lm", "long-context", "agentic", "code", "reasoning", "efficiency")
+
+
+class LongContextEvalConfig(Section):
+    tasks: list[Literal["passkey", "multikey", "variable-tracking"]] = Field(
+        default_factory=lambda: ["passkey", "multikey", "variable-tracking"])
+    lengths: list[int] = Field(default_factory=list, description="Context lengths in tokens; empty: doubling from "
+                               "1/8 of model.max_seq_len up to it.")
+    depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+                                description="Insertion depths of the needle, as a fraction of the haystack.")
+    samples: int = Field(4, gt=0, description="Prompts per (task, length, depth) cell.")
+    haystack_files: list[str] = Field(default_factory=list, description="Text files for the haystack; empty: the "
+                                      "prepared documents (prepare-data input).")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "LongContextEvalConfig":
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must be fractions in [0, 1], got {self.depths}")
+        if any(n < 64 for n in self.lengths):
+            raise ValueError(f"lengths must be at least 64 tokens, got {self.lengths}")
+        return self
+
+
+class EfficiencyEvalConfig(Section):
+    gpu_hour_usd: float = Field(2.0, gt=0, description="Price of one GPU-hour (the paper's cost figure: $2 per "
+                                "H800-hour).")
+    positions: list[int] = Field(default_factory=list, description="Context positions to measure; empty: doubling "
+                                 "from 4096 up to model.max_seq_len.")
+    prefill_chunk: int = Field(2048, gt=0, description="Tokens prefilled at each position (cost of the next chunk).")
+    decode_batch: int = Field(32, gt=0, description="Sequences decoded together.")
+    repeats: int = Field(5, gt=0, description="Timed repetitions per point (after one warm-up).")
+
+
 class EvalConfig(Section):
-    suites: list[str] = Field(default_factory=lambda: ["lm", "synth-heldout"])
-    max_samples: int = Field(500, gt=0)
+    suites: list[Literal["lm", "long-context", "agentic", "code", "reasoning", "efficiency"]] = Field(
+        default_factory=lambda: ["lm", "long-context", "agentic", "code", "reasoning"],
+        description="Suites the evaluate stage runs; efficiency needs a GPU.")
+    max_samples: int = Field(500, gt=0, description="Most prompts per suite and task (held-out batches, HumanEval "
+                             "problems, agentic tasks per class, reasoning items per task).")
     max_new_tokens: int = Field(1024, gt=0)
-    temperature: float = Field(0.0, ge=0)
+    temperature: float = Field(0.0, ge=0, description="0: greedy (pass@1 only); > 0: sampled, for pass@k.")
+    top_p: float = Field(0.95, gt=0, le=1)
+    samples: int = Field(1, gt=0, description="Completions per prompt for pass@k / pass^k (n).")
+    pass_k: list[int] = Field(default_factory=lambda: [1, 2, 4], description="k values reported (k <= samples).")
+    batch_size: int = Field(4, gt=0, description="Sequences per forward pass.")
+    max_turns: int = Field(8, ge=0, description="Tool-calling segments per agentic episode.")
+    lm_seq_len: int = Field(0, ge=0, description="Held-out perplexity window; 0: data.seq_len.")
+    reasoning_tasks: list[str] = Field(
+        default_factory=lambda: ["basic_arithmetic", "leg_counting", "chain_sum", "word_sorting"],
+        description="reasoning-gym dataset names, each scored by its own verifier.")
+    long_context: LongContextEvalConfig = Field(default_factory=LongContextEvalConfig)
+    efficiency: EfficiencyEvalConfig = Field(default_factory=EfficiencyEvalConfig)
+    report_metrics: list[str] = Field(
+        default_factory=lambda: ["train/lm_loss", "val/lm_loss", "train/indexer_kl", "val/indexer_kl", "rl/reward"],
+        description="Metrics plotted in the report from the pipeline's runs, by name.")
+    seed: int = 0
 
 
 class TrackingConfig(Section):
