@@ -74,7 +74,11 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
     else:
         parent = start_pipeline_run(cfg, name, run_id, pipeline_run_url=record.as_uri())
     parent.log_artifact(record / "config.yaml")
-    pipeline = module.build(cfg, reuse)
+    # Retries are for transient failures on a cluster (eviction, preemption); KFP's local runner would honor them
+    # and re-run a deterministic failure with minutes of backoff, so local runs report it at once.
+    placement = cfg.model_copy(deep=True)
+    placement.pipeline.retries = 0
+    pipeline = module.build(placement, reuse)
 
     # The local orchestrator deletes workspace_root after every run, so it gets a fresh temporary directory.
     workspace = Path(tempfile.mkdtemp(prefix="dsaforge-ws-"))
@@ -93,7 +97,7 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
             pipeline(config_json=json.dumps(cfg.model_dump()), tracking_uri=uri, parent_run_id=parent.run_id)
     except Exception as e:
         errors = stage_errors(uri, parent.run_id)
-        reason = "; ".join(errors) or re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        reason = "; ".join(dict.fromkeys(errors)) or re.sub(r"\x1b\[[0-9;]*m", "", str(e))
         run_dir = _latest_run_dir(kfp_root, name, before, required=False)
         summary.update(state="FAILED", error=reason[:4000], kfp_run_dir=str(run_dir or ""),
                        finished=finished_outputs(run_dir), seconds=round(time.time() - t0, 1))
