@@ -53,7 +53,7 @@ def close_pipeline_run(config_json: str, tracking_uri: str, parent_run_id: str, 
 def run_component(stage: str, config_json: str, tracking_uri: str, parent_run_id: str, out_dir: str,
                   inputs: Optional[dict[str, str]] = None, metadata: Optional[dict] = None) -> dict[str, Any]:
     cfg = parse_config(config_json, tracking_uri)
-    with stage_run(cfg, stage, parent_run_id=parent_run_id) as tracker:
+    with stage_run(cfg, stage, parent_run_id=parent_run_id, out_dir=Path(out_dir)) as tracker:
         summary = run_stage(stage, cfg, Path(out_dir), {k: Path(v) for k, v in (inputs or {}).items()}, tracker)
         tracker.set_tags({"dsaforge.output": str(out_dir)})
     if metadata is not None:

@@ -7,6 +7,8 @@
   dsaforge submit end-to-end --host URL            start a run on a Kubeflow Pipelines cluster
   dsaforge runs list|get|cancel --host URL         the cluster's runs
   dsaforge mlflow ui                               MLflow's UI on 127.0.0.1 over the local store
+  dsaforge generate --checkpoint DIR --prompts F   complete prompts (or roll out --tasks) into Parquet
+  dsaforge tracking replay SPOOL                   log what a stage kept on disk while tracking was down
 Exit status: 0 on success; 2 for bad input (config, files, unreachable servers); 1 for other failures.
 `--debug` shows the traceback.
 """
@@ -78,18 +80,18 @@ def _self_command() -> str:
 
 
 def cmd_stage(args) -> int:
-    from dsaforge.stages import get_stage, run_stage
+    from dsaforge.stages import run_stage
     from dsaforge.tracking import stage_run
 
     cfg = _load(args)
-    get_stage(args.name)
     inputs = {}
     for item in args.input:
         if "=" not in item:
             raise _UsageError(f"--input {item!r}: expected STAGE=DIR")
         key, value = item.split("=", 1)
         inputs[key] = Path(value)
-    with stage_run(cfg, args.name, parent_run_id=args.parent_run_id, enabled=not args.no_track) as tracker:
+    with stage_run(cfg, args.name, parent_run_id=args.parent_run_id, enabled=not args.no_track,
+                   out_dir=Path(args.out)) as tracker:
         summary = run_stage(args.name, cfg, Path(args.out), inputs, tracker)
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -206,6 +208,73 @@ def cmd_mlflow(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from dsaforge.model.sampling import SamplingParams
+    from dsaforge.rollout.generate import PromptEpisode, engine_policy, generate, load_prompts
+    from dsaforge.rollout.runner import RolloutConfig
+
+    if bool(args.prompts) == bool(args.tasks):
+        raise _UsageError("give exactly one of --prompts FILE or --tasks DIR")
+    if bool(args.checkpoint) == bool(args.server):
+        raise _UsageError("give exactly one of --checkpoint DIR (in-process engine) or --server URL")
+    cfg = _load(args)
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_new_tokens=args.max_new_tokens)
+        rollout = RolloutConfig(max_turns=args.max_turns, context=args.context, context_budget=args.context_budget)
+    except ValueError as e:
+        raise _UsageError(str(e)) from e
+    if args.tasks:
+        from dsaforge.synth.episode import make_episode
+        from dsaforge.synth.task import load_tasks
+
+        tasks = load_tasks(Path(args.tasks), split=args.split)[: args.limit]
+        if not tasks:
+            raise _UsageError(f"no tasks in {args.tasks}" + (f" with split {args.split!r}" if args.split else ""))
+        episodes = [make_episode(t, cfg.synth.sandbox) for t in tasks]
+    else:
+        episodes = [PromptEpisode(i, r) for i, r in enumerate(load_prompts(Path(args.prompts))[: args.limit])]
+    if args.server:
+        from dsaforge.rollout.openai import LIMITS, OpenAIPolicy
+
+        policy = OpenAIPolicy(args.server, params, model=args.model, max_context=args.max_len or 131072)
+        print(f"dsaforge: {LIMITS}", file=sys.stderr)
+    else:
+        policy = engine_policy(Path(args.checkpoint), args.tokenizer and Path(args.tokenizer), params, mode=args.mode,
+                               max_batch=args.max_batch, max_len=args.max_len, thinking=not args.no_thinking,
+                               device=args.device, capture_routing=args.capture_routing,
+                               capture_kept=args.capture_kept)
+    from dsaforge.tracking import start_stage_run
+
+    tracker = None if args.no_track else start_stage_run(cfg, "generate", parent_run_id=args.parent_run_id)
+    try:
+        summary = generate(policy, episodes, Path(args.out), rollout, tracker=tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        tracker.log_params({"backend": args.server or str(args.checkpoint), "mode": args.mode,
+                            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                            "max_new_tokens": args.max_new_tokens, "thinking": not args.no_thinking})
+        tracker.finish("FINISHED")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_tracking(args) -> int:
+    from dsaforge.tracking import replay, resolve_tracking_uri
+
+    cfg = _load(args)
+    uri = args.tracking_uri or resolve_tracking_uri(cfg)
+    for spool in args.spools:
+        if not Path(spool).is_file():
+            raise _UsageError(f"no spool file {spool}")
+        n = replay(spool, uri)
+        print(f"replayed {n} tracking call(s) of run {Path(spool).stem} into {uri}")
+    return 0
+
+
 class _UsageError(Exception):
     """Arguments that parse but make no sense together; reported like other bad input."""
 
@@ -252,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stage", help="run one stage in-process (no KFP), for debugging")
     p.add_argument("name", help="stage name, e.g. prepare-data")
-    p.add_argument("--out", required=True, help="output directory of the stage (must be new or empty)")
+    p.add_argument("--out", required=True,
+                   help="output directory of the stage: new or empty (a training stage resumes its own unfinished one)")
     p.add_argument("--input", action="append", default=[], metavar="STAGE=DIR",
                    help="an upstream stage's output directory (repeatable)")
     p.add_argument("--parent-run-id", default=None, help="attach to this MLflow pipeline run as a child")
@@ -275,12 +345,52 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_pipelines)
 
+    p = sub.add_parser("tracking", help="log what a stage kept on disk while its tracking server was away")
+    p.add_argument("action", choices=["replay"])
+    p.add_argument("spools", nargs="+", metavar="SPOOL", help="spool files (PIPELINE_HOME/spool/RUN_ID.jsonl)")
+    p.add_argument("--tracking-uri", default=None, help="default: the configured store")
+    _config_args(p)
+    p.set_defaults(func=cmd_tracking)
+
     p = sub.add_parser("mlflow", help="MLflow helpers")
     p.add_argument("action", choices=["ui"])
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--tracking-uri", default=None, help="default: the configured store")
     _config_args(p)
     p.set_defaults(func=cmd_mlflow)
+
+    p = sub.add_parser("generate", help="complete prompts or roll out agent tasks into Parquet")
+    src = p.add_argument_group("what to generate")
+    src.add_argument("--prompts", default=None, help=".jsonl/.parquet with 'prompt' or 'messages' (and 'id')")
+    src.add_argument("--tasks", default=None, help="a synthesize output directory: roll out its agent tasks")
+    src.add_argument("--split", default=None, help="with --tasks: train or heldout")
+    src.add_argument("--limit", type=int, default=None, help="at most this many prompts/tasks")
+    be = p.add_argument_group("backend")
+    be.add_argument("--checkpoint", default=None, help="a training stage's output (or HF) directory")
+    be.add_argument("--tokenizer", default=None, help="tokenizer.json or the prepare-data output directory")
+    be.add_argument("--server", default=None, help="OpenAI-compatible base URL instead of --checkpoint (no routing "
+                                                   "or kept-set capture)")
+    be.add_argument("--model", default=None, help="model name at --server (default: the first one listed)")
+    be.add_argument("--mode", choices=["sparse", "dense"], default="sparse")
+    be.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    be.add_argument("--max-batch", type=int, default=64)
+    be.add_argument("--max-len", type=int, default=None, help="context window (default: the model's max_seq_len)")
+    be.add_argument("--capture-routing", action="store_true", help="record MoE routing per token (Keep Routing)")
+    be.add_argument("--capture-kept", action="store_true", help="record kept-token sets (Keep Sampling Mask)")
+    sp = p.add_argument_group("sampling and turns")
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--max-new-tokens", type=int, default=1024, help="per assistant segment")
+    sp.add_argument("--no-thinking", action="store_true", help="non-thinking mode (no <think> reasoning)")
+    sp.add_argument("--max-turns", type=int, default=20)
+    sp.add_argument("--context", default="discard_all", choices=["discard_all", "discard_75", "reprefill", "none"])
+    sp.add_argument("--context-budget", type=float, default=0.8)
+    p.add_argument("--out", required=True, help="output .parquet file")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--parent-run-id", default=None, help="attach to this MLflow run as a child")
+    _config_args(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -298,7 +408,9 @@ def main(argv=None) -> int:
         from dsaforge.config import ConfigError
         from dsaforge.data.ingest import DataError
 
-        bad_input = isinstance(e, (ConfigError, DataError, FileNotFoundError, _UsageError))
+        from dsaforge.synth.llm import LLMError
+
+        bad_input = isinstance(e, (ConfigError, DataError, FileNotFoundError, _UsageError, LLMError))
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"dsaforge: error: {msg}" + ("" if bad_input else f" ({type(e).__name__}; --debug for the traceback)"),
               file=sys.stderr)

@@ -32,13 +32,15 @@ class PipelineResult:
     outputs: dict[str, str]
 
 
-def _latest_run_dir(root: Path, name: str, before: set[Path], required: bool = True) -> Optional[Path]:
-    dirs = [p for p in root.glob(f"{name}-*") if p.is_dir() and p not in before]
-    if not dirs:
-        if not required:
-            return None
-        raise RuntimeError(f"KFP wrote no run folder under {root}")
-    return max(dirs, key=lambda p: p.stat().st_mtime)
+def _run_dir(root: Path, name: str, required: bool = True) -> Optional[Path]:
+    """KFP's folder of this run: the only one under the attempt's own pipeline root (never chosen by mtime, which
+    would hand two concurrent runs the same folder). None when a failed run wrote none and `required` is False."""
+    dirs = [p for p in root.glob(f"{name}-*") if p.is_dir()]
+    if not dirs and not required:
+        return None
+    if len(dirs) != 1:
+        raise RuntimeError(f"expected one KFP run folder under {root}, found {len(dirs)}")
+    return dirs[0]
 
 
 def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
@@ -60,9 +62,11 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
             raise ConfigError(f"--resume: that run is of pipeline {earlier['pipeline']!r}, not {name!r}")
         reuse = {**earlier.get("reused", {}), **earlier.get("finished", {}), **reuse}
     module = get_pipeline(name)
-    kfp_root = home / "kfp"
-    kfp_root.mkdir(parents=True, exist_ok=True)
     run_id = earlier["pipeline_run_id"] if earlier else uuid.uuid4().hex
+    # Each attempt gets its own pipeline root (a resumed run keeps its run id, not the failed attempt's folder), so
+    # concurrent runs never share one and the run folder is found without comparing mtimes.
+    kfp_root = home / "kfp" / uuid.uuid4().hex
+    kfp_root.mkdir(parents=True)
     record = home / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{run_id[:8]}"
     record.mkdir(parents=True, exist_ok=bool(earlier))
     (record / "config.yaml").write_text(to_yaml(cfg))
@@ -84,7 +88,6 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
     workspace = Path(tempfile.mkdtemp(prefix="dsaforge-ws-"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root),
                workspace_root=str(workspace), raise_on_error=True, enable_caching=cfg.pipeline.caching)
-    before = set(kfp_root.glob(f"{name}-*"))
     t0 = time.time()
     summary = {"pipeline": name, "pipeline_run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": uri,
                "resumed_from": earlier and earlier.get("record"), "reused": reuse, "record": str(record)}
@@ -98,7 +101,7 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
     except Exception as e:
         errors = stage_errors(uri, parent.run_id)
         reason = "; ".join(dict.fromkeys(errors)) or re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-        run_dir = _latest_run_dir(kfp_root, name, before, required=False)
+        run_dir = _run_dir(kfp_root, name, required=False)
         summary.update(state="FAILED", error=reason[:4000], kfp_run_dir=str(run_dir or ""),
                        finished=finished_outputs(run_dir), seconds=round(time.time() - t0, 1))
         (record / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -109,7 +112,7 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     seconds = time.time() - t0
-    run_dir = _latest_run_dir(kfp_root, name, before)
+    run_dir = _run_dir(kfp_root, name)
     outputs = {p.parent.name: str(p) for p in sorted(run_dir.glob("*/*")) if p.name != "executor_output.json"}
     summary.update(state="SUCCEEDED", kfp_run_dir=str(run_dir), seconds=round(seconds, 1), outputs=outputs,
                    finished=finished_outputs(run_dir))
@@ -121,7 +124,7 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
 
 
 _SCALARS = ("documents", "train_tokens", "bytes_per_token", "steps", "unigram_entropy", "tasks", "envs", "heldout_tasks")
-_CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean")
+_CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean", "heldout/pass_rate")
 
 
 def stage_highlights(run_dir: Path) -> dict[str, str]:

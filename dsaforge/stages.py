@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dsaforge.config import Config, ConfigError
+from dsaforge.outputs import check_out_dir, claim
 from dsaforge.tracking import NullTracker, Tracker
 
 
@@ -40,6 +41,7 @@ class Stage:
     gpu: bool = False                               # placed on the GPU pool (pipeline.image, accelerators)
     cpu: str = "2"                                  # default requests, overridable per stage in pipeline.resources
     memory: str = "8G"
+    resumable: bool = False                         # resumes inside its own output directory (checkpoints)
     # (shard component, merge component) when the stage fans out into `synth.shards` parallel tasks
     fan_out: Optional[tuple[str, str]] = None
 
@@ -67,18 +69,24 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           cpu="4", memory="16G"),
     Stage("pretrain", "dsaforge.model.train.stages:pretrain", ("prepare-data",),
           "Dense MLA+MoE language-model pretraining (from scratch, or continued from an HF checkpoint).",
-          component="dsaforge.components.train:pretrain", gpu=True, cpu="8", memory="64G"),
+          component="dsaforge.components.train:pretrain", gpu=True, cpu="8", memory="64G", resumable=True),
     Stage("warmup", "dsaforge.model.train.stages:warmup", ("prepare-data", "pretrain"),
           "Dense warm-up: everything frozen but the lightning indexer, trained on its KL to the attention.",
-          component="dsaforge.components.train:warmup", gpu=True, cpu="8", memory="64G"),
+          component="dsaforge.components.train:warmup", gpu=True, cpu="8", memory="64G", resumable=True),
     Stage("sparse", "dsaforge.model.train.stages:sparse", ("prepare-data", "warmup"),
           "Sparse adaptation: top-k attention, all parameters, LM loss + indexer KL on the selected set.",
-          component="dsaforge.components.train:sparse", gpu=True, cpu="8", memory="64G"),
+          component="dsaforge.components.train:sparse", gpu=True, cpu="8", memory="64G", resumable=True),
     Stage("synthesize", "dsaforge.synth.stage:run", (),
           "Agentic task synthesis: environments, tools, tasks and verifiers that pass every validation gate.",
           optional=("prepare-data",), output="tasks", artifact="Dataset",
           component="dsaforge.components.synth:synthesize", cpu="8", memory="16G",
           fan_out=("dsaforge.components.synth:synthesize_shard", "dsaforge.components.synth:synthesize_merge")),
+    Stage("sft", "dsaforge.model.train.stages:sft", ("prepare-data", "sparse", "synthesize"),
+          "Supervised fine-tuning on the tasks' reference trajectories (chat template, loss on assistant tokens).",
+          component="dsaforge.components.train:sft", gpu=True, cpu="8", memory="64G", resumable=True),
+    Stage("grpo", "dsaforge.model.rl.stage:run", ("prepare-data", "sft", "synthesize"),
+          "GRPO with the four stabilisers: generate, reward, advantage, train, sync weights, evaluate.",
+          component="dsaforge.components.rl:grpo", gpu=True, cpu="8", memory="64G"),
 ]}
 
 
@@ -98,6 +106,10 @@ def run_stage(name: str, cfg: Config, out_dir: Path, inputs: Optional[dict[str, 
     for key, path in inputs.items():
         if not Path(path).exists():
             raise ConfigError(f"stage {name!r}: input {key!r} does not exist: {path}")
+    # A non-empty output is refused unless it is this stage's own unfinished work (resume); see dsaforge.outputs.
+    check_out_dir(Path(out_dir), name, stage.resumable)
+    if stage.resumable:
+        claim(Path(out_dir), name, getattr(tracker, "run_id", None))
     ctx = StageContext(cfg=cfg, out_dir=Path(out_dir), inputs={k: Path(v) for k, v in inputs.items()},
                        tracker=tracker or NullTracker())
     return stage.load()(ctx)

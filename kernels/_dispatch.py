@@ -67,6 +67,23 @@ def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtyp
         check(t.stride(-1) == 1, f"{name} must be contiguous in its last dim (stride {t.stride()}); call .contiguous()")
 
 
+def index_checks() -> bool:
+    """Whether wrappers validate index values (DSAFORGE_CHECK_INDICES=1; the tests turn it on). Off by default: it
+    reads the whole index tensor back, a device synchronisation per call."""
+    return os.environ.get("DSAFORGE_CHECK_INDICES", "0") == "1"
+
+
+def check_indices(name: str, indices: torch.Tensor, n_keys: int) -> None:
+    """With index_checks() on: every entry is -1 (an empty slot) or a key in [0, n_keys). The kernels gather rows
+    at these positions without bounds checks, so an entry past the end reads another sequence's memory."""
+    if not index_checks() or indices.numel() == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    check(lo >= -1 and hi < n_keys,
+          f"{name} holds {hi if hi >= n_keys else lo}, outside [-1, {n_keys}) (-1 marks an empty slot; "
+          f"{n_keys} keys)")
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devs = {n: t.device for n, t in tensors.items() if t is not None}
     check(len(set(devs.values())) <= 1, f"tensors on different devices: {devs}")

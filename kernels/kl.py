@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from dsaforge.kernels import reference as ref
-from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_tensor, empty, next_pow2, record,
+from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_indices, check_tensor, empty, next_pow2, record,
                                         use_triton)
 
 try:
@@ -234,6 +234,7 @@ def _check(iq, ik, w, q, kv, lse, indices):
     if indices is not None:
         check_tensor("indices", indices, 3, (torch.int32,))
         check(tuple(indices.shape[:2]) == (b, s), f"indices must be [B={b}, S={s}, K], got {tuple(indices.shape)}")
+        check_indices("indices", indices, t)
 
 
 def _kernel_ok(iq, q, d_v) -> tuple[bool, str]:

@@ -15,7 +15,7 @@ import torch
 
 from dsaforge.kernels import reference as ref
 from dsaforge.kernels import sparse_mla_sm90 as sm90
-from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_same_device, check_tensor, empty,
+from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_indices, check_same_device, check_tensor, empty,
                                         next_pow2, record, use_triton)
 
 try:
@@ -301,6 +301,7 @@ def _check_inputs(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v:
     check(tuple(indices.shape[:2]) == (b, s), f"indices must be [B={b}, S={s}, K], got {tuple(indices.shape)}")
     check(q.dtype == kv.dtype, f"q and kv must share a dtype, got {q.dtype} and {kv.dtype}")
     check(0 < d_v <= d, f"d_v={d_v} must be in (0, d_qk={d}]")
+    check_indices("indices", indices, kv.shape[1])
 
 
 def _kernel_shape_ok(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int) -> tuple[bool, str]:

@@ -5,7 +5,8 @@ processes, split by environment, and write the Parquet manifest plus the environ
     summary = synthesize(cfg.synth, out_dir, data_dir=None)      # CPU only; `workers` processes
 
 Layout of `out_dir`: tasks.parquet (the manifest), envs/<env_id>/ (bundles), search/corpus.jsonl (the search
-tool's corpus), swe_instances.jsonl (SWE-smith-style records of the kept code tasks), summary.json.
+tool's corpus), swe_instances.jsonl (SWE-smith-style records of the kept code tasks), trajectories.parquet (each
+task's reference solution replayed through its episode's tools), summary.json.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from dsaforge.synth.registry import agent_class
 from dsaforge.synth.sandbox import Sandbox
 from dsaforge.synth.search.corpus import build_corpus
 from dsaforge.synth.task import GENERATOR_VERSION, Task, write_manifest
+from dsaforge.synth.trajectory import write_reference_trajectories
 
 
 class SynthesisError(RuntimeError):
@@ -208,6 +210,11 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
     _prune(out_dir, all_tasks)
     write_manifest(all_tasks, out_dir / "tasks.parquet")
     _write_swe_instances(out_dir, all_tasks)
+    # Reference trajectories: each reference solution replayed through its episode's tools (real tool outputs).
+    with ProcessPoolExecutor(cfg.workers, mp_context=ctx) as pool:
+        trajectories = write_reference_trajectories(
+            all_tasks, out_dir / "trajectories.parquet", Sandbox(cfg.sandbox, hide=[str(out_dir.resolve())]),
+            map_fn=lambda f, *its: pool.map(f, *its, chunksize=max(1, len(all_tasks) // (cfg.workers * 8))))
     summary = {
         "generator_version": GENERATOR_VERSION, "tasks": len(all_tasks),
         "envs": len({t.env_id for t in all_tasks}), "heldout_tasks": sum(t.split == "heldout" for t in all_tasks),
@@ -216,7 +223,7 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
         "tasks_per_min": round(60 * len(all_tasks) / max(time.monotonic() - t_all, 1e-9), 2),
         "classes": {k: v.stats() for k, v in results.items()}, "corpus": corpus_info,
         "sandbox": cfg.sandbox.backend, "solver": (solver or BaselineSolver()).name, "pass_k": cfg.pass_k,
-        "llm_families": sorted(llm_families),
+        "llm_families": sorted(llm_families), "trajectories": trajectories,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary

@@ -56,6 +56,10 @@ class OpenAIClient:
             raise LLMError(f"{self.base_url}/models lists no model")
         return models[0]["id"]
 
+    def chat_completion(self, body: dict) -> dict:
+        """POST /chat/completions with `body` (the model filled in) and return the whole response."""
+        return self._request("/chat/completions", {"model": self.model, **body})
+
     def chat(self, messages: list[dict], tools: Optional[list[dict]] = None, temperature: float = 1.0,
              max_tokens: int = 4096) -> dict:
         body = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}

@@ -1,10 +1,15 @@
 """Sandbox for every piece of untrusted code in task synthesis: tools, verifiers, reference solutions,
 model-written code, and the tests of code-agent tasks.
 
-Backend "bwrap" (bubblewrap, Debian package `bubblewrap`): new network, PID, IPC and UTS namespaces, the host
-root mounted read-only, home directories hidden, one private writable directory mounted at /tmp, and
-CPU / address-space / process / file-size limits applied with `prlimit` inside the sandbox; a wall-clock timer
-and an output cap are enforced from outside.
+Backend "bwrap" (bubblewrap, Debian package `bubblewrap`): new network, PID, IPC and UTS namespaces, and a root
+filesystem built from an allow-list rather than the host's: the system's programs and shared libraries (/usr and
+its merged-usr links), the Python interpreter and its libraries (the installation prefixes, read-only), a few
+generated files in /etc (passwd, group, the loader cache), a fresh /dev and /proc, and one private writable
+directory mounted at /tmp that holds the task's own files. Nothing else of the host exists inside: not the
+project checkout, not the MLflow store, not other tasks' bundles, not /run or /var (so no host Unix socket can be
+reached; a read-only bind would not stop `connect`), not home directories. CPU / address-space / process /
+file-size limits are applied with `prlimit` inside the sandbox; a wall-clock timer and an output cap are
+enforced from outside.
 
 Why the limits are applied *inside* the sandbox, after the uid change: RLIMIT_NPROC does not apply to uid 0
 (the kernel exempts INIT_USER), so when dsaforge runs as root the sandboxed process first drops to a
@@ -16,6 +21,7 @@ isolation; it exists for machines without bubblewrap and must be asked for by na
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -64,16 +70,34 @@ _LIMIT_SIGNALS = {signal.SIGXCPU: "SIGXCPU (cpu limit)", signal.SIGKILL: "SIGKIL
                   signal.SIGSEGV: "SIGSEGV", signal.SIGABRT: "SIGABRT"}
 
 
-# The checkout dsaforge runs from (an editable install imports from it).
-_SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
+# What the sandbox's root holds besides the interpreter: programs and shared libraries. On merged-usr systems
+# /bin, /lib, ... are symlinks into /usr and are recreated as such.
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# From /etc only what the dynamic loader and Python's startup read; passwd and group are generated.
+_ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf", "hosts")
+# Host paths that must never be inside a sandbox even if an interpreter prefix contains them.
+_NEVER = ("/run", "/var/run", "/proc", "/sys", "/dev")
 
 
 def _python_roots() -> list[str]:
-    """Directories the interpreter needs; re-exposed when home directories are hidden."""
+    """The interpreter's installation prefixes (a venv, the base installation) and the interpreter's own folder."""
     roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
     roots.add(os.path.dirname(os.path.realpath(sys.executable)))
     return sorted(roots)
 
+
+def _allowed_roots() -> list[str]:
+    """Host directories bound read-only into the sandbox: the interpreter prefixes outside /usr, minus nested
+    ones. A prefix of / or one that would expose a forbidden tree is refused (the sandbox would be the host)."""
+    out: list[str] = []
+    for r in _python_roots():
+        if r == "/" or any(r == n or r.startswith(n + "/") for n in _NEVER):
+            raise SandboxUnavailable(f"the Python installation at {r} cannot be isolated; install Python elsewhere")
+        if r == "/usr" or r.startswith("/usr/"):
+            continue
+        if not any(r.startswith(o + "/") for o in out):
+            out.append(r)
+    return out
 
 @dataclass
 class Sandbox:
@@ -111,39 +135,41 @@ class Sandbox:
 
     def _bwrap_argv(self, workdir: str, argv: Sequence[str]) -> list[str]:
         root = os.geteuid() == 0
-        cmd = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-        # Hide home directories (credentials, other users' work) but keep the interpreter reachable.
-        for home in ("/root", "/home"):
-            if os.path.isdir(home):
-                cmd += ["--tmpfs", home]
+        uid = self.uid_base + os.getpid() % 20000 if root else os.getuid()
+        cmd = ["bwrap", "--dev", "/dev", "--proc", "/proc"]
+        for d in _SYSTEM_DIRS:
+            if os.path.islink(d):
+                cmd += ["--symlink", os.readlink(d), d]
+            elif os.path.isdir(d):
+                cmd += ["--ro-bind", d, d]
+        cmd += ["--perms", "0755", "--dir", "/etc"]       # bwrap would make it 0700, closed to the sandbox uid
+        for name in _ETC_FILES:
+            if os.path.exists(f"/etc/{name}"):
+                cmd += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+        etc = _identity_files(uid)
+        cmd += ["--ro-bind", etc["passwd"], "/etc/passwd", "--ro-bind", etc["group"], "/etc/group"]
+        cmd += ["--bind", workdir, "/tmp"]
+        # The interpreter prefixes after /tmp: a venv made under /tmp stays visible over the private directory.
+        # Parents are created world-traversable (bwrap would make them 0700 root-owned under a tmpfs).
         made: set[str] = set()
-        for r in _python_roots():
-            if r.startswith(("/root/", "/home/")):
-                # bwrap would create the parents as 0700 root-owned; the sandbox uid must traverse them.
-                parts = Path(r).parts
-                for i in range(3, len(parts)):
-                    d = str(Path(*parts[:i]))
-                    if d not in made:
-                        made.add(d)
-                        cmd += ["--perms", "0755", "--dir", d]
-                cmd += ["--ro-bind", r, r]
+        for r in _allowed_roots():
+            parts = Path(r).parts
+            for i in range(2, len(parts)):
+                d = str(Path(*parts[:i]))
+                if d not in made and not d.startswith(("/usr", "/tmp")) and d != "/tmp":
+                    made.add(d)
+                    cmd += ["--perms", "0755", "--dir", d]
+            cmd += ["--ro-bind", r, r]
         for h in self.hide:
             if os.path.isdir(h):
                 cmd += ["--tmpfs", h]
             elif os.path.exists(h):
                 cmd += ["--ro-bind", _empty_file(), h]   # /dev/null would be a device node on a nodev mount
-        cmd += ["--bind", workdir, "/tmp"]
-        # An interpreter or a source tree under /tmp (a CI checkout, a venv made there) would vanish under the
-        # private /tmp: bind it back read-only on top.
-        for r in sorted({*_python_roots(), _SOURCE_ROOT}):
-            if r.startswith("/tmp/") and os.path.isdir(r):
-                cmd += ["--ro-bind", r, r]
         cmd += ["--chdir", "/tmp",
                 "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
                 "--die-with-parent", "--new-session"]
         if root:
-            uid = str(self.uid_base + os.getpid() % 20000)
-            cmd += ["--", "setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--no-new-privs",
+            cmd += ["--", "setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups", "--no-new-privs",
                     "--inh-caps=-all", "--bounding-set=-all"]
         else:
             cmd += ["--unshare-user", "--cap-drop", "ALL"]
@@ -243,11 +269,106 @@ class Sandbox:
         return SandboxResult(rc, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - t0,
                              timed_out=timed_out, output_truncated=over.is_set(), killed_by=killed_by)
 
+    def spawn(self, argv: Sequence[str], files: Optional[Mapping[str, str | bytes]] = None) -> SandboxProcess:
+        """Start argv in a fresh private directory holding `files` and keep it running (see SandboxProcess)."""
+        wd = Path(tempfile.mkdtemp(prefix="dsaforge-sbx-"))
+        for rel, data in (files or {}).items():
+            p = wd / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data.encode() if isinstance(data, str) else data)
+        env = self._env()
+        if self.backend == "bwrap":
+            if os.geteuid() == 0:
+                uid = self.uid_base + os.getpid() % 20000
+                for p in [wd, *wd.rglob("*")]:
+                    os.lchown(p, uid, uid)
+            cmd, cwd = self._bwrap_argv(str(wd), argv), None
+        else:
+            cmd = self._limits() + [f"{wd}/{a[len('/tmp/'):]}" if a.startswith("/tmp/") and
+                                    os.path.exists(f"{wd}/{a[len('/tmp/'):]}") else a for a in argv]
+            cwd = str(wd)
+            env["HOME"] = env["TMPDIR"] = str(wd)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        return SandboxProcess(proc, wd, self.cfg.max_output_bytes)
+
     def run_python(self, source: str, files: Optional[Mapping[str, str | bytes]] = None,
                    stdin: Optional[str] = None, wall_seconds: Optional[float] = None) -> SandboxResult:
         files = dict(files or {})
         files["__main__.py"] = source
         return self.run([self.python, "-I", "/tmp/__main__.py"], files=files, stdin=stdin, wall_seconds=wall_seconds)
+
+
+class SandboxProcess:
+    """A long-lived sandboxed process spoken to in JSON lines (one request, one reply): the code interpreter's live
+    kernel. The sandbox's rlimits cover the process's whole life; `wall_seconds` bounds each reply, and a process
+    that overruns it, writes a line over the output cap, or dies is killed and reports `alive = False`."""
+
+    def __init__(self, proc: subprocess.Popen, workdir: Path, cap: int) -> None:
+        import queue
+
+        self.proc, self.workdir, self.cap, self.alive = proc, workdir, cap, True
+        self._lines: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self._stderr = bytearray()
+
+        def pump_out():
+            while True:
+                line = proc.stdout.readline(cap + 1)
+                if not line:
+                    self._lines.put(None)
+                    return
+                self._lines.put(line)
+
+        def pump_err():
+            while chunk := proc.stderr.read1(65536):
+                self._stderr += chunk[: max(0, cap - len(self._stderr))]
+
+        for f in (pump_out, pump_err):
+            threading.Thread(target=f, daemon=True).start()
+
+    def request(self, obj: Optional[dict], wall_seconds: float) -> dict:
+        """Send one JSON request (None: send nothing, e.g. to read a greeting) and wait up to wall_seconds for the
+        one-line JSON reply."""
+        import queue
+
+        if not self.alive:
+            return {"error": "the sandboxed process is no longer running"}
+        try:
+            if obj is not None:
+                self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+                self.proc.stdin.flush()
+            line = self._lines.get(timeout=wall_seconds)
+        except queue.Empty:
+            self.close()
+            return {"error": f"no reply within {wall_seconds:.0f}s; the process was stopped"}
+        except (BrokenPipeError, OSError):
+            line = None
+        if line is None:
+            self.close()
+            return {"error": "the sandboxed process exited: " + self._stderr.decode(errors="replace").strip()[-300:]}
+        if len(line) > self.cap:
+            self.close()
+            return {"error": "output limit reached; the process was stopped"}
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            return {"error": "unreadable reply: " + line[:200].decode(errors="replace")}
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            _kill(self.proc)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "SandboxProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -269,6 +390,26 @@ def _empty_file() -> str:
         os.chmod(path, 0o444)
         _EMPTY[:] = [path]
     return _EMPTY[0]
+
+
+_IDENTITY: dict[int, dict[str, str]] = {}
+
+
+def _identity_files(uid: int) -> dict[str, str]:
+    """A passwd and group naming only the sandbox user (some libraries look the current user up)."""
+    files = _IDENTITY.get(uid)
+    if files is None or not all(os.path.exists(p) for p in files.values()):
+        d = tempfile.mkdtemp(prefix="dsaforge-sbx-etc-")
+        files = {"passwd": os.path.join(d, "passwd"), "group": os.path.join(d, "group")}
+        with open(files["passwd"], "w") as f:
+            f.write(f"root:x:0:0:root:/root:/bin/false\nsandbox:x:{uid}:{uid}:sandbox:/tmp:/bin/false\n")
+        with open(files["group"], "w") as f:
+            f.write(f"root:x:0:\nsandbox:x:{uid}:\n")
+        for p in files.values():
+            os.chmod(p, 0o444)
+        os.chmod(d, 0o755)
+        _IDENTITY[uid] = files
+    return files
 
 
 _PROBE: dict[str, Optional[str]] = {}

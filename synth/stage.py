@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from dsaforge.outputs import staged_dir
 from dsaforge.progress import Progress
 from dsaforge.synth.generate import merge_shards, synthesize
 from dsaforge.synth.task import load_tasks
@@ -23,7 +24,9 @@ def run(ctx) -> dict:
                            | {f"synth.sandbox.{k}": v for k, v in cfg.sandbox.model_dump().items()})
     total = sum(cfg.targets.get(c, (cfg.tasks_per_class, 0))[0] for c in cfg.agent_classes)
     done: dict[str, int] = {}
-    with Progress("synthesize", total=total, unit="task") as bar:
+    # Built in a temporary sibling and renamed into place: a kill never leaves a manifest pointing at bundles that
+    # are gone, and the stage never writes into someone else's directory.
+    with Progress("synthesize", total=total, unit="task") as bar, staged_dir(ctx.out_dir) as build:
         def progress(cls: str, kept: int, target: int) -> None:
             new = min(kept, target)
             bar.update(new - done.get(cls, 0), cls=cls)
@@ -36,10 +39,10 @@ def run(ctx) -> dict:
             solver = ChatSolver(cfg.solver_endpoint, cfg.llm_model)
         shard_dirs = [Path(p) for k, p in sorted(ctx.inputs.items()) if k.startswith("shard-")]
         if shard_dirs:       # fanned out (synth.shards > 1): finish from the shards' first round
-            summary = merge_shards(cfg, shard_dirs, ctx.out_dir, data_dir=Path(data_dir) if data_dir else None,
+            summary = merge_shards(cfg, shard_dirs, build, data_dir=Path(data_dir) if data_dir else None,
                                    solver=solver, on_progress=progress, targets=dict(cfg.targets))
         else:
-            summary = synthesize(cfg, ctx.out_dir, data_dir=Path(data_dir) if data_dir else None, solver=solver,
+            summary = synthesize(cfg, build, data_dir=Path(data_dir) if data_dir else None, solver=solver,
                                  on_progress=progress, llm_family_count=cfg.llm_families, targets=dict(cfg.targets))
     metrics = {"tasks": summary["tasks"], "envs": summary["envs"], "heldout_tasks": summary["heldout_tasks"],
                "tasks_per_min": summary["tasks_per_min"], "wall_s": summary["wall_s"]}

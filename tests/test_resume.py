@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -32,7 +33,8 @@ def test_resume_reruns_only_the_failed_step_and_after(tmp_path):
     (record,) = (home / "runs").iterdir()
     summary = json.loads((record / "summary.json").read_text())
     assert summary["state"] == "FAILED" and set(summary["finished"]) == {"prepare-data", "pretrain"}
-    pretrain_ckpt = sorted((home / "kfp").glob("pretraining-*/pretrain/model/hf/*.safetensors"))
+    pretrain_ckpt = sorted((home / "kfp").rglob("pretrain/model/hf/*.safetensors"))
+    assert pretrain_ckpt
     mtimes = {p: p.stat().st_mtime_ns for p in pretrain_ckpt}
 
     resumed = _run(home, "--resume", summary["pipeline_run_id"][:8], "--set", "train.warmup.micro_batch_size=1")
@@ -42,6 +44,8 @@ def test_resume_reruns_only_the_failed_step_and_after(tmp_path):
     assert new["state"] == "SUCCEEDED" and set(new["reused"]) == {"prepare-data", "pretrain"}
     assert set(new["finished"]) == {"warmup", "sparse"}                     # only these ran
     assert {p: p.stat().st_mtime_ns for p in pretrain_ckpt} == mtimes       # earlier outputs untouched
+    resumed_dir = Path(new["kfp_run_dir"])
+    assert not (resumed_dir / "pretrain").exists() and (resumed_dir / "warmup").is_dir()
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     exp = client.get_experiment_by_name("dsaforge")

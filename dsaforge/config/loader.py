@@ -21,6 +21,9 @@ def _describe(err: dict, root: type[BaseModel]) -> str:
         hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
         return f"{path}: unknown key{hint}"
     got = err.get("input")
+    if err["type"] == "value_error":        # a validator's own sentence names its fields
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{path}: {msg}" if path else msg
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{path}: {err['msg']}{shown}"
 
@@ -57,7 +60,11 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a YAML file (binary content, not UTF-8 text)") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:

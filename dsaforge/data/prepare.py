@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 from dsaforge.config import Config
 from dsaforge.data.ingest import DataError, Document, read_source
 from dsaforge.data.tokenizer import BOS, EOS, SPECIAL_TOKENS, train_tokenizer
+from dsaforge.outputs import check_out_dir, staged_dir
 from dsaforge.progress import Progress
 
 SCHEMA_VERSION = 1
@@ -95,7 +94,7 @@ def _write_shards(rows: Iterator[list[int]], out: Path, split: str, shard_rows: 
     def flush() -> None:
         path = out / f"{split}-{len(shards):05d}.parquet"
         pq.write_table(pa.table({"tokens": pa.array(batch, type=pa.list_(pa.int32()))}, schema=ROW_SCHEMA), path)
-        shards.append({"file": path.name, "rows": len(batch), "sha256": _sha256_file(path)})
+        shards.append({"file": path.name, "rows": len(batch), "bytes": path.stat().st_size, "sha256": _sha256_file(path)})
         batch.clear()
 
     for row in rows:
@@ -110,8 +109,9 @@ def _write_shards(rows: Iterator[list[int]], out: Path, split: str, shard_rows: 
 def prepare(cfg: Config, out_dir: Path) -> dict:
     """Build the dataset in a temporary sibling of `out_dir`, then rename it into place."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.is_dir() and any(out_dir.iterdir()):
         raise DataError(f"output directory is not empty: {out_dir} (choose a new one; nothing was changed)")
+    check_out_dir(out_dir, "prepare-data", resumable=False)      # a file in the way
     t0 = time.time()
     d, seed = cfg.data, cfg.data.seed
     docs, stats = collect_documents(cfg)
@@ -121,11 +121,7 @@ def prepare(cfg: Config, out_dir: Path) -> dict:
     if "train" not in splits:
         raise DataError(f"only {len(docs)} document(s): too few to split into train and validation")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out_dir) as tmp:
         pq.write_table(pa.table({
             "id": [f"doc-{i:08d}" for i in range(len(docs))],
             "text": [doc.text for doc in docs],
@@ -188,24 +184,93 @@ def prepare(cfg: Config, out_dir: Path) -> dict:
             "tokenizer_sha256": _sha256_file(tmp / "tokenizer.json"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()   # empty (checked above); KFP creates output dirs before the task runs
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     manifest["seconds"] = round(time.time() - t0, 2)
     return manifest
+
+
+_MANIFEST_KEYS = ("schema_version", "seq_len", "row_tokens", "vocab_size", "special_tokens", "shards")
 
 
 def load_manifest(dataset_dir: str | Path) -> dict:
     path = Path(dataset_dir) / "manifest.json"
     if not path.is_file():
         raise DataError(f"{dataset_dir}: no manifest.json (not a prepared dataset, or an incomplete one)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a valid JSON manifest ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a dataset manifest (top level is {type(manifest).__name__}, not an object)")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{path}: schema_version {manifest.get('schema_version')} (this dsaforge reads {SCHEMA_VERSION})")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise DataError(f"{path}: the manifest lacks {', '.join(missing)}")
+    shards = manifest["shards"]
+    if not isinstance(shards, dict) or not all(isinstance(shards.get(s), list) for s in ("train", "val")) or not all(
+            isinstance(x, dict) and {"file", "rows", "sha256"} <= set(x) for s in ("train", "val") for x in shards[s]):
+        raise DataError(f"{path}: `shards` must hold train and val lists of {{file, rows, sha256}} entries")
     return manifest
+
+
+def verify_dataset(dataset_dir: str | Path, model_vocab_size: int | None = None) -> dict:
+    """Check that the files are what the manifest promises, once per stage: every shard listed once, with its
+    size and sha256; the tokenizer's vocabulary size; every row seq_len + 1 tokens long with ids inside the
+    vocabulary (and inside the model's embedding). Returns what was verified (recorded in the stage's run)."""
+    import pyarrow.compute as pc
+
+    root = Path(dataset_dir)
+    manifest = load_manifest(root)
+    where = root / "manifest.json"
+    entries = [(split, x) for split in ("train", "val") for x in manifest["shards"][split]]
+    names = [x["file"] for _, x in entries]
+    digests = [x["sha256"] for _, x in entries]
+    dup = sorted({v for v in names if names.count(v) > 1})
+    if dup:         # identical content under two names is legal (a repetitive corpus); one file twice is not
+        raise DataError(f"{where}: shard {dup[0]} is listed more than once")
+    if manifest["row_tokens"] != manifest["seq_len"] + 1:
+        raise DataError(f"{where}: row_tokens {manifest['row_tokens']} is not seq_len {manifest['seq_len']} + 1")
+    vocab = manifest["vocab_size"]
+    tok_path = root / "tokenizer.json"
+    if tok_path.is_file():
+        from tokenizers import Tokenizer
+
+        real = Tokenizer.from_file(str(tok_path)).get_vocab_size()
+        if real != vocab:
+            raise DataError(f"{where}: vocab_size {vocab} but {tok_path.name} has {real} tokens")
+    if model_vocab_size is not None and vocab > model_vocab_size:
+        raise DataError(f"{where}: vocab_size {vocab} exceeds model.vocab_size {model_vocab_size}")
+    for key, name in (("documents_sha256", "documents.parquet"), ("tokenizer_sha256", "tokenizer.json")):
+        if key in manifest and (root / name).is_file() and _sha256_file(root / name) != manifest[key]:
+            raise DataError(f"{root / name}: sha256 does not match the manifest's {key}")
+    total = 0
+    for split, x in entries:
+        path = root / x["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in the manifest is missing")
+        size = path.stat().st_size
+        if "bytes" in x and size != x["bytes"]:
+            raise DataError(f"{path}: {size} bytes, the manifest says {x['bytes']}")
+        if _sha256_file(path) != x["sha256"]:
+            raise DataError(f"{path}: sha256 does not match the manifest (a changed, swapped or foreign shard)")
+        total += size
+        try:
+            col = pq.read_table(path).column("tokens")
+        except (pa.ArrowInvalid, OSError, KeyError) as e:
+            raise DataError(f"{path}: unreadable Parquet shard ({str(e).splitlines()[0]})") from None
+        lengths = pc.list_value_length(col)
+        if len(col) and (pc.min(lengths).as_py() != manifest["row_tokens"] or
+                         pc.max(lengths).as_py() != manifest["row_tokens"]):
+            raise DataError(f"{path}: rows are not row_tokens={manifest['row_tokens']} long "
+                            f"(seq_len {manifest['seq_len']} + 1) as the manifest says")
+        values = pc.list_flatten(col)
+        if len(values):
+            lo, hi = pc.min(values).as_py(), pc.max(values).as_py()
+            if lo < 0 or hi >= vocab:
+                raise DataError(f"{path}: token id {hi if hi >= vocab else lo} outside the manifest's vocab_size {vocab}")
+    digest = hashlib.sha256("".join(digests).encode()).hexdigest()
+    return {"digest": digest, "shards": len(entries), "bytes": total, "vocab_size": vocab,
+            "seq_len": manifest["seq_len"]}
 
 
 def read_rows(dataset_dir: str | Path, split: str) -> pa.ChunkedArray:

@@ -24,6 +24,21 @@ HARNESS = Path(__file__).with_name("harness.py")
 TESTS_PER_FUNC, CASES_PER_TEST = 2, 3
 
 
+def _tool(name: str, description: str, properties: dict, required: list[str]) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": required}}}
+
+
+# The rollout's tools (served by `dsaforge.synth.episode.CodeEpisode`, run by harness.agent_tool in the sandbox).
+CODE_TOOLS = [
+    _tool("read_file", "Read the repository's file with line numbers.",
+          {"path": {"type": "string"}, "start_line": {"type": "integer"}, "end_line": {"type": "integer"}}, ["path"]),
+    _tool("apply_patch", "Apply a unified diff to the repository's file (every context line must match).",
+          {"patch": {"type": "string"}}, ["patch"]),
+    _tool("run_visible_tests", "Run the calls from the issue against the current file.", {}, []),
+]
+
+
 def pristine_paths(module: str) -> list[str]:
     """The installed module and its bytecode caches: hidden from sandboxes that run agent code."""
     origin = importlib.util.find_spec(module).origin
@@ -108,7 +123,7 @@ class CodeAgent(AgentClass):
                                        "image_name": None}}
             prompt = self._issue(module, level, examples)
             leaks = [gold] + [source.splitlines()[s[0] - 1].strip() for s in combo]
-            cands.append(Candidate(key, family, level, prompt, [], leaks=leaks, seed=seed,
+            cands.append(Candidate(key, family, level, prompt, CODE_TOOLS, leaks=leaks, seed=seed,
                                    extra_gates={"fail_to_pass_gt0": bool(f2p), "pass_to_fail_eq0": not p2f,
                                                 "fix_hidden": hidden_ok}))
         (env_dir / "hidden").mkdir(parents=True, exist_ok=True)

@@ -258,6 +258,48 @@ def repair(module, source, examples, k, seed, budget_s=2.0):
     return patches
 
 
+# ---- the agent's tools (a rollout's read_file / apply_patch / run_visible_tests) --------------------------------
+def agent_tool(job):
+    """One tool call against the episode's current file (job["source"]), which the host keeps between calls.
+    Returns {"output": <what the model sees>, "source": <the file after the call>}."""
+    import os
+
+    module, source, args = job["module"], job["source"], job.get("arguments") or {}
+    name = f"{module}.py"
+    if job["tool"] == "read_file":
+        path = str(args.get("path", name))
+        if os.path.normpath(path) not in (name, f"repo/{name}", f"/tmp/repo/{name}"):
+            return {"output": {"error": f"no such file {path!r}; the repository holds {name}"}, "source": source}
+        lines = source.splitlines()
+        start = max(1, int(args.get("start_line", 1)))
+        end = min(len(lines), int(args.get("end_line", len(lines))))
+        text = "\n".join(f"{i:5d}  {lines[i - 1]}" for i in range(start, end + 1))
+        return {"output": {"path": name, "lines": f"{start}-{end} of {len(lines)}", "text": text}, "source": source}
+    if job["tool"] == "apply_patch":
+        try:
+            new = apply_patch(source, str(args.get("patch", "")))
+        except (ValueError, IndexError) as e:
+            return {"output": {"error": f"patch does not apply: {e}"}, "source": source}
+        try:
+            compile(new, name, "exec")
+        except SyntaxError as e:
+            return {"output": {"applied": True, "warning": f"the file no longer compiles: {e}"}, "source": new}
+        return {"output": {"applied": True}, "source": new}
+    if job["tool"] == "run_visible_tests":
+        results = []
+        try:
+            mod = load_module(module, source)
+        except BaseException as e:
+            return {"output": {"error": f"importing {name} failed: {type(e).__name__}: {e}"}, "source": source}
+        for ex in job["examples"]:
+            got = call(mod, adapter_fn(ex["adapter"]), ex["args"])
+            results.append({"call": f"{ex['label']}{tuple(ex['args'])!r}", "expected": ex["expect"], "got": got,
+                            "passed": got == ex["expect"]})
+        return {"output": {"passed": sum(r["passed"] for r in results), "total": len(results), "results": results},
+                "source": source}
+    return {"output": {"error": f"unknown tool {job['tool']!r}"}, "source": source}
+
+
 def main():
     job = json.load(sys.stdin)
     op = job["op"]
@@ -285,6 +327,8 @@ def main():
             out.append({"passed": ok, "score": 1.0 if ok else 0.0,
                         "detail": f"FAIL_TO_PASS {f2p}/{len(t['FAIL_TO_PASS'])}, PASS_TO_PASS {p2p}/{len(t['PASS_TO_PASS'])}"})
         print(json.dumps(out))
+    elif op == "tool":
+        print(json.dumps(agent_tool(job)))
     elif op == "repair":
         out = []
         for item in job["items"]:

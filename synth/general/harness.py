@@ -164,6 +164,10 @@ def main():
                 out.append({"error": "; ".join(problems)} if problems else solve(fam, tasks[item["key"]], item.get("seed")))
             elif job["op"] == "verify":
                 out.append(verify(fam, tasks[item["key"]], item["submission"]))
+            elif job["op"] == "plan":
+                # The reference solution's calls (tool-only, so a rollout can replay them through the tools)
+                problems = tool_only_problems(fam)
+                out.append({"error": "; ".join(problems)} if problems else solve(fam, tasks[item["key"]], None))
             elif job["op"] == "call":
                 task = tasks[item["key"]]
                 tools = Tools(fam.make_tools(fresh_conn()), task["tools"])

@@ -65,7 +65,44 @@ def execute(cells, timeout):
     return out
 
 
+def serve(cwd, timeout):
+    """One live kernel for one episode: each stdin line {"code": ...} runs as the next cell of the same namespace
+    (state persists, as the python tool promises) and gets one stdout line {"stdout", "result", "error"}."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", startup_timeout=60)
+    try:
+        kc.execute_interactive(f"import os as _os\n_os.chdir({os.path.abspath(cwd)!r})\ndel _os", timeout=timeout)
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            code = json.loads(line).get("code", "")
+            got = {"stdout": "", "result": None, "error": None}
+
+            def hook(msg):
+                t, c = msg["msg_type"], msg["content"]
+                if t == "stream":
+                    got["stdout"] += c["text"]
+                elif t == "execute_result":
+                    got["result"] = c["data"].get("text/plain")
+                elif t == "error":
+                    got["error"] = f"{c['ename']}: {c['evalue']}"
+
+            try:
+                kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+            except TimeoutError:
+                km.interrupt_kernel()
+                got["error"] = f"timeout after {timeout}s (interrupted; the kernel keeps its state)"
+            got["stdout"] = got["stdout"][-8000:]
+            print(json.dumps(got), flush=True)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve(sys.argv[2], float(sys.argv[3]))
+        return
     job = json.load(sys.stdin)
     if job["op"] == "execute":
         print(json.dumps(execute(job["cells"], job.get("timeout", 10))))

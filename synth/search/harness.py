@@ -61,6 +61,21 @@ class Index:
         return {"error": f"no document {doc_id}"}
 
 
+class Recorder:
+    """The index as the reference solver sees it, recording each call in the tools' own call format."""
+
+    def __init__(self, index):
+        self.index, self.docs, self.calls = index, index.docs, []
+
+    def search(self, query, k=5):
+        self.calls.append({"name": "search", "arguments": {"query": query, "k": k}})
+        return self.index.search(query, k)
+
+    def open(self, doc_id):
+        self.calls.append({"name": "open_document", "arguments": {"doc_id": doc_id}})
+        return self.index.open(doc_id)
+
+
 def load_index():
     docs = [json.loads(l) for l in open("corpus.jsonl")] + [json.loads(l) for l in open("facts.jsonl")]
     return Index(docs)
@@ -116,7 +131,31 @@ def verify_answer(task, answer):
     return ok, "correct" if ok else "incorrect"
 
 
+def call(index, c):
+    """One search / open_document call of a rollout."""
+    args = c.get("arguments") or {}
+    if c.get("name") == "search":
+        return index.search(args.get("query", ""), args.get("k", 5))
+    if c.get("name") == "open_document":
+        return index.open(args.get("doc_id", ""))
+    return {"error": "unknown tool"}
+
+
+def serve():
+    """One episode's tools: the index is built once, then each stdin line {"call": ...} gets one reply line."""
+    index = load_index()
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        try:
+            print(json.dumps({"result": call(index, json.loads(line)["call"])}), flush=True)
+        except Exception as e:   # a malformed request is answered, never the end of the episode's tools
+            print(json.dumps({"result": {"error": f"{type(e).__name__}: {e}"}}), flush=True)
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve()
+        return
     job = json.load(sys.stdin)
     tasks = json.load(open("tasks.json"))
     out = []
@@ -135,14 +174,14 @@ def main():
             rng = None if it.get("seed") is None else random.Random(it["seed"])
             ans, ev = solve(index, t["start"], t["chain"], rng)
             out.append({"answer": ans, "evidence": ev})
+        elif job["op"] == "plan":
+            rec = Recorder(index)
+            ans, _ = solve(rec, t["start"], t["chain"])
+            out.append({"answer": ans, "calls": rec.calls})
         elif job["op"] == "check":
             out.append(check(index, t))
         elif job["op"] == "call":
-            c = it["call"]
-            args = c.get("arguments") or {}
-            res = index.search(args.get("query", ""), args.get("k", 5)) if c.get("name") == "search" else \
-                index.open(args.get("doc_id", "")) if c.get("name") == "open_document" else {"error": "unknown tool"}
-            out.append({"result": res})
+            out.append({"result": call(index, it["call"])})
         elif job["op"] == "reset":
             # The tools are read-only: after the reference ran, the live index and a fresh load both still
             # hash to the corpus the task was built on.

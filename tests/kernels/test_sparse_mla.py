@@ -124,3 +124,16 @@ def test_backward_many_heads(interpret, report, algorithm):
     ref.sparse_mla(qq, kk, idx, 0.1, 64)[0].backward(dout.double())
     assert report("dq", dq, qq.grad) < 1e-5
     assert report("dkv", dkv, kk.grad) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [7, 8, 1000, -2])
+def test_out_of_range_index_is_refused(interpret, bad):
+    """An index past the last key (or below -1) would make the kernel read outside kv; the wrapper refuses it
+    while DSAFORGE_CHECK_INDICES=1 (the test suite's setting)."""
+    from dsaforge.kernels import sparse_mla_fwd
+    from dsaforge.kernels._dispatch import KernelInputError
+
+    q, kv = torch.randn(1, 4, 2, 32 + 16), torch.randn(1, 7, 32 + 16)
+    idx = torch.tensor([[[0, 1, -1, -1], [0, 1, 2, -1], [1, 2, 3, bad], [0, 2, 4, 6]]], dtype=torch.int32)
+    with pytest.raises(KernelInputError, match=f"indices holds {bad}, outside \\[-1, 7\\)"):
+        sparse_mla_fwd(q, kv, idx, 0.1, 32)

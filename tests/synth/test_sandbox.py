@@ -1,7 +1,9 @@
 """Escape and abuse attempts against the synthesis sandbox: every one must be contained and reported."""
+import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,12 +54,13 @@ def test_private_dir_is_fresh_and_home_hidden(box):
 
 
 def test_hidden_paths_are_invisible():
-    # Outside /tmp on purpose: the host's /tmp is replaced by the private directory anyway.
-    secret = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    # Inside an allowed root (the interpreter's prefix), where `hide` matters: e.g. a code task's pristine module.
+    secret = Path(tempfile.mkdtemp(dir=sys.prefix, prefix="dsaforge-hide-"))
     try:
         (secret / "gold.patch").write_text("the fix")
         (secret / "answer.txt").write_text("42")
         secret.chmod(0o755)
+        (secret / "answer.txt").chmod(0o644)
         box = Sandbox(SandboxConfig(wall_seconds=5), hide=[str(secret)])
         r = box.run_python(f"import os; print(os.listdir({str(secret)!r}))")
         assert r.ok and r.stdout.strip() == "[]"
@@ -159,3 +162,80 @@ def test_refuses_without_bwrap_unless_unsafe(monkeypatch):
     assert r.ok and r.stdout.strip() == "42"
     r = unsafe.run_python("while True: print('y' * 100)")
     assert r.output_truncated
+
+
+# -- what the filesystem holds: an allow-list, not the host root -------------------------------------------------
+
+@pytest.fixture
+def host_dir():
+    """A world-readable host directory outside /tmp (the host's /tmp is replaced by the private one anyway)."""
+    d = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="dsaforge-host-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_host_unix_socket_is_unreachable(box, host_dir):
+    path = host_dir / "service.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    path.chmod(0o777)
+    srv.listen(1)
+    try:
+        r = box.run_python(f"""
+import glob, socket
+out = []
+for p in [{str(path)!r}] + glob.glob('/run/**/*.sock', recursive=True) + glob.glob('/var/run/**/*.sock', recursive=True):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(1)
+    try:
+        s.connect(p); out.append('CONNECTED ' + p)
+    except OSError as e:
+        out.append('blocked')
+print(out)
+""")
+    finally:
+        srv.close()
+    assert r.ok, r.stderr
+    assert "CONNECTED" not in r.stdout and "blocked" in r.stdout
+
+
+def test_another_tasks_bundle_is_invisible(box, host_dir):
+    # An earlier run's synthesis output: bundles with hidden answers, world-readable on the host.
+    hidden = host_dir / "synth" / "envs" / "general-x-00000" / "hidden"
+    hidden.mkdir(parents=True)
+    (hidden / "tasks.json").write_text('{"answer": 42}')
+    for p in [host_dir / "synth", *(host_dir / "synth").rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    r = box.run_python(f"""
+import os
+p = {str(hidden / 'tasks.json')!r}
+print('READ ' + open(p).read() if os.path.exists(p) else 'absent', os.path.exists({str(host_dir)!r}))
+""")
+    assert r.ok, r.stderr
+    assert r.stdout.split() == ["absent", "False"]
+
+
+def test_checkout_and_tracking_store_are_invisible(box):
+    from dsaforge.tracking import default_tracking_uri
+
+    checkout = Path(sbx.__file__).resolve().parents[1]          # where dsaforge runs from
+    store = default_tracking_uri(Path.cwd() / ".dsaforge").removeprefix("sqlite:///")
+    probes = [str(checkout / "pyproject.toml"), str(checkout / "synth" / "sandbox.py"), store,
+              str(Path(store).parent), "/etc/shadow", "/etc/hostname", "/var/log", "/run", "/srv", "/mnt"]
+    r = box.run_python(f"import os\nprint([p for p in {probes!r} if os.path.exists(p)])")
+    assert r.ok, r.stderr
+    assert r.stdout.strip() == "[]"
+    # Home and install folders hold only the way to the interpreter (e.g. ~/.pyenv/versions/X), nothing else.
+    way = {part for root in sbx._python_roots() for part in Path(root).parts}
+    r = box.run_python("import os, json\nprint(json.dumps({d: os.listdir(d) for d in ['/root', '/home', '/opt', '/work']"
+                       " if os.path.isdir(d)}))")
+    assert r.ok, r.stderr
+    listed = json.loads(r.stdout)
+    assert all(set(names) <= way for names in listed.values()), listed
+
+
+def test_interpreter_and_its_libraries_still_work(box):
+    r = box.run_python("import sqlite3, json, ssl, ctypes, pwd, os; print(pwd.getpwuid(os.getuid()).pw_name, "
+                       "sqlite3.connect(':memory:').execute('select 1').fetchone()[0])")
+    assert r.ok, r.stderr
+    assert r.stdout.split() == ["sandbox", "1"] or r.stdout.split()[1] == "1"

@@ -1,0 +1,215 @@
+"""The inference forward of the rollout engine: the Transformer's own weights, run with per-row positions over a
+slot cache, with no indexer KL and no autograd.
+
+Shapes: N cache slots, B rows in this call (each a slot), S tokens per row (right-padded; row b has n[b] real
+ones starting at position start[b]), T visible keys (max over rows of start + S), L the cache's length.
+A row's tokens at padded places are written to the cache's spare column L, never to a real position, so a padded
+batch can never corrupt another row or a later token of its own row.
+
+Dense mode: MHA form with SDPA for multi-token calls, absorbed MQA for decode. Sparse mode: the lightning indexer
+scores the row's visible keys, top-k selects, and sparse MLA attends to the selection (`kernels.sparse_mla` for
+prefill, the fused `kernels.sparse_mla_decode` for decode; their torch references on CPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dsaforge import kernels
+from dsaforge.model.attention import MLA, Indexer
+from dsaforge.model.moe import MoE, grouped_swiglu, use_grouped_mm
+from dsaforge.model.transformer import Transformer
+
+
+@dataclass
+class SlotCache:
+    """Per layer: the 576-d-style MQA entries [N, L+1, C+R] and indexer keys [N, L+1, Di] (the +1 is the spare
+    column padded tokens write to)."""
+    kv: list[torch.Tensor]
+    index_k: list[Optional[torch.Tensor]]
+    max_len: int
+
+    @classmethod
+    def allocate(cls, model: Transformer, slots: int, max_len: int, with_indexer: bool) -> "SlotCache":
+        cfg, p = model.cfg, model.embed.weight
+        kv = [torch.zeros(slots, max_len + 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=p.dtype, device=p.device)
+              for _ in range(cfg.n_layers)]
+        ik = [torch.zeros(slots, max_len + 1, cfg.index_head_dim, dtype=p.dtype, device=p.device) if with_indexer
+              else None for _ in range(cfg.n_layers)]
+        return cls(kv, ik, max_len)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv + [k for k in self.index_k if k is not None])
+
+
+@dataclass
+class Capture:
+    """What a forward records for the engine, per layer, at every input position."""
+    routing: bool = False
+    topk: bool = False
+    moe_indices: list[torch.Tensor] = field(default_factory=list)     # per MoE layer [B, S, k]
+    topk_indices: list[torch.Tensor] = field(default_factory=list)    # per layer [B, S, K] (-1 = empty)
+
+
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """`layers.apply_rope` with one angle table per row: x [B, S, ..., D], cos/sin [B, S, D/2]."""
+    shape = (cos.shape[0], cos.shape[1]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
+    c, s = cos.view(shape), sin.view(shape)
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        y = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        y = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return y.to(x.dtype)
+
+
+def _index_rope(ix: Indexer, t: torch.Tensor, cos, sin) -> torch.Tensor:
+    pe, nope = t.split([ix.rope_dim, ix.head_dim - ix.rope_dim], dim=-1)
+    return ix._numerics(torch.cat((rope_rows(pe, cos, sin, interleaved=False), nope), dim=-1))
+
+
+def index_keys(ix: Indexer, x: torch.Tensor, cos, sin) -> torch.Tensor:
+    """Indexer.keys with per-row positions: x [B, S, dim] -> [B, S, Di]."""
+    k = ix.wk(x)
+    k = F.layer_norm(k.float(), (ix.head_dim,), ix.k_norm.weight.float(), ix.k_norm.bias.float(),
+                     ix.k_norm.eps).to(k.dtype)
+    return _index_rope(ix, k, cos, sin)
+
+
+def index_queries(ix: Indexer, x: torch.Tensor, qr: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexer.queries with per-row positions -> q [B, S, Hi, Di], w [B, S, Hi] fp32."""
+    b, s, _ = x.shape
+    q = _index_rope(ix, ix.wq_b(qr).view(b, s, ix.n_heads, ix.head_dim), cos, sin)
+    w = F.linear(x.float(), ix.weights_proj.weight.float()) * (ix.n_heads * ix.head_dim) ** -0.5
+    return q, w
+
+
+def mla_infer(attn: MLA, x: torch.Tensor, cos, sin, kv_cache: torch.Tensor, ik_cache: Optional[torch.Tensor],
+              rows: Optional[torch.Tensor], write_pos: torch.Tensor, visible: torch.Tensor, t: int, mode: str,
+              top_k: int, capture: Optional[Capture]) -> torch.Tensor:
+    """x [B, S, dim] (attn_norm output) -> [B, S, dim].
+
+    rows [B] slot of each row (None: rows are slots 0..B-1, read as views); write_pos [B, S] cache column of each
+    token (L for padding); visible [B, S, T] bool key mask of each query."""
+    b, s, _ = x.shape
+    qr = attn.q_norm(attn.wq_a(x))
+    q_nope, q_pe = attn.wq_b(qr).view(b, s, attn.n_heads, -1).split([attn.nope, attn.rope], dim=-1)
+    q_pe = rope_rows(q_pe, cos, sin, interleaved=True)
+    c, k_pe = attn.wkv_a(x).split([attn.kv_lora_rank, attn.rope], dim=-1)
+    kv = torch.cat((attn.kv_norm(c), rope_rows(k_pe, cos, sin, interleaved=True)), dim=-1)     # [B, S, C+R]
+    slot = (rows if rows is not None else torch.arange(b, device=x.device))[:, None].expand(b, s)
+    kv_cache[slot, write_pos] = kv.to(kv_cache.dtype)
+    need_index = mode == "sparse" or (capture is not None and capture.topk)
+    if need_index:
+        ik_cache[slot, write_pos] = index_keys(attn.indexer, x, cos, sin).to(ik_cache.dtype)
+    kv_all = kv_cache[:b, :t] if rows is None else kv_cache[rows, :t]                          # [B, T, C+R]
+
+    indices = None
+    if need_index:
+        k_all = ik_cache[:b, :t] if rows is None else ik_cache[rows, :t]                        # [B, T, Di]
+        q_i, w_i = index_queries(attn.indexer, x, qr, cos, sin)
+        if s > 1:
+            scores = kernels.indexer_scores(q_i, k_all.to(q_i.dtype), w_i, causal=False)
+        else:   # one query per row: a plain batched product (no per-row kernel launches; CUDA-graph friendly)
+            scores = kernels.reference.indexer_scores(q_i, k_all, w_i, causal=False)
+        scores = scores.masked_fill(~visible, float("-inf"))                                    # [B, S, T]
+        indices = kernels.topk_indices(scores.contiguous(), top_k)                              # [B, S, K]
+        if capture is not None and capture.topk:
+            short = top_k - indices.shape[-1]        # fewer visible keys than top_k: pad with empty slots
+            capture.topk_indices.append(F.pad(indices, (0, short), value=-1) if short > 0 else indices)
+
+    if mode == "sparse":
+        q_lat = attn._mqa_query(q_nope, q_pe)                                                   # [B, S, H, C+R]
+        if s == 1:
+            o_lat, _ = kernels.sparse_mla_decode(q_lat, kv_all, indices, attn.softmax_scale, attn.kv_lora_rank)
+        else:
+            o_lat, _ = kernels.sparse_mla(q_lat, kv_all, indices, attn.softmax_scale, attn.kv_lora_rank)
+        o = torch.einsum("bshc,hvc->bshv", o_lat, attn._absorb_weights()[1])
+    elif s == 1:
+        q_lat = attn._mqa_query(q_nope, q_pe)
+        logits = torch.einsum("bshd,btd->bsht", q_lat.float(), kv_all.float()) * attn.softmax_scale
+        probs = logits.masked_fill(~visible[:, :, None], float("-inf")).softmax(-1)
+        o_lat = torch.einsum("bsht,btc->bshc", probs.to(kv_all.dtype), kv_all[..., :attn.kv_lora_rank])
+        o = torch.einsum("bshc,hvc->bshv", o_lat, attn._absorb_weights()[1])
+    else:
+        o, _ = attn._mha(q_nope, q_pe, kv_all, visible, need_probs=False)
+    return attn.wo(o.flatten(2))
+
+
+def moe_infer(moe: MoE, x: torch.Tensor, stacked: Optional[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE.forward without load counting or aux loss, and without host syncs when `stacked` expert weights
+    (w1, w3, w2 as [E, I, dim], [E, I, dim], [E, dim, I]) are given: routable inside a CUDA graph."""
+    b, s, d = x.shape
+    flat = x.reshape(-1, d)
+    weights, indices, _ = moe.gate(flat)
+    if stacked is not None:
+        counts = torch.zeros(moe.n_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, indices.flatten(), torch.ones_like(indices.flatten()))
+        order = indices.flatten().argsort(stable=True)
+        token = order // moe.topk
+        y_sorted = grouped_swiglu(flat[token], counts, *stacked)
+        y = torch.zeros_like(flat).index_add_(0, token, y_sorted * weights.flatten()[order, None])
+    else:
+        counts = torch.bincount(indices.flatten(), minlength=moe.n_experts)
+        y = moe.routed(flat, weights, indices, counts)
+    if moe.shared_experts is not None:
+        y = y + moe.shared_experts(flat)
+    return y.view(b, s, d), indices.view(b, s, moe.topk)
+
+
+def stack_experts(model: Transformer) -> list[Optional[tuple]]:
+    """Per layer, the routed experts' weights stacked once for torch._grouped_mm (None where not used). Re-run
+    after the weights change (an RL step)."""
+    out = []
+    for block in model.layers:
+        ffn = block.ffn
+        probe = ffn.experts[0].w1.weight if isinstance(ffn, MoE) else None
+        if probe is None or not use_grouped_mm(probe):
+            out.append(None)
+            continue
+        out.append(tuple(torch.stack([getattr(e, n).weight for e in ffn.experts]).contiguous()
+                         for n in ("w1", "w3", "w2")))
+    return out
+
+
+@torch.no_grad()
+def forward_rows(model: Transformer, cache: SlotCache, tokens: torch.Tensor, start: torch.Tensor,
+                 n: torch.Tensor, rows: Optional[torch.Tensor], mode: str, stacked: list,
+                 capture: Optional[Capture] = None, t: Optional[int] = None,
+                 last_only: bool = True) -> torch.Tensor:
+    """Run tokens [B, S] (row b: n[b] real tokens at positions start[b]...) through the model, writing their cache
+    entries, and return logits [B, V] at each row's last real token (last_only) or [B, S, V].
+
+    t: visible keys (>= max(start + n)); pass it to keep shapes static (decode under a CUDA graph)."""
+    b, s = tokens.shape
+    dev = tokens.device
+    offs = torch.arange(s, device=dev)
+    pos = start[:, None] + offs[None]                                                  # [B, S]
+    real = offs[None] < n[:, None]
+    write_pos = torch.where(real, pos, cache.max_len)
+    if t is None:
+        t = int((start + n).max())
+    cos_all, sin_all = model.rope(dev)
+    ang = pos.clamp_max(cos_all.shape[0] - 1)
+    cos, sin = cos_all[ang], sin_all[ang]                                              # [B, S, R/2]
+    visible = torch.arange(t, device=dev)[None, None] <= pos[:, :, None]               # [B, S, T]
+    h = model.embed(tokens)
+    for i, block in enumerate(model.layers):
+        a = mla_infer(block.attn, block.attn_norm(h), cos, sin, cache.kv[i], cache.index_k[i], rows, write_pos,
+                      visible, t, mode, model.cfg.index_topk, capture)
+        h = h + a
+        if isinstance(block.ffn, MoE):
+            f, idx = moe_infer(block.ffn, block.ffn_norm(h), stacked[i])
+            if capture is not None and capture.routing:
+                capture.moe_indices.append(idx)
+        else:
+            f = block.ffn(block.ffn_norm(h))
+        h = h + f
+    if last_only:
+        h = h.gather(1, (n - 1).clamp_min(0)[:, None, None].expand(b, 1, h.shape[-1]))[:, 0]   # [B, dim]
+    return model.head(model.norm(h)).float()
