@@ -188,10 +188,17 @@ def cmd_pipelines(args) -> int:
         return 0
     from dsaforge.runner import compile_pipeline
 
+    from dsaforge.pipelines import get_pipeline
+    from dsaforge.pipelines.builder import external_inputs
+
     cfg = _load(args)
-    names = list(PIPELINES) if not args.names else args.names
-    for name in names:
-        out = compile_pipeline(name, cfg, Path(args.out) / f"{name}.yaml")
+    reuse = _inputs(args.input)
+    for name in args.names or list(PIPELINES):
+        missing = [i for i in external_inputs(get_pipeline(name).STAGES) if i not in reuse]
+        if missing and not args.names:      # compiling everything: say what a sub-pipeline needs, go on
+            print(f"skipped {name}: it starts from " + " ".join(f"--input {i}=URI" for i in missing))
+            continue
+        out = compile_pipeline(name, cfg, Path(args.out) / f"{name}.yaml", reuse=reuse)
         print(f"compiled {name} -> {out}")
     return 0
 
@@ -342,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "compile"])
     p.add_argument("names", nargs="*", help="pipelines to compile (default: all)")
     p.add_argument("--out", default="build/pipelines", help="output directory for compiled YAML")
+    p.add_argument("--input", action="append", default=[], metavar="STAGE=URI",
+                   help="a finished stage's output that a sub-pipeline starts from (repeatable)")
     _config_args(p)
     p.set_defaults(func=cmd_pipelines)
 

@@ -22,6 +22,12 @@ def available(stages: Sequence[str]) -> tuple[str, ...]:
     return tuple(s for s in stages if s in STAGES)
 
 
+def external_inputs(stages: Sequence[str]) -> list[str]:
+    """The stages whose outputs a pipeline of `stages` needs but does not produce (given as --input STAGE=URI)."""
+    ours = available(stages)
+    return sorted({i for s in ours for i in STAGES[s].inputs if i not in ours})
+
+
 def plan(name: str, stages: Sequence[str], reuse: Mapping[str, str]) -> list[str]:
     """The stages to run, in order, checking that every required input is produced or given."""
     todo = [s for s in available(stages) if s not in reuse]

@@ -26,14 +26,18 @@ CLUSTER = ["pipeline.image=registry.example/dsaforge:1.2", "pipeline.cpu_image=r
 
 
 def _compile(tmp_path, name, *sets):
-    out = compile_pipeline(name, load_config("small", overrides=list(sets)), tmp_path / f"{name}.yaml")
+    # a sub-pipeline that starts from another's outputs gets them as URIs (imported, not run)
+    reuse = {i: f"s3://bucket/runs/{i}" for i in builder.external_inputs(get_pipeline(name).STAGES)}
+    out = compile_pipeline(name, load_config("small", overrides=list(sets)), tmp_path / f"{name}.yaml", reuse=reuse)
     spec, platform = yaml.safe_load_all(out.read_text())
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
 def _tasks(spec):
-    """task name -> (task spec, executor label) for the tasks inside the exit handler and the exit task."""
-    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    """task name -> (task spec, executor label) for the tasks inside the exit handler and the exit task
+    (importers of a sub-pipeline's inputs left out: they run no container of ours)."""
+    inner = {k: v for k, v in spec["components"]["comp-exit-handler-1"]["dag"]["tasks"].items()
+             if not k.startswith("importer")}
     out = {**inner, "close-run": spec["root"]["dag"]["tasks"]["close-run"]}
     return {name: (task, spec["components"][task["componentRef"]["name"]].get("executorLabel"))
             for name, task in out.items()}
