@@ -4,6 +4,8 @@ what `dsaforge run --resume RUN` starts from: the finished stages' outputs are i
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,8 +44,30 @@ def find_record(home: Path, ref: str) -> Path:
     return candidates[-1]
 
 
+def running_record(summary: dict[str, Any], kfp_root: Path) -> dict[str, Any]:
+    """The record of a run that has started: enough to resume it if the process dies before it ends."""
+    return dict(summary, state="RUNNING", kfp_root=str(kfp_root), pid=os.getpid(), host=socket.gethostname())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def load_record(record: Path) -> dict[str, Any]:
     summary = json.loads((record / "summary.json").read_text())
     if summary.get("state") == "SUCCEEDED":
         raise ConfigError(f"--resume {record.name}: that run finished; nothing to resume")
+    if summary.get("state") == "RUNNING":
+        if summary.get("host") == socket.gethostname() and _alive(int(summary.get("pid", 0))):
+            raise ConfigError(f"--resume {record.name}: that run is still running (pid {summary['pid']})")
+        # the process died (killed, machine lost): what finished is what its tasks wrote
+        root = Path(summary["kfp_root"])
+        runs = [p for p in root.glob(f"{summary['pipeline']}-*") if p.is_dir()] if root.is_dir() else []
+        summary["finished"] = finished_outputs(runs[0]) if len(runs) == 1 else {}
     return summary

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from dsaforge.config import Config, ConfigError, to_yaml
-from dsaforge.tracking import reopen_run, resolve_tracking_uri, stage_errors, start_pipeline_run
+from dsaforge.tracking import close_orphans, reopen_run, resolve_tracking_uri, stage_errors, start_pipeline_run
 
 
 class PipelineFailed(RuntimeError):
@@ -53,7 +53,7 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
     from kfp import local
 
     from dsaforge.pipelines import get_pipeline
-    from dsaforge.records import finished_outputs, find_record, load_record
+    from dsaforge.records import finished_outputs, find_record, load_record, running_record
 
     home = Path(cfg.pipeline.home).resolve()
     reuse = dict(reuse or {})
@@ -76,7 +76,8 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
     cfg.tracking.uri = uri          # every component, in whatever process, writes to the same store
     if earlier:
         parent = reopen_run(uri, earlier["mlflow_run_id"])
-        parent.set_tags({"dsaforge.resumed": str(sorted(reuse))})
+        parent.set_tags({"dsaforge.reused": ",".join(sorted(reuse))})
+        close_orphans(uri, parent.run_id)
     else:
         parent = start_pipeline_run(cfg, name, run_id, pipeline_run_url=record.as_uri())
     parent.log_artifact(record / "config.yaml")
@@ -95,6 +96,8 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
     t0 = time.time()
     summary = {"pipeline": name, "pipeline_run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": uri,
                "resumed_from": earlier and earlier.get("record"), "reused": reuse, "record": str(record)}
+    # Written now and again at the end: a run killed in between still leaves what --resume needs.
+    (record / "summary.json").write_text(json.dumps(running_record(summary, kfp_root), indent=2))
     try:
         with warnings.catch_warnings():
             # The local runner warns that the cluster image is not used; running in this interpreter is the point.
@@ -104,7 +107,7 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
             pipeline(config_json=json.dumps(cfg.model_dump()), tracking_uri=uri, parent_run_id=parent.run_id)
     except Exception as e:
         errors = stage_errors(uri, parent.run_id)
-        reason = "; ".join(errors) or re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        reason = "; ".join(dict.fromkeys(errors)) or re.sub(r"\x1b\[[0-9;]*m", "", str(e))
         run_dir = _run_dir(kfp_root, name, required=False)
         summary.update(state="FAILED", error=reason[:4000], kfp_run_dir=str(run_dir or ""),
                        finished=finished_outputs(run_dir), seconds=round(time.time() - t0, 1))

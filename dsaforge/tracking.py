@@ -526,6 +526,18 @@ def reopen_run(uri: str, run_id: str) -> MlflowTracker:
     return tracker
 
 
+def close_orphans(uri: str, parent_run_id: str) -> list[str]:
+    """Mark the child runs of `parent_run_id` still RUNNING as KILLED (their process died with the pipeline)."""
+    client = _client(uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    orphans = [r.info.run_id for r in client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'")]
+    for run_id in orphans:
+        client.set_tag(run_id, "dsaforge.error", "interrupted: the pipeline's process died before this stage ended")
+        client.set_terminated(run_id, "KILLED")
+    return orphans
+
+
 def find_pipeline_run(cfg: Config, pipeline_run_id: str, tracking_uri: Optional[str] = None) -> str:
     """The parent run tagged kfp.pipeline_run_id=`pipeline_run_id` (how a KFP exit task finds it on a cluster)."""
     uri = tracking_uri or resolve_tracking_uri(cfg)

@@ -38,8 +38,10 @@ def _compile(tmp_path, name, *sets):
 
 
 def _tasks(spec):
-    """task name -> (task spec, executor label) for the tasks inside the exit handler and the exit task."""
-    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    """task name -> (task spec, executor label) for the tasks inside the exit handler and the exit task
+    (importers of a sub-pipeline's inputs left out: they run no container of ours)."""
+    inner = {k: v for k, v in spec["components"]["comp-exit-handler-1"]["dag"]["tasks"].items()
+             if not k.startswith("importer")}
     out = {**inner, "close-run": spec["root"]["dag"]["tasks"]["close-run"]}
     return {name: (task, spec["components"][task["componentRef"]["name"]].get("executorLabel"))
             for name, task in out.items()}

@@ -15,7 +15,9 @@ PET = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "1",
 
 
 def _parallel(nnodes, nproc=8):
-    return load_config("tiny", overrides=[f"parallel.nnodes={nnodes}", f"parallel.nproc_per_node={nproc}"]).parallel
+    batches = [f"train.{s}.batch_size=64" for s in ("pretrain", "warmup", "sparse")]   # divisible over 16 ranks
+    return load_config("tiny", overrides=[f"parallel.nnodes={nnodes}", f"parallel.nproc_per_node={nproc}",
+                                          *batches]).parallel
 
 
 def test_single_node_is_standalone():

@@ -18,7 +18,8 @@ models = pytest.importorskip("kubeflow_trainer_api.models")
 
 
 def _cfg(nnodes, *sets):
-    return load_config("small", overrides=[f"parallel.nnodes={nnodes}", "parallel.nproc_per_node=8",
+    batches = [f"train.{s}.batch_size=512" for s in ("pretrain", "warmup", "sparse")]   # divides over 256 replicas
+    return load_config("small", overrides=[f"parallel.nnodes={nnodes}", "parallel.nproc_per_node=8", *batches,
                                            "parallel.tp=8", "parallel.ep=8", "pipeline.gpus_per_stage=8",
                                            "pipeline.workspace_pvc=dsaforge-rwx", "pipeline.shm_size=256Gi",
                                            "pipeline.node_selector={nvidia.com/gpu.product: NVIDIA-H200}",
