@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stage", help="run one stage in-process (no KFP), for debugging")
     p.add_argument("name", help="stage name, e.g. prepare-data")
-    p.add_argument("--out", required=True, help="output directory of the stage (must be new or empty)")
+    p.add_argument("--out", required=True,
+                   help="output directory of the stage: new or empty (a training stage resumes its own unfinished one)")
     p.add_argument("--input", action="append", default=[], metavar="STAGE=DIR",
                    help="an upstream stage's output directory (repeatable)")
     p.add_argument("--parent-run-id", default=None, help="attach to this MLflow pipeline run as a child")

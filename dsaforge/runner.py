@@ -122,7 +122,7 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
 
 
 _SCALARS = ("documents", "train_tokens", "bytes_per_token", "steps", "unigram_entropy", "tasks", "envs", "heldout_tasks")
-_CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean")
+_CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean", "heldout/pass_rate")
 
 
 def stage_highlights(run_dir: Path) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dsaforge.outputs import staged_dir
 from dsaforge.progress import Progress
-from dsaforge.synth.generate import synthesize
+from dsaforge.synth.generate import merge_shards, synthesize
 from dsaforge.synth.task import load_tasks
 
 
@@ -37,8 +37,13 @@ def run(ctx) -> dict:
             from dsaforge.synth.llm import ChatSolver
 
             solver = ChatSolver(cfg.solver_endpoint, cfg.llm_model)
-        summary = synthesize(cfg, build, data_dir=Path(data_dir) if data_dir else None, solver=solver,
-                             on_progress=progress, llm_family_count=cfg.llm_families, targets=dict(cfg.targets))
+        shard_dirs = [Path(p) for k, p in sorted(ctx.inputs.items()) if k.startswith("shard-")]
+        if shard_dirs:       # fanned out (synth.shards > 1): finish from the shards' first round
+            summary = merge_shards(cfg, shard_dirs, build, data_dir=Path(data_dir) if data_dir else None,
+                                   solver=solver, on_progress=progress, targets=dict(cfg.targets))
+        else:
+            summary = synthesize(cfg, build, data_dir=Path(data_dir) if data_dir else None, solver=solver,
+                                 on_progress=progress, llm_family_count=cfg.llm_families, targets=dict(cfg.targets))
     metrics = {"tasks": summary["tasks"], "envs": summary["envs"], "heldout_tasks": summary["heldout_tasks"],
                "tasks_per_min": summary["tasks_per_min"], "wall_s": summary["wall_s"]}
     for cls, s in summary["classes"].items():

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -276,6 +275,7 @@ def _client_for(uri):
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+@pytest.mark.slow
 def test_a_server_killed_mid_stage_does_not_block_or_fail_it(tmp_path, data):
     """A tracking server that dies after the run was opened: the stage finishes its work with a bounded delay,
     exits 0 and says what was not logged."""
@@ -336,9 +336,15 @@ PROBE_PIPELINE = textwrap.dedent('''
 
     @dsl.component
     def write_id(parent_run_id: str, out: dsl.Output[dsl.Dataset]):
-        import os
+        import os, time
         os.makedirs(out.path, exist_ok=True)
         open(os.path.join(out.path, "owner"), "w").write(parent_run_id)
+        # A long run keeps writing into its folder while the others finish (PROBE_BUSY_S): its folder is the
+        # newest one whenever another run looks for its own.
+        run_folder, end = os.path.dirname(os.path.dirname(out.path)), time.time() + float(os.environ["PROBE_BUSY_S"])
+        while time.time() < end:
+            os.utime(run_folder)
+            time.sleep(0.2)
 
 
     @dsl.component
@@ -375,8 +381,8 @@ def _concurrent_pipelines(tmp_path, n):
     home = tmp_path / "home"
     start = time.time() + 15
     procs = [subprocess.Popen([sys.executable, "-c", RUN_PROBE, str(home), str(start), str(tmp_path / "mod")],
-                              env=_env(PYTHONPATH=str(tmp_path / "mod")), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+                              env=_env(PYTHONPATH=str(tmp_path / "mod"), PROBE_BUSY_S="30" if i == n - 1 else "0"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=600)

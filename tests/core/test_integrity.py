@@ -9,7 +9,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -117,7 +116,6 @@ def test_a_broken_manifest_is_one_line_naming_the_file(copy, content, message):
     (["train.pretrain.batch_size=6", "train.pretrain.micro_batch_size=4"],
      "train.pretrain.batch_size 6 is not a multiple of micro_batch_size 4"),
     (["train.sparse.seq_len=4096", "model.max_seq_len=2048"], "train.sparse.seq_len 4096 exceeds model.max_seq_len 2048"),
-    (["data.seq_len=300", "model.max_seq_len=256"], "data.seq_len 300 exceeds model.max_seq_len 256"),
 ])
 def test_config_errors_are_caught_at_validation(sets, message):
     with pytest.raises(ConfigError, match=message):
@@ -228,3 +226,24 @@ def test_cli_store_error_exit_2(capsys, tmp_path):
     rc = main(["stage", "prepare-data", "--out", str(tmp_path / "o"), "--set", f"tracking.uri=sqlite:///{db}"])
     err = capsys.readouterr().err
     assert rc == 2 and str(db) in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_resumed_stage_reopens_its_own_run(tmp_path):
+    from dsaforge.outputs import claim
+    from dsaforge.tracking import stage_run
+
+    cfg = load_config("tiny", overrides=[f"pipeline.home={tmp_path}", "tracking.system_metrics=false"])
+    out = tmp_path / "pre"
+    with pytest.raises(RuntimeError):
+        with stage_run(cfg, "pretrain", out_dir=out) as first:
+            claim(out, "pretrain", first.run_id)            # what run_stage records before training
+            (out / "metrics.jsonl").write_text("")
+            raise RuntimeError("killed")
+    with stage_run(cfg, "pretrain", out_dir=out) as again:
+        pass
+    assert again.run_id == first.run_id
+    run = again._client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["dsaforge.resumed"] == "true"
+    with stage_run(cfg, "pretrain", out_dir=tmp_path / "other") as fresh:   # another directory: another run
+        pass
+    assert fresh.run_id != first.run_id

@@ -95,6 +95,18 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path, tiny_data, uninterr
     assert _final(out)[:2] == uninterrupted[:2]
 
 
+def test_restart_without_a_checkpoint_logs_each_step_once(tmp_path, tiny_data):
+    """Killed before its first checkpoint: the restart starts over, and the dead attempt's metrics lines go."""
+    cfg = load_config("tiny", overrides=OVERRIDES[:-1] + ["train.pretrain.steps=2", "train.pretrain.ckpt_every=5"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/lm_loss": 9.0}) + "\n" for s in (0, 1)))
+    trainer = Trainer(cfg, "pretrain", tiny_data, out)
+    trainer.fit()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+
+
 def test_half_written_checkpoint_is_never_loaded(tmp_path):
     (tmp_path / "step-00000005").mkdir()                               # no meta.json: incomplete
     (tmp_path / "step-00000007.tmp-ab12cd34").mkdir()
