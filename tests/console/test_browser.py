@@ -64,7 +64,7 @@ def test_submit_follow_and_open_in_mlflow(servers, shots):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         try:
             page.goto(console + "/pipelines")
-            assert page.locator('svg.graph g.node[data-task="sparse"]').count() == 1
+            assert page.locator('#pipeline-end-to-end svg.graph g.node[data-task="sparse"]').count() == 1
             page.screenshot(path=str(shots / "1-pipelines.png"), full_page=True)
 
             page.goto(console + "/submit?pipeline=end-to-end&preset=tiny")
