@@ -22,6 +22,7 @@ class Graph:
     nodes: list[str]                                  # task names, in topological order
     edges: list[tuple[str, str]]
     always: set[str] = field(default_factory=set)     # tasks that run whatever happened upstream (exit handlers)
+    inputs: list[str] = field(default_factory=list)   # stages whose outputs it needs from an earlier run
 
     def layers(self) -> dict[str, int]:
         depth = {n: 0 for n in self.nodes}
@@ -111,15 +112,28 @@ def _toposort(nodes: list[str], edges: list[tuple[str, str]]) -> list[str]:
     return out
 
 
+def needed_inputs(name: str) -> list[str]:
+    """Stages whose outputs pipeline `name` reads but does not produce (a sub-pipeline starting from another's)."""
+    from dsaforge.pipelines import get_pipeline
+    from dsaforge.stages import STAGES
+
+    own = [s for s in getattr(get_pipeline(name), "STAGES", ()) if s in STAGES]
+    return sorted({i for s in own for i in STAGES[s].inputs if i not in own})
+
+
 @lru_cache(maxsize=16)
 def pipeline_graph(name: str) -> Graph:
-    """Compile the pipeline (with the tiny preset: placement does not change the graph) and read its IR."""
+    """Compile the pipeline (with the tiny preset: placement does not change the graph) and read its IR. Inputs
+    from another run are stood in for by placeholders: they show as the importer tasks that bring them in."""
     from dsaforge.config import preset
     from dsaforge.runner import compile_pipeline
 
+    reuse = {stage: f"file:///input/{stage}" for stage in needed_inputs(name)}
     with tempfile.TemporaryDirectory() as tmp:
-        path = compile_pipeline(name, preset("tiny"), Path(tmp) / f"{name}.yaml")
-        return from_ir(next(yaml.safe_load_all(path.read_text())))      # then the platform (Kubernetes) spec
+        path = compile_pipeline(name, preset("tiny"), Path(tmp) / f"{name}.yaml", reuse=reuse or None)
+        graph = from_ir(next(yaml.safe_load_all(path.read_text())))      # then the platform (Kubernetes) spec
+    graph.inputs = list(reuse)
+    return graph
 
 
 _W, _H, _GX, _GY = 120, 34, 40, 16

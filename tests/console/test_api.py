@@ -66,7 +66,13 @@ def test_pipelines_page_shows_the_stage_graph(served):
     assert "DeepSeek-V3.2 recipe end to end" in html
     for task in ("open-run", "prepare-data", "pretrain", "warmup", "sparse", "synthesize", "close-run"):
         assert f'data-task="{task}"' in html
-    assert html.count('class="edge"') == 7            # the chain, with open-run's edge to every task reduced away
+    from dsaforge.console.graph import pipeline_graph
+
+    graph = pipeline_graph("end-to-end")
+    assert html.count('class="edge"') == len(graph.edges)
+    assert {("prepare-data", "pretrain"), ("pretrain", "warmup"), ("warmup", "sparse")} <= set(graph.edges)
+    assert [e for e in graph.edges if e[0] == "open-run"] == [("open-run", "prepare-data")]   # implied edges dropped
+    assert "close-run" in graph.always
 
 
 def test_submit_form_is_generated_from_the_schema(served):
@@ -98,6 +104,16 @@ def test_bad_config_is_one_line_naming_the_field(served, fields, message):
     assert r.status_code == 400
     assert error_line(r.text) == message
     assert len(served.console.store.list()) == before          # nothing was queued
+
+
+def test_a_sub_pipeline_takes_its_inputs_from_an_earlier_run_named_by_id(served):
+    s = served.session()
+    form = s.get(served.url + "/submit?pipeline=post-training", timeout=60).text
+    assert 'name="inputs_from"' in form
+    needs = "pipeline post-training needs the outputs of prepare-data, sparse: choose the run to take them from"
+    for given in ({}, {"inputs_from": "../../etc"}, {"inputs_from": "f" * 32}):
+        r = post_submit(served, s, pipeline_name="post-training", **given)
+        assert r.status_code == 400 and error_line(r.text) == needs
 
 
 def test_a_rejected_form_keeps_what_was_typed_and_marks_the_field(served):

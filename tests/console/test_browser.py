@@ -23,7 +23,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
 # The tiny preset cut to a few steps of each stage: every stage still runs for real, in about a minute on 2 cores.
 FAST = {"data": {"data.max_documents": "60", "data.tokenizer_train_bytes": "300000"},
         "train": {"train.pretrain.steps": "4", "train.pretrain.warmup_steps": "1", "train.warmup.steps": "2",
-                  "train.sparse.steps": "2"},
+                  "train.sparse.steps": "2", "train.sft.steps": "2", "train.sft.warmup_steps": "0"},
+        "rl": {"rl.steps": "1"},
         "synth": {"synth.tasks_per_class": "1", "synth.envs_per_class": "1"},
         "tracking": {"tracking.system_metrics": "false"}}
 
@@ -92,7 +93,7 @@ def test_submit_follow_and_open_in_mlflow(servers, shots):
             status = page.locator("#run-status").inner_text().strip()
             assert status == "succeeded", page.locator("#log").inner_text()[-3000:]
             states = page.locator("table.steps-table [data-field=state]").all_inner_texts()
-            assert states == ["succeeded"] * 5
+            assert len(states) >= 5 and set(states) == {"succeeded"}, states
             assert page.locator("ul.artifacts a", has_text="manifest.json").count() == 1
 
             page.goto(console + "/runs")
