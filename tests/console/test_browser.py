@@ -23,7 +23,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
 # The tiny preset cut to a few steps of each stage: every stage still runs for real, in about a minute on 2 cores.
 FAST = {"data": {"data.max_documents": "60", "data.tokenizer_train_bytes": "300000"},
         "train": {"train.pretrain.steps": "4", "train.pretrain.warmup_steps": "1", "train.warmup.steps": "2",
-                  "train.sparse.steps": "2", "train.sft.steps": "2", "train.sft.warmup_steps": "0"},
+                  "train.sparse.steps": "2", "train.sft.steps": "3"},
         "rl": {"rl.steps": "1"},
         "synth": {"synth.tasks_per_class": "1", "synth.envs_per_class": "1"},
         "tracking": {"tracking.system_metrics": "false"}}
