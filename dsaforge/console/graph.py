@@ -161,9 +161,11 @@ def to_svg(graph: Graph, states: dict[str, str] | None = None) -> str:
     for n in graph.nodes:
         x, y = pos[n]
         state = states.get(n, "")
+        # a long label (an importer's "stage (reused)") is squeezed into the box rather than spilling out of it
+        fit = f' textLength="{_W - 10}" lengthAdjust="spacingAndGlyphs"' if len(n) > 16 else ""
         parts.append(f'<g class="node {html.escape(state)}" data-task="{html.escape(n)}"><rect x="{x}" y="{y}" '
                      f'width="{_W}" height="{_H}" rx="6"/><text x="{x + _W / 2}" y="{y + _H / 2 + 4}" '
-                     f'text-anchor="middle">{html.escape(n)}</text>'
+                     f'text-anchor="middle"{fit}>{html.escape(n)}</text>'
                      f'<title>{html.escape(n)}{": " + html.escape(state) if state else ""}</title></g>')
     parts.append("</svg>")
     return "".join(parts)
