@@ -122,7 +122,7 @@ async def pipelines(request: Request) -> Response:
     for name in _pipelines():
         graph = await asyncio.to_thread(pipeline_graph, name)
         items.append({"name": name, "description": graph.description, "svg": to_svg(graph),
-                      "stages": stage_tasks(graph)})
+                      "stages": stage_tasks(graph), "inputs": graph.inputs})
     return _page(request, "pipelines.html", pipelines=items)
 
 
@@ -133,7 +133,10 @@ def _submit_page(request: Request, pipeline: str, preset: str, values: dict[str,
     for f in forms.form_fields():
         if f.path not in forms.LOCKED:
             sections.setdefault(f.section, []).append(f)
+    inputs = pipeline_graph(pipeline).inputs
+    sources = [r for r in request.app.state.console.store.list() if r.backend == "local" and not r.active] if inputs else []
     return _page(request, "submit.html", status_code=status_code, pipelines=_pipelines(), pipeline=pipeline,
+                 inputs=inputs, sources=sources,
                  presets=list(PRESETS), preset=preset, sections=sections, values=values, error=error, bad=bad,
                  backend=backend, source=source, locked={p: _locked_value(request.app.state.console, p)
                                                          for p in forms.LOCKED})
@@ -169,12 +172,14 @@ async def submit(request: Request) -> Response:
     pipeline, preset = fields.get("pipeline_name", ""), fields.get("preset", "tiny")
     backend = fields.get("backend", "local")
     source = console.get(fields["resubmit_of"]) if fields.get("resubmit_of") else None
-    values = {k: v for k, v in fields.items() if k not in ("csrf", "pipeline_name", "backend", "resubmit_of")}
+    values = {k: v for k, v in fields.items()
+              if k not in ("csrf", "pipeline_name", "backend", "resubmit_of", "inputs_from")}
     try:
         if pipeline not in _pipelines():
             raise ConfigError(f"unknown pipeline {pipeline!r}; available: {', '.join(_pipelines())}")
         cfg = forms.config_from_form(values)
-        run = console.submit(pipeline, cfg, backend, resubmit_of=source.id if source else None)
+        run = console.submit(pipeline, cfg, backend, inputs_from=fields.get("inputs_from") or None,
+                             resubmit_of=source.id if source else None)
     except ConfigError as e:
         shown = {**forms.form_values(load_config(preset if preset in PRESETS else "tiny")),
                  **{k: v for k, v in values.items() if k != "preset"}}

@@ -91,17 +91,45 @@ class Console:
         data["tracking"]["uri"] = self.tracking_uri
         return validate(data, where="submitted config")
 
-    def submit(self, pipeline: str, cfg: Config, backend: str = "local", **links) -> Run:
+    def submit(self, pipeline: str, cfg: Config, backend: str = "local", inputs_from: Optional[str] = None,
+               **links) -> Run:
         from dsaforge.pipelines import get_pipeline
 
         get_pipeline(pipeline)
         if backend not in self.backends:
             raise ConfigError(f"backend {backend!r} is not configured; available: {', '.join(self.backends)}")
+        reuse = self.inputs(pipeline, backend, inputs_from)
         cfg = self.prepare(cfg)
         self.backends[backend].check(cfg)                  # refused before it is queued, so the form shows why
         run = self.store.add(pipeline, backend, cfg.preset, cfg.model_dump(), **links)
-        self.backends[backend].submit(run)
+        self.backends[backend].submit(run, reuse)
         return run
+
+    def inputs(self, pipeline: str, backend: str, inputs_from: Optional[str]) -> dict[str, str]:
+        """A sub-pipeline's inputs (stage -> output path), taken from an earlier local run's record: the paths come
+        from that record, never from the form, which only names the run."""
+        from dsaforge.console.graph import needed_inputs
+        from dsaforge.records import find_record
+
+        needed = needed_inputs(pipeline)
+        if not needed:
+            return {}
+        if backend != "local":
+            raise ConfigError(f"pipeline {pipeline} starts from another run's outputs; submit it to a cluster with "
+                              f"`dsaforge submit {pipeline} --input STAGE=URI`")
+        source = self.get(inputs_from or "")
+        if source is None:
+            raise ConfigError(f"pipeline {pipeline} needs the outputs of {', '.join(needed)}: choose the run to "
+                              "take them from")
+        try:
+            summary = json.loads((find_record(self.home, source.id) / "summary.json").read_text())
+        except (ConfigError, OSError, ValueError):
+            summary = {}
+        outputs = {**summary.get("reused", {}), **summary.get("finished", {})}
+        missing = [stage for stage in needed if stage not in outputs]
+        if missing:
+            raise ConfigError(f"run {source.id[:8]} has no finished output of {', '.join(missing)}")
+        return {stage: outputs[stage] for stage in needed}
 
     def get(self, run_id: str) -> Optional[Run]:
         # Only ever look up ids of the store's own form, so no request text reaches a path or a query unchecked.

@@ -22,6 +22,7 @@ class Graph:
     nodes: list[str]                                  # task names, in topological order
     edges: list[tuple[str, str]]
     always: set[str] = field(default_factory=set)     # tasks that run whatever happened upstream (exit handlers)
+    inputs: list[str] = field(default_factory=list)   # stages whose outputs it needs from an earlier run
 
     def layers(self) -> dict[str, int]:
         depth = {n: 0 for n in self.nodes}
@@ -111,18 +112,26 @@ def _toposort(nodes: list[str], edges: list[tuple[str, str]]) -> list[str]:
     return out
 
 
+def needed_inputs(name: str) -> list[str]:
+    """Stages whose outputs pipeline `name` reads but does not produce (a sub-pipeline starting from another's)."""
+    from dsaforge.pipelines import builder, get_pipeline
+
+    return builder.external_inputs(getattr(get_pipeline(name), "STAGES", ()))
+
+
 @lru_cache(maxsize=16)
 def pipeline_graph(name: str) -> Graph:
-    """Compile the pipeline (with the tiny preset: placement does not change the graph) and read its IR. A
-    sub-pipeline's upstream outputs, given by URI when it runs, show as the importer steps that bring them in."""
+    """Compile the pipeline (with the tiny preset: placement does not change the graph) and read its IR. Inputs
+    from another run are stood in for by placeholders: they show as the importer tasks that bring them in."""
     from dsaforge.config import preset
-    from dsaforge.pipelines import builder, get_pipeline
     from dsaforge.runner import compile_pipeline
 
-    upstream = {i: f"{i}-output" for i in builder.external_inputs(get_pipeline(name).STAGES)}
+    reuse = {stage: f"file:///input/{stage}" for stage in needed_inputs(name)}
     with tempfile.TemporaryDirectory() as tmp:
-        path = compile_pipeline(name, preset("tiny"), Path(tmp) / f"{name}.yaml", reuse=upstream)
-        return from_ir(next(yaml.safe_load_all(path.read_text())))      # then the platform (Kubernetes) spec
+        path = compile_pipeline(name, preset("tiny"), Path(tmp) / f"{name}.yaml", reuse=reuse or None)
+        graph = from_ir(next(yaml.safe_load_all(path.read_text())))      # then the platform (Kubernetes) spec
+    graph.inputs = list(reuse)
+    return graph
 
 
 _W, _H, _GX, _GY = 120, 34, 40, 16
@@ -150,9 +159,11 @@ def to_svg(graph: Graph, states: dict[str, str] | None = None) -> str:
     for n in graph.nodes:
         x, y = pos[n]
         state = states.get(n, "")
+        # a long label (an importer's "stage (reused)") is squeezed into the box rather than spilling out of it
+        fit = f' textLength="{_W - 10}" lengthAdjust="spacingAndGlyphs"' if len(n) > 16 else ""
         parts.append(f'<g class="node {html.escape(state)}" data-task="{html.escape(n)}"><rect x="{x}" y="{y}" '
                      f'width="{_W}" height="{_H}" rx="6"/><text x="{x + _W / 2}" y="{y + _H / 2 + 4}" '
-                     f'text-anchor="middle">{html.escape(n)}</text>'
+                     f'text-anchor="middle"{fit}>{html.escape(n)}</text>'
                      f'<title>{html.escape(n)}{": " + html.escape(state) if state else ""}</title></g>')
     parts.append("</svg>")
     return "".join(parts)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Optional
 
 from dsaforge.config import ConfigError
 from dsaforge.console.store import CANCELLED, FAILED, INTERRUPTED, QUEUED, RUNNING, Run, Store
@@ -54,10 +55,11 @@ class LocalBackend:
     def check(self, cfg) -> None:
         pass                                        # a local run needs nothing the validated config lacks
 
-    def submit(self, run: Run) -> None:
+    def submit(self, run: Run, reuse: Optional[dict[str, str]] = None) -> None:
         d = self.run_dir(run.id)
         d.mkdir(parents=True)
-        job = {"id": run.id, "pipeline": run.pipeline, "config": run.config, "db": str(self.store.path)}
+        job = {"id": run.id, "pipeline": run.pipeline, "config": run.config, "db": str(self.store.path),
+               "reuse": reuse or {}}
         (d / "job.json").write_text(json.dumps(job, indent=2))
 
     def tick(self) -> None:

@@ -37,7 +37,7 @@ class RemoteBackend:
 
         cluster.check_submittable(cfg)
 
-    def submit(self, run: Run) -> None:
+    def submit(self, run: Run, reuse=None) -> None:
         pass                                        # tick() submits it, so a slow cluster never blocks the form
 
     def tick(self) -> None:

@@ -122,4 +122,4 @@ def _step_progress(run: Run, stage: str, uri: str, child_run_id: Optional[str]) 
         step = tracking.last_step(uri, child_run_id, _STEP_METRIC)
     except Exception:  # noqa: BLE001 - progress is a nicety; the step's state stands without it
         return None
-    return None if step is None else min(1.0, (step + 1) / total)
+    return None if step is None else min(1.0, step / total)       # logged after the step, numbered from 1

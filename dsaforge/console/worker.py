@@ -32,7 +32,8 @@ def main(run_dir: str) -> int:
         cfg = validate(job["config"], where="submitted config")
         print(f"run {job['id']}: pipeline {job['pipeline']}, preset {cfg.preset}", flush=True)
         resume = {"resume": job["id"]} if job.get("resume") else {}     # the same run, from its failed step
-        result = run_local(job["pipeline"], cfg, run_id=job["id"], kfp_root=run_dir / "kfp", **resume)
+        result = run_local(job["pipeline"], cfg, reuse=job.get("reuse") or None, run_id=job["id"],
+                           kfp_root=run_dir / "kfp", **resume)
     except BaseException as e:  # noqa: BLE001 - every failure becomes the run's one-line error
         traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -16,7 +16,9 @@ from tests.console.conftest import csrf_of, error_line
 
 
 def post_submit(served, session, **fields):
-    data = {"csrf": csrf_of(session), "pipeline_name": "end-to-end", "preset": "tiny", **fields}
+    # No task retries: a failure here is meant, not transient (KFP's local runner honours retries and backoff).
+    data = {"csrf": csrf_of(session), "pipeline_name": "end-to-end", "preset": "tiny", "pipeline.retries": "0",
+            **fields}
     return session.post(served.url + "/submit", data=data, allow_redirects=False, timeout=60)
 
 
@@ -65,9 +67,13 @@ def test_pipelines_page_shows_the_stage_graph(served):
     stages = builder.available(get_pipeline("end-to-end").STAGES)
     for task in ("open-run", *stages, "close-run"):
         assert f'data-task="{task}"' in html
-    # one edge into every stage (open-run's edges to all but prepare-data reduced away), more where a stage joins
-    # two branches (sft takes sparse and synthesize)
-    assert len(stages) <= html.count('class="edge"') < 2 * len(stages)
+    from dsaforge.console.graph import pipeline_graph
+
+    graph = pipeline_graph("end-to-end")
+    assert html.count('class="edge"') == len(graph.edges)
+    assert {("prepare-data", "pretrain"), ("pretrain", "warmup"), ("warmup", "sparse")} <= set(graph.edges)
+    assert [e for e in graph.edges if e[0] == "open-run"] == [("open-run", "prepare-data")]   # implied edges dropped
+    assert "close-run" in graph.always
 
 
 def test_submit_form_is_generated_from_the_schema(served):
@@ -99,6 +105,16 @@ def test_bad_config_is_one_line_naming_the_field(served, fields, message):
     assert r.status_code == 400
     assert error_line(r.text) == message
     assert len(served.console.store.list()) == before          # nothing was queued
+
+
+def test_a_sub_pipeline_takes_its_inputs_from_an_earlier_run_named_by_id(served):
+    s = served.session()
+    form = s.get(served.url + "/submit?pipeline=post-training", timeout=60).text
+    assert 'name="inputs_from"' in form
+    needs = "pipeline post-training needs the outputs of prepare-data, sparse: choose the run to take them from"
+    for given in ({}, {"inputs_from": "../../etc"}, {"inputs_from": "f" * 32}):
+        r = post_submit(served, s, pipeline_name="post-training", **given)
+        assert r.status_code == 400 and error_line(r.text) == needs
 
 
 def test_a_rejected_form_keeps_what_was_typed_and_marks_the_field(served):
@@ -212,3 +228,26 @@ def test_cancel_stops_the_worker_and_marks_mlflow(served):
     # a finished run cannot be cancelled again
     r = s.post(f"{served.url}/runs/{run_id}/cancel", data={"csrf": csrf_of(s)}, timeout=60)
     assert r.status_code == 409 and "only queued or running runs can be cancelled" in error_line(r.text)
+
+
+def test_a_failed_run_resumes_as_the_same_run_from_its_failed_step(served, tmp_path):
+    import email
+    import shutil
+
+    s = served.session()
+    corpus = tmp_path / "corpus"
+    r = post_submit(served, s, **{"data.sources": f"[{corpus}]"})
+    run_id = r.headers["location"].rsplit("/", 1)[1]
+    failed = wait_for(served, run_id, lambda r: r["status"] not in ("queued", "running"))
+    assert failed["status"] == "failed" and 'id="resume"' in s.get(f"{served.url}/runs/{run_id}", timeout=60).text
+    shutil.copytree(Path(email.__file__).parent, corpus)          # the cause fixed: the corpus is there now
+    r = s.post(f"{served.url}/runs/{run_id}/resume", data={"csrf": csrf_of(s)}, allow_redirects=False, timeout=60)
+    assert r.status_code == 303 and r.headers["location"] == f"/runs/{run_id}"
+    run = wait_for(served, run_id, lambda r: r["steps"][0]["state"] == "succeeded")
+    assert run["status"] == "running" and run["error"] is None
+    assert run["note"] == f"resumed from the failed step; it had failed with: {failed['error']}"
+    assert run["mlflow_run_id"] == failed["mlflow_run_id"]          # the same MLflow parent run continues
+    assert len(list((served.console.home / "console" / "runs" / run_id / "kfp").iterdir())) == 2   # two attempts
+    r = s.post(f"{served.url}/runs/{run_id}/resume", data={"csrf": csrf_of(s)}, timeout=60)
+    assert r.status_code == 409 and "only a failed run resumes" in error_line(r.text)
+    served.console.cancel(served.console.store.get(run_id))
