@@ -25,8 +25,9 @@ def test_resume_reruns_only_the_failed_step_and_after(tmp_path):
     home = tmp_path / ".dsaforge"
     fast = ["--preset", "tiny", "--set", "train.pretrain.steps=4", "--set", "train.warmup.steps=4",
             "--set", "train.sparse.steps=4"]
-    # warmup cannot start: its batch is not a multiple of its micro-batch (a config fault found only at run time)
-    failed = _run(home, *fast, "--set", "train.warmup.micro_batch_size=3")
+    # warmup diverges at its first step (an infinite indexer-loss weight: a fault found only at run time; a batch
+    # that does not divide into micro-batches is now refused when the config is validated)
+    failed = _run(home, *fast, "--set", "train.warmup.indexer_loss_weight=.inf")
     assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
     assert "warmup" in failed.stderr and "--resume" in failed.stderr
     (record,) = (home / "runs").iterdir()
@@ -35,7 +36,7 @@ def test_resume_reruns_only_the_failed_step_and_after(tmp_path):
     pretrain_ckpt = sorted((home / "kfp").glob("pretraining-*/pretrain/model/hf/*.safetensors"))
     mtimes = {p: p.stat().st_mtime_ns for p in pretrain_ckpt}
 
-    resumed = _run(home, "--resume", summary["pipeline_run_id"][:8], "--set", "train.warmup.micro_batch_size=1")
+    resumed = _run(home, "--resume", summary["pipeline_run_id"][:8], "--set", "train.warmup.indexer_loss_weight=1.0")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     new = json.loads(max((home / "runs").iterdir(), key=lambda p: p.stat().st_mtime).joinpath("summary.json")
                      .read_text())
