@@ -308,13 +308,23 @@ def test_a_server_killed_mid_stage_does_not_block_or_fail_it(tmp_path, data):
 
 # -- concurrent runs in one home -------------------------------------------------------------------------------------
 
-OPEN_RUNS = textwrap.dedent("""
+BARRIER = textwrap.dedent("""
+    import os, time
+    def wait_all(folder, me):
+        # Start together once every process has paid its imports (a fixed delay would wait for the slowest guess).
+        open(os.path.join(folder, me), "w").close()
+        n = int(os.path.basename(folder).split("-")[-1])
+        while len(os.listdir(folder)) < n:
+            time.sleep(0.01)
+""")
+
+OPEN_RUNS = BARRIER + textwrap.dedent("""
     import sys, time
     from dsaforge.config import load_config
     from dsaforge.tracking import start_pipeline_run, start_stage_run
-    home, start = sys.argv[1], float(sys.argv[2])
+    home, barrier = sys.argv[1], sys.argv[2]
     cfg = load_config("tiny", overrides=[f"pipeline.home={home}", "tracking.system_metrics=false"])
-    time.sleep(max(0.0, start - time.time()))          # every process opens the fresh store at the same moment
+    wait_all(barrier, sys.argv[3])                     # every process opens the fresh store at the same moment
     parent = start_pipeline_run(cfg, "probe", f"run-{sys.argv[3]}", "")
     child = start_stage_run(cfg, "prepare-data", parent_run_id=parent.run_id)
     child.log_metrics({"x": 1.0}, step=0)
@@ -323,8 +333,9 @@ OPEN_RUNS = textwrap.dedent("""
 
 
 def _open_concurrently(home, n):
-    start = time.time() + 12
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_RUNS, str(home), str(start), str(i)], env=_env(),
+    barrier = home / f"barrier-{n}"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_RUNS, str(home), str(barrier), str(i)], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
     outs = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
     assert all(rc == 0 for rc, _ in outs), [o[-1500:] for rc, o in outs if rc]
@@ -362,7 +373,7 @@ PROBE_PIPELINE = textwrap.dedent('''
         MlflowTracker(tracking_uri, parent_run_id).finish("FINISHED")
 
 
-    def build(cfg):
+    def build(cfg, reuse=None):
         @dsl.pipeline(name=NAME)
         def probe(config_json: str, tracking_uri: str = "", parent_run_id: str = ""):
             w = write_id(parent_run_id=parent_run_id)
@@ -370,7 +381,7 @@ PROBE_PIPELINE = textwrap.dedent('''
         return probe
 ''')
 
-RUN_PROBE = textwrap.dedent("""
+RUN_PROBE = BARRIER + textwrap.dedent("""
     import json, sys, time
     sys.path.insert(0, sys.argv[3])
     from dsaforge import pipelines
@@ -378,7 +389,7 @@ RUN_PROBE = textwrap.dedent("""
     from dsaforge.config import load_config
     from dsaforge.runner import run_local
     cfg = load_config("tiny", overrides=[f"pipeline.home={sys.argv[1]}", "tracking.system_metrics=false"])
-    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+    wait_all(sys.argv[2], sys.argv[4])
     r = run_local("probe", cfg)
     print(json.dumps({"mlflow_run_id": r.mlflow_run_id, "run_dir": str(r.run_dir), "outputs": r.outputs}))
 """)
@@ -388,8 +399,10 @@ def _concurrent_pipelines(tmp_path, n):
     (tmp_path / "mod").mkdir()
     (tmp_path / "mod" / "probe_pipeline.py").write_text(PROBE_PIPELINE)
     home = tmp_path / "home"
-    start = time.time() + 15
-    procs = [subprocess.Popen([sys.executable, "-c", RUN_PROBE, str(home), str(start), str(tmp_path / "mod")],
+    barrier = tmp_path / f"barrier-{n}"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", RUN_PROBE, str(home), str(barrier), str(tmp_path / "mod"),
+                               str(i)],
                               env=_env(PYTHONPATH=str(tmp_path / "mod"), PROBE_BUSY_S="30" if i == n - 1 else "0"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
     results = []
