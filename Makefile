@@ -38,6 +38,11 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
 	  else echo "note: install bubblewrap (e.g. sudo apt-get install bubblewrap) to run task synthesis sandboxed"; fi; }
+	@# chromium: the console's browser test drives Debian's build (Playwright never downloads one here).
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: install chromium (e.g. sudo apt-get install chromium) to run the console's browser test"; fi; }
 
 demo: setup
 	$(VENV)/bin/dsaforge run end-to-end --preset $(PRESET)

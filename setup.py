@@ -16,4 +16,4 @@ for name, folder in ROOTS.items():
     packages += [f"{name}.{sub}" for sub in find_packages(folder)]
 
 setup(packages=packages, package_dir=ROOTS,
-      package_data={"dsaforge": ["console/static/*", "py.typed"]})
+      package_data={"dsaforge": ["console/static/*", "console/templates/*", "py.typed"]})

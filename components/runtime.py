@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 from dsaforge.config import Config, validate
 from dsaforge.stages import run_stage
-from dsaforge.tracking import attach_run, find_pipeline_run, resolve_tracking_uri, stage_run, start_pipeline_run
+from dsaforge.tracking import (attach_run, find_pipeline_run, register_final_model, resolve_tracking_uri, stage_run,
+                               start_pipeline_run)
 
 
 def parse_config(config_json: str, tracking_uri: str = "") -> Config:
@@ -39,6 +40,13 @@ def close_pipeline_run(config_json: str, tracking_uri: str, parent_run_id: str, 
     tracker = attach_run(uri, parent_run_id)
     if error:
         tracker.set_tags({"dsaforge.error": error[:4000]})
+    if state == "SUCCEEDED" and cfg.tracking.register_as:
+        from dsaforge.stages import STAGES
+
+        order = [s.name for s in STAGES.values() if s.artifact == "Model"]
+        version = register_final_model(uri, parent_run_id, cfg.tracking.register_as, order)
+        if version is not None:
+            tracker.set_tags({"dsaforge.registered_model": f"{version.name}/{version.version}"})
     tracker.finish("FINISHED" if state == "SUCCEEDED" else "FAILED")
 
 
@@ -61,9 +69,23 @@ def run_stage_component(stage: str, config_json: str, tracking_uri: str, parent_
     from dsaforge.stages import get_stage, input_param
 
     spec = get_stage(stage)
+    shards = artifacts.pop("shards", None) if spec.fan_out else None
     names = {input_param(n): n for n in spec.inputs + spec.optional}
     unknown = sorted(set(artifacts) - set(names))
     if unknown:
         raise TypeError(f"component of {stage!r} passes {unknown}, not inputs of the stage in dsaforge.stages.STAGES")
     inputs = {names[k]: a.path for k, a in artifacts.items() if a is not None}
+    inputs.update({f"shard-{i:05d}": a.path for i, a in enumerate(shards or [])})
     return run_component(stage, config_json, tracking_uri, parent_run_id, output.path, inputs, output.metadata)
+
+
+def run_shard_component(config_json: str, shard: int, output, prepare_data=None) -> dict[str, Any]:
+    """One shard of a fanned-out synthesis (dsaforge.synth.generate.synthesize_shard) into `output`."""
+    from dsaforge.synth.generate import synthesize_shard
+
+    cfg = parse_config(config_json)
+    summary = synthesize_shard(cfg.synth, Path(output.path), int(shard), cfg.synth.shards,
+                               data_dir=Path(prepare_data.path) if prepare_data is not None else None,
+                               targets=dict(cfg.synth.targets))
+    output.metadata.update(summary)
+    return summary

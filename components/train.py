@@ -1,4 +1,5 @@
-"""The DSA training stages as KFP components: pretrain (dense) -> warmup (indexer only) -> sparse (all, top-k).
+"""The DSA training stages as KFP components: pretrain (dense) -> warmup (indexer only) -> sparse (all, top-k), and
+sft (the sparse model fine-tuned on the synthesized tasks' reference trajectories).
 
 Each consumes the prepared dataset and the previous stage's Model artifact (checkpoints + HF export) and produces
 its own. On a cluster the tasks get GPUs from the pipeline (see dsaforge.pipelines.placement).
@@ -32,3 +33,12 @@ def sparse(config_json: str, tracking_uri: str, parent_run_id: str, prepare_data
 
     run_stage_component("sparse", config_json, tracking_uri, parent_run_id, model, prepare_data=prepare_data,
                         warmup=warmup)
+
+
+@dsl.component(**COMPONENT)
+def sft(config_json: str, tracking_uri: str, parent_run_id: str, prepare_data: dsl.Input[dsl.Dataset],
+        sparse: dsl.Input[dsl.Model], synthesize: dsl.Input[dsl.Dataset], model: dsl.Output[dsl.Model]):
+    from dsaforge.components.runtime import run_stage_component
+
+    run_stage_component("sft", config_json, tracking_uri, parent_run_id, model, prepare_data=prepare_data,
+                        sparse=sparse, synthesize=synthesize)

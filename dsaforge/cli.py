@@ -9,6 +9,7 @@
   dsaforge mlflow ui                               MLflow's UI on 127.0.0.1 over the local store
   dsaforge generate --checkpoint DIR --prompts F   complete prompts (or roll out --tasks) into Parquet
   dsaforge tracking replay SPOOL                   log what a stage kept on disk while tracking was down
+  dsaforge ui                                      the web console: submit, follow, cancel, resume, compare
 Exit status: 0 on success; 2 for bad input (config, files, unreachable servers); 1 for other failures.
 `--debug` shows the traceback.
 """
@@ -275,6 +276,24 @@ def cmd_tracking(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from dsaforge.console import Settings, serve
+
+    token = os.environ.get("DSAFORGE_CONSOLE_TOKEN") or None
+    if args.token_file:
+        path = Path(args.token_file)
+        if not path.is_file():
+            raise _UsageError(f"--token-file {path}: no such file")
+        token = path.read_text().strip() or None
+        if token is None:
+            raise _UsageError(f"--token-file {path}: the file is empty")
+    if args.max_parallel < 1:
+        raise _UsageError("--max-parallel must be at least 1")
+    serve(Settings(home=Path(args.home), host=args.host, port=args.port, token=token, tracking_uri=args.tracking_uri,
+                   mlflow_url=args.mlflow_url, max_parallel=args.max_parallel, kfp_host=args.kfp_host))
+    return 0
+
+
 class _UsageError(Exception):
     """Arguments that parse but make no sense together; reported like other bad input."""
 
@@ -391,6 +410,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-run-id", default=None, help="attach to this MLflow run as a child")
     _config_args(p)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("ui", help="the web console: submit pipelines, follow runs, compare them in MLflow")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; beyond 127.0.0.1 a token is required")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token-file", default=None, help="file holding the access token (default: "
+                   "$DSAFORGE_CONSOLE_TOKEN; generated and printed when bound beyond 127.0.0.1)")
+    p.add_argument("--home", default=".dsaforge", help="the console's queue, run folders and default MLflow store")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else SQLite "
+                   "under --home)")
+    p.add_argument("--mlflow-url", default=None, help="MLflow UI for links (default: the tracking server, else "
+                   "http://127.0.0.1:5000 as `dsaforge mlflow ui` serves it)")
+    p.add_argument("--max-parallel", type=int, default=1, help="local runs at once (default 1)")
+    p.add_argument("--kfp-host", default=None, help="Kubeflow Pipelines API URL: also submit to that cluster")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -18,8 +18,11 @@ def finished_outputs(run_dir: Optional[Path]) -> dict[str, str]:
     out: dict[str, str] = {}
     if run_dir is None or not run_dir.is_dir():
         return out
+    # KFP names a task after its component: the stage's, or its merge component when it fanned out
+    by_task = {s.name: s for s in STAGES.values()}
+    by_task.update({s.fan_out[1].split(":")[1].replace("_", "-"): s for s in STAGES.values() if s.fan_out})
     for task in sorted(run_dir.iterdir()):
-        stage = STAGES.get(task.name)
+        stage = by_task.get(task.name)
         if stage is not None and (task / "executor_output.json").is_file() and (task / stage.output).exists():
             out[stage.name] = str(task / stage.output)
     return out

@@ -44,10 +44,12 @@ def _run_dir(root: Path, name: str, required: bool = True) -> Optional[Path]:
 
 
 def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
-              resume: Optional[str] = None) -> PipelineResult:
+              resume: Optional[str] = None, run_id: Optional[str] = None,
+              kfp_root: Optional[Path] = None) -> PipelineResult:
     """Run pipeline `name` on KFP's local runner. `reuse` maps stages to finished outputs that are imported instead
     of run (--input); `resume` names an earlier failed run whose finished stages are reused the same way, under the
-    same MLflow parent run (see dsaforge.records)."""
+    same MLflow parent run (see dsaforge.records). `run_id` and `kfp_root` let a launcher (the console's worker)
+    choose a new run's id and the folder its attempts' pipeline roots go under (default `<home>/kfp`)."""
     from kfp import local
 
     from dsaforge.pipelines import get_pipeline
@@ -62,10 +64,10 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
             raise ConfigError(f"--resume: that run is of pipeline {earlier['pipeline']!r}, not {name!r}")
         reuse = {**earlier.get("reused", {}), **earlier.get("finished", {}), **reuse}
     module = get_pipeline(name)
-    run_id = earlier["pipeline_run_id"] if earlier else uuid.uuid4().hex
+    run_id = earlier["pipeline_run_id"] if earlier else (run_id or uuid.uuid4().hex)
     # Each attempt gets its own pipeline root (a resumed run keeps its run id, not the failed attempt's folder), so
     # concurrent runs never share one and the run folder is found without comparing mtimes.
-    kfp_root = home / "kfp" / uuid.uuid4().hex
+    kfp_root = (Path(kfp_root).resolve() if kfp_root else home / "kfp") / uuid.uuid4().hex
     kfp_root.mkdir(parents=True)
     record = home / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{run_id[:8]}"
     record.mkdir(parents=True, exist_ok=bool(earlier))
@@ -120,7 +122,7 @@ def run_local(name: str, cfg: Config, reuse: Optional[dict[str, str]] = None,
 
 
 _SCALARS = ("documents", "train_tokens", "bytes_per_token", "steps", "unigram_entropy", "tasks", "envs", "heldout_tasks")
-_CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean")
+_CHANGES = ("val/lm_loss", "val/indexer_kl", "val/recall/mean", "heldout/pass_rate")
 
 
 def stage_highlights(run_dir: Path) -> dict[str, str]:

@@ -36,21 +36,24 @@ class Stage:
     help: str
     optional: tuple[str, ...] = ()                  # stages whose outputs it uses when the pipeline has them
     output: str = "model"                           # the component's output artifact
-    artifact: str = "Model"                         # its KFP type: Model or Dataset
+    artifact: str = "Model"                         # its KFP type: Model, Dataset or Artifact
     component: Optional[str] = None                 # "module:function" of the KFP component
     gpu: bool = False                               # placed on the GPU pool (pipeline.image, accelerators)
     cpu: str = "2"                                  # default requests, overridable per stage in pipeline.resources
     memory: str = "8G"
     resumable: bool = False                         # resumes inside its own output directory (checkpoints)
+    # (shard component, merge component) when the stage fans out into `synth.shards` parallel tasks
+    fan_out: Optional[tuple[str, str]] = None
 
     def load(self) -> Callable[[StageContext], dict]:
         module, func = self.target.split(":")
         return getattr(importlib.import_module(module), func)
 
-    def load_component(self):
-        if self.component is None:
+    def load_component(self, target: Optional[str] = None):
+        target = target or self.component
+        if target is None:
             raise ConfigError(f"stage {self.name!r} has no KFP component")
-        module, func = self.component.split(":")
+        module, func = target.split(":")
         return getattr(importlib.import_module(module), func)
 
 
@@ -76,7 +79,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("synthesize", "dsaforge.synth.stage:run", (),
           "Agentic task synthesis: environments, tools, tasks and verifiers that pass every validation gate.",
           optional=("prepare-data",), output="tasks", artifact="Dataset",
-          component="dsaforge.components.synth:synthesize", cpu="8", memory="16G"),
+          component="dsaforge.components.synth:synthesize", cpu="8", memory="16G",
+          fan_out=("dsaforge.components.synth:synthesize_shard", "dsaforge.components.synth:synthesize_merge")),
+    Stage("sft", "dsaforge.model.train.stages:sft", ("prepare-data", "sparse", "synthesize"),
+          "Supervised fine-tuning on the tasks' reference trajectories (chat template, loss on assistant tokens).",
+          component="dsaforge.components.train:sft", gpu=True, cpu="8", memory="64G", resumable=True),
+    Stage("grpo", "dsaforge.model.rl.stage:run", ("prepare-data", "sft", "synthesize"),
+          "GRPO with the four stabilisers: generate, reward, advantage, train, sync weights, evaluate.",
+          component="dsaforge.components.rl:grpo", gpu=True, cpu="8", memory="64G"),
 ]}
 
 

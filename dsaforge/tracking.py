@@ -14,6 +14,7 @@ import sys
 import traceback
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Protocol
 
@@ -32,6 +33,8 @@ class Tracker(Protocol):
                     profile: Optional[Mapping[str, Any]] = None) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+    def log_model(self, name: str, path: str | Path, metrics: Optional[Mapping[str, float]] = None,
+                  reference_uri: Optional[str] = None, max_mb: float = 2048.0) -> Optional[str]: ...
 
 
 class NullTracker:
@@ -69,6 +72,10 @@ class NullTracker:
 
     def finish(self, status="FINISHED"):
         self.tags["status"] = status
+
+    def log_model(self, name, path, metrics=None, reference_uri=None, max_mb=2048.0):
+        self.artifacts.append(f"model:{name}")
+        return None
 
 
 def default_tracking_uri(home: str | Path) -> str:
@@ -280,6 +287,29 @@ class MlflowTracker:
             except Exception:  # noqa: BLE001 - its last samples are not worth failing the stage over
                 pass
 
+    def log_model(self, name, path, metrics=None, reference_uri=None, max_mb=2048.0):
+        """An MLflow LoggedModel of this run: the files under `path` when smaller than `max_mb`, else a tag pointing
+        at `reference_uri` (where the checkpoint stays); `metrics` are logged on the run linked to the model."""
+        import time
+
+        from mlflow.entities import Metric
+
+        path = Path(path)
+        exp = self._client.get_run(self.run_id).info.experiment_id
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        model = self._client.create_logged_model(exp, name=name, source_run_id=self.run_id, model_type="dsaforge-hf",
+                                                 tags={"dsaforge.stage": name, "dsaforge.bytes": str(size)})
+        if size <= max_mb * 2**20:
+            self._client.log_model_artifacts(model.model_id, str(path))
+        else:
+            self._client.set_logged_model_tags(model.model_id, {"dsaforge.checkpoint_uri": reference_uri or str(path)})
+        if metrics:
+            ts = int(time.time() * 1000)
+            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, 0, model_id=model.model_id)
+                                                         for k, v in metrics.items()])
+        self._client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
+
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run. Never raises for tracking reasons: a stage that did its work has done it."""
         self._stop_monitor()
@@ -474,3 +504,148 @@ def stage_errors(uri: str, parent_run_id: str) -> list[str]:
         return []
     return [f"{r.data.tags.get('dsaforge.stage', r.info.run_name)}: {r.data.tags['dsaforge.error']}"
             for r in runs if "dsaforge.error" in r.data.tags]
+
+
+def register_final_model(uri: str, parent_run_id: str, name: str, order: list[str]) -> Optional[Any]:
+    """Register the LoggedModel of the pipeline's last model stage (in `order`) as a new version of `name`, tagged
+    with the run, pipeline run and config hash, so the version leads back to the run, its config and its data."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    exp = parent.info.experiment_id
+    children = {r.info.run_id: r for r in client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")}
+    models = [m for m in client.search_logged_models([exp]) if m.source_run_id in children]
+    rank = {stage: i for i, stage in enumerate(order)}
+    models = [m for m in models if m.tags.get("dsaforge.stage") in rank]
+    if not models:
+        return None
+    final = max(models, key=lambda m: (rank[m.tags["dsaforge.stage"]], m.creation_timestamp))
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - MLflow raises its own RestException subclasses for "not found"
+        client.create_registered_model(name, description="Final checkpoints of dsaforge pipelines.")
+    tags = {"dsaforge.stage": final.tags["dsaforge.stage"], "dsaforge.model_id": final.model_id,
+            "mlflow.parentRunId": parent_run_id,
+            **{k: v for k, v in parent.data.tags.items() if k in ("kfp.pipeline_run_id", "dsaforge.config_hash")}}
+    # A models:/<id> source links the version to the LoggedModel. MLflow's SQL registry store resolves it through
+    # the process-wide tracking URI, not the client's, so point that at this store for the call.
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        version = client.create_model_version(name, source=f"models:/{final.model_id}", run_id=final.source_run_id,
+                                              tags=tags, model_id=final.model_id)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    # the SQL registry keeps the link only as the models:/ source; tag both ways so either end finds the other
+    client.set_logged_model_tags(final.model_id, {"dsaforge.registered_as": f"{name}/{version.version}"})
+    return version
+
+
+# --- the tracking server's database (the Helm chart's migration job and the server's start-up gate) ---
+
+def upgrade_store(db_uri: str) -> str:
+    """Bring an MLflow SQL store and its basic-auth tables to the installed MLflow's schema; returns the revision.
+    An empty database gets the tables created; an older one is migrated (back it up first)."""
+    from mlflow.server.auth.db import utils as auth_db
+    from mlflow.store.db import utils as db
+
+    engine = db.create_sqlalchemy_engine_with_retry(db_uri)
+    try:
+        if db._all_tables_exist(engine):
+            db._upgrade_db(engine)
+        else:
+            db._initialize_tables(engine)
+        auth_db.migrate(engine, "head")
+        return db._get_schema_version(engine)
+    finally:
+        engine.dispose()
+
+
+def store_schema(db_uri: str) -> tuple[Optional[str], str]:
+    """(the store's schema revision or None, the revision the installed MLflow expects)."""
+    import sqlalchemy
+    from mlflow.store.db import utils as db
+
+    engine = sqlalchemy.create_engine(db_uri)
+    try:
+        current = db._get_schema_version(engine) if db._all_tables_exist(engine) else None
+        return current, db._get_latest_schema_revision()
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------------- reading runs
+# What the console shows of a pipeline run: its parent run, found by the kfp.pipeline_run_id tag (so the same lookup
+# serves local runs and cluster runs, whose parent is opened inside the pipeline), and one child run per stage.
+
+@dataclass
+class RunView:
+    run_id: str
+    experiment_id: str
+    name: str
+    status: str                     # MLflow's: RUNNING, FINISHED, FAILED, KILLED, SCHEDULED
+    start: Optional[float]          # seconds since the epoch
+    end: Optional[float]
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+def _view(run) -> RunView:
+    info = run.info
+    return RunView(info.run_id, info.experiment_id, info.run_name or info.run_id, info.status,
+                   info.start_time / 1000 if info.start_time else None, info.end_time / 1000 if info.end_time else None,
+                   dict(run.data.tags), dict(run.data.metrics))
+
+
+def find_pipeline_runs(uri: str, experiment: str, pipeline_run_id: str) -> tuple[Optional[RunView], list[RunView]]:
+    """The parent run of a pipeline run and its stage children (children empty, parent None, until they exist)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None, []
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`kfp.pipeline_run_id` = '{pipeline_run_id}'")
+    parents = [_view(r) for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not parents:
+        return None, []
+    parent = parents[0]
+    children = [_view(r) for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
+    return parent, sorted(children, key=lambda r: r.start or 0)
+
+
+def last_step(uri: str, run_id: str, key: str) -> Optional[int]:
+    history = _client(uri).get_metric_history(run_id, key)
+    return max((m.step for m in history), default=None)
+
+
+def kill_runs(uri: str, run_ids: list[str], reason: str) -> None:
+    """Mark still-running runs KILLED with a `dsaforge.error` saying why (a cancelled or interrupted pipeline)."""
+    client = _client(uri)
+    for run_id in run_ids:
+        client.set_tag(run_id, "dsaforge.error", reason[:4000])
+        client.set_terminated(run_id, "KILLED")
+
+
+def list_run_artifacts(uri: str, run_id: str, path: Optional[str] = None, depth: int = 2) -> list[str]:
+    """Artifact files of a run (not folders), up to `depth` folders down."""
+    client = _client(uri)
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        if item.is_dir:
+            if depth > 0:
+                out += list_run_artifacts(uri, run_id, item.path, depth - 1)
+        else:
+            out.append(item.path)
+    return out
+
+
+def download_run_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
+    return Path(_client(uri).download_artifacts(run_id, path, str(dst)))
+
+
+def ensure_store(uri: str, home: str, experiment: str) -> str:
+    """Create the store and the experiment before any run writes to them (the console does at start, so its first
+    runs find both); returns the experiment id."""
+    client = _client(uri)
+    return _experiment_id(client, experiment, _artifact_root(uri, home, experiment))

@@ -86,7 +86,8 @@ class Engine:
         max_len = max_len or cfg.max_seq_len
         if max_len > cfg.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-        self.model, self.mode, self.max_batch, self.max_len = model.eval(), mode, max_batch, max_len
+        # The model's train/eval mode is left alone (a trainer may share it); the inference path depends on neither.
+        self.model, self.mode, self.max_batch, self.max_len = model, mode, max_batch, max_len
         self.capture_routing, self.capture_kept, self.capture_topk = capture_routing, capture_kept, capture_topk
         self.prefill_tokens = prefill_tokens
         self.device = model.embed.weight.device
@@ -168,6 +169,8 @@ class Engine:
             self._slot_row[row.slot] = row.sid
             row.state, row.length = "prefill", 0
         done: list[tuple[int, Segment]] = []
+        # A row whose input exceeds prefill_tokens is prefilled in chunks: one chunk per row per step, its first token
+        # sampled after the last chunk (long prompts never materialise [S, T] scores for all of S at once).
         prefill = [r for r in self._rows.values() if r.state == "prefill"]
         for batch in self._prefill_batches(prefill):
             done += self._prefill(batch)
@@ -176,11 +179,14 @@ class Engine:
         return done
 
     # ---------------------------------------------------------------- prefill
+    def _chunk(self, r: _Row) -> int:
+        return min(len(r.pending), self.prefill_tokens)
+
     def _prefill_batches(self, rows: list[_Row]) -> list[list[_Row]]:
-        rows = sorted(rows, key=lambda r: len(r.pending))
+        rows = sorted(rows, key=self._chunk)
         batches, cur = [], []
         for r in rows:
-            width = max([len(x.pending) for x in cur] + [len(r.pending)])
+            width = max([self._chunk(x) for x in cur] + [self._chunk(r)])
             if cur and width * (len(cur) + 1) > self.prefill_tokens:
                 batches.append(cur)
                 cur = []
@@ -189,22 +195,27 @@ class Engine:
 
     def _prefill(self, rows: list[_Row]) -> list[tuple[int, Segment]]:
         dev = self.device
-        width = max(len(r.pending) for r in rows)
-        tok = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tok[i, :len(r.pending)] = torch.tensor(r.pending)
+        counts = [self._chunk(r) for r in rows]
+        tok = torch.zeros(len(rows), max(counts), dtype=torch.long)
+        for i, (r, c) in enumerate(zip(rows, counts)):
+            tok[i, :c] = torch.tensor(r.pending[:c])
         start = torch.tensor([r.length for r in rows], device=dev)
-        n = torch.tensor([len(r.pending) for r in rows], device=dev)
+        n = torch.tensor(counts, device=dev)
         slots = torch.tensor([r.slot for r in rows], device=dev)
         cap = self._capture()
         logits = forward_rows(self.model, self.cache, tok.to(dev), start, n, slots, self.mode, self.stacked, cap)
-        self._record(cap, rows, [len(r.pending) for r in rows])
-        for r in rows:
-            self.stats["prefill_tokens"] += len(r.pending)
-            r.length += len(r.pending)
-            r.pending = []
-            r.seg, r.state = Segment([], [], ""), "decode"
-        return self._sample(rows, logits)
+        self._record(cap, rows, counts)
+        ready = []
+        for i, (r, c) in enumerate(zip(rows, counts)):
+            self.stats["prefill_tokens"] += c
+            r.length += c
+            r.pending = r.pending[c:]
+            if not r.pending:
+                r.seg, r.state = Segment([], [], ""), "decode"
+                ready.append(i)
+        if not ready:
+            return []
+        return self._sample([rows[i] for i in ready], logits[torch.tensor(ready, device=dev)])
 
     # ---------------------------------------------------------------- decode
     def _decode(self) -> list[tuple[int, Segment]]:

@@ -506,13 +506,14 @@ class DataParallel:
         return out
 
 
-def data_parallel(model: nn.Module, cfg: Config, stage: str, par: Parallel, device: torch.device) -> DataParallel:
+def data_parallel(model: nn.Module, cfg: Config, optim, par: Parallel, device: torch.device) -> DataParallel:
     """Wrap the parallelized model (its trainable parameters already chosen) in megatron's DDP and build megatron's
     optimizer: AdamW (torch's, as neither Transformer Engine nor apex is required), weight decay on matrices only,
-    clipping to train.<stage>.grad_clip, and with parallel.distributed_optimizer its state sharded over DP.
+    clipping to optim.grad_clip (optim: the stage's section, train.<stage> or rl), and with
+    parallel.distributed_optimizer its state sharded over DP.
     Dense gradients are averaged over the DP group and expert ones (`allreduce = False`) over the expert-DP group,
     both scaled by 1/dp: an expert's gradient already holds every EP rank's tokens."""
-    scfg = getattr(cfg.train, stage)
+    scfg = optim
     distributed = cfg.parallel.distributed_optimizer
     for p in model.parameters():
         if getattr(p, "dsaforge_expert", False):

@@ -14,7 +14,7 @@ from kfp import dsl
 from dsaforge.config import Config, ConfigError
 from dsaforge.stages import STAGES, input_param
 
-ARTIFACTS = {"Dataset": dsl.Dataset, "Model": dsl.Model}
+ARTIFACTS = {"Dataset": dsl.Dataset, "Model": dsl.Model, "Artifact": dsl.Artifact}
 
 
 def available(stages: Sequence[str]) -> tuple[str, ...]:
@@ -66,10 +66,30 @@ def build(name: str, stages: Sequence[str], description: str, cfg: Config,
             for stage in todo:
                 spec = STAGES[stage]
                 wired = [i for i in spec.inputs + spec.optional if i in outputs]
-                task = spec.load_component()(**common, **{input_param(i): outputs[i] for i in wired})
-                task.set_display_name(stage)
+                upstream = {input_param(i): outputs[i] for i in wired}
                 keys[stage] = cache_key(cfg, stage, {i: keys[i] for i in wired})
+                if spec.fan_out and cfg.synth.shards > 1:
+                    task = fan_out(spec, cfg, common, upstream)
+                else:
+                    task = spec.load_component()(**common, **upstream)
+                task.set_display_name(stage)
                 place(task, cfg, spec, keys[stage])
                 outputs[stage] = task.outputs[spec.output]
 
     return pipeline
+
+
+def fan_out(spec, cfg: Config, common: dict, upstream: dict):
+    """`cfg.synth.shards` shard tasks in a dsl.ParallelFor, then the stage's merge task over dsl.Collected outputs.
+
+    Shard tasks take no per-run input (no parent run id), so KFP's own cache key (their inputs: config, shard id,
+    upstream artifacts) reuses a finished shard; a static cache key cannot, as it would be the same for all."""
+    from dsaforge.pipelines.placement import place
+
+    shard_component, merge_component = (spec.load_component(t) for t in spec.fan_out)
+    n = cfg.synth.shards
+    with dsl.ParallelFor(list(range(n)), parallelism=n, name=f"{spec.name}-shards") as shard:
+        task = shard_component(config_json=common["config_json"], shard=shard, **upstream)
+        task.set_display_name(f"{spec.name}-shard")
+        place(task, cfg, spec)
+    return merge_component(**common, shards=dsl.Collected(task.outputs["shard_out"]), **upstream)

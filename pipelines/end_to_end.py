@@ -1,5 +1,7 @@
-"""The end-to-end pipeline: prepare-data -> pretrain -> warmup -> sparse, synthesis from the same data, then
-post-training and evaluation; each stage is one component, all tracked under one MLflow run.
+"""End to end: pretraining, then post-training and evaluation, all tracked under one MLflow run.
+
+prepare-data -> pretrain -> warmup -> sparse, synthesis from the same data, then the post-training and evaluation
+stages this installation has; each stage is one component (the union of the three sub-pipelines' stages).
 
 Run locally: `dsaforge run end-to-end --preset tiny` (KFP local runner). On a cluster:
 `dsaforge submit end-to-end --preset small --host URL` (or `dsaforge pipelines compile`).

@@ -70,6 +70,14 @@ def place(task, cfg: Config, stage: Stage, key: str = ""):
     """Place a stage's task from the config; `key` is its cache key (see `cache_key`)."""
     p = cfg.pipeline
     r = stage_resources(cfg, stage)
+    if stage.gpu and cfg.parallel.nnodes > 1:
+        # The task only launches a Kubeflow Trainer TrainJob (dsaforge.trainjob), whose pods get the GPUs.
+        common_task(task, cfg, p.cpu_image, "1", "2G", r["retries"], r["timeout_s"])
+        task.set_caching_options(p.caching, cache_key=key or None)
+        kubernetes.use_field_path_as_env(task, "DSAFORGE_NAMESPACE", "metadata.namespace")
+        for key_, value in p.cpu_node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key_, label_value=value)
+        return task
     common_task(task, cfg, p.image if stage.gpu else p.cpu_image, r["cpu"], r["memory"], r["retries"],
                 r["timeout_s"])
     task.set_caching_options(p.caching, cache_key=key or None)

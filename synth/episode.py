@@ -150,8 +150,33 @@ class GeneralEpisode(Episode):
 
 
 class SearchEpisode(Episode):
+    """The BM25 index is built once per episode, in a live sandboxed process, instead of once per call."""
+
+    def __init__(self, task, sandbox=None):
+        super().__init__(task, sandbox)
+        self.server: Optional[SandboxProcess] = None
+
+    def _start(self):
+        from dsaforge.synth.search import HARNESS
+
+        files = {"harness.py": HARNESS.read_text(), "facts.jsonl": (self.task.env_dir / "facts.jsonl").read_bytes(),
+                 "corpus.jsonl": self.cls._corpus_file(self.task.env_dir).read_bytes()}
+        self.server = self.sandbox.spawn([self.sandbox.python, "-I", "/tmp/harness.py", "serve"], files=files)
+        ready = self.server.request(None, wall_seconds=self.sandbox.cfg.wall_seconds * 2)
+        if not ready.get("ready"):
+            self.close()
+            raise HarnessError(f"the search tools did not start in the sandbox: {ready.get('error', ready)}")
+
     def _call(self, call):
-        return self.cls.call_tool(self.task.env_dir, call, self.sandbox)
+        if self.server is None or not self.server.alive:
+            return {"error": "the search tools are not running (stopped after a limit)"}
+        reply = self.server.request({"call": call}, wall_seconds=self.sandbox.cfg.wall_seconds)
+        return reply.get("result", reply)            # a stopped process replies {"error": ...}
+
+    def close(self):
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
 
 class CodeEpisode(Episode):

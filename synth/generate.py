@@ -131,11 +131,21 @@ def _select(tasks: list[Task], n: int) -> list[Task]:
     return out
 
 
+def _resources(cfg: SynthConfig, cls_name: str, out_dir: Path, n_tasks: int, n_envs: int,
+               llm_families: dict[str, str]) -> dict:
+    per_env = max(1, math.ceil(n_tasks / (n_envs * cfg.max_difficulty)))
+    return {"tasks_per_level": per_env, "corpus": str(out_dir / "search" / "corpus.jsonl"),
+            "llm_families": llm_families if cls_name == "general" else {}}
+
+
 def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None, solver: Optional[Solver] = None,
                on_progress: Optional[Callable[[str, int, int], None]] = None, max_rounds: int = 4,
-               llm_family_count: int = 3, targets: Optional[dict[str, tuple[int, int]]] = None) -> dict:
+               llm_family_count: int = 3, targets: Optional[dict[str, tuple[int, int]]] = None,
+               prebuilt: Optional[dict[str, dict[int, dict]]] = None) -> dict:
     """`targets` overrides (tasks, envs) per agent class, e.g. for the paper's mix (search-heavy); by default
-    every class gets cfg.tasks_per_class tasks over cfg.envs_per_class environments."""
+    every class gets cfg.tasks_per_class tasks over cfg.envs_per_class environments. `prebuilt` holds results of
+    environments built elsewhere (by shards, see `merge_shards`), per class by environment index: the plan is
+    the same, only those builds are skipped."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "envs").mkdir(exist_ok=True)
@@ -159,15 +169,18 @@ def synthesize(cfg: SynthConfig, out_dir: Path, data_dir: Optional[Path] = None,
             res = ClassResult(cls_name)
             t0 = time.monotonic()
             n_tasks, n_envs = (targets or {}).get(cls_name, (cfg.tasks_per_class, cfg.envs_per_class))
-            per_env = max(1, math.ceil(n_tasks / (n_envs * cfg.max_difficulty)))
-            resources = {"tasks_per_level": per_env, "corpus": str(out_dir / "search" / "corpus.jsonl"),
-                         "llm_families": llm_families if cls_name == "general" else {}}
+            resources = _resources(cfg, cls_name, out_dir, n_tasks, n_envs, llm_families)
             kept_rows: list[dict] = []
             start, count = 0, n_envs
             # Gates reject some candidates; top up with fresh environments until the target is met.
             for _ in range(max_rounds):
                 jobs = _plan(cfg, cls_name, start, count, out_dir, resources)
-                for r in pool.map(_build_one, jobs, chunksize=max(1, len(jobs) // (cfg.workers * 8))):
+                have = (prebuilt or {}).get(cls_name, {})
+                todo = [job for k, job in enumerate(jobs) if start + k not in have]
+                chunk = max(1, len(todo) // (cfg.workers * 8))
+                built = iter(pool.map(_build_one, todo, chunksize=chunk) if todo else ())
+                for k in range(len(jobs)):
+                    r = have[start + k] if start + k in have else next(built)
                     kept_rows += r["tasks"]
                     res.candidates += r["candidates"]
                     res.envs_built += 1
@@ -257,3 +270,101 @@ def _write_swe_instances(out_dir: Path, tasks: list[Task]) -> None:
             if t.agent_class == "code":
                 inst = json.loads((t.env_dir / "hidden" / "tasks.json").read_text())[t.key]["instance"]
                 f.write(json.dumps(dict(inst, task_id=t.task_id, split=t.split), sort_keys=True) + "\n")
+
+
+# ---- fan-out: the first round of every class split into shards that run as parallel pipeline tasks ----------
+
+SHARD_FILE = "shard.json"
+
+
+def _digest(cfg: SynthConfig) -> str:
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+
+
+def synthesize_shard(cfg: SynthConfig, out_dir: Path, shard: int, shards: int, data_dir: Optional[Path] = None,
+                     solver: Optional[Solver] = None, targets: Optional[dict[str, tuple[int, int]]] = None) -> dict:
+    """Build shard `shard` of `shards`: the environments whose index is `shard` modulo `shards`, for every class,
+    over the first round and `synth.shard_overbuild` more (what the top-up rounds most likely ask for, so the merge
+    rarely builds anything). Writes their bundles under out_dir/envs and the per-environment results to
+    out_dir/shard.json. The merge (`merge_shards`) replays `synthesize`'s plan over them, so the outcome is the
+    unsharded one, task for task; builds the plan never asks for are dropped."""
+    if not 0 <= shard < shards:
+        raise SynthesisError(f"shard {shard} is not in 0..{shards - 1}")
+    if cfg.llm_endpoint:
+        raise SynthesisError("synth.shards > 1 cannot be combined with synth.llm_endpoint (every shard would ask "
+                             "the LLM for different families); use one shard")
+    out_dir = Path(out_dir)
+    (out_dir / "envs").mkdir(parents=True, exist_ok=True)
+    Sandbox(cfg.sandbox)
+    _check_requirements(list(cfg.agent_classes))
+    if "search" in cfg.agent_classes:
+        build_corpus(out_dir / "search" / "corpus.jsonl", data_dir, limit=cfg.corpus_documents)
+    results: dict[str, list[dict]] = {}
+    t0 = time.monotonic()
+    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(cfg.sandbox, [str(out_dir.resolve())], solver)) as pool:
+        for cls_name in cfg.agent_classes:
+            n_tasks, n_envs = (targets or {}).get(cls_name, (cfg.tasks_per_class, cfg.envs_per_class))
+            planned = math.ceil(n_envs * (1 + cfg.shard_overbuild))
+            jobs = _plan(cfg, cls_name, 0, planned, out_dir, _resources(cfg, cls_name, out_dir, n_tasks, n_envs, {}))
+            mine = [(i, job) for i, job in enumerate(jobs) if i % shards == shard]
+            built = pool.map(_build_one, [job for _, job in mine], chunksize=max(1, len(mine) // (cfg.workers * 8)))
+            results[cls_name] = [dict(r, index=i) for (i, _), r in zip(mine, built)]
+    meta = {"shard": shard, "shards": shards, "generator_version": GENERATOR_VERSION, "config": _digest(cfg),
+            "targets": {k: list(v) for k, v in sorted((targets or {}).items())},
+            "wall_s": round(time.monotonic() - t0, 2),
+            "results": results}
+    tmp = out_dir / (SHARD_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, out_dir / SHARD_FILE)         # a shard without shard.json never finished
+    return {"shard": shard, "shards": shards, "envs": sum(len(r) for r in results.values()),
+            "validated": sum(len(x["tasks"]) for r in results.values() for x in r), "wall_s": meta["wall_s"]}
+
+
+def merge_shards(cfg: SynthConfig, shard_dirs: list[Path], out_dir: Path, data_dir: Optional[Path] = None,
+                 solver: Optional[Solver] = None, on_progress: Optional[Callable[[str, int, int], None]] = None,
+                 targets: Optional[dict[str, tuple[int, int]]] = None) -> dict:
+    """Check that the shards are one complete set made from this config, then finish the synthesis from their
+    first round (top-up rounds, selection, split, manifest) in a side directory and publish it by one rename."""
+    metas = []
+    for d in shard_dirs:
+        path = Path(d) / SHARD_FILE
+        if not path.is_file():
+            raise SynthesisError(f"shard directory {d} has no {SHARD_FILE} (that shard did not finish)")
+        metas.append(json.loads(path.read_text()))
+    shards = {m["shards"] for m in metas}
+    ids = sorted(m["shard"] for m in metas)
+    if len(shards) != 1 or ids != list(range(next(iter(shards)))):
+        raise SynthesisError(f"incomplete or mixed shard set: shards {ids} of {sorted(shards)}")
+    for m in metas:
+        if m["config"] != _digest(cfg) or m["generator_version"] != GENERATOR_VERSION:
+            raise SynthesisError(f"shard {m['shard']} was made with another synth config or generator version")
+        if m["targets"] != {k: list(v) for k, v in sorted((targets or {}).items())}:
+            raise SynthesisError(f"shard {m['shard']} was made with other targets")
+    prebuilt: dict[str, dict[int, dict]] = {}
+    for cls_name in cfg.agent_classes:
+        rows = {r["index"]: r for m in metas for r in m["results"].get(cls_name, [])}
+        n_envs = (targets or {}).get(cls_name, (cfg.tasks_per_class, cfg.envs_per_class))[1]
+        missing = [i for i in range(n_envs) if i not in rows]
+        if missing:
+            raise SynthesisError(f"shards lack {len(missing)} of the {n_envs} first-round {cls_name} environments")
+        prebuilt[cls_name] = rows
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "envs").mkdir(parents=True)
+    for d in shard_dirs:
+        for env in sorted((Path(d) / "envs").iterdir()):
+            shutil.copytree(env, partial / "envs" / env.name)
+    summary = synthesize(cfg, partial, data_dir, solver, on_progress, targets=targets, prebuilt=prebuilt)
+    summary["shards"] = len(metas)
+    summary["shard_envs_built"] = sum(len(r) for r in prebuilt.values())
+    summary["shard_wall_s"] = max(m["wall_s"] for m in metas)
+    (partial / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    if out_dir.exists():
+        if any(out_dir.iterdir()):
+            raise SynthesisError(f"{out_dir} is not empty; the merged tasks were left in {partial}")
+        out_dir.rmdir()
+    os.replace(partial, out_dir)
+    return summary

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dsaforge.outputs import staged_dir
 from dsaforge.progress import Progress
-from dsaforge.synth.generate import synthesize
+from dsaforge.synth.generate import merge_shards, synthesize
 from dsaforge.synth.task import load_tasks
 
 
@@ -37,13 +37,20 @@ def run(ctx) -> dict:
             from dsaforge.synth.llm import ChatSolver
 
             solver = ChatSolver(cfg.solver_endpoint, cfg.llm_model)
-        summary = synthesize(cfg, build, data_dir=Path(data_dir) if data_dir else None, solver=solver,
-                             on_progress=progress, llm_family_count=cfg.llm_families, targets=dict(cfg.targets))
+        shard_dirs = [Path(p) for k, p in sorted(ctx.inputs.items()) if k.startswith("shard-")]
+        if shard_dirs:       # fanned out (synth.shards > 1): finish from the shards' first round
+            summary = merge_shards(cfg, shard_dirs, build, data_dir=Path(data_dir) if data_dir else None,
+                                   solver=solver, on_progress=progress, targets=dict(cfg.targets))
+        else:
+            summary = synthesize(cfg, build, data_dir=Path(data_dir) if data_dir else None, solver=solver,
+                                 on_progress=progress, llm_family_count=cfg.llm_families, targets=dict(cfg.targets))
     metrics = {"tasks": summary["tasks"], "envs": summary["envs"], "heldout_tasks": summary["heldout_tasks"],
                "tasks_per_min": summary["tasks_per_min"], "wall_s": summary["wall_s"]}
     for cls, s in summary["classes"].items():
         for k in ("tasks", "envs", "candidates", "validated", "gate_pass_rate", "tasks_per_min", "mean_pass_at_k"):
             metrics[f"{cls}.{k}"] = s[k]
+    for cls, s in (summary.get("trajectories") or {}).items():
+        metrics[f"{cls}.reference_trajectories_passed"] = s["passed"] / max(s["trajectories"], 1)
     ctx.tracker.log_metrics(metrics)
     ctx.tracker.log_dict(summary, "synth/summary.json")
     tasks = load_tasks(ctx.out_dir)
@@ -55,6 +62,8 @@ def run(ctx) -> dict:
     ctx.tracker.log_dict(samples, "synth/samples.json")
     manifest = ctx.out_dir / "tasks.parquet"
     ctx.tracker.log_artifact(manifest, "synth")
+    if (ctx.out_dir / "trajectories.parquet").exists():
+        ctx.tracker.log_artifact(ctx.out_dir / "trajectories.parquet", "synth")
     ctx.tracker.log_dataset("synth-tasks", str(manifest), hashlib.sha256(manifest.read_bytes()).hexdigest()[:16],
                             context="training")
     ctx.tracker.set_tags({"synth.generator_version": summary["generator_version"], "synth.sandbox": summary["sandbox"]})

@@ -42,7 +42,7 @@ def test_every_stage_is_a_finished_child_run(demo):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     children = {r.data.tags["dsaforge.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"prepare-data", "pretrain", "warmup", "sparse", "synthesize"}
+    assert set(children) == {"prepare-data", "pretrain", "warmup", "sparse", "synthesize", "sft", "grpo"}
     for stage, run in children.items():
         assert run.info.status == "FINISHED", stage
         assert run.data.tags["kfp.pipeline_id"] == "end-to-end"
@@ -56,6 +56,11 @@ def test_every_stage_is_a_finished_child_run(demo):
     for stage in ("pretrain", "warmup", "sparse"):
         steps = client.get_metric_history(children[stage].info.run_id, "train/lr")
         assert len(steps) >= 10, stage
+    assert len(client.get_metric_history(children["sft"].info.run_id, "train/lm_loss")) >= 10
+    grpo = children["grpo"].data.metrics
+    for key in ("rl/reward_mean", "rl/ratio_mean", "rl/opsm_fraction", "rl/engine_trainer_logp_gap",
+                "rl/time/generate_s", "rl/time/train_s", "heldout/pass_rate"):
+        assert key in grpo, key
     synth = children["synthesize"].data.metrics
     assert all(synth[f"{cls}.tasks"] > 0 for cls in ("general", "code", "search", "code_interpreter")), synth
 

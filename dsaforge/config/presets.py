@@ -51,6 +51,12 @@ def small() -> Config:
     cfg.pipeline.gpus_per_stage = 1
     cfg.train.activation_checkpointing = True     # 16K-64K sequences on one H200
     cfg.synth.tasks_per_class, cfg.synth.envs_per_class = 2000, 200
+    t.sft.steps, t.sft.lr, t.sft.batch_size, t.sft.seq_len = 300, 2e-5, 32, 8192
+    r = cfg.rl
+    r.steps, r.lr, r.group_size, r.prompts_per_step, r.micro_batch_size = 200, 1e-6, 8, 32, 4
+    r.max_new_tokens, r.max_turns, r.top_k = 2048, 8, 512      # top_k bounds the kept sets Keep Sampling Mask stores
+    r.kl_coef_by_class = {"code_interpreter": 0.0}            # the paper: weak or no KL for math-like domains
+    r.eval_every, r.eval_prompts = 20, 256
     return cfg
 
 
@@ -77,7 +83,13 @@ def tiny() -> Config:
     t.sparse.steps, t.sparse.lr, t.sparse.batch_size, t.sparse.seq_len = 60, 3e-4, 4, 128
     for s in (t.pretrain, t.warmup, t.sparse):
         s.eval_every, s.ckpt_every, s.eval_batches = 20, 50, 2
-    cfg.rl.steps, cfg.rl.group_size, cfg.rl.prompts_per_step, cfg.rl.max_new_tokens = 4, 4, 4, 32
+    t.sft.steps, t.sft.lr, t.sft.batch_size, t.sft.seq_len, t.sft.warmup_steps = 20, 1e-3, 4, 512, 2
+    t.sft.eval_every, t.sft.ckpt_every, t.sft.eval_batches = 10, 50, 1
+    r = cfg.rl
+    r.steps, r.group_size, r.prompts_per_step, r.max_new_tokens, r.max_turns = 2, 2, 2, 24, 2
+    r.micro_batch_size, r.eval_prompts, r.eval_every, r.lr = 4, 4, 2, 1e-4
+    # the interpreter's Jupyter kernel takes seconds to start per episode: the demo's RL stays on the fast classes
+    r.agent_classes = ["general", "search"]
     cfg.synth.tasks_per_class, cfg.synth.envs_per_class, cfg.synth.pass_k = 6, 3, 2
     cfg.synth.max_difficulty = 2
     cfg.eval.max_samples, cfg.eval.max_new_tokens = 16, 32

@@ -49,6 +49,9 @@ class TrainConfig(Section):
     pretrain: StageTrainConfig = Field(default_factory=lambda: StageTrainConfig(steps=1000, lr=3e-4, warmup_steps=100))
     warmup: StageTrainConfig = Field(default_factory=lambda: StageTrainConfig(steps=1000, lr=1e-3, batch_size=16, seq_len=131072))
     sparse: StageTrainConfig = Field(default_factory=lambda: StageTrainConfig(steps=15000, lr=7.3e-6, batch_size=480, seq_len=131072))
+    # Supervised fine-tuning on the synthesized tasks' reference trajectories, before RL (loss on assistant tokens).
+    sft: StageTrainConfig = Field(default_factory=lambda: StageTrainConfig(steps=500, lr=1e-5, batch_size=64, seq_len=8192,
+                                                                           warmup_steps=20, weight_decay=0.0))
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     activation_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward "
@@ -83,22 +86,72 @@ class ParallelConfig(Section):
         return self
 
 
+class RewardConfig(Section):
+    """reward = outcome_weight * verifier score + format_weight * well-formed + length term + custom terms."""
+    outcome_weight: float = Field(1.0, ge=0, description="Weight of the task verifier's score in [0, 1].")
+    format_weight: float = Field(0.0, ge=0, description="Bonus for an episode whose every turn parsed and that "
+                                                        "submitted an answer.")
+    length_weight: float = Field(0.0, ge=0, description="Length penalty: minus this times the share of the "
+                                 "response budget used beyond length_target tokens.")
+    length_target: int = Field(0, ge=0, description="Response tokens allowed before the length penalty starts.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Extra reward functions by dotted path "
+                                     "('package.module:function' or 'package.module.function') -> weight; each is "
+                                     "called with the episode record and returns a float.")
+
+
 class RLConfig(Section):
+    """GRPO with DeepSeek-V3.2's four stabilisers (paper §3.1); every stabiliser has its switch here."""
     steps: int = Field(100, gt=0)
     lr: float = Field(1e-6, gt=0)
+    min_lr_ratio: float = Field(1.0, ge=0, le=1, description="Cosine decay to lr * this at the last step (1: constant).")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
     group_size: int = Field(16, gt=1, description="G samples per prompt (GRPO).")
     prompts_per_step: int = Field(32, gt=0)
+    updates_per_step: int = Field(1, gt=0, description="Optimizer steps per rollout batch (mini-batches); > 1 makes "
+                                  "the later ones off-policy, which OPSM and the clip guard against.")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward in the policy update.")
+    mode: Literal["dense", "sparse"] = Field("sparse", description="Attention in sft, rollouts and training: the "
+                                             "DSA model's top-k attention, or dense MLA.")
+    agent_classes: list[Literal["general", "code", "search", "code_interpreter"]] = Field(
+        default_factory=lambda: ["general", "code", "search", "code_interpreter"],
+        description="Task classes GRPO trains and evaluates on.")
+    std_normalize: bool = Field(False, description="Divide group advantages by their std (original GRPO); the paper "
+                                "and Dr.GRPO centre only.")
+    aggregation: Literal["sequence", "token", "dr_grpo"] = Field(
+        "sequence", description="sequence: 1/|o_i| per sequence (paper Eq. 5); token: mean over all tokens; dr_grpo: "
+        "sum / (sequences x max_new_tokens).")
     clip_eps_low: float = Field(0.2, gt=0)
     clip_eps_high: float = Field(0.28, gt=0)
-    kl_coef: float = Field(0.001, ge=0, description="Weight of the unbiased K3 KL to the reference policy.")
-    opsm_delta: float = Field(0.1, ge=0, description="Off-policy sequence masking threshold on mean log(pi_old/pi_theta).")
-    keep_routing: bool = True
-    keep_sampling_mask: bool = True
+    unbiased_kl: bool = Field(True, description="K3 x (pi_theta/pi_old), not detached (paper Eq. 7); off: plain K3.")
+    kl_coef: float = Field(0.001, ge=0, description="beta of the KL to the reference policy, for task domains not in "
+                           "kl_coef_by_class (0: no KL term, no reference model).")
+    kl_coef_by_class: dict[Literal["general", "code", "search", "code_interpreter"], float] = Field(
+        default_factory=dict, description="beta per agent class (task domain); 0 allowed (the paper omits it for math).")
+    opsm: bool = Field(True, description="Off-policy sequence masking (paper Eq. 8-9).")
+    opsm_delta: float = Field(0.1, ge=0, description="OPSM threshold on a sequence's mean log(pi_old/pi_theta).")
+    keep_routing: bool = Field(True, description="Replay the engine's MoE routes in the training forward.")
+    keep_sampling_mask: bool = Field(True, description="Renormalise pi_theta over the engine's top-p/top-k kept sets.")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = no top-k truncation.")
-    max_new_tokens: int = Field(1024, gt=0)
-    length_penalty: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(1024, gt=0, description="Response budget per episode (all assistant turns).")
+    max_turns: int = Field(8, gt=0, description="Assistant turns per episode (tool calls + the final answer).")
+    diagnostics: bool = Field(False, description="Each step, also score one micro-batch with Keep Routing and with "
+                              "Keep Sampling Mask switched off (rl/diag/*): the stabilisers' effect on the same run.")
+    eval_every: int = Field(10, gt=0, description="Held-out evaluation every this many steps (and at the end).")
+    eval_prompts: int = Field(256, gt=0, description="Held-out prompts per evaluation (one episode each).")
+    eval_sampled: bool = Field(False, description="Evaluate with the training sampling settings (pass@1 of the "
+                               "sampled policy) instead of greedy decoding.")
+    save_every: int = Field(50, gt=0)
+    seed: int = 0
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RLConfig":
+        if self.clip_eps_low >= 1:
+            raise ValueError(f"clip_eps_low {self.clip_eps_low} must be < 1 (the ratio is clipped at 1 - eps)")
+        return self
 
 
 class SandboxConfig(Section):
@@ -130,6 +183,10 @@ class SynthConfig(Section):
     targets: dict[Literal["general", "code", "search", "code_interpreter"], tuple[int, int]] = Field(
         default_factory=dict, description="Per-class (tasks, environments) overriding tasks_per_class/envs_per_class.")
     corpus_documents: int = Field(1500, gt=0, description="Documents in the search agent's offline corpus.")
+    shards: int = Field(1, ge=1, le=4096, description="Split synthesis into this many shards, run as parallel "
+                        "pipeline tasks (dsl.ParallelFor) and merged; each shard uses `workers` processes.")
+    shard_overbuild: float = Field(1.0, ge=0, description="Shards also build this fraction more environments "
+                                   "than the first round, for the top-up rounds, so the merge builds few itself.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
     @model_validator(mode="after")
@@ -155,6 +212,10 @@ class TrackingConfig(Section):
     retries: int = Field(3, ge=0, description="Retries of a failed tracking request (exponential backoff); with the "
                          "defaults a call to a dead server gives up within about a minute.")
     backoff_s: float = Field(2.0, ge=0, description="Backoff factor between retries: waits of 0, 2b, 4b, ... seconds.")
+    model_max_mb: float = Field(2048.0, ge=0, description="A model stage's LoggedModel holds its HF export's files "
+                                "when they are smaller than this; above, a reference to the checkpoint's URI.")
+    register_as: Optional[str] = Field(None, description="Register the pipeline's final model as a version of this "
+                                       "MLflow registered model when the pipeline succeeds.")
 
 
 class SecretEnv(Section):

@@ -14,7 +14,7 @@ Two implementations share this interface:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Protocol
 
 import numpy as np
@@ -62,8 +62,9 @@ class EnginePolicy:
     def __init__(self, engine: Engine, chat: ChatTemplate, params: SamplingParams):
         self.engine, self.chat = engine, chat
         eos = chat.eos_id()
-        self.params = params if eos in params.stop_token_ids else SamplingParams(
-            params.temperature, params.top_p, params.top_k, params.max_new_tokens, params.stop_token_ids + (eos,))
+        # EOS ends every assistant segment: it is always a stop token here
+        self.params = params if eos in params.stop_token_ids else replace(
+            params, stop_token_ids=params.stop_token_ids + (eos,))
         self.captures = frozenset({"logprobs"} | ({"kept"} if engine.capture_kept else set())
                                   | ({"routing"} if engine.capture_routing else set()))
         self.max_context = engine.max_len

@@ -16,6 +16,7 @@ window. "none" ends the episode at the budget.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait, FIRST_COMPLETED
@@ -128,7 +129,14 @@ def run_episodes(policy: Policy, episodes: Sequence, cfg: RolloutConfig = Rollou
             live[key].open = True
 
         def run_calls(ep, calls) -> list[dict]:
-            return [{"role": "tool", "content": ep.step(c)} for c in calls]
+            out = []
+            for c in calls:
+                try:
+                    obs = ep.step(c)
+                except Exception as e:   # a tool's infrastructure failing is that call's observation, not a crash
+                    obs = json.dumps({"error": f"the tool failed: {type(e).__name__}: {str(e)[:300]}"})
+                out.append({"role": "tool", "content": obs})
+            return out
 
         def resume(key: int) -> None:
             lv = live[key]

@@ -1,9 +1,10 @@
-"""The training stages as pipeline steps: pretrain -> warmup -> sparse (DeepSeek-V3.2 §2.1).
+"""The training stages as pipeline steps: pretrain -> warmup -> sparse (DeepSeek-V3.2 §2.1) -> sft.
 
 Run (CPU, the tiny preset):
     dsaforge stage pretrain --preset tiny --input prepare-data=DATA --out PRE
     dsaforge stage warmup   --preset tiny --input prepare-data=DATA --input pretrain=PRE --out WARM
     dsaforge stage sparse   --preset tiny --input prepare-data=DATA --input warmup=WARM --out SPARSE
+    dsaforge stage sft      --preset tiny --input prepare-data=DATA --input sparse=SPARSE --input synthesize=SYN --out SFT
 1 GPU: the same commands (train.device=auto picks CUDA; the small preset trains in bf16 autocast).
 N GPUs: add `--set parallel.nproc_per_node=N --set parallel.tp=T --set parallel.ep=E`; the stage launches
 torchrun itself (one process per device, NCCL), so the same command and the same KFP component work in a pod.
@@ -30,7 +31,7 @@ from typing import Optional
 
 from dsaforge.config import ConfigError
 
-ORDER = ("pretrain", "warmup", "sparse")
+ORDER = ("pretrain", "warmup", "sparse", "sft")
 
 
 def _init_from(stage: str, inputs: dict[str, Path]) -> Optional[Path]:
@@ -57,10 +58,15 @@ def train_stage(ctx, stage: str) -> dict:
     if "prepare-data" not in ctx.inputs:
         raise ConfigError(f"stage {stage!r} needs the prepare-data output (--input prepare-data=DIR)")
     scfg = getattr(ctx.cfg.train, stage)
+    rows, stats = None, {}
+    if stage == "sft":          # rendered reference trajectories, scored on the assistant's tokens
+        from dsaforge.model.train.sft import conversation_rows
+        train_rows, val_rows, stats = conversation_rows(ctx.cfg, ctx.inputs)
+        rows = (train_rows, val_rows)
     trainer = Trainer(ctx.cfg, stage, ctx.inputs["prepare-data"], ctx.out_dir, _init_from(stage, ctx.inputs),
-                      ctx.tracker, doc_mask=scfg.doc_mask)
+                      ctx.tracker, doc_mask=scfg.doc_mask, rows=rows)
     try:
-        return trainer.fit()
+        return trainer.fit() | stats
     finally:
         trainer.close()
 
@@ -114,6 +120,8 @@ def run(ctx, stage: str) -> dict:
     scfg = getattr(ctx.cfg.train, stage)
     ctx.tracker.log_params({f"train.{stage}.{k}": v for k, v in scfg.model_dump().items()})
     ctx.tracker.set_tags({"dsaforge.train.mode": {"pretrain": "dense"}.get(stage, stage)})
+    if "prepare-data" in ctx.inputs and (Path(ctx.inputs["prepare-data"]) / "manifest.json").is_file():
+        log_training_data(ctx)
     inside_torchrun = "LOCAL_RANK" in os.environ
     if "prepare-data" in ctx.inputs and not inside_torchrun:    # once per stage, before any model is built
         from dsaforge.data.prepare import verify_dataset
@@ -121,14 +129,43 @@ def run(ctx, stage: str) -> dict:
         verified = verify_dataset(ctx.inputs["prepare-data"], ctx.cfg.model.vocab_size)
         ctx.tracker.set_tags({"dsaforge.dataset.sha256": verified["digest"]})
         ctx.tracker.log_params({f"dataset.{k}": v for k, v in verified.items() if k != "digest"})
-    if ctx.cfg.parallel.world_size > 1 and not inside_torchrun:
+    if ctx.cfg.parallel.nnodes > 1 and not inside_torchrun and "PET_NODE_RANK" not in os.environ:
+        from dsaforge.trainjob import run_trainjob    # a KFP task on a cluster: the nodes are a TrainJob's pods
+        summary = run_trainjob(ctx, stage)
+    elif ctx.cfg.parallel.world_size > 1 and not inside_torchrun:
         summary = _launch_torchrun(ctx, stage)
     else:
         summary = train_stage(ctx, stage)
     for name in ("metrics.json", "hf/config.json"):
         if (ctx.out_dir / name).is_file():
             ctx.tracker.log_artifact(ctx.out_dir / name)
-    return _flat_summary(summary)
+    flat = _flat_summary(summary)
+    if (ctx.out_dir / "hf" / "config.json").is_file():
+        ctx.tracker.log_model(stage, ctx.out_dir / "hf", {k: v for k, v in flat.items() if k.startswith("end.val/")
+                                                          and isinstance(v, (int, float))},
+                              reference_uri=artifact_uri(ctx.out_dir / "hf"), max_mb=ctx.cfg.tracking.model_max_mb)
+    return flat
+
+
+def log_training_data(ctx) -> None:
+    """The prepared dataset as the run's training input: the same MLflow dataset (name and digest) prepare-data
+    logged, so the run, its model and its data link up."""
+    data = Path(ctx.inputs["prepare-data"])
+    manifest = json.loads((data / "manifest.json").read_text())
+    counts = manifest.get("counts", {})
+    ctx.tracker.log_dataset("corpus", artifact_uri(data), manifest["documents_sha256"][:16], context="training",
+                            profile={"documents": counts.get("documents"),
+                                     "tokens": counts.get("train_tokens", 0) + counts.get("val_tokens", 0)})
+
+
+def artifact_uri(path: Path) -> str:
+    """The object-store URI of a KFP artifact path (KFP mounts s3://b/k at /s3/b/k, gs:// at /gcs, minio:// at
+    /minio); a local path stays a path."""
+    text = str(Path(path).absolute())
+    for mount, scheme in (("/s3/", "s3://"), ("/gcs/", "gs://"), ("/minio/", "minio://")):
+        if text.startswith(mount):
+            return scheme + text[len(mount):]
+    return text
 
 
 def _flat_summary(summary: dict) -> dict:
@@ -151,3 +188,9 @@ def warmup(ctx) -> dict:
 def sparse(ctx) -> dict:
     """Sparse adaptation with top-k attention, all parameters (inputs: prepare-data, warmup)."""
     return run(ctx, "sparse")
+
+
+def sft(ctx) -> dict:
+    """Supervised fine-tuning on the reference trajectories, loss on assistant tokens (inputs: prepare-data,
+    sparse, synthesize)."""
+    return run(ctx, "sft")

@@ -1,9 +1,10 @@
-"""The training loop shared by the three stages of DeepSeek-V3.2's recipe (paper §2.1).
+"""The training loop shared by the three stages of DeepSeek-V3.2's recipe (paper §2.1), and supervised fine-tuning.
 
     pretrain  mode "dense":  dense MLA+MoE language model, LM loss, the indexer idle
     warmup    mode "warmup": dense attention, only the indexer trains, on its KL to the head-summed attention
     sparse    mode "sparse": top-k attention, everything trains, LM loss + KL over the selected keys (the
                              indexer's inputs are detached inside MLA, so each loss reaches only its own parameters)
+    sft       mode "sparse": as sparse, on rendered conversations scored on the assistant's tokens only
 
 One process is one device; under torchrun the megatron bridge shards the same model over TP/EP/PP, and megatron's
 DDP and distributed optimizer reduce the gradients over DP and step (pp > 1: megatron's pipeline schedule runs the
@@ -17,7 +18,6 @@ import json
 import math
 import operator
 import os
-import shutil
 import signal
 import time
 from functools import reduce
@@ -28,19 +28,21 @@ import torch
 import torch.nn.functional as F
 
 from dsaforge.config import Config
-from dsaforge.model import Transformer, set_trainable, update_router_bias
+from dsaforge.model import Transformer
 from dsaforge.model.accounting import flops_per_token
-from dsaforge.model.hf import export_hf, import_hf
-from dsaforge.model.moe import MoE
 from dsaforge.model.train import checkpoint as ckpt
 from dsaforge.model.train import seam
 from dsaforge.model.train.data import IGNORE, Batch, StepSampler, TokenRows, micro_batches, unigram_entropy
 from dsaforge.model.train.metrics import indexer_recall, memory_gib, peak_flops, topk_recall
+from dsaforge.model.train.state import TrainState, export, resolve_device  # noqa: F401  (export: re-exported)
 from dsaforge.outputs import write_atomic
 from dsaforge.progress import Progress
 from dsaforge.tracking import NullTracker, Tracker
 
-STAGE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse"}
+# sft trains the DSA model as the sparse stage left it: top-k attention, all parameters, LM loss (on the assistant's
+# tokens only) + the indexer's KL on the selected set, so the indexer follows the attention as it moves (with
+# rl.mode = "dense", dense attention and a frozen indexer instead).
+STAGE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse", "sft": "sparse"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,13 +55,6 @@ class Preempted(SystemExit):
     def __init__(self, step: int, path: Path):
         super().__init__(143)
         self.step, self.path = step, path
-
-
-def resolve_device(cfg: Config) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total: int, min_ratio: float) -> float:
@@ -84,73 +79,28 @@ def forward_lm(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, 
     return out, model.lm_loss_chunked(out.hidden, targets, ignore_index=IGNORE)
 
 
-def export(out: Path, state: dict[str, torch.Tensor], cfg: Config, summary: dict) -> None:
-    """The stage's weights as a Hugging Face DeepSeek-V3.2 checkpoint (`dsaforge.model.hf`), written atomically:
-    what every later stage, eval and RL start from, and what transformers/vLLM/SGLang load."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.load_state_dict(state, strict=True, assign=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    export_hf(model, tmp)
-    (tmp / "dsaforge_stage.json").write_text(json.dumps(summary, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 class Trainer:
     """Build the model, data and optimizer for one stage; `fit()` runs it to the end (or resumes it)."""
 
     def __init__(self, cfg: Config, stage: str, data_dir: Path, out_dir: Path, init_from: Optional[Path] = None,
-                 tracker: Optional[Tracker] = None, doc_mask: bool = False):
-        self.cfg, self.stage, self.mode = cfg, stage, STAGE_MODE[stage]
+                 tracker: Optional[Tracker] = None, doc_mask: bool = False, rows: Optional[tuple] = None):
+        """rows: (train, validation) row sources with `len()` and `.batch(indices) -> Batch` in place of the
+        prepared token rows under data_dir (the sft stage's rendered conversations)."""
+        # sft trains in the attention mode RL will sample and train in (rl.mode): dense keeps the indexer frozen
+        self.cfg, self.stage = cfg, stage
+        self.mode = ("sparse" if cfg.rl.mode == "sparse" else "dense") if stage == "sft" else STAGE_MODE[stage]
         self.scfg = getattr(cfg.train, stage)
         self.out_dir, self.ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
         self.tracker = tracker or NullTracker()
-        self.device = resolve_device(cfg)
-        self.bridge = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from dsaforge.model import megatron_bridge as bridge
-            self.bridge = bridge
-            self.par = bridge.init_parallel(cfg, self.device)
-        else:
-            from dsaforge.model.train.seam import set_head_reduction
-            set_head_reduction(None)
-            self.par = None
-        self.is_main = self.par is None or self.par.is_main
-        dp_rank, dp = (self.par.dp_rank, self.par.dp) if self.par else (0, 1)
-
-        torch.manual_seed(cfg.train.seed)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-        # Every rank builds the full model from the same seed, loads the same weights, then keeps its shard.
-        self.model = Transformer(cfg.model)
-        if init_from is not None:     # an HF-format export (of an earlier stage, or any DeepSeek-V3.2 checkpoint)
-            self.model.load_state_dict(import_hf(init_from).state_dict())
-        self.model.to(self.device)
-        # On GPUs the DSA modes use the fused long-context kernels (no [S, S] tensors); their KL has no
-        # tensor-parallel head reduction yet, so TP > 1 keeps the materialised path.
-        self.model.fused_dsa = self.device.type == "cuda" and (self.par is None or self.par.tp == 1)
-        # Recompute each block in backward (train.activation_checkpointing): long sequences on one device.
-        self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.model.replay_topk = cfg.train.replay_topk
-        if self.bridge:
-            self.bridge.parallelize(self.model, self.par)
-        self.params = set_trainable(self.model, self.mode)
-        if self.bridge:     # megatron's DDP + (distributed) optimizer: gradient reduction, clipping, AdamW
-            self.optimizer = self.bridge.data_parallel(self.model, cfg, stage, self.par, self.device)
-        else:
-            decay = [p for p in self.params if p.dim() >= 2]
-            no_decay = [p for p in self.params if p.dim() < 2]
-            self.optimizer = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": self.scfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=self.scfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
-        self.autocast = self.device.type == "cuda" and cfg.train.dtype == "bfloat16"
+        self.state = TrainState(cfg, self.mode, self.scfg, init_from)
+        st = self.state
+        self.device, self.bridge, self.par, self.is_main = st.device, st.bridge, st.par, st.is_main
+        self.model, self.params, self.optimizer, self.autocast = st.model, st.params, st.optimizer, st.autocast
+        dp_rank, dp = st.dp
 
         s = self.scfg
-        self.train_rows = TokenRows(data_dir, "train", s.seq_len, doc_mask)
-        self.val_rows = TokenRows(data_dir, "val", s.seq_len, doc_mask)
+        self.train_rows, self.val_rows = rows or (TokenRows(data_dir, "train", s.seq_len, doc_mask),
+                                                  TokenRows(data_dir, "val", s.seq_len, doc_mask))
         if s.batch_size % (s.micro_batch_size * dp):
             raise ValueError(f"train.{stage}.batch_size {s.batch_size} must be a multiple of micro_batch_size "
                              f"{s.micro_batch_size} x data-parallel size {dp}")
@@ -201,30 +151,8 @@ class Trainer:
                 stats = torch.stack([lm.detach(), *[kl.detach() for kl in (out.indexer_kl or [])]])
                 sums = stats if sums is None else sums + stats
             stats = sums / len(micro)
-        if self.bridge:         # reduce over DP, clip to the global norm, step: all inside megatron's optimizer
-            gnorm = torch.tensor(self.optimizer.step())
-            stats = self.bridge.mean_over_dp(stats, self.par)
-            if not torch.isfinite(gnorm):
-                self._diverged("gradient norm", gnorm)
-        else:
-            gnorm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params if p.grad is not None]))
-            if not torch.isfinite(gnorm):
-                self._diverged("gradient norm", gnorm)
-            if self.scfg.grad_clip > 0:
-                coef = (self.scfg.grad_clip / (gnorm + 1e-6)).clamp(max=1.0)
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-            self.optimizer.step()
-        if self.mode == "warmup":                       # routers are frozen: drop the loads counted meanwhile
-            for m in self.model.modules():
-                if isinstance(m, MoE):
-                    m.expert_load.zero_()
-        else:
-            if self.bridge:
-                self.bridge.sync_expert_load(self.model, self.par)
-            update_router_bias(self.model)
+        gnorm = self.state.optimizer_step(lr, self._diverged)
+        stats = self.state.mean_over_dp(stats)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -242,7 +170,7 @@ class Trainer:
         return m
 
     def _world(self) -> int:
-        return self.par.world if self.par else 1
+        return self.state.world
 
     # ------------------------------------------------------------------ pipeline parallel (parallel.pp > 1)
 
@@ -349,23 +277,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _shard_tag(self, name, t) -> str:
-        return self.bridge.shard_tag(name, t) if self.bridge else ""
-
     def _layout(self) -> dict:
-        return self.par.layout() if self.par else {"world": 1, "tp": 1, "ep": 1, "pp": 1}
+        return self.state.layout()
 
     def save(self) -> Path:
         state = {"step": self.step, "samples": self.step * self.scfg.batch_size, "history": self.history}
-        return ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self._shard_tag,
-                         self.scfg.keep_last, self._layout())
+        return self.state.save(self.ckpt_dir, self.step, state, self.scfg.keep_last)
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint of this stage, if there is one."""
-        path = ckpt.latest_checkpoint(self.ckpt_dir)
-        if path is None:
+        found = self.state.resume(self.ckpt_dir)
+        if found is None:
             return False
-        state = ckpt.load(path, self.model, self.optimizer, self._shard_tag, self._layout())
+        path, state = found
         self.step, self.history, self.resumed_from = state["step"], state["history"], path
         if self.is_main:   # metrics logged after the checkpoint belong to the lost run
             log = self.out_dir / "metrics.jsonl"
@@ -380,9 +304,7 @@ class Trainer:
         self._stop = True
 
     def _stop_requested(self) -> bool:
-        if self.bridge:                                 # stop together, or the checkpoint collectives would hang
-            return self.bridge.any_rank(self._stop, self.device)
-        return self._stop
+        return self.state.any_rank(self._stop)      # stop together, or the checkpoint collectives would hang
 
     def log(self, metrics: dict[str, float]) -> None:
         if not self.is_main:
@@ -435,13 +357,10 @@ class Trainer:
                    "layout": self._layout(), "start": start, "end": end}
         if self.stage == "pretrain":
             summary["unigram_entropy"] = unigram_entropy(self.val_rows)
-        state = self.bridge.consolidated_state_dict(self.model, self.par) if self.bridge else {
-            k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        self.state.export(self.out_dir / "hf", summary)
         if self.is_main:
-            export(self.out_dir / "hf", state, self.cfg, summary)
             write_atomic(self.out_dir / "metrics.json", json.dumps(summary, indent=2, default=str))
         return summary
 
     def close(self) -> None:
-        if self.bridge:
-            self.bridge.destroy(self.par)
+        self.state.close()

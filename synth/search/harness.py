@@ -131,7 +131,31 @@ def verify_answer(task, answer):
     return ok, "correct" if ok else "incorrect"
 
 
+def call(index, c):
+    """One search / open_document call of a rollout."""
+    args = c.get("arguments") or {}
+    if c.get("name") == "search":
+        return index.search(args.get("query", ""), args.get("k", 5))
+    if c.get("name") == "open_document":
+        return index.open(args.get("doc_id", ""))
+    return {"error": "unknown tool"}
+
+
+def serve():
+    """One episode's tools: the index is built once, then each stdin line {"call": ...} gets one reply line."""
+    index = load_index()
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        try:
+            print(json.dumps({"result": call(index, json.loads(line)["call"])}), flush=True)
+        except Exception as e:   # a malformed request is answered, never the end of the episode's tools
+            print(json.dumps({"result": {"error": f"{type(e).__name__}: {e}"}}), flush=True)
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve()
+        return
     job = json.load(sys.stdin)
     tasks = json.load(open("tasks.json"))
     out = []
@@ -157,11 +181,7 @@ def main():
         elif job["op"] == "check":
             out.append(check(index, t))
         elif job["op"] == "call":
-            c = it["call"]
-            args = c.get("arguments") or {}
-            res = index.search(args.get("query", ""), args.get("k", 5)) if c.get("name") == "search" else \
-                index.open(args.get("doc_id", "")) if c.get("name") == "open_document" else {"error": "unknown tool"}
-            out.append({"result": res})
+            out.append({"result": call(index, it["call"])})
         elif job["op"] == "reset":
             # The tools are read-only: after the reference ran, the live index and a fresh load both still
             # hash to the corpus the task was built on.

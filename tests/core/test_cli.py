@@ -17,7 +17,7 @@ def dsaforge(*args, cwd=None, check=True):
     return proc
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["stage"], ["config"], ["pipelines"], ["mlflow"]])
+@pytest.mark.parametrize("cmd", [[], ["run"], ["stage"], ["config"], ["pipelines"], ["mlflow"], ["submit"], ["runs"]])
 def test_help_on_every_command(cmd):
     out = dsaforge(*cmd, "--help").stdout
     assert out.startswith("usage: dsaforge" + "".join(f" {c}" for c in cmd))

@@ -47,7 +47,9 @@ def test_logprobs_routing_and_topk_equal_a_full_forward(mode):
     model = make_model(seed=2, **SHAPE)
     prompts = _prompts([5, 17, 24, 9], model.cfg.vocab_size)
     params = [SamplingParams(temperature=1.0, max_new_tokens=m) for m in (7, 3, 11, 5)]   # finish at different steps
-    engine = Engine(model, mode=mode, max_batch=2, max_len=64, capture_routing=True, capture_topk=True)
+    # prefill_tokens=12: longer prompts are prefilled in chunks over several steps, next to other rows' decoding
+    engine = Engine(model, mode=mode, max_batch=2, max_len=64, capture_routing=True, capture_topk=True,
+                    prefill_tokens=12)
     outs = engine.generate(prompts, params)          # 4 prompts through 2 slots: freed slots take new rows
     scores, hooks = [], [m.register_forward_hook(lambda mod, a, o: scores.append(o)) for m in model.modules()
                          if isinstance(m, Indexer)]
@@ -188,6 +190,10 @@ def test_bad_requests_are_rejected():
     # a sequence reaching the cache's end finishes with "context"
     out = engine.generate([[1] * 28], SamplingParams(temperature=0, max_new_tokens=50))[0]
     assert out.finish_reason == "context" and len(out.tokens) == 4
+    # a trainer's model keeps its mode (and its MoE load counters stay untouched by generation)
+    model.train()
+    Engine(model, mode="dense", max_batch=1, max_len=32).generate([[3, 4]], SamplingParams(max_new_tokens=3))
+    assert model.training and all(float(m.expert_load.sum()) == 0 for m in model.modules() if hasattr(m, "expert_load"))
 
 
 def test_greedy_equals_transformers_on_an_exported_checkpoint(tmp_path):

@@ -222,3 +222,14 @@ def test_openai_backend_turn_limit_and_context_reset(server):
 def test_unreachable_server_is_a_clear_error():
     with pytest.raises(LLMError, match="127.0.0.1:9"):
         OpenAIPolicy("http://127.0.0.1:9/v1", SamplingParams(), timeout_s=2)
+
+
+def test_a_failing_tool_is_an_observation_not_a_crash(server):
+    class Broken(EchoEpisode):
+        def step(self, call):
+            raise OSError("sandbox vanished")
+
+    _Scripted.script = "echo"
+    (traj,) = run_episodes(OpenAIPolicy(server, SamplingParams()), [Broken(0)], RolloutConfig(max_turns=5))
+    assert traj.finish_reason == "answered" and not traj.passed
+    assert "the tool failed: OSError: sandbox vanished" in traj.messages[3]["content"]

@@ -111,3 +111,31 @@ def test_code_episode_tools_work_on_a_private_copy(synth_out, box):
         assert ep.submit({"done": True}).passed            # no patch given: the working copy's diff is submitted
         ep.reset()
         assert not ep.submit({"done": True}).passed        # reset restored the buggy file
+
+
+def test_generate_cli_rolls_out_tasks(synth_out, tmp_path, capsys):
+    """`dsaforge generate --tasks`: every class through the engine policy and the episodes (a random model: the
+    verdicts fail, the rows are complete)."""
+    import pyarrow.parquet as pq
+
+    from dsaforge.cli import main
+    from dsaforge.data.tokenizer import train_tokenizer
+    from dsaforge.model.hf import export_hf
+    from tests.model.model_helpers import make_model
+
+    out, _ = synth_out
+    export_hf(make_model(seed=1, max_seq_len=2048, original_seq_len=2048), tmp_path / "ckpt")
+    train_tokenizer(["search the corpus, patch the file"] * 20, vocab_size=400).save(str(tmp_path / "tok.json"))
+    dest = tmp_path / "rollouts.parquet"
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok.json"),
+                 "--tasks", str(out), "--out", str(dest), "--device", "cpu", "--max-new-tokens", "8",
+                 "--max-turns", "2", "--no-track", "--set", "synth.sandbox.wall_seconds=30"]) == 0
+    rows = pq.read_table(dest).to_pylist()
+    assert sum(sum(r["mask"]) > 0 for r in rows) >= 4
+    assert sorted(r["agent_class"] for r in rows) == sorted(c for c in CLASSES for _ in range(2))
+    for r in rows:
+        assert r["passed"] is False and r["reward"] == 0.0
+        # either the policy wrote something, or the task alone did not fit the 80% budget of 2,048 tokens
+        assert sum(r["mask"]) >= 1 or (r["finish_reason"] == "context" and not r["tokens"]), r["finish_reason"]
+        assert json.loads(r["messages"])[1]["role"] == "user"
+    assert json.loads(capsys.readouterr().out)["pass_rate"] == 0.0

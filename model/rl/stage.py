@@ -1,0 +1,101 @@
+"""The `grpo` stage: GRPO with DeepSeek-V3.2's four stabilisers on the synthesized agent tasks, from the SFT model.
+
+    dsaforge stage grpo --preset tiny --input prepare-data=DATA --input sft=SFT --input synthesize=SYN --out RL
+    (1 GPU: the same command; train.device=auto picks CUDA)
+
+The policy is trained in this process and generates with the in-process rollout engine on the same weights
+(`dsaforge.model.engine`), so "sync weights" refreshes the engine's derived weights rather than copying anything.
+Train-split tasks are the RL prompts; held-out tasks (by environment) are evaluated before training, every
+rl.eval_every steps and at the end.
+
+Output directory:
+    hf/                          HF export of the trained policy
+    checkpoints/step-XXXXXXXX/   model + optimizer, resumed from when the directory already holds one
+    rollouts/step-XXXXXX.parquet every step's episodes (tokens, engine log-probs, rewards, advantages, transcripts)
+    metrics.jsonl, metrics.json  per-step metrics (what goes to MLflow under rl/ and heldout/) and the summary
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dsaforge.config import ConfigError
+
+
+def _inputs(ctx):
+    for need in ("prepare-data", "sft", "synthesize"):
+        if need not in ctx.inputs:
+            raise ConfigError(f"stage 'grpo' needs the {need} output (--input {need}=DIR)")
+    init = Path(ctx.inputs["sft"]) / "hf"
+    if not (init / "config.json").is_file():
+        raise ConfigError(f"grpo: input sft={ctx.inputs['sft']} has no hf/ export (that stage did not finish)")
+    return init
+
+
+def run(ctx) -> dict:
+    from dsaforge.data.chat import ChatTemplate
+    from dsaforge.data.tokenizer import PAD, load_tokenizer
+    from dsaforge.model.engine import Engine
+    from dsaforge.model.rl.loop import GRPO
+    from dsaforge.model.rl.rollout import Rollout
+    from dsaforge.model.train.state import TrainState, build_model
+    from dsaforge.synth.task import load_tasks
+
+    cfg, rl = ctx.cfg, ctx.cfg.rl
+    init = _inputs(ctx)
+    if cfg.parallel.world_size > 1:
+        raise ConfigError("grpo runs on one device for now (parallel.nproc_per_node * nnodes = 1): the rollout "
+                          "engine is single-device")
+    ctx.tracker.log_params({f"rl.{k}": v for k, v in rl.model_dump().items() if k != "reward"}
+                           | {f"rl.reward.{k}": v for k, v in rl.reward.model_dump().items()})
+    try:
+        tokenizer = load_tokenizer(ctx.inputs["prepare-data"])
+        tasks = load_tasks(ctx.inputs["synthesize"])
+    except FileNotFoundError as e:
+        raise ConfigError(f"grpo: {e}") from None
+    tasks = [t for t in tasks if t.agent_class in rl.agent_classes]
+    train = [t for t in tasks if t.split == "train"]
+    heldout = [t for t in tasks if t.split == "heldout"] or train
+    if not train:
+        raise ConfigError(f"grpo: {ctx.inputs['synthesize']} holds no train-split task of the classes "
+                          f"{', '.join(rl.agent_classes)} (rl.agent_classes)")
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    state = TrainState(cfg, "sparse" if rl.mode == "sparse" else "dense", rl, init)
+    reference = None
+    if rl.kl_coef > 0 or any(v > 0 for v in rl.kl_coef_by_class.values()):
+        reference = build_model(cfg, init, state.device).eval().requires_grad_(False)
+        reference.fused_dsa = state.model.fused_dsa
+    engine = Engine(state.model, mode=rl.mode, max_batch=min(256, rl.prompts_per_step * rl.group_size),
+                    max_len=cfg.model.max_seq_len, capture_routing=rl.keep_routing or rl.diagnostics,
+                    capture_kept=(rl.keep_sampling_mask or rl.diagnostics) and (rl.top_p < 1 or rl.top_k > 0),
+                    seed=rl.seed)
+    rollout = Rollout(engine, ChatTemplate(tokenizer, thinking=True), rl, cfg.synth.sandbox)
+
+    def sync(model):
+        model.eval()                 # rollouts must not count expert loads or take training paths
+        engine.refresh_weights()
+
+    grpo = GRPO(cfg, state, reference, rollout, train, heldout, out, ctx.tracker, tokenizer.token_to_id(PAD), sync)
+    found = state.resume(out / "checkpoints")
+    if found:
+        grpo.step = found[1]["step"]
+    try:
+        history = grpo.fit()
+    finally:
+        rollout.close()
+    summary = {"stage": "grpo", "steps": grpo.step, "train_tasks": len(train), "heldout_tasks": len(heldout),
+               "resumed_from": str(found[0]) if found else None, "start": history["start"], "end": history["end"]}
+    state.export(out / "hf", summary)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    for name in ("metrics.json", "hf/config.json"):
+        ctx.tracker.log_artifact(out / name)
+    last = sorted((out / "rollouts").glob("*.parquet"))
+    if last:
+        ctx.tracker.log_artifact(last[-1], "rollouts")
+    state.close()
+    flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    for part in ("start", "end"):
+        flat.update({f"{part}.{k}": v for k, v in summary[part].items()})
+    return flat

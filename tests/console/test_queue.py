@@ -1,0 +1,66 @@
+"""The local queue outlives the console: queued runs start after a restart, a run whose worker died with the
+console is marked interrupted (in the queue and in MLflow), and a worker that outlived the console is adopted.
+
+Run: python -m pytest tests/console/test_queue.py -q
+"""
+import os
+import signal
+import time
+
+from dsaforge import tracking
+from dsaforge.config import load_config
+from dsaforge.console import Settings
+from tests.console.conftest import Served
+from tests.helpers import free_port
+
+
+def wait(predicate, timeout_s=180, what="condition"):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_queue_survives_a_console_restart(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = tmp_path / ".dsaforge"
+    settings = dict(home=home, max_parallel=1, poll_s=0.3)
+    cfg = load_config("tiny")
+
+    # Console 1 starts run A; run B waits in the queue (one local run at a time).
+    with Served(Settings(port=free_port(), **settings), cancel_on_exit=False) as one:
+        a = one.console.submit("end-to-end", cfg)
+        b = one.console.submit("end-to-end", cfg)
+        wait(lambda: one.console.store.get(a.id).status == "running", what="run A to start")
+        wait(lambda: tracking.find_pipeline_runs(one.console.tracking_uri, "dsaforge", a.id)[0], what="A's MLflow run")
+        assert one.console.store.get(b.id).status == "queued"
+        pid_a = one.console.store.get(a.id).pid
+    # ... and dies with A's worker (a crash of the machine or the container takes both).
+    os.killpg(pid_a, signal.SIGKILL)
+
+    # Console 2 finds A interrupted, never silently lost, and starts B from the queue.
+    with Served(Settings(port=free_port(), **settings), cancel_on_exit=False) as two:
+        run_a = two.console.store.get(a.id)
+        assert run_a.status == "interrupted"
+        assert run_a.note == "the console stopped while this run was running, and its worker is gone"
+        parent, _ = tracking.find_pipeline_runs(two.console.tracking_uri, "dsaforge", a.id)
+        assert parent.status == "KILLED"
+        assert parent.tags["dsaforge.error"] == "the console stopped while this run was running"
+        wait(lambda: two.console.store.get(b.id).status == "running", what="run B to start after the restart")
+        pid_b = two.console.store.get(b.id).pid
+    # Console 2 stops on its own: B's worker, in a session of its own, goes on.
+    os.kill(pid_b, 0)
+
+    # Console 3 adopts B's live worker and can still cancel it.
+    with Served(Settings(port=free_port(), **settings)) as three:
+        run_b = three.console.store.get(b.id)
+        assert run_b.status == "running"
+        assert run_b.note == (f"the console restarted while this run was running; its worker (pid {pid_b}) went on "
+                              "and was adopted")
+        three.console.cancel(run_b)
+        assert three.console.store.get(b.id).status == "cancelled"
+        wait(lambda: not os.path.exists(f"/proc/{pid_b}/cmdline") or not open(f"/proc/{pid_b}/cmdline").read(),
+             timeout_s=30, what="B's worker to stop")

@@ -1,0 +1,66 @@
+"""SFT data: conversations rendered with the chat template, scored on the assistant's tokens only; the sft stage
+trains the sparse model on the synthesized tasks' reference trajectories.
+
+Run: python -m pytest tests/rl/test_sft.py -q
+"""
+import json
+
+import numpy as np
+import pytest
+
+from dsaforge.data.chat import ChatTemplate
+from dsaforge.data.tokenizer import PAD, train_tokenizer
+from dsaforge.model.train.data import IGNORE
+from dsaforge.model.train.sft import ConversationRows, render_tokens
+
+CONVERSATION = [
+    {"role": "system", "content": "You solve problems by running Python."},
+    {"role": "user", "content": "What is 17 * 23?"},
+    {"role": "assistant", "content": "", "reasoning_content": "Multiply in the kernel.",
+     "tool_calls": [{"name": "python", "arguments": {"code": "print(17 * 23)"}}]},
+    {"role": "tool", "content": "391"},
+    {"role": "assistant", "content": '{"answer": 391}', "reasoning_content": "It printed 391."},
+]
+TOOLS = [{"type": "function", "function": {"name": "python", "description": "Run code.",
+                                           "parameters": {"type": "object", "properties": {"code": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def chat():
+    texts = [json.dumps(CONVERSATION), "def f(x):\n    return x * 23\n" * 50, "answer reasoning kernel print"] * 20
+    return ChatTemplate(train_tokenizer(texts, 400), thinking=True)
+
+
+def test_only_the_assistants_segments_are_sampled(chat):
+    ids, sampled = render_tokens(chat, CONVERSATION, TOOLS)
+    assert ids == chat.encode(CONVERSATION, TOOLS, add_generation_prompt=False)
+    sampled = np.array(sampled)
+    runs, start = [], None          # the sampled spans, as text
+    for i, s in enumerate([*sampled, False]):
+        if s and start is None:
+            start = i
+        elif not s and start is not None:
+            runs.append(chat.decode(ids[start:i]))
+            start = None
+    eos = "<｜end▁of▁sentence｜>"
+    assert runs == [
+        'Multiply in the kernel.</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>python<｜tool▁sep｜>'
+        '{"code": "print(17 * 23)"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>' + eos,
+        'It printed 391.</think>{"answer": 391}' + eos]
+    # what a rollout samples is exactly what follows each generation prompt
+    prompt = chat.encode(CONVERSATION[:2], TOOLS)
+    assert ids[:len(prompt)] == prompt and not sampled[:len(prompt)].any() and sampled[len(prompt)]
+
+
+def test_rows_score_only_assistant_tokens_and_pad(chat):
+    ids, sampled = render_tokens(chat, CONVERSATION, TOOLS)
+    pad = chat.tokenizer.token_to_id(PAD)
+    rows = ConversationRows([(ids, sampled), (ids[:10], sampled[:10])], seq_len=len(ids) + 5, pad_id=pad)
+    batch = rows.batch(np.array([0, 1]))
+    t = batch.targets[0]
+    scored = (t != IGNORE).numpy()
+    assert scored.sum() == sum(sampled[1:]) == rows.assistant_tokens and rows.truncated == 0
+    assert (t[scored].numpy() == np.array(ids[1:])[np.array(sampled[1:])]).all()
+    assert (batch.targets[1] == IGNORE).all() and (batch.inputs[1, 10:] == pad).all()
+    short = ConversationRows([(ids, sampled)], seq_len=20, pad_id=pad)
+    assert short.truncated == 1 and short.batch(np.array([0])).inputs.shape == (1, 20)
