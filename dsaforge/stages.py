@@ -86,7 +86,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           component="dsaforge.components.train:sft", gpu=True, cpu="8", memory="64G", resumable=True),
     Stage("grpo", "dsaforge.model.rl.stage:run", ("prepare-data", "sft", "synthesize"),
           "GRPO with the four stabilisers: generate, reward, advantage, train, sync weights, evaluate.",
-          component="dsaforge.components.rl:grpo", gpu=True, cpu="8", memory="64G"),
+          component="dsaforge.components.rl:grpo", gpu=True, cpu="8", memory="64G", resumable=True),
 ]}
 
 
