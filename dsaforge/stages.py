@@ -86,7 +86,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           component="dsaforge.components.train:sft", gpu=True, cpu="8", memory="64G", resumable=True),
     Stage("grpo", "dsaforge.model.rl.stage:run", ("prepare-data", "sft", "synthesize"),
           "GRPO with the four stabilisers: generate, reward, advantage, train, sync weights, evaluate.",
-          component="dsaforge.components.rl:grpo", gpu=True, cpu="8", memory="64G"),
+          component="dsaforge.components.rl:grpo", gpu=True, cpu="8", memory="64G", resumable=True),
     # The model is the newest training stage's output the pipeline has (grpo, sft, sparse, warmup, pretrain; or
     # hf-checkpoint=DIR from the CLI); synthesize is read by the agentic suite only. dsaforge.eval.stage checks
     # what the chosen suites need before any of them runs.

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from dsaforge.config import ConfigError
+from dsaforge.outputs import write_atomic
 
 
 def _inputs(ctx):
@@ -88,7 +89,7 @@ def run(ctx) -> dict:
     summary = {"stage": "grpo", "steps": grpo.step, "train_tasks": len(train), "heldout_tasks": len(heldout),
                "resumed_from": str(found[0]) if found else None, "start": history["start"], "end": history["end"]}
     state.export(out / "hf", summary)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2, default=str))   # "finished" for dsaforge.outputs
     for name in ("metrics.json", "hf/config.json"):
         ctx.tracker.log_artifact(out / name)
     last = sorted((out / "rollouts").glob("*.parquet"))

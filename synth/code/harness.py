@@ -8,6 +8,7 @@ import ast
 import difflib
 import json
 import random
+import shutil
 import signal
 import sys
 import types
@@ -164,22 +165,48 @@ def call(mod, fn, args, seconds=0.1):
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def run_tests(module, source, tests):
-    """{test name: passed}; a module that fails to import fails every test."""
+def outcomes(module, source, tests):
+    """{test name: [outcome per case]} (None for tests skipped after a hang); {} when the module fails to import.
+    Reads only each case's args, never its expected outcome."""
     try:
         mod = load_module(module, source)
     except BaseException:
-        return {name: False for name in tests}
+        return {}
     out, hangs = {}, 0
     for name, t in sorted(tests.items()):
         if hangs >= 1:          # a variant that hangs fails the rest without burning the CPU budget
-            out[name] = False
+            out[name] = None
             continue
         fn = adapter_fn(t["adapter"])
-        results = [call(mod, fn, c["args"]) for c in t["cases"]]
-        hangs += sum(r == {"raises": "Timeout"} for r in results)
-        out[name] = all(r == c["expect"] for r, c in zip(results, t["cases"]))
+        out[name] = [call(mod, fn, c["args"]) for c in t["cases"]]
+        hangs += sum(r == {"raises": "Timeout"} for r in out[name])
     return out
+
+
+def compare(got, tests):
+    return {name: got.get(name) is not None and len(got[name]) == len(t["cases"])
+            and all(r == c["expect"] for r, c in zip(got[name], t["cases"])) for name, t in tests.items()}
+
+
+def run_tests(module, source, tests):
+    """{test name: passed}; a module that fails to import fails every test."""
+    return compare(outcomes(module, source, tests), tests)
+
+
+def run_tests_blind(module, source, tests):
+    """run_tests for code an agent wrote: it runs in a fresh interpreter that is given each case's arguments but
+    not its expected outcome (neither in memory nor on disk, where the verify job deleted hidden/ first), so the
+    code cannot read the answers it is checked against; the outcomes are compared here."""
+    import subprocess
+
+    blind = {n: {"adapter": t["adapter"], "cases": [{"args": c["args"]} for c in t["cases"]]} for n, t in tests.items()}
+    job = json.dumps({"op": "outcomes", "module": module, "source": source, "tests": blind})
+    proc = subprocess.run([sys.executable, "-I", __file__], input=job, capture_output=True, text=True)
+    try:
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        got = {}
+    return compare(got if isinstance(got, dict) else {}, tests)
 
 
 def record(module, source, tests):
@@ -310,6 +337,7 @@ def main():
     elif op == "verify":
         tasks = json.load(open("hidden/tasks.json"))
         tests = json.load(open("hidden/tests.json"))
+        shutil.rmtree("hidden")     # the gold patch and expected outcomes never share a disk with agent code
         out = []
         for item in job["items"]:
             t = tasks[item["key"]]
@@ -320,13 +348,15 @@ def main():
             except (ValueError, IndexError) as e:
                 out.append({"passed": False, "score": 0.0, "detail": f"patch does not apply: {e}"})
                 continue
-            res = run_tests(t["module"], patched, {n: tests[n] for n in t["FAIL_TO_PASS"] + t["PASS_TO_PASS"]})
+            res = run_tests_blind(t["module"], patched, {n: tests[n] for n in t["FAIL_TO_PASS"] + t["PASS_TO_PASS"]})
             f2p = sum(res[n] for n in t["FAIL_TO_PASS"])
             p2p = sum(res[n] for n in t["PASS_TO_PASS"])
             ok = f2p == len(t["FAIL_TO_PASS"]) and p2p == len(t["PASS_TO_PASS"])
             out.append({"passed": ok, "score": 1.0 if ok else 0.0,
                         "detail": f"FAIL_TO_PASS {f2p}/{len(t['FAIL_TO_PASS'])}, PASS_TO_PASS {p2p}/{len(t['PASS_TO_PASS'])}"})
         print(json.dumps(out))
+    elif op == "outcomes":
+        print(json.dumps(outcomes(job["module"], job["source"], job["tests"])))
     elif op == "tool":
         print(json.dumps(agent_tool(job)))
     elif op == "repair":

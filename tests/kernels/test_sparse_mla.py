@@ -137,3 +137,17 @@ def test_out_of_range_index_is_refused(interpret, bad):
     idx = torch.tensor([[[0, 1, -1, -1], [0, 1, 2, -1], [1, 2, 3, bad], [0, 2, 4, 6]]], dtype=torch.int32)
     with pytest.raises(KernelInputError, match=f"indices holds {bad}, outside \\[-1, 7\\)"):
         sparse_mla_fwd(q, kv, idx, 0.1, 32)
+
+
+@pytest.mark.gpu
+def test_out_of_range_index_is_refused_on_the_gpu():
+    """The same check in front of the fused kernels (Triton and the Hopper kernel), which would read past kv."""
+    from dsaforge.kernels import sparse_mla_fwd
+    from dsaforge.kernels._dispatch import KernelInputError
+
+    q = torch.randn(1, 64, 16, 576, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, 64, 576, device="cuda", dtype=torch.bfloat16)
+    idx = torch.arange(64, device="cuda", dtype=torch.int32).repeat(1, 64, 1)
+    idx[0, 5, 7] = 64
+    with pytest.raises(KernelInputError, match="indices holds 64, outside \\[-1, 64\\)"):
+        sparse_mla_fwd(q, kv, idx, 576 ** -0.5, 512)

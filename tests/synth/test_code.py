@@ -71,3 +71,23 @@ def test_env_selects_f2p_and_hides_the_fix(sandbox, tmp_path):
     assert int(sandbox.run_python(probe).stdout.strip()) == len(SOURCE)
     report = validate_env(agent, draft, sandbox, BaselineSolver(), 2, 11)
     assert all(all(t.gates.values()) for t in report.kept)
+
+
+@requires_bwrap
+def test_agent_code_cannot_read_what_it_is_verified_against(sandbox, tmp_path):
+    """A correct patch that also looks for the verifier's data (the hidden folder on disk, expected outcomes or the
+    gold patch in memory) passes only if it finds nothing: were anything visible, its import would fail."""
+    agent = CodeAgent()
+    draft = agent.build_env("c-colorsys", "colorsys", 11, 1, tmp_path / "c", {"sandbox": sandbox})
+    tasks = json.loads((draft.dir / "hidden" / "tasks.json").read_text())
+    key = draft.candidates[0].key
+    buggy = (draft.dir / key / "repo" / "colorsys.py").read_text()
+    fixed = H.apply_patch(buggy, tasks[key]["gold_patch"])
+    probe = ("import gc as _gc, glob as _glob, os as _os\n"
+             "assert not _glob.glob('/tmp/hidden*') and not _glob.glob('/tmp/**/tests.json', recursive=True)\n"
+             "assert not any(isinstance(_o, dict) and ('expect' in _o or 'gold_patch' in _o) "
+             "for _o in _gc.get_objects())\n")
+    snooping = H.unified_diff(buggy, probe + fixed, "colorsys.py")
+    plain = H.unified_diff(buggy, fixed, "colorsys.py")
+    v = agent.verify(draft.dir, [key, key], [{"patch": plain}, {"patch": snooping}], sandbox)
+    assert v[0].passed and v[1].passed, [x.detail for x in v]
