@@ -37,18 +37,31 @@ def test_transformers_imports_from_the_repo_root():
 
 @pytest.mark.parametrize("name", FOLDERS)
 def test_bare_names_are_never_our_folders(name):
-    code = (f"import sys\ntry:\n    import {name} as m\nexcept ModuleNotFoundError as e:\n    print('missing', e)\n"
-            f"else:\n    print('loaded', m.__file__ or list(m.__path__))\n"
+    """A bare import yields the installed package of that name, or a stand-in that is no package of ours: no file,
+    no submodules, and every attribute fails naming the dsaforge module meant."""
+    code = (f"import sys\nimport {name} as m\n"
+            f"print('file', getattr(m, '__file__', None) or getattr(m, '__path__', None))\n"
+            f"try:\n    m.no_such_attribute\nexcept AttributeError as e:\n    print('attr', e)\n"
+            f"try:\n    import {name}.no_such_module\nexcept ImportError as e:\n    print('sub', e)\n"
             f"print('leaked', sorted(k for k, v in list(sys.modules.items()) if k == 'dsaforge.{name}'\n"
             f"      or str(getattr(v, '__file__', None) or '').startswith({str(ROOT / name)!r})))")
     r = _python(code)
     assert r.returncode == 0, r.stderr[-2000:]
-    first, leaked = r.stdout.strip().splitlines()
-    if first.startswith("missing"):
-        assert f"dsaforge.{name}" in first   # the error says which module was meant
-    else:
-        assert str(ROOT / name) not in first, first
-    assert leaked == "leaked []", leaked    # no module of our folder was imported on the way
+    lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
+    assert str(ROOT / name) not in lines["file"], lines
+    if not _installed(name):
+        assert lines["file"] == "None" and f"dsaforge.{name}" in lines["attr"], lines
+        assert "is not a package" in lines["sub"], lines
+    assert lines["leaked"] == "[]", lines    # no module of our folder was imported on the way
+
+
+def test_transformers_probes_see_no_package_behind_a_stand_in():
+    """transformers finds a package with find_spec, then imports it for its version; a stand-in must read as absent
+    (as a namespace package on sys.path would), not crash the import of transformers."""
+    r = _python("from transformers.utils.import_utils import _is_package_available\n"
+                "print(_is_package_available('model', return_version=True))")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "(False, 'N/A')", r.stdout
 
 
 def test_dsaforge_names_still_import_from_the_repo_root():
