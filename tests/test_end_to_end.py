@@ -63,13 +63,13 @@ def test_every_stage_is_a_finished_child_run(demo):
         assert key in grpo, key
     synth = children["synthesize"].data.metrics
     assert all(synth[f"{cls}.tasks"] > 0 for cls in ("general", "code", "search", "code_interpreter")), synth
-    # the evaluation of the sparse checkpoint: every CPU suite, and the report
+    # the evaluation of the final checkpoint (grpo, the newest model stage): every CPU suite, and the report
     ev = children["evaluate"]
     for key in ("eval/lm/dense/loss", "eval/lm/sparse/loss", "eval/long-context/dense/accuracy",
                 "eval/long-context/sparse/accuracy", "eval/agentic/pass_at_1", "eval/code/pass_at_1",
                 "eval/reasoning/mean_score"):
         assert key in ev.data.metrics, key
-    assert ev.data.tags["dsaforge.eval.checkpoint"].startswith("sparse")
+    assert ev.data.tags["dsaforge.eval.checkpoint"].startswith("grpo")
     report = {a.path for a in client.list_artifacts(ev.info.run_id, "eval/report")}
     assert "eval/report/index.html" in report and "eval/report/training_curves.png" in report
 
