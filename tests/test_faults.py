@@ -136,7 +136,12 @@ def _training_kill_and_resume(tmp_path, data, seed):
     sets = sum((["--set", s] for s in TINY_TRAIN), [])
     args = ("stage", "pretrain", "--out", str(out), "--input", f"prepare-data={data}", *sets)
     proc = _popen(*args, home=home)
-    killed = _kill_at_random(proc, 0.0, 2.0, rng, ready=lambda: (out / "metrics.jsonl").exists())
+    # A random step rather than a random time: on a fast machine 16 tiny steps finish within any fixed window, and a
+    # kill after the output is complete is no kill mid-run (the rerun then rightly refuses the finished --out).
+    at_step = rng.randint(1, 12)
+    log = out / "metrics.jsonl"
+    killed = _kill_at_random(proc, 0.0, 0.02, rng,
+                             ready=lambda: log.exists() and len(log.read_text().splitlines()) >= at_step)
     if killed:
         again = _cli(*args, home=home)
         assert again.returncode == 0, again.stderr[-3000:]
