@@ -107,9 +107,11 @@ def _kill_then_rerun(stage, extra, home, rng, window, check, inputs=()):
     ins = sum((["--input", i] for i in inputs), [])
     proc = _popen("stage", stage, "--out", str(out), *ins, *sets, home=home)
     killed = _kill_at_random(proc, *window, rng)
+    if not killed:                       # it finished before the kill (a fast machine): a clean run
+        assert proc.returncode == 0, proc.stdout.read()[-3000:]
     check(out)
-    if killed and out.exists() and any(out.iterdir()):
-        return out                       # killed after the atomic publish: already complete
+    if out.exists() and any(out.iterdir()):
+        return out                       # finished, or killed after the atomic publish: already complete
     again = _cli("stage", stage, "--out", str(out), *ins, *sets, home=home)
     assert again.returncode == 0, again.stderr[-3000:]
     check(out)
