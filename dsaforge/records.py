@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dsaforge.config import ConfigError
+from dsaforge.outputs import pid_alive
 
 
 def finished_outputs(run_dir: Optional[Path]) -> dict[str, str]:
@@ -49,22 +50,12 @@ def running_record(summary: dict[str, Any], kfp_root: Path) -> dict[str, Any]:
     return dict(summary, state="RUNNING", kfp_root=str(kfp_root), pid=os.getpid(), host=socket.gethostname())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def load_record(record: Path) -> dict[str, Any]:
     summary = json.loads((record / "summary.json").read_text())
     if summary.get("state") == "SUCCEEDED":
         raise ConfigError(f"--resume {record.name}: that run finished; nothing to resume")
     if summary.get("state") == "RUNNING":
-        if summary.get("host") == socket.gethostname() and _alive(int(summary.get("pid", 0))):
+        if summary.get("host") == socket.gethostname() and pid_alive(int(summary.get("pid", 0))):
             raise ConfigError(f"--resume {record.name}: that run is still running (pid {summary['pid']})")
         # the process died (killed, machine lost): what finished is what its tasks wrote
         root = Path(summary["kfp_root"])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from dsaforge import kernels
 from dsaforge.model.attention import MLA, Indexer
+from dsaforge.model.layers import rotate
 from dsaforge.model.moe import MoE, grouped_swiglu, use_grouped_mm
 from dsaforge.model.transformer import Transformer
 
@@ -57,15 +58,7 @@ class Capture:
 def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """`layers.apply_rope` with one angle table per row: x [B, S, ..., D], cos/sin [B, S, D/2]."""
     shape = (cos.shape[0], cos.shape[1]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
-    c, s = cos.view(shape), sin.view(shape)
-    xf = x.float()
-    if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        y = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xf.chunk(2, dim=-1)
-        y = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return y.to(x.dtype)
+    return rotate(x, cos.view(shape), sin.view(shape), interleaved)
 
 
 def _index_rope(ix: Indexer, t: torch.Tensor, cos, sin) -> torch.Tensor:

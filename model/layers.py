@@ -103,7 +103,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         raise ValueError(f"apply_rope: x {tuple(x.shape)} does not match cos {tuple(cos.shape)} "
                          "(want x [B, S, ..., 2*P] with cos [S, P])")
     shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
-    c, s = cos.view(shape), sin.view(shape)
+    return rotate(x, cos.view(shape), sin.view(shape), interleaved)
+
+
+def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The rotary rotation of x by angle tables c/s already shaped to broadcast over x's pairs (fp32 math)."""
     xf = x.float()
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
