@@ -18,6 +18,7 @@ rollouts and logs metrics computed over every rank's episodes.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -59,7 +60,8 @@ class GRPO:
     def fit(self) -> dict:
         self.history["start"] = metrics = self.evaluate()
         self.log(metrics)
-        with Progress("grpo", total=self.rl.steps - self.step, unit="step") as bar:
+        with Progress("grpo", total=self.rl.steps - self.step, unit="step",
+                      stream=None if self.state.is_main else open(os.devnull, "w")) as bar:
             while self.step < self.rl.steps:
                 self.times = {}
                 with self.phase("generate"):
