@@ -7,9 +7,9 @@
 The policy is trained in this process and generates with the in-process rollout engine on the same weights
 (`dsaforge.model.engine`), so "sync weights" refreshes the engine's derived weights rather than copying anything.
 Under torchrun every rank holds the whole policy and its own engine; ranks split each step's prompts (whole groups)
-and the held-out prompts, and megatron's DDP reduces the gradients (`dsaforge.model.rl.loop`). Train-split tasks are
-the RL prompts; held-out tasks (by environment) are evaluated before training, every
-rl.eval_every steps and at the end.
+and the held-out prompts, and megatron's DDP reduces the gradients (`dsaforge.model.rl.loop`); tensor, expert and
+pipeline parallel layouts are refused (`check_layout`). Train-split tasks are the RL prompts; held-out tasks (by
+environment) are evaluated before training, every rl.eval_every steps and at the end.
 
 Output directory:
     hf/                          HF export of the trained policy
@@ -61,7 +61,8 @@ def check_layout(cfg) -> None:
                           "parallel.tp, ep and pp to 1; parallel.nproc_per_node x nnodes ranks split the prompts)")
     if cfg.rl.prompts_per_step % p.world_size:
         raise ConfigError(f"rl.prompts_per_step {cfg.rl.prompts_per_step} must be a multiple of the data-parallel "
-                          f"size {p.world_size} (each rank rolls out the whole groups of an equal share of the prompts)")
+                          f"size {p.world_size} (each rank rolls out the whole groups of an equal share of the "
+                          "prompts)")
 
 
 def run(ctx) -> dict:
