@@ -78,9 +78,7 @@ class GRPO:
                 if self.step % self.rl.eval_every == 0 or self.step == self.rl.steps:
                     with self.phase("evaluate"):
                         stats.update(self.evaluate())
-                everyone = self.gather(episodes)
-                if self.state.is_main:
-                    write_rollouts(everyone, self.step, self.out_dir / "rollouts" / f"step-{self.step:06d}.parquet")
+                everyone = self.save_rollouts(episodes)
                 metrics = {**episode_metrics(everyone, self.rl.group_size), **stats, **self.times}
                 self.log(metrics)
                 bar.update(1, reward=metrics["rl/reward_mean"], passed=metrics["rl/pass_rate"])
@@ -211,6 +209,13 @@ class GRPO:
         (rl.eval_sampled off) or sampled as in training; each rank runs its share of the prompts."""
         _, mine = share(self.heldout[:self.rl.eval_prompts], *self.state.dp)
         return heldout_metrics(self.gather(self.rollout(mine, 1, greedy=not self.rl.eval_sampled)))
+
+    def save_rollouts(self, episodes: list[EpisodeRecord]) -> list[EpisodeRecord]:
+        """Every rank's episodes of this step (`gather`); rank 0 writes them to rollouts/step-XXXXXX.parquet."""
+        everyone = self.gather(episodes)
+        if self.state.is_main:
+            write_rollouts(everyone, self.step, self.out_dir / "rollouts" / f"step-{self.step:06d}.parquet")
+        return everyone
 
     def gather(self, episodes: list[EpisodeRecord]) -> list[EpisodeRecord]:
         """Every rank's episodes in rank order (so groups in order): whole on rank 0, which writes the rollouts;
