@@ -4,7 +4,9 @@ OUT_profile.json and OUT_profile.md.
 1. Eager decode steps of the engine (the small preset, batch 1 and 64, sparse and dense) under torch.profiler: the
    top kernels by GPU time (calls and microseconds per step, share of the step's GPU time), the kernel launches per
    layer per step, and the step's wall time next to its GPU busy time (wall >> busy: the step is host-bound, each
-   launch costs more than the kernel it runs). On CPU the profiler's leaf operators stand in for kernels.
+   launch costs more than the kernel it runs). On a GPU the same steps replayed from CUDA graphs follow (`_graphs`
+   rows: wall - busy there is the host's own work per step, sampling bookkeeping and syncs, plus gaps between
+   kernels). On CPU the profiler's leaf operators stand in for kernels.
 2. The sparse decode kernel measured three ways, to explain a benchmark disagreement: one graph replay per host
    sync (what `bench_generate` did), back-to-back replays between CUDA events (the sweep's method,
    `kernels.bench_decode.graph_us`), and the kernel's own duration in the profiler; each with unsorted and with
@@ -12,6 +14,7 @@ OUT_profile.json and OUT_profile.md.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 
@@ -68,33 +71,36 @@ def kernel_table(events: list[tuple[str, float]], steps: int, n_layers: int) -> 
 
 
 def profile_decode(model: Transformer, ctx: int, batches, device, steps: int = 5) -> dict:
-    """Eager decode steps of the engine under torch.profiler, per (mode, batch)."""
+    """Decode steps of the engine under torch.profiler, per (mode, batch, eager or CUDA graphs)."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out = {}
-    for b in batches:
-        for mode in ("sparse", "dense"):
-            eng = Engine(model, mode=mode, max_batch=b, max_len=ctx + 64, cuda_graphs=False)
-            for p in torch.randint(16, model.cfg.vocab_size, (b, ctx)).tolist():
-                eng.submit(p, SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=10_000))
-            for _ in range(3):                  # prefill + first token, then two warm-up decode steps
+    for b, mode, graphs in itertools.product(batches, ("sparse", "dense"),
+                                             (False, True) if device.type == "cuda" else (False,)):
+        eng = Engine(model, mode=mode, max_batch=b, max_len=ctx + 64, cuda_graphs=graphs)
+        for p in torch.randint(16, model.cfg.vocab_size, (b, ctx)).tolist():
+            eng.submit(p, SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=10_000))
+        for _ in range(3):                  # prefill + first token, then two warm-up decode steps
+            eng.step()
+        _sync()
+        walls = []
+        for _ in range(steps):              # wall time without the profiler's own overhead
+            t = time.perf_counter()
+            eng.step()
+            _sync()
+            walls.append(time.perf_counter() - t)
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
                 eng.step()
             _sync()
-            walls = []
-            with profile(activities=acts) as prof:
-                for _ in range(steps):
-                    t = time.perf_counter()
-                    eng.step()
-                    _sync()
-                    walls.append(time.perf_counter() - t)
-            row = kernel_table(_device_events(prof), steps, model.cfg.n_layers)
-            row["wall_us_per_step"] = sorted(walls)[len(walls) // 2] * 1e6
-            row["gpu_busy_share"] = row["gpu_busy_us_per_step"] / row["wall_us_per_step"]
-            key = f"{mode}_b{b}"
-            out[key] = row
-            print(f"  profile {key}: wall {row['wall_us_per_step']:.0f} us/step, GPU busy "
-                  f"{row['gpu_busy_us_per_step']:.0f} us, {row['launches_per_layer_per_step']:.1f} launches/layer",
-                  flush=True)
-            del eng
+        row = kernel_table(_device_events(prof), steps, model.cfg.n_layers)
+        row["wall_us_per_step"] = sorted(walls)[len(walls) // 2] * 1e6
+        row["gpu_busy_share"] = row["gpu_busy_us_per_step"] / row["wall_us_per_step"]
+        key = f"{mode}_b{b}" + ("_graphs" if graphs else "")
+        out[key] = row
+        print(f"  profile {key}: wall {row['wall_us_per_step']:.0f} us/step, GPU busy "
+              f"{row['gpu_busy_us_per_step']:.0f} us, {row['launches_per_layer_per_step']:.1f} launches/layer",
+              flush=True)
+        del eng
     return out
 
 
