@@ -11,6 +11,7 @@ the token is the argmax and its log-prob the untempered full-vocabulary one.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -62,15 +63,22 @@ def processed_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: tor
     return x.masked_fill(drop, float("-inf"))
 
 
+@functools.lru_cache(maxsize=32)
+def _param_tensors(params: tuple[SamplingParams, ...], device: torch.device):
+    """Per-row temperature [B] fp32, top_p [B] fp32, top_k [B] int64 on `device`, in one host-to-device copy; cached
+    because a decode loop asks for the same rows' tensors at every step (callers must not modify them)."""
+    vals = torch.tensor([[p.temperature, p.top_p if p.temperature > 0 else 1.0, p.top_k if p.temperature > 0 else 0]
+                         for p in params], dtype=torch.float64).to(device)
+    return vals[:, 0].float(), vals[:, 1].float(), vals[:, 2].long()
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generator: Optional[torch.Generator] = None,
            want_kept: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """logits [B, V] -> (tokens [B] int64, log-probs [B] fp32, kept [B, V] bool or None).
 
     kept is returned when want_kept and some row truncates; rows that do not truncate are all True."""
     dev = logits.device
-    temp = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
-    top_p = torch.tensor([p.top_p if p.temperature > 0 else 1.0 for p in params], device=dev, dtype=torch.float32)
-    top_k = torch.tensor([p.top_k if p.temperature > 0 else 0 for p in params], device=dev, dtype=torch.long)
+    temp, top_p, top_k = _param_tensors(tuple(params), dev)
     x = processed_logits(logits, temp, top_p, top_k)
     logp = x.log_softmax(-1)                                                         # [B, V]
     # Gumbel-max on the truncated logits: exact sampling from softmax(x), one kernel for the whole batch.
