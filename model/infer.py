@@ -177,39 +177,84 @@ def mla_infer(attn: MLA, x: torch.Tensor, step: Step, kv_cache: torch.Tensor, ik
     return attn.wo(o.flatten(2))
 
 
-def moe_infer(moe: MoE, x: torch.Tensor, stacked: Optional[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoE.forward without load counting or aux loss, and without host syncs when `stacked` expert weights
-    (w1, w3, w2 as [E, I, dim], [E, I, dim], [E, dim, I]) are given: routable inside a CUDA graph."""
+@dataclass
+class Experts:
+    """A MoE layer's routed experts stacked once (torch._grouped_mm's layout): w1, w3 [E', I, dim], w2 [E', dim, I],
+    where E' = E + 1 when the shared expert has the routed experts' shape (it rides along as expert E in
+    `all_experts`)."""
+    w1: torch.Tensor
+    w3: torch.Tensor
+    w2: torch.Tensor
+    n_routed: int
+
+    @property
+    def with_shared(self) -> bool:
+        return self.w1.shape[0] > self.n_routed
+
+
+def all_experts(flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, ex: Experts) -> torch.Tensor:
+    """The routed experts (and the shared one, if stacked) in dense form for a few tokens: every token through every
+    expert as three batched products over the stacked weights, each expert's output scaled by its mixing weight
+    (0 where not chosen) and summed. No sort, count or scatter of token slots: once a batch touches most experts,
+    reading every expert's weights costs what the grouped product reads anyway, in 8 kernels instead of ~25.
+    flat [N, dim], weights / indices [N, k] -> [N, dim]."""
+    n, d = flat.shape
+    e, i = ex.w1.shape[:2]
+    gate = torch.zeros(n, e, dtype=flat.dtype, device=flat.device).scatter_(1, indices, weights.to(flat.dtype))
+    if ex.with_shared:
+        gate[:, ex.n_routed] = 1
+    a = F.linear(flat, ex.w1.view(e * i, d))                                        # [N, E'*I]
+    b = F.linear(flat, ex.w3.view(e * i, d))
+    h = (F.silu(a) * b).view(n, e, i) * gate[:, :, None]                            # [N, E', I]
+    return torch.bmm(h.transpose(0, 1), ex.w2.transpose(1, 2)).sum(0, dtype=torch.float32).to(flat.dtype)
+
+
+def moe_infer(moe: MoE, x: torch.Tensor, ex: Optional[Experts]) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE.forward without load counting or aux loss, and without host syncs when stacked expert weights `ex` are
+    given: routable inside a CUDA graph. A few tokens that touch most experts (2E <= N*k <= 16E: a decode step over
+    many rows) take `all_experts`; others the grouped product over token slots sorted by expert."""
     b, s, d = x.shape
     flat = x.reshape(-1, d)
     weights, indices, _ = moe.gate(flat)
-    if stacked is not None:
-        counts = torch.zeros(moe.n_experts, dtype=torch.int64, device=x.device).scatter_add_(
+    n_pairs, e = flat.shape[0] * moe.topk, moe.n_experts
+    if ex is not None and 2 * e <= n_pairs <= 16 * e:
+        y = all_experts(flat, weights, indices, ex)
+        if moe.shared_experts is not None and not ex.with_shared:
+            y = y + moe.shared_experts(flat)
+        return y.view(b, s, d), indices.view(b, s, moe.topk)
+    if ex is not None:
+        counts = torch.zeros(e, dtype=torch.int64, device=x.device).scatter_add_(
             0, indices.flatten(), torch.ones_like(indices.flatten()))
         order = indices.flatten().argsort(stable=True)
         token = order // moe.topk
-        y_sorted = grouped_swiglu(flat[token], counts, *stacked)
+        y_sorted = grouped_swiglu(flat[token], counts, ex.w1[:e], ex.w3[:e], ex.w2[:e])
         y = torch.zeros_like(flat).index_add_(0, token, y_sorted * weights.flatten()[order, None])
     else:
-        counts = torch.bincount(indices.flatten(), minlength=moe.n_experts)
+        counts = torch.bincount(indices.flatten(), minlength=e)
         y = moe.routed(flat, weights, indices, counts)
     if moe.shared_experts is not None:
         y = y + moe.shared_experts(flat)
     return y.view(b, s, d), indices.view(b, s, moe.topk)
 
 
-def stack_experts(model: Transformer) -> list[Optional[tuple]]:
-    """Per layer, the routed experts' weights stacked once for torch._grouped_mm (None where not used). Re-run
-    after the weights change (an RL step)."""
+def stack(moe: MoE) -> Experts:
+    """`moe`'s experts stacked (a copy), the shared expert appended when it has the routed experts' shape."""
+    experts = list(moe.experts)
+    shared = moe.shared_experts
+    if shared is not None and shared.w1.weight.shape == experts[0].w1.weight.shape:
+        experts.append(shared)
+    w1, w3, w2 = (torch.stack([getattr(m, n).weight for m in experts]).contiguous() for n in ("w1", "w3", "w2"))
+    return Experts(w1, w3, w2, moe.n_experts)
+
+
+def stack_experts(model: Transformer) -> list[Optional[Experts]]:
+    """Per layer, the experts stacked once for torch._grouped_mm and `all_experts` (None where not used: CPU, fp32).
+    Re-run after the weights change (an RL step)."""
     out = []
     for block in model.layers:
         ffn = block.ffn
         probe = ffn.experts[0].w1.weight if isinstance(ffn, MoE) else None
-        if probe is None or not use_grouped_mm(probe):
-            out.append(None)
-            continue
-        out.append(tuple(torch.stack([getattr(e, n).weight for e in ffn.experts]).contiguous()
-                         for n in ("w1", "w3", "w2")))
+        out.append(stack(ffn) if probe is not None and use_grouped_mm(probe) else None)
     return out
 
 

@@ -32,8 +32,8 @@ def _prompts(vocab):
     return [torch.randint(16, vocab, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-def _run(model, mode, prompts, graphs):
-    eng = Engine(model, mode=mode, max_batch=3, max_len=160, cuda_graphs=graphs, capture_routing=True,
+def _run(model, mode, prompts, graphs, max_batch=3):
+    eng = Engine(model, mode=mode, max_batch=max_batch, max_len=160, cuda_graphs=graphs, capture_routing=True,
                  capture_topk=mode == "sparse")
     out = eng.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=24))
     if graphs:
@@ -121,10 +121,10 @@ def _topk_flips(x, scores, top_k: int, tol: float = 0.05) -> int:
     return flips
 
 
-def check_bf16(model, mode, graphs=True):
+def check_bf16(model, mode, graphs=True, max_batch=3):
     prompts = _prompts(model.cfg.vocab_size)
-    a = _run(model, mode, prompts, graphs)
-    b = _run(model, mode, prompts, False)
+    a = _run(model, mode, prompts, graphs, max_batch)
+    b = _run(model, mode, prompts, False, max_batch)
     agree = total = flips = 0
     for x, y, p in zip(a, b, prompts):
         # graph vs eager: the same kernels in the same order, so the same tokens up to bf16 ties in the argmax
@@ -149,6 +149,10 @@ def check_bf16(model, mode, graphs=True):
     assert agree >= 0.9 * total
 
 
+# max_batch 3: slots are reused and decode routes through the grouped expert product; 8: decode's 8 x 2 token
+# slots reach 2 x 8 experts, the dense form (`infer.all_experts`)
+@pytest.mark.parametrize("max_batch", [3, 8])
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
-def test_bf16_graph_decode_equals_eager_and_a_full_forward_with_kept_routing(mode):
-    check_bf16(make_model(seed=2, index_topk=8, index_n_heads=16).cuda().to(torch.bfloat16), mode)
+def test_bf16_graph_decode_equals_eager_and_a_full_forward_with_kept_routing(mode, max_batch):
+    check_bf16(make_model(seed=2, index_topk=8, index_n_heads=16).cuda().to(torch.bfloat16), mode,
+               max_batch=max_batch)

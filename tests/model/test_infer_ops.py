@@ -31,3 +31,23 @@ def test_rope_and_norm_forms_equal_the_layers(dtype, tol):
     a, b = torch.randn(2, 3, 4, generator=g).to(dtype), torch.randn(2, 4, 6, generator=g).to(dtype)
     assert bmm_f32(a, b).dtype == torch.float32
     torch.testing.assert_close(bmm_f32(a, b), a.float() @ b.float())
+
+
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_all_experts_equals_the_moe_loop(n):
+    """The dense decode form of the routed (and shared) experts equals MoE's one-matmul-per-expert oracle."""
+    from dsaforge.model.infer import all_experts, stack
+    from dsaforge.model.moe import loop_reference
+    from tests.model.model_helpers import make_model
+
+    model = make_model(seed=3)
+    moe = next(b.ffn for b in model.layers if b.ffn.__class__.__name__ == "MoE")
+    x = torch.randn(1, n, model.cfg.dim, generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        want, idx = loop_reference(moe, x)
+        weights, indices, _ = moe.gate(x[0])
+        ex = stack(moe)
+        assert ex.with_shared and ex.w1.shape[0] == moe.n_experts + 1
+        got = all_experts(x[0], weights, indices, ex)
+    assert torch.equal(indices, idx[0])
+    torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
