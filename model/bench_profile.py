@@ -28,12 +28,14 @@ from dsaforge.model.sampling import SamplingParams
 from dsaforge.model.transformer import Transformer
 
 TOP = 15
-# CPU leaf operators that only make views or allocate: not kernels
+# CPU leaf operators that only make views, allocate or return their input (a `to` with no child op): not kernels
 _NO_KERNEL = {"aten::" + n for n in ("as_strided", "view", "empty", "empty_strided", "reshape", "_reshape_alias",
                                      "expand", "slice", "select", "t", "transpose", "unsqueeze", "squeeze",
                                      "permute", "alias", "detach", "resolve_conj", "resolve_neg", "lift_fresh",
                                      "unflatten", "split", "split_with_sizes", "narrow", "_unsafe_view",
-                                     "result_type", "is_nonzero", "item", "_local_scalar_dense")}
+                                     "result_type", "is_nonzero", "item", "_local_scalar_dense", "to",
+                                     "contiguous", "resize_", "scalar_tensor", "real", "view_as_real",
+                                     "view_as_complex", "movedim", "flatten", "chunk", "expand_as")}
 
 
 def _sync() -> None:
