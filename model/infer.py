@@ -97,7 +97,7 @@ def rope_interleaved(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
 def rope_half(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     """`layers.rotate(interleaved=False)` (pairs (x_i, x_{i+R/2}), the indexer's layout) in the same way."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    z = torch.complex(x1.contiguous(), x2.contiguous()) * _cis(x, cis)
+    z = torch.complex(x1, x2) * _cis(x, cis)
     return torch.view_as_real(z).movedim(-1, -2).to(x.dtype, memory_format=torch.contiguous_format).flatten(-2)
 
 
