@@ -6,7 +6,8 @@ CPU smoke test:  python -m dsaforge.model.bench_generate --tiny      (tiny sizes
 1. Rollout tokens/s: the small preset (random weights, exported and re-imported, bf16), 64 prompts of 1,024 tokens,
    512 new tokens each (no stop token, so every row decodes all 512): our engine (sparse and dense, CUDA-graph
    decode) against transformers' DeepseekV32ForCausalLM.generate on the same exported checkpoint and batch.
-2. Decode-step time per layer at batch 1 and 64 (context 1K + 512), graph replay and eager.
+2. Decode-step time per layer at batch 1 and 64 (context 1K + 256), graph replay and eager; sparse also at context
+   4K, twice the indexer's top-k (below top-k the selection is every visible key and the indexer does not score).
 3. The fused sparse decode kernel at V3.2's attention shape (128 heads, d_qk 576, d_v 512, top-k 2048) over a 64K
    cache: microseconds per call at batch 1 and 64, eager and replayed from a CUDA graph, and TB/s of gathered cache
    (B x 2048 x 576 x 2 bytes per call). Measured as `kernels.bench_decode` measures its sweep (ascending top-k
@@ -104,23 +105,26 @@ def rollout(model_dir: Path, model: Transformer, batch: int, prompt_len: int, ne
 
 
 def decode_step(model: Transformer, ctx: int, batches, device) -> dict:
-    """Seconds per decode step over `batch` slots at context `ctx`, per layer."""
+    """Seconds per decode step over `batch` slots at context `ctx`, per layer. Then sparse at twice the indexer's
+    top-k: below top-k keys the engine selects every visible key without scoring (exact), so this row is the one
+    where the indexer scores and selects at every step."""
     out = {}
-    for b in batches:
-        for mode in ("sparse", "dense"):
-            for graphs in ([True, False] if device.type == "cuda" else [False]):
-                eng = Engine(model, mode=mode, max_batch=b, max_len=ctx + 64, cuda_graphs=graphs)
-                prompts = torch.randint(16, model.cfg.vocab_size, (b, ctx)).tolist()
-                for p in prompts:
-                    eng.submit(p, SamplingParams(max_new_tokens=10_000))
-                eng.step()                       # prefill every row, first token
-                eng.step()                       # one decode (captures the graph)
-                t = _time(eng.step, reps=20)
-                key = f"{mode}_b{b}_" + ("graphs" if graphs else "eager")
-                out[key] = {"step_ms": t * 1e3, "per_layer_us": t * 1e6 / model.cfg.n_layers,
-                            "cuda_graphs": eng.stats["cuda_graphs"]}
-                print(f"  decode {key}: {t * 1e3:.2f} ms/step, {t * 1e6 / model.cfg.n_layers:.0f} us/layer", flush=True)
-                del eng
+    graph_opts = [True, False] if device.type == "cuda" else [False]
+    runs = [(b, mode, graphs, ctx) for b in batches for mode in ("sparse", "dense") for graphs in graph_opts]
+    runs += [(b, "sparse", graph_opts[0], 2 * model.cfg.index_topk) for b in batches]
+    for b, mode, graphs, c in runs:
+        eng = Engine(model, mode=mode, max_batch=b, max_len=c + 64, cuda_graphs=graphs)
+        prompts = torch.randint(16, model.cfg.vocab_size, (b, c)).tolist()
+        for p in prompts:
+            eng.submit(p, SamplingParams(max_new_tokens=10_000))
+        eng.step()                       # prefill every row, first token
+        eng.step()                       # one decode (captures the graph)
+        t = _time(eng.step, reps=20)
+        key = f"{mode}_b{b}_" + ("graphs" if graphs else "eager") + (f"_ctx{c}" if c != ctx else "")
+        out[key] = {"step_ms": t * 1e3, "per_layer_us": t * 1e6 / model.cfg.n_layers, "context": c,
+                    "cuda_graphs": eng.stats["cuda_graphs"]}
+        print(f"  decode {key}: {t * 1e3:.2f} ms/step, {t * 1e6 / model.cfg.n_layers:.0f} us/layer", flush=True)
+        del eng
     return out
 
 
