@@ -229,16 +229,16 @@ class Engine:
         host[0, slots] = [r.tokens[-1] for r in active]
         host[1, slots] = [r.length for r in active]
         host[2, :len(slots)] = slots
-        inputs = torch.from_numpy(host).to(dev)
         t = max(r.length for r in active) + 1
         graph = self._graph_for(t) if self.use_graphs else None
         if graph is not None:
             g, static, cap = graph
-            static["tok"].copy_(inputs[0, :, None])
-            static["start"].copy_(inputs[1])
+            inputs = static["inputs"]
+            inputs.copy_(torch.from_numpy(host))         # straight into the graph's input buffer
             g.replay()
             logits = static["logits"]
         else:
+            inputs = torch.from_numpy(host).to(dev)
             cap = self._capture()
             logits = forward_rows(self.model, self.cache, inputs[0, :, None], inputs[1],
                                   torch.ones(n_slots, dtype=torch.long, device=dev), None, self.mode, self.stacked,
@@ -261,8 +261,9 @@ class Engine:
         if t in self._graphs:
             return self._graphs[t]
         dev, n_slots = self.device, self.max_batch
-        static = {"tok": torch.zeros(n_slots, 1, dtype=torch.long, device=dev),
-                  "start": torch.full((n_slots,), self.max_len, dtype=torch.long, device=dev),
+        inputs = torch.zeros(3, n_slots, dtype=torch.long, device=dev)      # as `_decode` lays them out
+        inputs[1] = self.max_len
+        static = {"inputs": inputs, "tok": inputs[0, :, None], "start": inputs[1],
                   "n": torch.ones(n_slots, dtype=torch.long, device=dev)}
         try:
             stream = torch.cuda.Stream(device=dev)

@@ -176,6 +176,19 @@ def test_processed_logits_keeps_ties_and_one_token():
     assert torch.isfinite(out[1]).tolist() == [True, False, False, False]   # top-p below the first token's mass
 
 
+@pytest.mark.parametrize("top_p,top_k", [(1.0, 0), (0.9, 0), (1.0, 5), (0.9, 5)])
+def test_processed_logits_skips_only_unused_truncations(top_p, top_k):
+    """The sampler skips top-k / top-p kernels when no row uses them; every row's kept set is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 50, generator=g)
+    temp = torch.tensor([1.0, 0.7, 0.0, 1.3])
+    tp, tk = torch.full((4,), top_p), torch.full((4,), top_k)
+    want = processed_logits(x, temp, tp, tk)
+    got = processed_logits(x, temp, tp, tk, any_top_k=top_k > 0, any_top_p=top_p < 1)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    torch.testing.assert_close(got[torch.isfinite(got)], want[torch.isfinite(want)], rtol=0, atol=0)
+
+
 def test_bad_requests_are_rejected():
     model = make_model(seed=1)
     engine = Engine(model, mode="dense", max_batch=1, max_len=32)
