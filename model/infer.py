@@ -211,18 +211,21 @@ def all_experts(flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
 
 def moe_infer(moe: MoE, x: torch.Tensor, ex: Optional[Experts]) -> tuple[torch.Tensor, torch.Tensor]:
     """MoE.forward without load counting or aux loss, and without host syncs when stacked expert weights `ex` are
-    given: routable inside a CUDA graph. A few tokens that touch most experts (2E <= N*k <= 16E: a decode step over
-    many rows) take `all_experts`; others the grouped product over token slots sorted by expert."""
+    given and N*k <= 16E: routable inside a CUDA graph. A few tokens that touch most experts (2E <= N*k <= 16E: a
+    decode step over many rows) take `all_experts`, others the grouped product over token slots sorted by expert
+    (bf16 on Hopper, torch._grouped_mm); where that product is unavailable (fp32), every N*k <= 16E takes
+    `all_experts` and larger calls the per-expert loop of `MoE.routed` (eager: it reads counts back)."""
     b, s, d = x.shape
     flat = x.reshape(-1, d)
     weights, indices, _ = moe.gate(flat)
     n_pairs, e = flat.shape[0] * moe.topk, moe.n_experts
-    if ex is not None and 2 * e <= n_pairs <= 16 * e:
+    grouped = ex is not None and use_grouped_mm(flat)
+    if ex is not None and n_pairs <= 16 * e and (n_pairs >= 2 * e or not grouped):
         y = all_experts(flat, weights, indices, ex)
         if moe.shared_experts is not None and not ex.with_shared:
             y = y + moe.shared_experts(flat)
         return y.view(b, s, d), indices.view(b, s, moe.topk)
-    if ex is not None:
+    if grouped:
         counts = torch.zeros(e, dtype=torch.int64, device=x.device).scatter_add_(
             0, indices.flatten(), torch.ones_like(indices.flatten()))
         order = indices.flatten().argsort(stable=True)
@@ -248,14 +251,10 @@ def stack(moe: MoE) -> Experts:
 
 
 def stack_experts(model: Transformer) -> list[Optional[Experts]]:
-    """Per layer, the experts stacked once for torch._grouped_mm and `all_experts` (None where not used: CPU, fp32).
-    Re-run after the weights change (an RL step)."""
-    out = []
-    for block in model.layers:
-        ffn = block.ffn
-        probe = ffn.experts[0].w1.weight if isinstance(ffn, MoE) else None
-        out.append(stack(ffn) if probe is not None and use_grouped_mm(probe) else None)
-    return out
+    """Per layer, the experts stacked once for torch._grouped_mm and `all_experts` (on a GPU; None on CPU, where
+    nothing is captured and the per-expert loop serves). Re-run after the weights change (an RL step)."""
+    return [stack(b.ffn) if isinstance(b.ffn, MoE) and b.ffn.experts[0].w1.weight.is_cuda else None
+            for b in model.layers]
 
 
 @torch.no_grad()
