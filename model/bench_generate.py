@@ -56,15 +56,21 @@ def _time(fn, reps: int = 20) -> float:
     return sorted(out)[len(out) // 2]
 
 
+def _graph_options(device, eager: bool) -> list[bool]:
+    if device.type != "cuda":
+        return [False]
+    return [True, False] if eager else [True]
+
+
 def rollout(model_dir: Path, model: Transformer, batch: int, prompt_len: int, new: int, device, modes, hf: bool,
-            max_batch: int) -> dict:
+            max_batch: int, eager: bool = True) -> dict:
     vocab = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(16, vocab, (batch, prompt_len), generator=g)
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=new)
     out = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new}
     for mode in modes:
-        for graphs in ([True, False] if device.type == "cuda" else [False]):
+        for graphs in _graph_options(device, eager):
             eng = Engine(model, mode=mode, max_batch=max_batch, max_len=prompt_len + new + 1, cuda_graphs=graphs,
                          capture_routing=True)
             eng.generate(prompts[:2].tolist(), SamplingParams(max_new_tokens=4))      # warm-up (and graph capture)
@@ -104,12 +110,12 @@ def rollout(model_dir: Path, model: Transformer, batch: int, prompt_len: int, ne
     return out
 
 
-def decode_step(model: Transformer, ctx: int, batches, device) -> dict:
+def decode_step(model: Transformer, ctx: int, batches, device, eager: bool = True) -> dict:
     """Seconds per decode step over `batch` slots at context `ctx`, per layer. Then sparse at twice the indexer's
     top-k: below top-k keys the engine selects every visible key without scoring (exact), so this row is the one
     where the indexer scores and selects at every step."""
     out = {}
-    graph_opts = [True, False] if device.type == "cuda" else [False]
+    graph_opts = _graph_options(device, eager)
     runs = [(b, mode, graphs, ctx) for b in batches for mode in ("sparse", "dense") for graphs in graph_opts]
     runs += [(b, "sparse", graph_opts[0], 2 * model.cfg.index_topk) for b in batches]
     for b, mode, graphs, c in runs:
@@ -175,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--no-eager", action="store_true",
+                    help="on a GPU, only the CUDA-graph engine (skip the eager rollouts and decode steps)")
     ap.add_argument("--profile", action="store_true",
                     help="profile eager decode steps and the decode kernel instead (OUT_profile.json/.md)")
     args = ap.parse_args(argv)
@@ -189,9 +197,10 @@ def main(argv=None) -> int:
         export_hf(m.to(torch.bfloat16) if device.type == "cuda" else m, d)
         model = import_hf(d, device=device)
         print("rollout:", flush=True)
-        ro = rollout(Path(d), model, batch, plen, new, device, ("sparse", "dense"), not args.no_hf, batch)
+        ro = rollout(Path(d), model, batch, plen, new, device, ("sparse", "dense"), not args.no_hf, batch,
+                     eager=not args.no_eager)
     print("decode step:", flush=True)
-    ds = decode_step(model, plen + new // 2, (1, batch), device)
+    ds = decode_step(model, plen + new // 2, (1, batch), device, eager=not args.no_eager)
     print("sparse decode kernel:", flush=True)
     sd = sparse_decode_kernel(device, kt, (1, batch) if not args.tiny else (1, 2),
                               **({} if not args.tiny else dict(h=4, d_v=32, d_pe=16, top_k=64)))
