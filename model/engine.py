@@ -244,10 +244,11 @@ class Engine:
                                   torch.ones(n_slots, dtype=torch.long, device=dev), None, self.mode, self.stacked,
                                   cap, t=t)
         self.stats["decode_steps"] += 1
-        self._record(cap, active, [1] * len(active), index=slots)
         for r in active:
             r.length += 1
-        return self._sample(active, logits[inputs[2, :len(slots)]])
+        # the capture is read back once the sampling kernels are queued: their launches overlap the step's tail
+        return self._sample(active, logits[inputs[2, :len(slots)]],
+                            then=lambda: self._record(cap, active, [1] * len(active), index=slots))
 
     def _bucket(self, t: int) -> int:
         b = 256
@@ -305,9 +306,14 @@ class Engine:
             for r, i, c in zip(rows, idx, counts):
                 r.topk.extend(tk[i, :c])
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, Segment]]:
+    def _sample(self, rows: list[_Row], logits: torch.Tensor,
+                then: Optional[Callable[[], None]] = None) -> list[tuple[int, Segment]]:
+        """Draw each row's next token; `then` runs after the sampling kernels are queued, before the host waits."""
         toks, lps, kept = sample(logits, [r.params for r in rows], self.generator, want_kept=self.capture_kept)
-        both = torch.stack((toks.double(), lps.double())).tolist()       # one device-to-host copy (and sync)
+        both = torch.stack((toks.double(), lps.double()))
+        if then is not None:
+            then()
+        both = both.tolist()                                             # one device-to-host copy (and sync)
         toks, lps = [int(x) for x in both[0]], both[1]
         kept_rows = kept.cpu().numpy() if kept is not None else None
         done = []
