@@ -43,13 +43,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _device_events(prof) -> list[tuple[str, float]]:
+def _device_events(prof, cuda: bool) -> list[tuple[str, float]]:
     """(name, microseconds) of every GPU activity, or on CPU of every leaf operator (an op with no child op)."""
     out = []
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
             out.append((e.name, e.time_range.elapsed_us()))
-        elif not torch.cuda.is_available() and e.device_type == DeviceType.CPU and not e.cpu_children \
+        elif not cuda and e.device_type == DeviceType.CPU and not e.cpu_children \
                 and e.name.startswith("aten::") and e.name not in _NO_KERNEL:
             out.append((e.name, e.time_range.elapsed_us()))
     return out
@@ -94,7 +94,7 @@ def profile_decode(model: Transformer, ctx: int, batches, device, steps: int = 5
             for _ in range(steps):
                 eng.step()
             _sync()
-        row = kernel_table(_device_events(prof), steps, model.cfg.n_layers)
+        row = kernel_table(_device_events(prof, device.type == "cuda"), steps, model.cfg.n_layers)
         row["wall_us_per_step"] = sorted(walls)[len(walls) // 2] * 1e6
         row["gpu_busy_share"] = row["gpu_busy_us_per_step"] / row["wall_us_per_step"]
         key = f"{mode}_b{b}" + ("_graphs" if graphs else "")
@@ -128,7 +128,7 @@ def decode_kernel_methods(device, t_len: int, batches, h=128, d_v=512, d_pe=64, 
                 for _ in range(reps):
                     fn()
                 _sync()
-            ev = _device_events(prof)
+            ev = _device_events(prof, device.type == "cuda")
             kern = defaultdict(float)
             for name, us in ev:
                 kern[name] += us / reps

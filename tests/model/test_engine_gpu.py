@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from dsaforge import kernels
-from dsaforge.model import Indexer
 from dsaforge.model.engine import Engine
 from dsaforge.model.sampling import SamplingParams
 from tests.model.model_helpers import make_model
