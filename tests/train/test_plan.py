@@ -9,7 +9,7 @@ from dsaforge.model.accounting import count_params
 from dsaforge.model.train.plan import GiB, Layout, candidate_layouts, plan, plan_params, rank_plan
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "v32"])
+@pytest.mark.parametrize("name", ["tiny", "small", "h200", "v32"])
 def test_one_device_holds_exactly_the_model(name):
     cfg = preset(name)
     row = rank_plan(cfg, Layout(1, 1, 1, 1), "sparse", 4096, 1e9)
