@@ -95,6 +95,9 @@ def _profile_step(step, device, path: Optional[Path]) -> dict:
     if device.type == "cuda":
         kernels = [(e.name, e.self_device_time_total / 1e6) for e in prof.events()
                    if e.device_type == DeviceType.CUDA]
+        if not kernels:   # no device events (a profiler that only attaches kernels to ops): by launching op
+            kernels = [(e.name, e.self_device_time_total / 1e6) for e in prof.events()
+                       if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
     else:
         kernels = [(e.name, e.self_cpu_time_total / 1e6) for e in prof.events() if e.device_type == DeviceType.CPU]
     out = {"profiled_wall_s": wall, **kernel_shares(kernels)}
@@ -273,7 +276,8 @@ def report(result: dict) -> str:
                   "| part | device s | share of kernel time |", "|---|---|---|"]
         lines += [f"| {g} | {s:.3f} | {pct(r['shares'][g])} |" for g, s in r["groups_s"].items()]
         lines += ["", "| kernel | part | device ms | calls |", "|---|---|---|---|"]
-        lines += [f"| `{k['name'][:80]}` | {k['group']} | {1e3 * k['s']:.2f} | {k['calls']} |" for k in r["top_kernels"]]
+        lines += [f"| `{k['name'][:80]}` | {k['group']} | {1e3 * k['s']:.2f} | {k['calls']} |"
+                  for k in r["top_kernels"]]
     return "\n".join(lines) + "\n"
 
 
@@ -305,7 +309,8 @@ def main(argv=None) -> dict:
     mem = device_memory_gib(device)
     rows: list[dict] = []
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "device_memory_gib": mem, "overrides": args.overrides, "tokens_per_step": args.tokens_per_step,
+              "torch": torch.__version__, "device_memory_gib": mem, "overrides": args.overrides,
+              "tokens_per_step": args.tokens_per_step,
               "steps": args.steps, "warmup": args.warmup, "presets": {}, "rows": rows}
     model, cfg = None, None
     for name, seq_len, mode in plan_rows:
