@@ -2,8 +2,10 @@
 every row at the same number of tokens per optimizer step.
 
 Run (1 GPU):  python -m dsaforge.model.train.bench --rows h200:4096,16384,65536:dense,sparse small:4096:dense \
+                  h200:4096:dense:train.activation_checkpointing=false \
                   --tokens-per-step 65536 --profile 65536:sparse --out docs/benchmarks/train_h200
-              (--preset NAME --seq-lens ... --modes ... is the one-preset form of --rows)
+              (--preset NAME --seq-lens ... --modes ... is the one-preset form of --rows; a spec's KEY=VALUE
+              fields override the config for its rows only)
 CPU (smoke):  python -m dsaforge.model.train.bench --preset tiny --seq-lens 64 128 --tokens-per-step 256 --steps 2
 
 Each row trains on random tokens (throughput does not depend on the text) with the trainer's step: micro-batches
@@ -134,7 +136,8 @@ def choose_micro_batch(cfg: Config, mode: str, seq_len: int, sequences: int, mem
 
 
 def bench_one(model: Transformer, cfg: Config, mode: str, seq_len: int, tokens_per_step: int, micro_batch: int,
-              steps: int, warmup: int, device, profile_to: Optional[Path] = None, profile: bool = False) -> dict:
+              steps: int, warmup: int, device, profile_to: Optional[Path] = None, profile: bool = False,
+              variant: str = "") -> dict:
     sequences = max(1, tokens_per_step // seq_len)
     if micro_batch < 1 or sequences % micro_batch:
         raise ValueError(f"micro-batch {micro_batch} does not divide the {sequences} sequences of a step")
@@ -179,7 +182,7 @@ def bench_one(model: Transformer, cfg: Config, mode: str, seq_len: int, tokens_p
     recompute = recompute_flops_per_token(model.cfg, seq_len, mode, model.activation_checkpointing,
                                           model.replay_topk)
     peak = peak_flops(device, cfg.train.dtype)
-    row = {"preset": cfg.preset, "mode": mode, "seq_len": seq_len, "tokens_per_step": n_tokens,
+    row = {"preset": cfg.preset, "variant": variant, "mode": mode, "seq_len": seq_len, "tokens_per_step": n_tokens,
            "sequences": sequences, "micro_batch": micro_batch, "micro_steps": n_micro, "step_s": step_s,
            "step_times_s": times, "tokens_per_s": tps, "tflops": flops * tps / 1e12,
            "tflops_with_recompute": (flops + recompute) * tps / 1e12,
@@ -194,13 +197,15 @@ def bench_one(model: Transformer, cfg: Config, mode: str, seq_len: int, tokens_p
 
 # ------------------------------------------------------------------ rows, budget, report
 
-def parse_rows(specs: list[str]) -> list[tuple[str, int, str]]:
-    """'PRESET:SEQ,SEQ:MODE,MODE' specs -> (preset, seq_len, mode) in order (lengths outer, modes inner)."""
+def parse_rows(specs: list[str]) -> list[tuple[str, int, str, tuple[str, ...]]]:
+    """'PRESET:SEQ,SEQ:MODE,MODE[:KEY=VALUE...]' specs -> (preset, seq_len, mode, overrides) in order (lengths
+    outer, modes inner). The overrides apply to that spec's rows only (a variant, e.g.
+    train.activation_checkpointing=false), after the run's --set."""
     out = []
     for spec in specs:
         parts = spec.split(":")
-        if len(parts) != 3 or not all(parts):
-            raise ValueError(f"row spec {spec!r} must be PRESET:SEQ[,SEQ...]:MODE[,MODE...]")
+        if len(parts) < 3 or not all(parts) or any("=" not in p for p in parts[3:]):
+            raise ValueError(f"row spec {spec!r} must be PRESET:SEQ[,SEQ...]:MODE[,MODE...][:KEY=VALUE...]")
         try:
             seqs = [int(s) for s in parts[1].split(",")]
         except ValueError:
@@ -208,7 +213,7 @@ def parse_rows(specs: list[str]) -> list[tuple[str, int, str]]:
         for mode in parts[2].split(","):
             if mode not in ("dense", "warmup", "sparse"):
                 raise ValueError(f"row spec {spec!r}: mode must be dense, warmup or sparse, got {mode!r}")
-        out += [(parts[0], seq, mode) for seq in seqs for mode in parts[2].split(",")]
+        out += [(parts[0], seq, mode, tuple(parts[3:])) for seq in seqs for mode in parts[2].split(",")]
     return out
 
 
@@ -219,10 +224,12 @@ def wants_profile(profile: Optional[list[str]], seq_len: int, mode: str) -> bool
     return not profile or any(p in (str(seq_len), f"{seq_len}:{mode}") for p in profile)
 
 
-def predicted_s(rows: list[dict], cfg: Config, mode: str, seq_len: int, tokens_per_step: int, n_steps: int) -> float:
-    """Seconds a row should take, scaled by FLOPs from the latest measured row of the same preset and mode (0 when
-    there is none yet: the row runs)."""
-    done = [r for r in rows if r.get("preset") == cfg.preset and r.get("mode") == mode and "step_s" in r]
+def predicted_s(rows: list[dict], cfg: Config, mode: str, seq_len: int, tokens_per_step: int, n_steps: int,
+                variant: str = "") -> float:
+    """Seconds a row should take, scaled by FLOPs from the latest measured row of the same preset, variant and
+    mode (0 when there is none yet: the row runs)."""
+    done = [r for r in rows if r.get("preset") == cfg.preset and r.get("variant", "") == variant
+            and r.get("mode") == mode and "step_s" in r]
     if not done:
         return 0.0
     ref = done[-1]
@@ -254,14 +261,16 @@ def report(result: dict) -> str:
                      f"{'on' if info['replay_topk'] else 'off'}")
     lines += ["", "| preset | seq len | mode | seqs x micro-batch | tokens/s | TFLOP/s | MFU | MFU incl. recompute | "
               "step s | sparse/dense | peak GiB | plan GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    dense = {(r["preset"], r["seq_len"]): r["step_s"] for r in rows if r.get("mode") == "dense" and "step_s" in r}
+    key = lambda r: (r["preset"], r.get("variant", ""), r["seq_len"])   # noqa: E731
+    dense = {key(r): r["step_s"] for r in rows if r.get("mode") == "dense" and "step_s" in r}
     pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"   # noqa: E731
     for r in rows:
-        head = f"| {r['preset']} | {r['seq_len']} | {r['mode']} |"
+        label = r["preset"] + (f" ({r['variant']})" if r.get("variant") else "")
+        head = f"| {label} | {r['seq_len']} | {r['mode']} |"
         if "step_s" not in r:
             lines.append(f"{head} {r.get('error') or r.get('skipped')} | | | | | | | | | |")
             continue
-        dense_s = dense.get((r["preset"], r["seq_len"])) if r["mode"] != "dense" else None
+        dense_s = dense.get(key(r)) if r["mode"] != "dense" else None
         rel = f"{r['step_s'] / dense_s:.2f}" if dense_s else "-"
         lines.append(f"{head} {r['sequences']} x {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | "
                      f"{pct(r['mfu'])} | {pct(r['mfu_with_recompute'])} | {r['step_s']:.3f} | {rel} | "
@@ -270,7 +279,8 @@ def report(result: dict) -> str:
         if "groups_s" not in r:
             continue
         busy = r["device_busy_s"]
-        lines += ["", f"## Where the step goes: {r['preset']}, {r['mode']}, {r['seq_len']} tokens per sequence", "",
+        label = r["preset"] + (f" ({r['variant']})" if r.get("variant") else "")
+        lines += ["", f"## Where the step goes: {label}, {r['mode']}, {r['seq_len']} tokens per sequence", "",
                   f"Profiled step: wall {r['profiled_wall_s']:.3f} s, kernels busy {busy:.3f} s"
                   + (f" ({busy / r['profiled_wall_s']:.0%} of the wall time)." if busy else "."), "",
                   "| part | device s | share of kernel time |", "|---|---|---|"]
@@ -283,8 +293,9 @@ def report(result: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="dsaforge.model.train.bench")
-    ap.add_argument("--rows", nargs="+", metavar="PRESET:SEQS:MODES",
-                    help="e.g. h200:4096,16384,65536:dense,sparse small:4096:dense (overrides the three below)")
+    ap.add_argument("--rows", nargs="+", metavar="PRESET:SEQS:MODES[:KEY=VALUE...]",
+                    help="e.g. h200:4096,16384,65536:dense,sparse small:4096:dense "
+                         "h200:4096:dense:train.activation_checkpointing=false (replaces the three below)")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--modes", nargs="+", default=["dense", "sparse"])
@@ -312,15 +323,16 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "device_memory_gib": mem, "overrides": args.overrides,
               "tokens_per_step": args.tokens_per_step,
               "steps": args.steps, "warmup": args.warmup, "presets": {}, "rows": rows}
-    model, cfg = None, None
-    for name, seq_len, mode in plan_rows:
-        if cfg is None or cfg.preset != name:
+    model, cfg, built = None, None, None
+    for name, seq_len, mode, extra in plan_rows:
+        variant = ",".join(extra)
+        if built != (name, extra):
             model = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            cfg = load_config(name, overrides=args.overrides)
-            cfg.model.max_seq_len = max([cfg.model.max_seq_len] + [s for n, s, _ in plan_rows if n == name])
+            cfg = load_config(name, overrides=[*args.overrides, *extra])
+            cfg.model.max_seq_len = max([cfg.model.max_seq_len] + [s for n, s, _, _ in plan_rows if n == name])
             torch.manual_seed(0)
             with torch.device(device):
                 model = Transformer(cfg.model)
@@ -328,14 +340,16 @@ def main(argv=None) -> dict:
             model.activation_checkpointing = cfg.train.activation_checkpointing
             model.replay_topk = cfg.train.replay_topk
             model.validate_token_ids = False               # random ids in range; the check is a GPU read-back
+            built = (name, extra)
             total, active = count_params(cfg.model)
-            result["presets"][name] = {"params_total": total, "params_active": active, "dtype": cfg.train.dtype,
-                                       "n_heads": cfg.model.n_heads, "index_topk": cfg.model.index_topk,
-                                       "activation_checkpointing": cfg.train.activation_checkpointing,
-                                       "replay_topk": cfg.train.replay_topk}
-        base = {"preset": name, "mode": mode, "seq_len": seq_len}
+            result["presets"][name + (f" ({variant})" if variant else "")] = {
+                "params_total": total, "params_active": active, "dtype": cfg.train.dtype, "n_heads": cfg.model.n_heads,
+                "index_topk": cfg.model.index_topk, "activation_checkpointing": cfg.train.activation_checkpointing,
+                "replay_topk": cfg.train.replay_topk}
+        base = {"preset": name, "variant": variant, "mode": mode, "seq_len": seq_len}
         profile = wants_profile(args.profile, seq_len, mode)
-        expect = predicted_s(rows, cfg, mode, seq_len, args.tokens_per_step, args.warmup + args.steps + profile)
+        expect = predicted_s(rows, cfg, mode, seq_len, args.tokens_per_step, args.warmup + args.steps + profile,
+                             variant)
         left = None if args.time_budget is None else args.time_budget - (time.perf_counter() - t_start)
         if left is not None and (left <= 0 or expect > left):
             row = {**base, "skipped": f"skipped: predicted {expect:.0f} s, {max(left, 0):.0f} s of the budget left"}
@@ -343,10 +357,11 @@ def main(argv=None) -> dict:
             try:
                 sequences = max(1, args.tokens_per_step // seq_len)
                 mb = args.micro_batch or choose_micro_batch(cfg, mode, seq_len, sequences, mem)
-                prof_path = (args.out.parent / f"{args.out.name}_{name}_{mode}_{seq_len}.profile.txt"
+                tag = name + "".join(f"_{e.split('.')[-1].replace('=', '-')}" for e in extra)
+                prof_path = (args.out.parent / f"{args.out.name}_{tag}_{mode}_{seq_len}.profile.txt"
                              if profile and args.out else None)
                 row = bench_one(model, cfg, mode, seq_len, args.tokens_per_step, mb, args.steps, args.warmup,
-                                device, prof_path, profile)
+                                device, prof_path, profile, variant)
             except torch.OutOfMemoryError as e:
                 row = {**base, "error": f"out of memory: {str(e).splitlines()[0].split('. GPU')[0]}"}
             except (RuntimeError, ValueError) as e:   # one failing row must not hide the others' numbers

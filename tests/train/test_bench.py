@@ -31,11 +31,15 @@ def test_bench_rows_at_equal_tokens_per_step_with_profile_and_report(tmp_path, c
     assert "activation checkpointing on" in md
 
 
-def test_micro_batches_accumulate_and_the_budget_skips_rows(tmp_path):
-    res = bench.main(["--preset", "tiny", "--seq-lens", "32", "--modes", "dense", "--tokens-per-step", "64",
-                      "--micro-batch", "1", "--steps", "1", "--warmup", "0"])
-    (row,) = res["rows"]
-    assert (row["sequences"], row["micro_batch"], row["micro_steps"]) == (2, 1, 2)
+def test_micro_batches_accumulate_variants_and_the_budget_skips_rows(tmp_path):
+    res = bench.main(["--rows", "tiny:32:dense", "tiny:32:dense:train.activation_checkpointing=true",
+                      "--tokens-per-step", "64", "--micro-batch", "1", "--steps", "1", "--warmup", "0",
+                      "--out", str(tmp_path / "v")])
+    plain, variant = res["rows"]
+    assert (plain["sequences"], plain["micro_batch"], plain["micro_steps"]) == (2, 1, 2)
+    assert variant["variant"] == "train.activation_checkpointing=true"
+    assert plain["recompute_flops_per_token"] < variant["recompute_flops_per_token"]   # the head only, then blocks
+    assert "| tiny (train.activation_checkpointing=true) | 32 | dense |" in (tmp_path / "v.md").read_text()
     res = bench.main(["--preset", "tiny", "--seq-lens", "32", "--steps", "1", "--time-budget", "0"])
     assert all(r["skipped"].startswith("skipped") for r in res["rows"])
     # the prediction scales the last measured row of the preset and mode by the step's FLOPs
@@ -57,10 +61,10 @@ def test_micro_batch_is_the_most_the_plan_fits():
 
 
 def test_rows_spec_and_profile_selection():
-    assert bench.parse_rows(["h200:4096,16384:dense,sparse", "small:4096:dense"]) == [
-        ("h200", 4096, "dense"), ("h200", 4096, "sparse"), ("h200", 16384, "dense"), ("h200", 16384, "sparse"),
-        ("small", 4096, "dense")]
-    for bad in ("h200:4096", "h200:4k:dense", "h200:4096:sparce"):
+    assert bench.parse_rows(["h200:4096,16384:dense,sparse", "small:4096:dense:train.replay_topk=false"]) == [
+        ("h200", 4096, "dense", ()), ("h200", 4096, "sparse", ()), ("h200", 16384, "dense", ()),
+        ("h200", 16384, "sparse", ()), ("small", 4096, "dense", ("train.replay_topk=false",))]
+    for bad in ("h200:4096", "h200:4k:dense", "h200:4096:sparce", "h200:4096:dense:replay"):
         with pytest.raises(ValueError, match="row spec"):
             bench.parse_rows([bad])
     assert not bench.wants_profile(None, 4096, "dense")
