@@ -47,6 +47,7 @@ def small() -> Config:
     cfg.data.seq_len = 4096
     t = cfg.train
     t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size, t.pretrain.seq_len = 2000, 6e-4, 32, 4096
+    t.pretrain.micro_batch_size = 16     # 64K tokens per forward, as one 64K sequence: 28.7 GiB by the memory plan
     t.warmup.steps, t.warmup.batch_size, t.warmup.seq_len = 200, 8, 16384
     t.sparse.steps, t.sparse.lr, t.sparse.batch_size, t.sparse.seq_len = 500, 7.3e-6, 8, 16384
     cfg.pipeline.gpus_per_stage = 1
@@ -86,7 +87,7 @@ def h200() -> Config:
     m.n_expert_groups, m.n_limited_groups = 8, 4
     m.max_seq_len, m.original_seq_len, m.rope_factor = 131072, 4096, 32.0
     t = cfg.train
-    t.pretrain.batch_size, t.pretrain.seq_len = 32, 4096
+    t.pretrain.batch_size, t.pretrain.seq_len, t.pretrain.micro_batch_size = 32, 4096, 16   # plan: 60 GiB
     t.warmup.batch_size, t.warmup.seq_len = 8, 65536
     t.sparse.batch_size, t.sparse.seq_len = 8, 65536
     return cfg
