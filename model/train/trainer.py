@@ -71,6 +71,17 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
+PROBE_BYTES = 8 * 2**30    # one [n, H, n] fp32 tensor of the recall probe (it holds about three at once)
+
+
+def recall_probe_len(seq_len: int, top_k: int, n_heads: int) -> int:
+    """Positions of the recall probe's dense forward: max(4k, 1024), fewer where one sequence's [n, H, n] fp32
+    attention probabilities would pass PROBE_BYTES (128 heads: 4096), never fewer than 2k (rows must see more
+    than k keys to count); at most the sequence."""
+    cap = int((PROBE_BYTES / (4 * n_heads)) ** 0.5)
+    return min(seq_len, max(2 * top_k, min(max(4 * top_k, 1024), cap)))
+
+
 def forward_lm(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mode: str,
                segment_ids: Optional[torch.Tensor] = None):
     """(ModelOutput, mean LM loss) without ever holding the [S, vocab] logits: the output head is applied a chunk
@@ -256,12 +267,12 @@ class Trainer:
         rows = list(range(n))[dp_rank::dp]
         recall = {}
         micro = [self.val_rows.batch(rows[i:i + s.micro_batch_size]) for i in range(0, len(rows), s.micro_batch_size)]
-        if prefix == "val" and micro:       # sampled: a prefix of the first validation micro-batch
+        if prefix == "val" and micro:       # sampled: a prefix of the first validation sequence
             k = self.cfg.model.index_topk
             first = micro[0]
-            n = min(first.inputs.shape[1], max(4 * k, 1024))   # dense probs are [B, n, H, n]: keep n modest
-            head = Batch(first.inputs[:, :n], first.targets[:, :n],
-                         first.segment_ids[:, :n] if first.segment_ids is not None else None)
+            n = recall_probe_len(first.inputs.shape[1], k, self.cfg.model.n_heads)
+            head = Batch(first.inputs[:1, :n], first.targets[:1, :n],
+                         first.segment_ids[:1, :n] if first.segment_ids is not None else None)
             head = self._to_device(head)
             if self._pipelined():
                 recall = self._pipeline_recall(head)
