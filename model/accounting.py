@@ -125,7 +125,8 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, mode: Mode = "dens
     """FLOPs per token a training step runs again in backward, on top of `flops_per_token` (for MFU counted with
     recomputation, i.e. the hardware's work):
 
-    - the chunked LM loss recomputes each chunk's logits (one head matmul), always;
+    - the chunked LM loss recomputes each chunk's logits (one head matmul) wherever the head trains, i.e. not in
+      the warm-up, where nothing but the indexer has a gradient and nothing is recomputed;
     - with activation checkpointing every block's forward runs again (not in the warm-up, whose frozen backbone
       carries no graph) up to its last tensor saved for backward: torch's non-reentrant checkpoint stops there, so
       the FFN's final down-projection (the shared expert's in MoE blocks) is not run again. In the sparse mode with
@@ -134,7 +135,9 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, mode: Mode = "dens
     """
     c = cfg
     head = 2.0 * c.dim * c.vocab_size
-    if mode == "warmup" or not activation_checkpointing:
+    if mode == "warmup":
+        return 0.0
+    if not activation_checkpointing:
         return head
     fwd = flops_breakdown(cfg, seq_len, mode, training=False)
     blocks = fwd["backbone"] - head - c.n_mtp_layers * head       # every block (main and MTP) forward

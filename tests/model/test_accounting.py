@@ -116,4 +116,4 @@ def test_training_step_flops_with_recomputation_match_torch_counter():
     full = recompute_flops_per_token(cfg, seq, "sparse", True, replay_topk=False)
     replayed = recompute_flops_per_token(cfg, seq, "sparse", True, replay_topk=True)
     assert 0 < replayed < full
-    assert recompute_flops_per_token(cfg, seq, "warmup", True) == 2 * cfg.dim * cfg.vocab_size
+    assert recompute_flops_per_token(cfg, seq, "warmup", True) == 0.0        # frozen backbone: no graph to replay
