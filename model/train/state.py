@@ -22,9 +22,10 @@ import torch
 
 from dsaforge.config import Config
 from dsaforge.model import Transformer, set_trainable, update_router_bias
-from dsaforge.model.hf import check_run_config, export_hf, import_hf
+from dsaforge.model.hf import export_hf
 from dsaforge.model.moe import MoE
 from dsaforge.model.train import checkpoint as ckpt
+from dsaforge.model.train.shards import build_sharded
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -34,15 +35,12 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(cfg: Config, init_from: Optional[Path], device: torch.device) -> Transformer:
-    """The model with an HF-format checkpoint's weights (an earlier stage's export, or any DeepSeek-V3.2 one) on
-    `device`, with the training switches of `cfg.train`. Every rank builds the same model from the same seed."""
-    model = Transformer(cfg.model)
-    if init_from is not None:
-        imported = import_hf(init_from)
-        check_run_config(cfg.model, imported.cfg, init_from)
-        model.load_state_dict(imported.state_dict())
-    model.to(device)
+def build_model(cfg: Config, init_from: Optional[Path], device: torch.device, par=None, bridge=None) -> Transformer:
+    """This rank's shard of the model on `device` (the whole model on one device), with an HF-format checkpoint's
+    weights (an earlier stage's export, or any DeepSeek-V3.2 one, FP8 included) or the seeded initialisation, and
+    the training switches of `cfg.train`. Built on the meta device and materialised piece by piece
+    (`dsaforge.model.train.shards`): no rank ever holds the whole model, and every layout gets the same weights."""
+    model = build_sharded(cfg, par, bridge, device, init_from)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     model.replay_topk = cfg.train.replay_topk
     return model
@@ -83,12 +81,10 @@ class TrainState:
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.model = build_model(cfg, init_from, self.device)
+        self.model = build_model(cfg, init_from, self.device, self.par, self.bridge)
         # On GPUs the DSA modes use the fused long-context kernels (no [S, S] tensors); their KL has no
         # tensor-parallel head reduction yet, so TP > 1 keeps the materialised path.
         self.model.fused_dsa = self.device.type == "cuda" and (self.par is None or self.par.tp == 1)
-        if self.bridge:
-            self.bridge.parallelize(self.model, self.par)
         self.params = set_trainable(self.model, mode)
         if self.bridge:     # megatron's DDP + (distributed) optimizer: gradient reduction, clipping, AdamW
             self.optimizer = self.bridge.data_parallel(self.model, cfg, optim, self.par, self.device)
