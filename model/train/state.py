@@ -25,7 +25,8 @@ from dsaforge.model import Transformer, set_trainable, update_router_bias
 from dsaforge.model.hf import export_hf
 from dsaforge.model.moe import MoE
 from dsaforge.model.train import checkpoint as ckpt
-from dsaforge.model.train.shards import build_sharded
+from dsaforge.model.train.reshard import export_hf_sharded
+from dsaforge.model.train.shards import build_sharded, shard_view
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -85,6 +86,7 @@ class TrainState:
         # On GPUs the DSA modes use the fused long-context kernels (no [S, S] tensors); their KL has no
         # tensor-parallel head reduction yet, so TP > 1 keeps the materialised path.
         self.model.fused_dsa = self.device.type == "cuda" and (self.par is None or self.par.tp == 1)
+        self.view = shard_view(self.model, self.par)     # where each local tensor sits in the whole model
         self.params = set_trainable(self.model, mode)
         if self.bridge:     # megatron's DDP + (distributed) optimizer: gradient reduction, clipping, AdamW
             self.optimizer = self.bridge.data_parallel(self.model, cfg, optim, self.par, self.device)
@@ -119,7 +121,10 @@ class TrainState:
             if not torch.isfinite(gnorm):
                 on_nonfinite("gradient norm", gnorm)
         else:
-            grads = [torch.linalg.vector_norm(p.grad.float()) for p in self.params if p.grad is not None]
+            for p in self.params:   # an expert no token reached: a zero gradient, so AdamW steps it as megatron's
+                if p.grad is None:  # optimizer does (torch's skips None), and every layout trains it alike
+                    p.grad = torch.zeros_like(p)
+            grads = [torch.linalg.vector_norm(p.grad.float()) for p in self.params]
             gnorm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
             if not torch.isfinite(gnorm):
                 on_nonfinite("gradient norm", gnorm)
@@ -144,14 +149,11 @@ class TrainState:
 
     # ------------------------------------------------------------------ checkpoints and export
 
-    def shard_tag(self, name, t) -> str:
-        return self.bridge.shard_tag(name, t) if self.bridge else ""
-
     def layout(self) -> dict:
         return self.par.layout() if self.par else {"world": 1, "tp": 1, "ep": 1, "pp": 1}
 
     def save(self, ckpt_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-        return ckpt.save(ckpt_dir, step, self.model, self.optimizer, state, self.shard_tag, keep_last, self.layout())
+        return ckpt.save(ckpt_dir, step, self.model, self.optimizer, state, self.view, keep_last, self.layout())
 
     def resume(self, ckpt_dir: Path) -> Optional[tuple[Path, dict]]:
         """(path, saved state) of the newest complete checkpoint under ckpt_dir, loaded into the model and
@@ -159,18 +161,29 @@ class TrainState:
         path = ckpt.latest_checkpoint(ckpt_dir)
         if path is None:
             return None
-        return path, ckpt.load(path, self.model, self.optimizer, self.shard_tag, self.layout())
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on CPU (gathered from every shard under the bridge)."""
-        if self.bridge:
-            return self.bridge.consolidated_state_dict(self.model, self.par)
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return path, ckpt.load(path, self.model, self.optimizer, self.view, self.layout())
 
     def export(self, out: Path, summary: dict) -> None:
-        state = self.full_state_dict()
+        """The stage's weights as an HF checkpoint under `out`, written atomically and shard by shard: each rank
+        streams the tensors it holds (`reshard.export_hf_sharded`), so no rank ever gathers the model."""
+        tmp = out.with_name(out.name + ".tmp")
         if self.is_main:
-            export(out, state, self.cfg, summary)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        tp = self.par.tp if self.par else 1
+        export_hf_sharded(self.model, self.view, tmp, self.bridge.tp_group() if tp > 1 else None, tp)
+        self.barrier()
+        if self.is_main:
+            (tmp / "dsaforge_stage.json").write_text(json.dumps(summary, indent=2, default=str))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        self.barrier()
+
+    def barrier(self) -> None:
+        if self.bridge:
+            torch.distributed.barrier()
 
     def any_rank(self, flag: bool) -> bool:
         return self.bridge.any_rank(flag, self.device) if self.bridge else flag
