@@ -89,11 +89,14 @@ class HFShards:
                 missing.append(hf_name(name, self.cfg.n_layers))
                 continue
             used.add(key)
-            shape = self._meta(key)[1][len(lead):]
-            if rows or lead:
-                shape = (want.shape[0],) + shape[1:]           # a fused tensor: one expert's rows of it
-            if tuple(shape) != tuple(want.shape):
-                raise UnsupportedCheckpoint(f"{self.path}: tensor {key} has shape {self._meta(key)[1]}; config.json "
+            shape = self._meta(key)[1]
+            if lead:                                # fused experts: [E, 2I, D] gate_up_proj or [E, D, I] down_proj
+                fused_rows = want.shape[0] * (2 if key.endswith("gate_up_proj") else 1)
+                ok = len(shape) == 3 and shape[0] > lead[0] and shape[1:] == (fused_rows,) + tuple(want.shape[1:])
+            else:
+                ok = tuple(shape) == tuple(want.shape)
+            if not ok:
+                raise UnsupportedCheckpoint(f"{self.path}: tensor {key} has shape {shape}; config.json "
                                             f"implies {tuple(want.shape)}")
         if missing:
             raise UnsupportedCheckpoint(f"{self.path}: missing tensor(s) {_names(missing)}")

@@ -19,6 +19,7 @@ one layout loads under another.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,7 @@ def init_region(seed: int, piece: Piece, rule: tuple[str, float]) -> torch.Tenso
         raise ValueError(f"{piece.name}: no tiling for a {len(piece.shape)}-d tensor")
     out = torch.empty(piece.sizes)
     ranges = [range(s.start // t, -(-s.stop // t)) for s, t in zip(piece.region, tiles)]
-    for tile in (tuple(ix) for ix in _product(ranges)):
+    for tile in itertools.product(*ranges):
         lo = [i * t for i, t in zip(tile, tiles)]
         hi = [min((i + 1) * t, n) for i, t, n in zip(tile, tiles, shape)]
         values = torch.randn([h - lo_ for lo_, h in zip(lo, hi)], generator=_tile_generator(seed, piece.name, tile))
@@ -142,15 +143,6 @@ def init_region(seed: int, piece: Piece, rule: tuple[str, float]) -> torch.Tenso
         dst = tuple(slice(max(s.start, a) - s.start, min(s.stop, b) - s.start) for s, a, b in zip(piece.region, lo, hi))
         out[dst] = values[src]
     return out.mul_(std)
-
-
-def _product(ranges):
-    if not ranges:
-        yield ()
-        return
-    for i in ranges[0]:
-        for rest in _product(ranges[1:]):
-            yield (i,) + rest
 
 
 # ---------------------------------------------------------------- giving a meta model storage, piece by piece

@@ -175,3 +175,46 @@ def test_a_rank_reads_only_the_bytes_of_its_slices(fp8_checkpoint):
 @contextmanager
 def _nullrank():
     yield None, None
+
+
+def _fused_experts(tensors: dict) -> dict:
+    """transformers' layout: each MoE layer's experts as one [E, 2I, D] gate_up_proj and one [E, D, I] down_proj."""
+    out, experts = {}, {}
+    for k, v in tensors.items():
+        if ".mlp.experts." in k:
+            prefix, rest = k.split(".mlp.experts.")
+            e, proj = rest.split(".")[:2]
+            experts.setdefault(prefix, {}).setdefault(int(e), {})[proj] = v
+        else:
+            out[k] = v
+    for prefix, by_e in experts.items():
+        order = [by_e[e] for e in sorted(by_e)]
+        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat((p["gate_proj"], p["up_proj"])) for p in order])
+        out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([p["down_proj"] for p in order])
+    return out
+
+
+def test_fused_expert_layout_and_bad_checkpoints_are_named(tmp_path):
+    export_hf(build_sharded(_cfg(), seed=3), tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    save_file(_fused_experts(tensors), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    full = import_hf(tmp_path).state_dict()
+    for layout in ("tp2", "ep2"):
+        _assert_slices(full, _per_rank(layout, tmp_path), layout)
+    cfg = _cfg().model
+    broken = dict(tensors)
+    broken.pop("model.layers.0.self_attn.o_proj.weight")
+    broken["model.layers.0.extra.weight"] = torch.zeros(3)
+    save_file(broken, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) model\.layers\.0\.self_attn\.o_proj\.weight"):
+        HFShards(tmp_path, cfg)
+    broken["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(64, 63)
+    save_file(broken, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"o_proj\.weight has shape \(64, 63\)"):
+        HFShards(tmp_path, cfg)
+    broken["model.layers.0.self_attn.o_proj.weight"] = tensors["model.layers.0.self_attn.o_proj.weight"]
+    save_file(broken, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not use: model\.layers\.0\.extra\.weight"):
+        HFShards(tmp_path, cfg)
+    with pytest.raises(ValueError, match=r"model\.n_heads=8 vs 4"):
+        HFShards(tmp_path, _cfg(n_heads=8).model)
