@@ -289,7 +289,8 @@ def _expert_parallel(moe: MoE, par: Parallel) -> None:
 
 
 def parallelize(model: nn.Module, par: Parallel) -> nn.Module:
-    """Shard a freshly built (and loaded) single-device model in place for this rank."""
+    """Shard a freshly built single-device model in place for this rank: on the meta device, before any tensor
+    has storage (`shards.build_sharded` then materialises only this rank's pieces), or an already loaded one."""
     if par.pp > 1:
         _pipeline_stage(model, par)
     for m in model.modules():
