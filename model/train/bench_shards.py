@@ -7,24 +7,46 @@ shard (the trainer before sharded loading) against each rank reading only its sl
 The checkpoint is the preset's seeded model exported as bf16, its layer projections quantised to DeepSeek's FP8
 (e4m3, 128x128 block scales). Each measurement runs in a fresh process as one simulated rank (torch's fake process
 group: the layout's groups exist, no collective runs), rank 0 and the last rank of each layout, and reports the
-peak resident memory above the process's baseline after imports, the parameters the rank holds and the bytes the
-loader read.
+peak anonymous resident memory above the process's baseline after imports (`PeakAnon`), the parameters the rank
+holds and the bytes the loader read.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class PeakAnon:
+    """Peak anonymous resident memory (RssAnon: what the process allocated, not the page cache of the memory-mapped
+    checkpoint) above its value at start, sampled every 2 ms. getrusage's ru_maxrss is no use here: it survives
+    fork and exec, so a worker starts with its parent's peak."""
+
+    def __init__(self):
+        self.base = self.peak = _anon_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _anon_mib())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _anon_mib()) - self.base
+
+
+def _anon_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
 
 
 def quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +86,7 @@ def measure(cfg_json: str, ckpt: Path, layout: str, rank: int, mode: str) -> dic
     from dsaforge.model.train.shards import build_sharded
     from dsaforge.model.transformer import Transformer
     cfg = Config.model_validate_json(cfg_json)
-    base, t0 = _peak_mib(), time.perf_counter()
+    meter, t0 = PeakAnon(), time.perf_counter()
     par = None
     if cfg.parallel.world_size > 1:
         dist.init_process_group("fake", rank=rank, world_size=cfg.parallel.world_size, store=FakeStore())
@@ -87,7 +109,7 @@ def measure(cfg_json: str, ckpt: Path, layout: str, rank: int, mode: str) -> dic
             bridge.parallelize(model, par)
     held = sum(p.numel() for p in model.parameters())
     return {"layout": layout, "rank": rank, "mode": mode, "params": held, "read_bytes": read["bytes"],
-            "peak_mib": round(_peak_mib() - base, 1), "seconds": round(time.perf_counter() - t0, 2)}
+            "peak_mib": round(meter.stop(), 1), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _layout_sets(layout: str) -> list[str]:
@@ -135,7 +157,7 @@ def main(argv=None) -> None:
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     whole = {(r["layout"], r["rank"]): r for r in rows if r["mode"] == "whole"}
     lines = [f"Checkpoint: {args.preset} {' '.join(args.sets)}, FP8 layer projections, {size / 2**20:.0f} MiB on "
-             "disk. Peak host memory above the process baseline, one simulated rank per row.", "",
+             "disk. Peak anonymous host memory (RssAnon) above the process baseline, one simulated rank per row.", "",
              "| layout | rank | params held | read (MiB) | peak, sharded (MiB) | peak, whole import (MiB) | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["mode"] == "sharded"):
