@@ -183,6 +183,23 @@ def checkpoint_state(model: nn.Module, optimizer, view: dict[str, Piece]) -> dic
     return out
 
 
+def gathered_state(model: nn.Module, view: dict[str, Piece]) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU, on every rank, assembled from every rank's pieces. For tests and small
+    models (it holds the whole model per rank); the export and checkpoints never call it."""
+    local = [(view[n].name, view[n].shape, view[n].region, t.detach().cpu()) for n, t in state_tensors(model).items()]
+    parts = [local]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+    out: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for name, shape, region, t in part:
+            if name not in out:
+                out[name] = torch.empty(shape, dtype=t.dtype)
+            out[name][region] = t
+    return out
+
+
 # ---------------------------------------------------------------- HF export, shard by shard
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

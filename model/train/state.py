@@ -25,7 +25,7 @@ from dsaforge.model import Transformer, set_trainable, update_router_bias
 from dsaforge.model.hf import export_hf
 from dsaforge.model.moe import MoE
 from dsaforge.model.train import checkpoint as ckpt
-from dsaforge.model.train.reshard import export_hf_sharded
+from dsaforge.model.train.reshard import export_hf_sharded, gathered_state
 from dsaforge.model.train.shards import build_sharded, shard_view
 
 
@@ -170,6 +170,10 @@ class TrainState:
         if path is None:
             return None
         return path, ckpt.load(path, self.model, self.optimizer, self.view, self.layout())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on CPU, on every rank (for tests and small models: the export does not gather)."""
+        return gathered_state(self.model, self.view)
 
     def export(self, out: Path, summary: dict) -> None:
         """The stage's weights as an HF checkpoint under `out`, written atomically and shard by shard: each rank
