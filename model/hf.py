@@ -104,23 +104,30 @@ def model_card(cfg, hf_cfg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def export_metadata(cfg: ModelConfig, out: Path, dtype: torch.dtype, stacklevel: int = 2) -> None:
+    """An export's config.json and README.md (model card); warns when the model uses a setting transformers cannot
+    express (the card names it too). The tensors are written by `export_hf`, or shard by shard by
+    `dsaforge.model.train.reshard.export_hf_sharded`."""
+    hf_cfg = to_hf_config(cfg)
+    for name, what in unexpressed_settings(cfg).items():
+        warnings.warn(f"HF export {name}={getattr(cfg, name)!r}: {what}", stacklevel=stacklevel)
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(cfg, hf_cfg))
+
+
 def export_hf(model: Transformer, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write config.json, README.md (model card) and safetensors (sharded with model.safetensors.index.json when
     large). Warns when the model uses a setting transformers cannot express (the card names it too)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    hf_cfg = to_hf_config(cfg)
-    for name, what in unexpressed_settings(cfg).items():
-        warnings.warn(f"HF export {name}={getattr(cfg, name)!r}: {what}", stacklevel=2)
+    export_metadata(cfg, out, model.embed.weight.dtype, stacklevel=3)
     tensors = {hf_name(k, cfg.n_layers): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     for d in range(len(model.mtp)):   # the MTP module carries its own copies of the shared embedding and head
         prefix = f"model.layers.{cfg.n_layers + d}."
         tensors[prefix + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
         tensors[prefix + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
-    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(cfg, hf_cfg))
     shards, current, size = [], {}, 0
     for k in sorted(tensors):
         n = tensors[k].numel() * tensors[k].element_size()

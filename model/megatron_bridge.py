@@ -35,7 +35,6 @@ Run: not directly; `dsaforge stage pretrain|warmup|sparse` launches torchrun whe
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,8 +62,6 @@ from dsaforge.config import Config, ConfigError
 from dsaforge.model.layers import MLP
 from dsaforge.model.moe import MoE
 from dsaforge.model.train import seam
-
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 @dataclass
@@ -124,6 +121,11 @@ def init_parallel(cfg: Config, device: torch.device) -> Parallel:
     return Parallel(world=world, rank=dist.get_rank(), tp=p.tp, ep=p.ep, pp=p.pp, dp=world // (p.tp * p.pp),
                     tp_rank=ps.get_tensor_model_parallel_rank(), ep_rank=ps.get_expert_model_parallel_rank(),
                     pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank())
+
+
+def tp_group():
+    """This rank's tensor-parallel process group (the checkpoint export gathers TP slices in it)."""
+    return ps.get_tensor_model_parallel_group()
 
 
 def destroy(par: Parallel) -> None:
@@ -287,7 +289,8 @@ def _expert_parallel(moe: MoE, par: Parallel) -> None:
 
 
 def parallelize(model: nn.Module, par: Parallel) -> nn.Module:
-    """Shard a freshly built (and loaded) single-device model in place for this rank."""
+    """Shard a freshly built single-device model in place for this rank: on the meta device, before any tensor
+    has storage (`shards.build_sharded` then materialises only this rank's pieces), or an already loaded one."""
     if par.pp > 1:
         _pipeline_stage(model, par)
     for m in model.modules():
@@ -310,11 +313,6 @@ def parallelize(model: nn.Module, par: Parallel) -> nn.Module:
             return p
         seam.set_head_reduction(sum_heads)
     return model
-
-
-def shard_tag(name: str, t: torch.Tensor) -> str:
-    """Checkpoint key prefix: '' for replicated tensors, 'tp<r>/' or 'ep<r>/' for this rank's shard."""
-    return getattr(t, "dsaforge_shard", "")
 
 
 # ---------------------------------------------------------------- pipeline parallel
@@ -492,25 +490,6 @@ class DataParallel:
             _, norm, _ = self.optimizer.step()
         return float("nan") if norm is None else float(norm)
 
-    def tensors(self, rank: int) -> dict[str, torch.Tensor]:
-        """This rank's optimizer shard as checkpoint tensors (live references, so DCP loads in place): for each
-        inner torch AdamW, the main parameters it updates and their state. Keys carry the global rank; resume
-        needs the same layout, which the checkpoint's meta.json enforces."""
-        out = {}
-        for c, opt in enumerate(getattr(self.optimizer, "chained_optimizers", [self.optimizer])):
-            inner = opt.optimizer
-            for g, group in enumerate(inner.param_groups):
-                for i, p in enumerate(group["params"]):
-                    key = f"rank{rank:05d}/optim/{c}/{g}/{i}"
-                    st = inner.state[p]
-                    if not st:      # before the first step: allocate what AdamW would, so loading fills it
-                        st["step"] = torch.zeros((), dtype=torch.float32)
-                        st["exp_avg"] = torch.zeros_like(p)
-                        st["exp_avg_sq"] = torch.zeros_like(p)
-                    out[f"{key}/main"] = p.data
-                    out.update({f"{key}/{k}": v for k, v in st.items()})
-        return out
-
 
 def data_parallel(model: nn.Module, cfg: Config, optim, par: Parallel, device: torch.device) -> DataParallel:
     """Wrap the parallelized model (its trainable parameters already chosen) in megatron's DDP and build megatron's
@@ -589,32 +568,3 @@ def sync_expert_load(model: nn.Module, par: Parallel) -> None:
     if par.dp > 1:
         loads = [m.expert_load for m in model.modules() if isinstance(m, MoE)]
         _all_reduce(loads, ps.get_data_parallel_group())
-
-
-# ---------------------------------------------------------------- consolidation
-
-def consolidated_state_dict(model: nn.Module, par: Parallel) -> dict[str, torch.Tensor]:
-    """The single-device model's state dict (TP shards concatenated, experts renumbered globally, pipeline stages
-    joined), on every rank."""
-    tensors = dict(model.named_buffers())
-    tensors.update(dict(model.named_parameters()))
-    persistent = set(model.state_dict().keys())
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if name not in persistent:
-            continue
-        tag = shard_tag(name, t)
-        if tag.startswith("tp"):
-            parts = [torch.empty_like(t) for _ in range(par.tp)]
-            dist.all_gather(parts, t.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-            out[name] = torch.cat(parts, dim=t.dsaforge_partition_dim).cpu()
-        elif tag.startswith("ep"):
-            parts = [torch.empty_like(t) for _ in range(par.ep)]
-            dist.all_gather(parts, t.detach().contiguous(), group=ps.get_expert_model_parallel_group())
-            local = int(_EXPERT.search(name).group(1))
-            n_local = len(parts) and next(m for m in model.modules() if isinstance(m, ExpertParallelMoE)).n_local
-            for r, part in enumerate(parts):
-                out[_EXPERT.sub(f".experts.{r * n_local + local}.", name, count=1)] = part.cpu()
-        else:
-            out[name] = t.detach().cpu()
-    return merge_over_stages(out, par)

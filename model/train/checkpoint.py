@@ -1,17 +1,17 @@
-"""Sharded, atomic training checkpoints (torch.distributed.checkpoint) and the consolidated end-of-stage export.
+"""Sharded, atomic, layout-independent training checkpoints (torch.distributed.checkpoint).
 
 Layout under a stage's `checkpoints/`:
   step-00000050/            complete checkpoint (a directory only gets this name once everything is on disk)
-    .metadata, __*_*.distcp DCP shards: model + optimizer tensors, each rank writes its own
+    .metadata, __*_*.distcp DCP shards: model + optimizer tensors, each rank writes its own pieces
     trainer-rank00000.pt    per-rank trainer state: step, RNG states, data position, last metrics
-    meta.json               written last, before the rename: step, world layout, wall time
+    meta.json               written last, before the rename: step, world layout that wrote it, wall time
   step-00000100.tmp-<id>/   in progress (or left by a crash): never loaded, removed by the next save
 
-Sharding: a tensor whose key is the same on every rank is replicated and DCP stores it once; tensor- or
-expert-parallel shards get rank-specific keys (`tp1/...`, `ep0/...` from `shard_tag`), and under torchrun
-megatron's distributed optimizer keeps each rank's slice of the AdamW state under `rank<r>/optim/...`, so every
-shard is saved exactly once and a resumed run with the same layout reads back exactly what it wrote. Changing the
-layout goes through the stage's consolidated HF export (`hf/`), which every next stage starts from.
+Every tensor is stored under its name in the whole model with its global shape, each rank contributing the
+pieces it owns (`dsaforge.model.train.reshard`): replicas once, tensor-parallel slices and the distributed
+optimizer's flat ranges of the AdamW moments at their global offsets. So a checkpoint resumes under any layout
+(TP2xEP2 -> one device, DP2 -> DP4, PP2 -> PP1): each rank reads back exactly the elements it now owns. The trainer
+state is the same on every rank except its RNG states; a rank of a different layout takes rank 0's.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -32,7 +32,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from dsaforge.model.train.reshard import LoadPlanner, SavePlanner, checkpoint_state
+from dsaforge.model.train.shards import Piece
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+FORMAT = 2          # 2: tensors keyed by their names in the whole model (1: rank-keyed shards)
 
 
 def _rank() -> int:
@@ -69,38 +73,6 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
-def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Allocate AdamW's state for every parameter so a checkpoint can be loaded into it in place."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                 shard_tag: Callable[[str, torch.Tensor], str]) -> dict[str, torch.Tensor]:
-    """Flat name -> tensor dict (live references, so DCP loads in place) of the model and optimizer. An optimizer
-    that shards its own state (megatron's distributed optimizer, through the bridge) lists its tensors itself."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        out[f"{shard_tag(name, t)}model/{name}"] = t.data if isinstance(t, nn.Parameter) else t
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        out.update(optimizer.tensors(_rank()))
-        return out
-    ensure_optimizer_state(optimizer)
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            tag = shard_tag(name, p)
-            for k, v in optimizer.state[p].items():
-                out[f"{tag}optim/{name}/{k}"] = v
-    return out
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -116,8 +88,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-         shard_tag: Callable[[str, torch.Tensor], str], keep_last: int, layout: dict) -> Path:
+def save(ckpt_dir: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, view: dict[str, Piece],
+         keep_last: int, layout: dict) -> Path:
     """Write checkpoint `step` atomically (temporary dir, meta.json last, rename) and keep the newest `keep_last`."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:08d}"
@@ -129,11 +101,11 @@ def save(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opt
     _barrier()
     with warnings.catch_warnings():   # single-process runs: DCP notes that it saves without a process group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(tensor_state(model, optimizer, shard_tag), checkpoint_id=str(tmp))
+        dcp.save(checkpoint_state(model, optimizer, view), checkpoint_id=str(tmp), planner=SavePlanner())
     torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer-rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
-        meta = {"step": step, "time": time.time(), **layout}
+        meta = {"step": step, "time": time.time(), "format": FORMAT, **layout}
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=2)
             f.flush()
@@ -149,18 +121,18 @@ def save(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opt
     return final
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-         shard_tag: Callable[[str, torch.Tensor], str], layout: dict) -> dict:
-    """Load a checkpoint written with the same parallel layout in place; returns the trainer state (RNG restored)."""
+def load(path: Path, model: nn.Module, optimizer, view: dict[str, Piece], layout: dict) -> dict:
+    """Load a checkpoint in place, whatever layout wrote it; returns the trainer state (RNG restored: this rank's
+    own under the same layout, rank 0's otherwise)."""
     meta = json.loads((path / "meta.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} was written by an older dsaforge with rank-keyed shards; resume it with that "
+                         "version, or start a new stage from the stage's hf/ export")
     saved = {k: meta.get(k) for k in layout}
-    if saved != layout:
-        raise ValueError(f"{path} was written with parallel layout {saved}, this run uses {layout}; resume with the "
-                         "same layout, or start a new stage from the stage's hf/ export")
-    state = tensor_state(model, optimizer, shard_tag)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))
-    trainer = torch.load(path / f"trainer-rank{_rank():05d}.pt", weights_only=False)
+        dcp.load(checkpoint_state(model, optimizer, view), checkpoint_id=str(path), planner=LoadPlanner())
+    own = path / f"trainer-rank{_rank():05d}.pt"
+    trainer = torch.load(own if saved == layout else path / "trainer-rank00000.pt", weights_only=False)
     set_rng_state(trainer.pop("rng"))
     return trainer

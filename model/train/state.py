@@ -22,9 +22,11 @@ import torch
 
 from dsaforge.config import Config
 from dsaforge.model import Transformer, set_trainable, update_router_bias
-from dsaforge.model.hf import check_run_config, export_hf, import_hf
+from dsaforge.model.hf import export_hf
 from dsaforge.model.moe import MoE
 from dsaforge.model.train import checkpoint as ckpt
+from dsaforge.model.train.reshard import export_hf_sharded, gathered_state
+from dsaforge.model.train.shards import build_sharded, shard_view
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -34,15 +36,12 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(cfg: Config, init_from: Optional[Path], device: torch.device) -> Transformer:
-    """The model with an HF-format checkpoint's weights (an earlier stage's export, or any DeepSeek-V3.2 one) on
-    `device`, with the training switches of `cfg.train`. Every rank builds the same model from the same seed."""
-    model = Transformer(cfg.model)
-    if init_from is not None:
-        imported = import_hf(init_from)
-        check_run_config(cfg.model, imported.cfg, init_from)
-        model.load_state_dict(imported.state_dict())
-    model.to(device)
+def build_model(cfg: Config, init_from: Optional[Path], device: torch.device, par=None, bridge=None) -> Transformer:
+    """This rank's shard of the model on `device` (the whole model on one device), with an HF-format checkpoint's
+    weights (an earlier stage's export, or any DeepSeek-V3.2 one, FP8 included) or the seeded initialisation, and
+    the training switches of `cfg.train`. Built on the meta device and materialised piece by piece
+    (`dsaforge.model.train.shards`): no rank ever holds the whole model, and every layout gets the same weights."""
+    model = build_sharded(cfg, par, bridge, device, init_from)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     model.replay_topk = cfg.train.replay_topk
     return model
@@ -83,12 +82,11 @@ class TrainState:
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.model = build_model(cfg, init_from, self.device)
+        self.model = build_model(cfg, init_from, self.device, self.par, self.bridge)
         # On GPUs the DSA modes use the fused long-context kernels (no [S, S] tensors); their KL has no
         # tensor-parallel head reduction yet, so TP > 1 keeps the materialised path.
         self.model.fused_dsa = self.device.type == "cuda" and (self.par is None or self.par.tp == 1)
-        if self.bridge:
-            self.bridge.parallelize(self.model, self.par)
+        self.view = shard_view(self.model, self.par)     # where each local tensor sits in the whole model
         self.params = set_trainable(self.model, mode)
         if self.bridge:     # megatron's DDP + (distributed) optimizer: gradient reduction, clipping, AdamW
             self.optimizer = self.bridge.data_parallel(self.model, cfg, optim, self.par, self.device)
@@ -123,7 +121,10 @@ class TrainState:
             if not torch.isfinite(gnorm):
                 on_nonfinite("gradient norm", gnorm)
         else:
-            grads = [torch.linalg.vector_norm(p.grad.float()) for p in self.params if p.grad is not None]
+            for p in self.params:   # an expert no token reached: a zero gradient, so AdamW steps it as megatron's
+                if p.grad is None:  # optimizer does (torch's skips None), and every layout trains it alike
+                    p.grad = torch.zeros_like(p)
+            grads = [torch.linalg.vector_norm(p.grad.float()) for p in self.params]
             gnorm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
             if not torch.isfinite(gnorm):
                 on_nonfinite("gradient norm", gnorm)
@@ -156,14 +157,11 @@ class TrainState:
 
     # ------------------------------------------------------------------ checkpoints and export
 
-    def shard_tag(self, name, t) -> str:
-        return self.bridge.shard_tag(name, t) if self.bridge else ""
-
     def layout(self) -> dict:
         return self.par.layout() if self.par else {"world": 1, "tp": 1, "ep": 1, "pp": 1}
 
     def save(self, ckpt_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-        return ckpt.save(ckpt_dir, step, self.model, self.optimizer, state, self.shard_tag, keep_last, self.layout())
+        return ckpt.save(ckpt_dir, step, self.model, self.optimizer, state, self.view, keep_last, self.layout())
 
     def resume(self, ckpt_dir: Path) -> Optional[tuple[Path, dict]]:
         """(path, saved state) of the newest complete checkpoint under ckpt_dir, loaded into the model and
@@ -171,18 +169,33 @@ class TrainState:
         path = ckpt.latest_checkpoint(ckpt_dir)
         if path is None:
             return None
-        return path, ckpt.load(path, self.model, self.optimizer, self.shard_tag, self.layout())
+        return path, ckpt.load(path, self.model, self.optimizer, self.view, self.layout())
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on CPU (gathered from every shard under the bridge)."""
-        if self.bridge:
-            return self.bridge.consolidated_state_dict(self.model, self.par)
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        """The whole model's weights on CPU, on every rank (for tests and small models: the export does not gather)."""
+        return gathered_state(self.model, self.view)
 
     def export(self, out: Path, summary: dict) -> None:
-        state = self.full_state_dict()
+        """The stage's weights as an HF checkpoint under `out`, written atomically and shard by shard: each rank
+        streams the tensors it holds (`reshard.export_hf_sharded`), so no rank ever gathers the model."""
+        tmp = out.with_name(out.name + ".tmp")
         if self.is_main:
-            export(out, state, self.cfg, summary)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        tp = self.par.tp if self.par else 1
+        export_hf_sharded(self.model, self.view, tmp, self.bridge.tp_group() if tp > 1 else None, tp)
+        self.barrier()
+        if self.is_main:
+            (tmp / "dsaforge_stage.json").write_text(json.dumps(summary, indent=2, default=str))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        self.barrier()
+
+    def barrier(self) -> None:
+        if self.bridge:
+            torch.distributed.barrier()
 
     def any_rank(self, flag: bool) -> bool:
         return self.bridge.any_rank(flag, self.device) if self.bridge else flag
