@@ -559,6 +559,31 @@ def mean_over_dp(values: torch.Tensor, par: Parallel) -> torch.Tensor:
     return values
 
 
+_REDUCE = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def reduce_over_dp(values: torch.Tensor, par: Parallel, op: str = "sum") -> torch.Tensor:
+    """Sum (or min, max) a tensor of per-rank statistics over the data-parallel group."""
+    if par.dp > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=_REDUCE[op], group=ps.get_data_parallel_group())
+    return values
+
+
+def gather_over_dp(obj, par: Parallel, everywhere: bool = True) -> Optional[list]:
+    """Every data-parallel rank's `obj` (any picklable value) in DP-rank order: on every rank, or with
+    `everywhere=False` on DP rank 0 only (None on the others)."""
+    if par.dp == 1:
+        return [obj]
+    group = ps.get_data_parallel_group()
+    out = [None] * par.dp
+    if everywhere:
+        dist.all_gather_object(out, obj, group=group)
+        return out
+    dist.gather_object(obj, out if par.dp_rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
+    return out if par.dp_rank == 0 else None
+
+
 def sync_expert_load(model: nn.Module, par: Parallel) -> None:
     """Sum the routed-token counts over DP before the router-bias update, so every rank moves the bias alike."""
     if par.dp > 1:

@@ -37,6 +37,7 @@ class EpisodeRecord:
     routing: Optional[np.ndarray] = None        # [n_moe_layers, len(tokens) - 1, k] int
     kept: Optional[list[list[int]]] = None      # per sampled token, in order: its kept set ([] = whole vocabulary)
     messages: list[dict] = field(default_factory=list)
+    sample: int = 0                             # its index within the group (0 .. G-1)
 
     @property
     def response_tokens(self) -> int:
@@ -52,6 +53,7 @@ class TrainBatch:
     kl_coef: torch.Tensor                       # [B]
     routing: Optional[list[torch.Tensor]]       # per MoE layer [B, S-1, k]
     keep: Optional[torch.Tensor]                # [N sampled tokens, V] bool
+    lengths: Optional[torch.Tensor] = None      # [B] each row's length before padding
 
     @property
     def mask(self) -> torch.Tensor:
@@ -90,7 +92,8 @@ def collate(episodes: list[EpisodeRecord], pad_id: int, vocab_size: int, kl_coef
             else:
                 keep[j] = True
     return TrainBatch(tokens, sampled, old, torch.tensor([e.advantage for e in episodes], dtype=torch.float32),
-                      torch.tensor(kl_coef, dtype=torch.float32), routing, keep)
+                      torch.tensor(kl_coef, dtype=torch.float32), routing, keep,
+                      torch.tensor([len(e.tokens) for e in episodes]))
 
 
 ROLLOUT_SCHEMA = pa.schema([

@@ -35,9 +35,10 @@ class Rollout:
         from dsaforge.rollout import run_episodes
         from dsaforge.synth.episode import make_episode
 
-        groups = [g for g in range(len(tasks)) for _ in range(group_size)]
-        episodes = [make_episode(tasks[g], self.sandbox) for g in groups]
-        return [record(t, g) for t, g in zip(run_episodes(self.policies[greedy], episodes, self.cfg), groups)]
+        groups = [(g, i) for g in range(len(tasks)) for i in range(group_size)]
+        episodes = [make_episode(tasks[g], self.sandbox) for g, _ in groups]
+        trajectories = run_episodes(self.policies[greedy], episodes, self.cfg) if episodes else []
+        return [replace(record(t, g), sample=i) for t, (g, i) in zip(trajectories, groups)]
 
     def close(self) -> None:
         pass

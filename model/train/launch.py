@@ -1,4 +1,5 @@
-"""One torchrun worker of a training stage (started by `dsaforge.model.train.stages`; not called by hand).
+"""One torchrun worker of a training stage or grpo (started by `dsaforge.model.train.stages.run_parallel`; not
+called by hand).
 
     torchrun --nproc-per-node 2 -m dsaforge.model.train.launch pretrain --config CFG.json --out DIR \
         --input prepare-data=DATA [--tracking-uri URI --run-id ID]
@@ -30,7 +31,7 @@ def collective_env(cfg: Config, base: dict | None = None) -> dict[str, str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsaforge.model.train.launch")
-    ap.add_argument("stage", choices=["pretrain", "warmup", "sparse"])
+    ap.add_argument("stage", choices=["pretrain", "warmup", "sparse", "sft", "grpo"])
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--input", action="append", default=[])
@@ -44,10 +45,14 @@ def main(argv=None) -> int:
     if args.tracking_uri and args.run_id and int(os.environ.get("RANK", 0)) == 0:
         from dsaforge.tracking import MlflowTracker
         tracker = MlflowTracker(args.tracking_uri, args.run_id)
-    from dsaforge.model.train.stages import train_stage
     ctx = StageContext(cfg=cfg, out_dir=Path(args.out), inputs={k: Path(v) for k, v in inputs.items()},
                        tracker=tracker)
-    train_stage(ctx, args.stage)
+    if args.stage == "grpo":
+        from dsaforge.model.rl.stage import train
+        train(ctx)
+    else:
+        from dsaforge.model.train.stages import train_stage
+        train_stage(ctx, args.stage)
     return 0
 
 

@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from dsaforge.config import ConfigError
 
@@ -90,6 +90,19 @@ def rendezvous_args(p, env) -> list[str]:
             f"--master-port={env.get('PET_MASTER_PORT') or '29500'}"]
 
 
+def run_parallel(ctx, stage: str, here: Callable[[object], dict]) -> dict:
+    """Run a stage where its layout says: as a Kubeflow Trainer TrainJob (parallel.nnodes > 1, from a KFP task on a
+    cluster), under torchrun started here (parallel.world_size > 1), or as `here(ctx)` in this process (one device,
+    or already a torchrun worker). -> the stage's summary (its metrics.json)."""
+    inside_torchrun = "LOCAL_RANK" in os.environ
+    if ctx.cfg.parallel.nnodes > 1 and not inside_torchrun and "PET_NODE_RANK" not in os.environ:
+        from dsaforge.trainjob import run_trainjob    # a KFP task on a cluster: the nodes are a TrainJob's pods
+        return run_trainjob(ctx, stage)
+    if ctx.cfg.parallel.world_size > 1 and not inside_torchrun:
+        return _launch_torchrun(ctx, stage)
+    return here(ctx)
+
+
 def _launch_torchrun(ctx, stage: str) -> dict:
     """Start one process per device with torchrun and wait; rank 0 logs to the same MLflow run."""
     p = ctx.cfg.parallel
@@ -124,20 +137,13 @@ def run(ctx, stage: str) -> dict:
     ctx.tracker.set_tags({"dsaforge.train.mode": {"pretrain": "dense"}.get(stage, stage)})
     if "prepare-data" in ctx.inputs and (Path(ctx.inputs["prepare-data"]) / "manifest.json").is_file():
         log_training_data(ctx)
-    inside_torchrun = "LOCAL_RANK" in os.environ
-    if "prepare-data" in ctx.inputs and not inside_torchrun:    # once per stage, before any model is built
+    if "prepare-data" in ctx.inputs and "LOCAL_RANK" not in os.environ:    # once per stage, before any model is built
         from dsaforge.data.prepare import verify_dataset
 
         verified = verify_dataset(ctx.inputs["prepare-data"], ctx.cfg.model.vocab_size)
         ctx.tracker.set_tags({"dsaforge.dataset.sha256": verified["digest"]})
         ctx.tracker.log_params({f"dataset.{k}": v for k, v in verified.items() if k != "digest"})
-    if ctx.cfg.parallel.nnodes > 1 and not inside_torchrun and "PET_NODE_RANK" not in os.environ:
-        from dsaforge.trainjob import run_trainjob    # a KFP task on a cluster: the nodes are a TrainJob's pods
-        summary = run_trainjob(ctx, stage)
-    elif ctx.cfg.parallel.world_size > 1 and not inside_torchrun:
-        summary = _launch_torchrun(ctx, stage)
-    else:
-        summary = train_stage(ctx, stage)
+    summary = run_parallel(ctx, stage, lambda c: train_stage(c, stage))
     for name in ("metrics.json", "hf/config.json"):
         if (ctx.out_dir / name).is_file():
             ctx.tracker.log_artifact(ctx.out_dir / name)

@@ -146,6 +146,14 @@ class TrainState:
     def mean_over_dp(self, stats: torch.Tensor) -> torch.Tensor:
         return self.bridge.mean_over_dp(stats, self.par) if self.bridge else stats
 
+    def reduce_over_dp(self, stats: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (op "min", "max": min, max) per-rank statistics over data parallelism."""
+        return self.bridge.reduce_over_dp(stats, self.par, op) if self.bridge else stats
+
+    def gather_over_dp(self, obj, everywhere: bool = True) -> Optional[list]:
+        """[obj of each DP rank] in rank order, on every rank (everywhere=False: on DP rank 0, None elsewhere)."""
+        return self.bridge.gather_over_dp(obj, self.par, everywhere) if self.bridge else [obj]
+
     # ------------------------------------------------------------------ checkpoints and export
 
     def shard_tag(self, name, t) -> str:

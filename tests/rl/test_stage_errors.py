@@ -27,10 +27,14 @@ def test_grpo_without_an_sft_export_or_with_a_bad_reward_path(dirs, tmp_path):
         run_stage("grpo", load_config("tiny"), tmp_path / "out", inputs)
     with pytest.raises(ConfigError, match="needs the output of sft"):
         run_stage("grpo", load_config("tiny"), tmp_path / "out", {"prepare-data": dirs["data"]})
-    cfg = load_config("tiny", overrides=["parallel.nproc_per_node=2"])
     (dirs["sft"] / "hf").mkdir()
     (dirs["sft"] / "hf" / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="one device"):
+    # data parallel only: a sharded model is refused naming the layout, before torchrun starts
+    cfg = load_config("tiny", overrides=["parallel.nproc_per_node=2", "parallel.tp=2"])
+    with pytest.raises(ConfigError, match="data parallel only, and parallel.tp=2, ep=1, pp=1"):
+        run_stage("grpo", cfg, tmp_path / "out", inputs)
+    cfg = load_config("tiny", overrides=["parallel.nproc_per_node=2", "rl.prompts_per_step=3"])
+    with pytest.raises(ConfigError, match="prompts_per_step 3 must be a multiple of the data-parallel size 2"):
         run_stage("grpo", cfg, tmp_path / "out", inputs)
 
 
