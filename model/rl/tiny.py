@@ -1,6 +1,6 @@
 """The tiny learning bar on CPU: pretrain, SFT, then GRPO on the tiny-RL task set, through the real stages.
 
-    python -m dsaforge.model.rl.tiny --out runs/tiny-rl            # the CI test's run; --rl-steps for a longer one
+    python -m dsaforge.model.rl.tiny --out runs/tiny-rl            # what tests/rl/test_learning.py runs; --rl-steps, --sft-steps
 
 1. `dsaforge.synth.tiny_rl` writes hundreds of short `lookup` tasks (train and held-out environments) and their
    reference trajectories, in the synthesize stage's layout;

@@ -14,8 +14,8 @@ from dsaforge.synth import sandbox as sbx
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(sbx.bwrap_problem() is not None, reason=f"bwrap unusable: {sbx.bwrap_problem()}"),
-              # Half met (docs/rl.md, "Status of the tiny learning bar"): SFT lands in the 20-60% band, GRPO does
-              # not raise it yet, and the run is longer than CI's budget. DSAFORGE_TINY_RL=1 runs it while tuning.
+              # Not met (docs/rl.md, "Status of the tiny learning bar"): SFT lands in the 20-60% band, GRPO does
+              # not raise it, and the run is longer than CI's budget. DSAFORGE_TINY_RL=1 runs it while tuning.
               pytest.mark.skipif(not os.environ.get("DSAFORGE_TINY_RL"),
                                  reason="the tiny learning bar is not met yet (docs/rl.md); DSAFORGE_TINY_RL=1 runs it")]
 
