@@ -5,8 +5,11 @@ recomputed on the fly from the attention's q, shared latent kv and LSE (MQA/abso
 them: the absorbed logits equal the MHA ones). Two modes, one kernel:
 - sparse stage: I and p restricted to each row's selected set (indices [B,S,K]);
 - dense warm-up: the whole causal row (or the row's document with cu_seqlens), walked in key blocks.
-Neither mode holds an S x T tensor: one program owns one query row and streams its keys twice (pass 1: the
-softmax statistics and the loss; pass 2, backward only: g = softmax(I) - p and the indexer gradients, dk by atomics).
+Neither mode holds an S x T tensor: one program owns one query row and streams its keys, in the forward once
+(pass 1: the softmax statistics and the loss) and in the backward once (pass 2: g = softmax(I) - p and the indexer
+gradients, dk by atomics). The forward keeps each row's statistics (the indexer scores' LSE and the target's mass,
+[B,S,2] fp32) for pass 2, so the backward does not stream the keys (and, in the warm-up, recompute the target) for
+them again.
 
 The gradient reaches the indexer's q, k and head weights only; the target is detached, as in the paper.
 
@@ -110,12 +113,12 @@ if triton is not None:
 
     @triton.jit
     def _indexer_kl_kernel(
-            IQ, IK, W, AQ, KV, LSE, IDX, START, END, PT, GO, LOSS, DIQ, DIK, DW, scale_log2,
+            IQ, IK, W, AQ, KV, LSE, IDX, START, END, PT, GO, LOSS, DIQ, DIK, DW, STATS, scale_log2,
             siqb, siqs, siqh, sikb, sikt, swb, sws, saqb, saqs, saqh, skvb, skvt, slb, sls, sib, sis,
             S, T, K, HI, H,
             DI: tl.constexpr, D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr,
             HI_P: tl.constexpr, H_P: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_N: tl.constexpr,
-            SPARSE: tl.constexpr, GRAD: tl.constexpr, HAS_PT: tl.constexpr):
+            SPARSE: tl.constexpr, GRAD: tl.constexpr, HAS_PT: tl.constexpr, STATS_IN: tl.constexpr):
         s = tl.program_id(0)
         b = tl.program_id(1)
         b64 = b.to(tl.int64)
@@ -141,46 +144,54 @@ if triton is not None:
         idx_row = IDX + b64 * sib + s64 * sis
         pt_row = PT + (b64 * S + s64) * K
 
-        # Pass 1: running max/sum of I (natural log domain), target mass Z, sum p*I and sum p*log p.
-        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_N], tl.float32)
-        z_v = tl.zeros([BLOCK_N], tl.float32)
-        a_v = tl.zeros([BLOCK_N], tl.float32)
-        e_v = tl.zeros([BLOCK_N], tl.float32)
-        for n0 in range(0, n_keys, BLOCK_N):
-            pos = n0 + offs_n
-            if SPARSE:
-                idx = tl.load(idx_row + pos, mask=pos < n_keys, other=-1)
-                valid = (idx >= 0) & (idx < T)
-            else:
-                idx = lo + pos
-                valid = pos < n_keys
-            idx64 = tl.where(valid, idx, 0).to(tl.int64)
-            ki = tl.load(ik_base + idx64[:, None] * sikt + offs_di[None, :], mask=valid[:, None], other=0.0)
-            logits = tl.dot(iq, tl.trans(ki))                                                   # [HI_P, BN]
-            score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], 0)                              # [BN]
-            if HAS_PT:
-                p = tl.load(pt_row + pos, mask=valid, other=0.0)
-            else:
-                p = _target_mass(aq_row, lse_row, kv_base, idx64, valid, saqh, skvt, scale_log2, H,
-                                 D_V, D_PE, D_PE_P, H_P, BLOCK_HA, BLOCK_N)                      # [BN]
-            # Elementwise online logsumexp (per lane), merged once after the loop.
-            score_m = tl.where(valid, score, float("-inf"))
-            m_new = tl.maximum(m_i, score_m)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_use) + tl.where(valid, tl.exp(score_m - m_use), 0.0)
-            m_i = m_new
-            z_v += p
-            a_v += tl.where(valid, p * score, 0.0)
-            e_v += tl.where(p > 0.0, p * tl.log(tl.where(p > 0.0, p, 1.0)), 0.0)
-        m_all = tl.max(m_i, 0)
-        m_all_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-        l_all = tl.sum(l_i * tl.exp(m_i - m_all_use), 0)
-        lse_i = tl.where(l_all > 0.0, m_all_use + tl.log(tl.where(l_all > 0.0, l_all, 1.0)), 0.0)
-        z = tl.sum(z_v, 0)
-        z_safe = tl.where(z > 0.0, z, 1.0)
-        loss = tl.sum(e_v, 0) / z_safe - tl.log(z_safe) - tl.sum(a_v, 0) / z_safe + lse_i
-        loss = tl.where((z > 0.0) & (l_all > 0.0), loss, 0.0)
+        stats_row = STATS + (b64 * S + s64) * 2
+        if STATS_IN:   # the forward's statistics of this row: the backward skips pass 1
+            lse_i = tl.load(stats_row)
+            z_safe = tl.load(stats_row + 1)
+        else:
+            # Pass 1: running max/sum of I (natural log domain), target mass Z, sum p*I and sum p*log p.
+            m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_N], tl.float32)
+            z_v = tl.zeros([BLOCK_N], tl.float32)
+            a_v = tl.zeros([BLOCK_N], tl.float32)
+            e_v = tl.zeros([BLOCK_N], tl.float32)
+            for n0 in range(0, n_keys, BLOCK_N):
+                pos = n0 + offs_n
+                if SPARSE:
+                    idx = tl.load(idx_row + pos, mask=pos < n_keys, other=-1)
+                    valid = (idx >= 0) & (idx < T)
+                else:
+                    idx = lo + pos
+                    valid = pos < n_keys
+                idx64 = tl.where(valid, idx, 0).to(tl.int64)
+                ki = tl.load(ik_base + idx64[:, None] * sikt + offs_di[None, :], mask=valid[:, None], other=0.0)
+                logits = tl.dot(iq, tl.trans(ki))                                                   # [HI_P, BN]
+                score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], 0)                              # [BN]
+                if HAS_PT:
+                    p = tl.load(pt_row + pos, mask=valid, other=0.0)
+                else:
+                    p = _target_mass(aq_row, lse_row, kv_base, idx64, valid, saqh, skvt, scale_log2, H,
+                                     D_V, D_PE, D_PE_P, H_P, BLOCK_HA, BLOCK_N)                      # [BN]
+                # Elementwise online logsumexp (per lane), merged once after the loop.
+                score_m = tl.where(valid, score, float("-inf"))
+                m_new = tl.maximum(m_i, score_m)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp(m_i - m_use) + tl.where(valid, tl.exp(score_m - m_use), 0.0)
+                m_i = m_new
+                z_v += p
+                a_v += tl.where(valid, p * score, 0.0)
+                e_v += tl.where(p > 0.0, p * tl.log(tl.where(p > 0.0, p, 1.0)), 0.0)
+            m_all = tl.max(m_i, 0)
+            m_all_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+            l_all = tl.sum(l_i * tl.exp(m_i - m_all_use), 0)
+            lse_i = tl.where(l_all > 0.0, m_all_use + tl.log(tl.where(l_all > 0.0, l_all, 1.0)), 0.0)
+            z = tl.sum(z_v, 0)
+            z_safe = tl.where(z > 0.0, z, 1.0)
+            loss = tl.sum(e_v, 0) / z_safe - tl.log(z_safe) - tl.sum(a_v, 0) / z_safe + lse_i
+            loss = tl.where((z > 0.0) & (l_all > 0.0), loss, 0.0)
+
+            tl.store(stats_row, lse_i)
+            tl.store(stats_row + 1, z_safe)
 
         if GRAD:
             go = tl.load(GO + b64 * S + s64)
@@ -271,7 +282,9 @@ def sparse_target_mass(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, ind
     return pt
 
 
-def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad, pt=None):
+def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad, pt=None, stats=None):
+    """One pass of `_indexer_kl_kernel` -> (loss, d index_q, d index_k, d index_w, row statistics [B,S,2]). With
+    `stats` from an earlier forward on the same inputs, its first pass over the keys is skipped."""
     b, s, hi, di = iq.shape
     t = ik.shape[1]
     h = q.shape[2]
@@ -280,12 +293,15 @@ def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad,
     diq = empty(b, s, hi, di, device=dev, dtype=torch.float32) if grad else loss
     dik = torch.zeros(b, t, di, device=dev, dtype=torch.float32) if grad else loss
     dw = empty(b, s, hi, device=dev, dtype=torch.float32) if grad else loss
+    stats_in = stats is not None
+    if not stats_in:
+        stats = empty(b, s, 2, device=dev, dtype=torch.float32)
     idx = indices if indices is not None else start
     si = (indices.stride(0), indices.stride(1)) if indices is not None else (0, 0)
     k = indices.shape[2] if indices is not None else 0
     _indexer_kl_kernel[(s, b)](
         iq, ik, w, q, kv, lse, idx, start, end, pt if pt is not None else loss, go if go is not None else loss,
-        loss, diq, dik, dw,
+        loss, diq, dik, dw, stats,
         sm_scale * LOG2E,
         iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1), w.stride(0), w.stride(1),
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), lse.stride(0), lse.stride(1),
@@ -293,33 +309,36 @@ def _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, go, grad,
         DI=di, D_V=d_v, D_PE=q.shape[3] - d_v, D_PE_P=max(16, next_pow2(q.shape[3] - d_v)),
         HI_P=max(16, next_pow2(hi)), H_P=max(16, next_pow2(h)), BLOCK_HA=min(64, max(16, next_pow2(h))),
         BLOCK_N=KL_CONFIG["block_n"], SPARSE=indices is not None, GRAD=grad, HAS_PT=pt is not None,
-        num_warps=KL_CONFIG["warps"], num_stages=KL_CONFIG["stages"])
-    return loss, diq, dik, dw
+        STATS_IN=stats_in, num_warps=KL_CONFIG["warps"], num_stages=KL_CONFIG["stages"])
+    return loss, diq, dik, dw, stats
 
 
 class IndexerKLFunction(torch.autograd.Function):
     """Sparse stage: the target mass is computed once (`sparse_target_mass`) and reused by the backward; dense
-    warm-up: each pass recomputes it from q, kv and lse, so no S x T tensor is ever stored."""
+    warm-up: the forward recomputes it from q, kv and lse, so no S x T tensor is ever stored. Both: the forward's
+    row statistics let the backward skip its first pass."""
 
     @staticmethod
     def forward(ctx, iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, memo):
         if memo is not None and "loss" in memo:          # a recomputation of the same call: nothing to compute
-            loss, pt = memo["loss"], memo["pt"]
+            loss, pt, stats = memo["loss"], memo["pt"], memo["stats"]
         else:
             pt = sparse_target_mass(q, kv, lse, indices, sm_scale, d_v) if indices is not None else None
-            loss = _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, None, False, pt)[0]
+            loss, _, _, _, stats = _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, None, False,
+                                           pt)
             if memo is not None:
-                memo.update(loss=loss, pt=pt)
-        ctx.save_for_backward(iq, ik, w, q, kv, lse, indices, start, end, pt)
+                memo.update(loss=loss, pt=pt, stats=stats)
+        ctx.save_for_backward(iq, ik, w, q, kv, lse, indices, start, end, pt, stats)
         ctx.sm_scale, ctx.d_v, ctx.sparse = sm_scale, d_v, indices is not None
         return loss.clone() if memo is not None else loss   # each call's output is its own tensor
 
     @staticmethod
     def backward(ctx, grad_loss):
-        iq, ik, w, q, kv, lse, indices, start, end, pt = ctx.saved_tensors
+        iq, ik, w, q, kv, lse, indices, start, end, pt, stats = ctx.saved_tensors
         go = grad_loss.float().contiguous()
-        _, diq, dik, dw = _launch(iq, ik, w, q, kv, lse, ctx.sm_scale, ctx.d_v, indices if ctx.sparse else None,
-                                  start, end, go, True, pt if ctx.sparse else None)
+        _, diq, dik, dw, _ = _launch(iq, ik, w, q, kv, lse, ctx.sm_scale, ctx.d_v,
+                                     indices if ctx.sparse else None, start, end, go, True,
+                                     pt if ctx.sparse else None, stats)
         return diq.to(iq.dtype), dik.to(ik.dtype), dw.to(w.dtype), None, None, None, None, None, None, None, None, None
 
 

@@ -84,11 +84,8 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int, mode: Mode = "dense", traini
     ffn_moe = ((c.n_activated_experts + c.n_shared_experts) * 3 * lin(c.dim, c.moe_inter_dim)
                + lin(c.dim, c.n_routed_experts))
     head = lin(c.dim, c.vocab_size)
-    idx_proj = (lin(c.q_lora_rank, c.index_n_heads * c.index_head_dim) + lin(c.dim, c.index_head_dim)
-                + lin(c.dim, c.index_n_heads))
+    idx_proj, idx_pair = _indexer_flops(c)
     dense_keys = _mean_keys(seq_len, None)
-    # per (query, key): q.k over heads, then weighted head sum
-    idx_pair = 2.0 * c.index_n_heads * c.index_head_dim + 2.0 * c.index_n_heads
     if mode == "sparse":
         # absorbed MQA: q.[c;k_pe] (C+R) and p.c (C) for each of the H heads
         keys = _mean_keys(seq_len, c.index_topk)
@@ -114,6 +111,44 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int, mode: Mode = "dense", traini
         idx_bwd = n_idx_layers * 2 * (idx_proj + sel * idx_pair)
         backbone, indexer = 3 * backbone_fwd, idx_fwd + idx_bwd
     return {"backbone": backbone, "indexer": indexer, "total": backbone + indexer}
+
+
+def _indexer_flops(c: ModelConfig) -> tuple[float, float]:
+    """(projections per token, scoring per (query, key) pair: q.k over heads, then the weighted head sum)."""
+    proj = 2.0 * (c.q_lora_rank * c.index_n_heads * c.index_head_dim + c.dim * c.index_head_dim
+                  + c.dim * c.index_n_heads)
+    return proj, 2.0 * c.index_n_heads * c.index_head_dim + 2.0 * c.index_n_heads
+
+
+def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, mode: Mode = "dense",
+                              activation_checkpointing: bool = True, replay_topk: bool = True) -> float:
+    """FLOPs per token a training step runs again in backward, on top of `flops_per_token` (for MFU counted with
+    recomputation, i.e. the hardware's work):
+
+    - the chunked LM loss recomputes each chunk's logits (one head matmul) wherever the head trains, i.e. not in
+      the warm-up, where nothing but the indexer has a gradient and nothing is recomputed;
+    - with activation checkpointing every block's forward runs again (not in the warm-up, whose frozen backbone
+      carries no graph) up to its last tensor saved for backward: torch's non-reentrant checkpoint stops there, so
+      the FFN's final down-projection (the shared expert's in MoE blocks) is not run again. In the sparse mode with
+      `replay_topk` the indexer's scores, selection and KL forward are replayed, not recomputed, so only its
+      projections run again.
+    """
+    c = cfg
+    head = 2.0 * c.dim * c.vocab_size
+    if mode == "warmup":
+        return 0.0
+    if not activation_checkpointing:
+        return head
+    fwd = flops_breakdown(cfg, seq_len, mode, training=False)
+    blocks = fwd["backbone"] - head - c.n_mtp_layers * head       # every block (main and MTP) forward
+    has_moe = c.n_layers > c.n_dense_layers                       # MTP blocks are MoE blocks when the model has any
+    n_dense = c.n_dense_layers + (0 if has_moe else c.n_mtp_layers)
+    n_moe = c.n_layers + c.n_mtp_layers - n_dense
+    blocks -= 2.0 * c.dim * (n_dense * c.inter_dim + n_moe * c.n_shared_experts * c.moe_inter_dim)
+    if mode == "sparse":
+        proj, _ = _indexer_flops(c)
+        blocks += (c.n_layers + c.n_mtp_layers) * proj if replay_topk else fwd["indexer"]
+    return head + blocks
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, mode: Mode = "dense", training: bool = True) -> float:

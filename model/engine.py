@@ -227,29 +227,34 @@ class Engine:
     def _decode(self) -> list[tuple[int, Segment]]:
         dev, n_slots = self.device, self.max_batch
         active = [r for r in self._rows.values() if r.state == "decode"]
-        tok = torch.zeros(n_slots, dtype=torch.long)
-        start = torch.full((n_slots,), self.max_len, dtype=torch.long)     # idle slots write to the spare column
-        for r in active:
-            tok[r.slot], start[r.slot] = r.tokens[-1], r.length
+        # One host-to-device copy per step: row 0 the input tokens, row 1 the positions (idle slots write to the
+        # spare column), row 2 the active slots (whose logits are sampled).
+        host = np.zeros((3, n_slots), dtype=np.int64)
+        host[1] = self.max_len
+        slots = [r.slot for r in active]
+        host[0, slots] = [r.tokens[-1] for r in active]
+        host[1, slots] = [r.length for r in active]
+        host[2, :len(slots)] = slots
         t = max(r.length for r in active) + 1
         graph = self._graph_for(t) if self.use_graphs else None
         if graph is not None:
             g, static, cap = graph
-            static["tok"].copy_(tok.to(dev)[:, None], non_blocking=True)
-            static["start"].copy_(start.to(dev), non_blocking=True)
+            inputs = static["inputs"]
+            inputs.copy_(torch.from_numpy(host))         # straight into the graph's input buffer
             g.replay()
             logits = static["logits"]
         else:
+            inputs = torch.from_numpy(host).to(dev)
             cap = self._capture()
-            logits = forward_rows(self.model, self.cache, tok.to(dev)[:, None], start.to(dev),
+            logits = forward_rows(self.model, self.cache, inputs[0, :, None], inputs[1],
                                   torch.ones(n_slots, dtype=torch.long, device=dev), None, self.mode, self.stacked,
                                   cap, t=t)
         self.stats["decode_steps"] += 1
-        slots = [r.slot for r in active]
-        self._record(cap, active, [1] * len(active), index=slots)
         for r in active:
             r.length += 1
-        return self._sample(active, logits[torch.tensor(slots, device=dev)])
+        # the capture is read back once the sampling kernels are queued: their launches overlap the step's tail
+        return self._sample(active, logits[inputs[2, :len(slots)]],
+                            then=lambda: self._record(cap, active, [1] * len(active), index=slots))
 
     def _bucket(self, t: int) -> int:
         b = 256
@@ -263,8 +268,9 @@ class Engine:
         if t in self._graphs:
             return self._graphs[t]
         dev, n_slots = self.device, self.max_batch
-        static = {"tok": torch.zeros(n_slots, 1, dtype=torch.long, device=dev),
-                  "start": torch.full((n_slots,), self.max_len, dtype=torch.long, device=dev),
+        inputs = torch.zeros(3, n_slots, dtype=torch.long, device=dev)      # as `_decode` lays them out
+        inputs[1] = self.max_len
+        static = {"inputs": inputs, "tok": inputs[0, :, None], "start": inputs[1],
                   "n": torch.ones(n_slots, dtype=torch.long, device=dev)}
         try:
             stream = torch.cuda.Stream(device=dev)
@@ -306,9 +312,15 @@ class Engine:
             for r, i, c in zip(rows, idx, counts):
                 r.topk.extend(tk[i, :c])
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, Segment]]:
+    def _sample(self, rows: list[_Row], logits: torch.Tensor,
+                then: Optional[Callable[[], None]] = None) -> list[tuple[int, Segment]]:
+        """Draw each row's next token; `then` runs after the sampling kernels are queued, before the host waits."""
         toks, lps, kept = sample(logits, [r.params for r in rows], self.generator, want_kept=self.capture_kept)
-        toks, lps = toks.tolist(), lps.tolist()
+        both = torch.stack((toks.double(), lps.double()))
+        if then is not None:
+            then()
+        both = both.tolist()                                             # one device-to-host copy (and sync)
+        toks, lps = [int(x) for x in both[0]], both[1]
         kept_rows = kept.cpu().numpy() if kept is not None else None
         done = []
         for i, r in enumerate(rows):

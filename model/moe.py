@@ -94,6 +94,14 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1, w3, w2) -> torch.T
     return grouped_mm(h, w2, groups)                                                  # [M, dim]
 
 
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Token-slots per expert [E] (int64) from expert indices [..., k]. torch.bincount on CUDA reads the largest
+    index back to the host to size its output (a device synchronisation per call); a scatter-add into E bins
+    does not."""
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -114,7 +122,7 @@ class MoE(nn.Module):
         if forced is not None:
             forced = forced.reshape(-1, self.topk).to(device=x.device, dtype=torch.long)
         weights, indices, scores = self.gate(flat, forced)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)              # [E]
+        counts = expert_counts(indices, self.n_experts)                                   # [E]
         if self.training and self.count_load:
             self.expert_load += counts.to(self.expert_load.dtype)
         y = self.routed(flat, weights, indices, counts)                                   # [N, dim]
@@ -152,10 +160,10 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """b_i += speed * sign(mean load - load_i): under-loaded experts become more likely to be picked."""
-        if self.expert_load.sum() > 0:
-            err = self.expert_load.mean() - self.expert_load
-            self.gate.bias += self.bias_update_speed * torch.sign(err)
+        """b_i += speed * sign(mean load - load_i): under-loaded experts become more likely to be picked. With no
+        load counted every err is 0 and nothing moves, so no test of the load (a host sync) is needed."""
+        err = self.expert_load.mean() - self.expert_load
+        self.gate.bias += self.bias_update_speed * torch.sign(err)
         self.expert_load.zero_()
 
 

@@ -11,6 +11,7 @@ the token is the argmax and its log-prob the untempered full-vocabulary one.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -42,24 +43,41 @@ class SamplingParams:
 
 
 def processed_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                     top_k: torch.Tensor) -> torch.Tensor:
+                     top_k: torch.Tensor, any_top_k: bool = True, any_top_p: bool = True) -> torch.Tensor:
     """logits [B, V] -> tempered logits with -inf outside each row's kept set (fp32).
 
     temperature [B] (rows with 0 use 1: greedy rows keep the full distribution), top_p [B], top_k [B] (0 = all).
     top-k keeps every token tied with the k-th; top-p keeps the smallest prefix (by descending probability) whose
-    mass reaches top_p, always at least one token."""
+    mass reaches top_p, always at least one token. any_top_k / any_top_p False (the caller knows no row truncates
+    that way) skip that truncation's kernels; with neither, no sort runs."""
     x = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    if not (any_top_k or any_top_p):
+        return x
     v = x.shape[-1]
     sorted_x, order = x.sort(dim=-1, descending=True)                                # [B, V]
-    k = torch.where(top_k > 0, top_k.clamp_max(v), v)
-    kth = sorted_x.gather(1, (k - 1)[:, None])                                       # [B, 1]
-    drop_sorted = sorted_x < kth                                                     # top-k
-    probs = sorted_x.masked_fill(drop_sorted, float("-inf")).softmax(-1)
-    before = probs.cumsum(-1) - probs                                                # mass strictly before each
-    drop_sorted |= before >= top_p[:, None]                                          # top-p
+    drop_sorted = None
+    if any_top_k:
+        k = torch.where(top_k > 0, top_k.clamp_max(v), v)
+        kth = sorted_x.gather(1, (k - 1)[:, None])                                   # [B, 1]
+        drop_sorted = sorted_x < kth                                                 # top-k
+    if any_top_p:
+        kept = sorted_x if drop_sorted is None else sorted_x.masked_fill(drop_sorted, float("-inf"))
+        probs = kept.softmax(-1)
+        before = probs.cumsum(-1) - probs                                            # mass strictly before each
+        drop_p = before >= top_p[:, None]                                            # top-p
+        drop_sorted = drop_p if drop_sorted is None else drop_sorted | drop_p
     drop_sorted[:, 0] = False
     drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
     return x.masked_fill(drop, float("-inf"))
+
+
+@functools.lru_cache(maxsize=32)
+def _param_tensors(params: tuple[SamplingParams, ...], device: torch.device):
+    """Per-row temperature [B] fp32, top_p [B] fp32, top_k [B] int64 on `device`, in one host-to-device copy; cached
+    because a decode loop asks for the same rows' tensors at every step (callers must not modify them)."""
+    vals = torch.tensor([[p.temperature, p.top_p if p.temperature > 0 else 1.0, p.top_k if p.temperature > 0 else 0]
+                         for p in params], dtype=torch.float64).to(device)
+    return vals[:, 0].float(), vals[:, 1].float(), vals[:, 2].long()
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generator: Optional[torch.Generator] = None,
@@ -68,10 +86,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generator: Op
 
     kept is returned when want_kept and some row truncates; rows that do not truncate are all True."""
     dev = logits.device
-    temp = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
-    top_p = torch.tensor([p.top_p if p.temperature > 0 else 1.0 for p in params], device=dev, dtype=torch.float32)
-    top_k = torch.tensor([p.top_k if p.temperature > 0 else 0 for p in params], device=dev, dtype=torch.long)
-    x = processed_logits(logits, temp, top_p, top_k)
+    temp, top_p, top_k = _param_tensors(tuple(params), dev)
+    x = processed_logits(logits, temp, top_p, top_k, any_top_k=any(p.temperature > 0 and p.top_k > 0 for p in params),
+                         any_top_p=any(p.temperature > 0 and p.top_p < 1 for p in params))
     logp = x.log_softmax(-1)                                                         # [B, V]
     # Gumbel-max on the truncated logits: exact sampling from softmax(x), one kernel for the whole batch.
     u = torch.rand(x.shape, device=dev, generator=generator, dtype=torch.float32) if generator is None or \

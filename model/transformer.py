@@ -103,6 +103,9 @@ class Transformer(nn.Module):
         # ... and there reuse the top-k indices the forward chose (held until the block's backward), rather than
         # running the indexer's scores and selection a second time.
         self.replay_topk = True
+        # Range-check the token ids of every call. Reading min/max back is a host sync per forward on a GPU; the
+        # trainer checks its batches on the host before they move (`check_token_ids`) and turns this off.
+        self.validate_token_ids = True
         if self.embed.weight.device.type != "meta":   # on meta (checkpoint import) there is nothing to fill
             self.apply(self._init_weights)
 
@@ -167,8 +170,8 @@ class Transformer(nn.Module):
                                  f"batch {b} x {end}")
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed documents) are for training forwards; not supported with a cache")
-        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size})")
+        if self.validate_token_ids:
+            check_token_ids(tokens, cfg.vocab_size)
         if segment_ids is not None and tuple(segment_ids.shape) != (b, s):
             raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must equal tokens shape {(b, s)}")
         if routing is not None:
@@ -273,7 +276,10 @@ class Transformer(nn.Module):
 
         def run(block, x, c, sn, mask, layer_cache, forced):
             # MTP rows are shorter than the pack: cut the document boundaries at their length
-            cu = None if cu_seqlens is None else cu_seqlens.clamp_max(x.shape[1]).unique_consecutive()
+            # (unique_consecutive has a data-dependent size: a host sync, so only where the rows are shorter)
+            cu = cu_seqlens
+            if cu is not None and x.shape[1] < s:
+                cu = cu.clamp_max(x.shape[1]).unique_consecutive()
             ctx = AttnContext(mode, start_pos, mask, self.cfg.index_topk, attn_form, layer_cache, fused, cu)
             # Recompute only where a graph runs through the block: in the warm-up the backbone is frozen and only the
             # indexer (fed detached inputs) learns, so x carries no graph and a recomputation would buy nothing.
@@ -335,6 +341,12 @@ def _cu_seqlens(segment_ids: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 # ---------------------------------------------------------------- training helpers
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Raise ValueError unless every id is in [0, vocab_size); `Transformer.forward`'s check, for host tensors."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(f"token ids must be in [0, vocab_size={vocab_size})")
+
 
 def indexer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The lightning indexers' parameters (the only ones the dense warm-up trains)."""

@@ -8,6 +8,8 @@
 #       synth/ (synthesize). OUT gets sft/ and grpo/ (the stages' outputs), report/rl_small_h200.{md,json} (the
 #       curves, held-out pass rate per agent class before and after, stage wall times), times.tsv and a log per
 #       stage.
+#   EXTRA_SETS="synth.sandbox.backend=unsafe-subprocess" scripts/h200_small_posttrain.sh OUT RUNS
+#       Space-separated overrides added to both stages (here: a machine without bubblewrap).
 #   PRESET=tiny scripts/h200_small_posttrain.sh OUT RUNS
 #       The same commands and --set keys with tiny sizes, on CPU: a dry run of the sequence (RUNS from the tiny
 #       preset's prepare-data, any earlier training stage as sparse/, synthesize).
@@ -45,6 +47,9 @@ else
 fi
 # what the run is for: the same-run stabiliser comparison (docs/rl.md)
 rl_sets+=(rl.diagnostics=true rl.top_p=0.9 rl.updates_per_step=2)
+read -r -a extra <<< "${EXTRA_SETS:-}"
+sft_sets+=("${extra[@]}")
+rl_sets+=("${extra[@]}")
 
 for input in data sparse synth; do
     [[ -d $runs/$input ]] || { echo "$runs/$input does not exist (expected the $preset preset's $input output)" >&2; exit 2; }

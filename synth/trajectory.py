@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dsaforge.progress import Progress
 from dsaforge.synth.base import HarnessError, run_harness
 from dsaforge.synth.episode import make_episode
 from dsaforge.synth.sandbox import Sandbox
@@ -127,7 +128,12 @@ def write_reference_trajectories(tasks: list[Task], path: Path, sandbox: Sandbox
                                  map_fn: Callable = map) -> dict:
     """Write every task's reference trajectory to `path` (Parquet); `map_fn` may be a process pool's map over
     (task, sandbox) pairs. Returns per-class counts of trajectories and of those that passed."""
-    rows = list(map_fn(_safe_trajectory, tasks, [sandbox] * len(tasks)))
+    rows, passed = [], 0
+    with Progress("synthesize trajectories", total=len(tasks), unit="task") as progress:
+        for row in map_fn(_safe_trajectory, tasks, [sandbox] * len(tasks)):
+            rows.append(row)
+            passed += int(row["passed"])
+            progress.update(1, cls=row["agent_class"], passed=passed)
     write_trajectories(rows, path)
     stats: dict[str, dict] = {}
     for r in rows:

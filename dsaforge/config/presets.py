@@ -2,6 +2,7 @@
 
 - tiny:  the whole end-to-end pipeline on a 2-core CPU in minutes (2 layers, hidden 64).
 - small: one H200 (~1.2B total / ~0.15B activated parameters, 64K context).
+- h200:  DeepSeek-V3.2's attention block exactly, on one H200 (1.75B total / 1.12B activated, 64K-128K context).
 - v32:   DeepSeek-V3.2's real dimensions, for planning and meta-device instantiation.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ def small() -> Config:
     cfg.data.seq_len = 4096
     t = cfg.train
     t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size, t.pretrain.seq_len = 2000, 6e-4, 32, 4096
+    t.pretrain.micro_batch_size = 16     # 64K tokens per forward, as one 64K sequence: 28.7 GiB by the memory plan
     t.warmup.steps, t.warmup.batch_size, t.warmup.seq_len = 200, 8, 16384
     t.sparse.steps, t.sparse.lr, t.sparse.batch_size, t.sparse.seq_len = 500, 7.3e-6, 8, 16384
     cfg.pipeline.gpus_per_stage = 1
@@ -57,6 +59,37 @@ def small() -> Config:
     r.max_new_tokens, r.max_turns, r.top_k = 2048, 8, 512      # top_k bounds the kept sets Keep Sampling Mask stores
     r.kl_coef_by_class = {"code_interpreter": 0.0}            # the paper: weak or no KL for math-like domains
     r.eval_every, r.eval_prompts = 20, 256
+    return cfg
+
+
+def h200() -> Config:
+    """V3.2's attention block unchanged, with the rest sized so every stage trains on one H200 at 64K context.
+
+    Attention is DeepSeek-V3.2's (the model defaults): 128 heads, q/kv LoRA ranks 1536/512, qk head dims 128 nope +
+    64 rope, v head dim 128, indexer 64 heads x 128, top-k 2048, so the fused DSA kernels run at the shapes they were
+    built for (64-head blocks, 576-d latent rows). Depth, width and experts come from the memory plan
+    (`dsaforge plan --preset h200 --gpus 1 --gpu-mem 141 --seq-len L --stage S`): 8 layers (1 dense), dim 2048,
+    32 routed experts of width 512 (6 active + 1 shared). The plan's busiest figures at 64K: pretrain 60, warm-up
+    44, sparse 71 GiB; at 128K 94 / 79 / 114 GiB, all within 90% of 141 GiB (the plan was within -7% / -1% of the
+    measured peaks of `small` at 4K / 64K on an H200). Twelve layers, or 64 experts, fit at 64K but not sparse at
+    128K. The benchmark preset for long-context training speed next to `small`.
+    """
+    cfg = small()
+    cfg.preset = "h200"
+    m = cfg.model
+    defaults = base().model        # V3.2's attention block
+    for name in ("n_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "index_n_heads", "index_head_dim", "index_topk"):
+        setattr(m, name, getattr(defaults, name))
+    m.dim, m.inter_dim, m.moe_inter_dim = 2048, 8192, 512
+    m.n_layers, m.n_dense_layers = 8, 1
+    m.n_routed_experts, m.n_shared_experts, m.n_activated_experts = 32, 1, 6
+    m.n_expert_groups, m.n_limited_groups = 8, 4
+    m.max_seq_len, m.original_seq_len, m.rope_factor = 131072, 4096, 32.0
+    t = cfg.train
+    t.pretrain.batch_size, t.pretrain.seq_len, t.pretrain.micro_batch_size = 32, 4096, 16   # plan: 60 GiB
+    t.warmup.batch_size, t.warmup.seq_len = 8, 65536
+    t.sparse.batch_size, t.sparse.seq_len = 8, 65536
     return cfg
 
 
@@ -99,7 +132,7 @@ def tiny() -> Config:
     return cfg
 
 
-PRESETS: dict[str, Callable[[], Config]] = {"tiny": tiny, "small": small, "v32": v32, "base": base}
+PRESETS: dict[str, Callable[[], Config]] = {"tiny": tiny, "small": small, "h200": h200, "v32": v32, "base": base}
 
 
 def preset(name: str) -> Config:

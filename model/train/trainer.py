@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from dsaforge.config import Config
 from dsaforge.model import Transformer
+from dsaforge.model.transformer import check_token_ids
 from dsaforge.model.accounting import flops_per_token
 from dsaforge.model.train import checkpoint as ckpt
 from dsaforge.model.train import seam
@@ -70,6 +71,17 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
+PROBE_BYTES = 8 * 2**30    # one [n, H, n] fp32 tensor of the recall probe (it holds about three at once)
+
+
+def recall_probe_len(seq_len: int, top_k: int, n_heads: int) -> int:
+    """Positions of the recall probe's dense forward: max(4k, 1024), fewer where one sequence's [n, H, n] fp32
+    attention probabilities would pass PROBE_BYTES (128 heads: 4096), never fewer than 2k (rows must see more
+    than k keys to count); at most the sequence."""
+    cap = int((PROBE_BYTES / (4 * n_heads)) ** 0.5)
+    return min(seq_len, max(2 * top_k, min(max(4 * top_k, 1024), cap)))
+
+
 def forward_lm(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mode: str,
                segment_ids: Optional[torch.Tensor] = None):
     """(ModelOutput, mean LM loss) without ever holding the [S, vocab] logits: the output head is applied a chunk
@@ -96,6 +108,7 @@ class Trainer:
         st = self.state
         self.device, self.bridge, self.par, self.is_main = st.device, st.bridge, st.par, st.is_main
         self.model, self.params, self.optimizer, self.autocast = st.model, st.params, st.optimizer, st.autocast
+        self.model.validate_token_ids = False      # checked on the host by _to_device instead
         dp_rank, dp = st.dp
 
         s = self.scfg
@@ -139,17 +152,21 @@ class Trainer:
             if not torch.isfinite(stats).all():
                 self._diverged("loss", stats[0])
         else:
-            sums = None
+            # No host synchronisation between micro-batches: the losses are checked once, after the last backward
+            # and before the optimizer step (a non-finite loss makes the gradients non-finite too, and nothing has
+            # moved or been saved yet).
+            sums, loss_sum = None, None
             for mb in micro:
-                mb = mb.to(self.device)
+                mb = self._to_device(mb)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                     out, lm = forward_lm(self.model, mb.inputs, mb.targets, self.mode, mb.segment_ids)
                 loss = self.objective(lm, out.indexer_loss, out.aux_loss)
-                if not torch.isfinite(loss):
-                    self._diverged("loss", loss)
                 (loss / len(micro)).backward()
                 stats = torch.stack([lm.detach(), *[kl.detach() for kl in (out.indexer_kl or [])]])
                 sums = stats if sums is None else sums + stats
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            if not torch.isfinite(loss_sum):         # NaN or Inf in any micro-batch's loss reaches the sum
+                self._diverged("loss", loss_sum / len(micro))
             stats = sums / len(micro)
         gnorm = self.state.optimizer_step(lr, self._diverged)
         stats = self.state.mean_over_dp(stats)
@@ -169,6 +186,12 @@ class Trainer:
             m["perf/mfu"] = m["perf/tflops_per_device"] * 1e12 / self.peak
         return m
 
+    def _to_device(self, mb: Batch) -> Batch:
+        """The micro-batch on the training device, its token ids checked here on the host: the model's own check
+        (`validate_token_ids`, off for the trainer) would read them back from the GPU, a sync per forward."""
+        check_token_ids(mb.inputs, self.cfg.model.vocab_size)
+        return mb.to(self.device)
+
     def _world(self) -> int:
         return self.state.world
 
@@ -182,7 +205,7 @@ class Trainer:
         activation for the next stage, carrying their layers' KL and balance terms for backward. The objective's
         KL is a mean over layers, so each stage contributes its layers' sum / n_layers. Appends [lm, KL per
         layer] with this stage's entries filled in (zeros elsewhere) to `rows`."""
-        mb = mb.to(self.device)
+        mb = self._to_device(mb)
         n = self.cfg.model.n_layers
         received = None if self.par.first_stage else self.model.embed.hidden
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
@@ -244,12 +267,13 @@ class Trainer:
         rows = list(range(n))[dp_rank::dp]
         recall = {}
         micro = [self.val_rows.batch(rows[i:i + s.micro_batch_size]) for i in range(0, len(rows), s.micro_batch_size)]
-        if prefix == "val" and micro:       # sampled: a prefix of the first validation micro-batch
+        if prefix == "val" and micro:       # sampled: a prefix of the first validation sequence
             k = self.cfg.model.index_topk
             first = micro[0]
-            n = min(first.inputs.shape[1], max(4 * k, 1024))   # dense probs are [B, n, H, n]: keep n modest
-            head = Batch(first.inputs[:, :n], first.targets[:, :n],
-                         first.segment_ids[:, :n] if first.segment_ids is not None else None).to(self.device)
+            n = recall_probe_len(first.inputs.shape[1], k, self.cfg.model.n_heads)
+            head = Batch(first.inputs[:1, :n], first.targets[:1, :n],
+                         first.segment_ids[:1, :n] if first.segment_ids is not None else None)
+            head = self._to_device(head)
             if self._pipelined():
                 recall = self._pipeline_recall(head)
             else:
@@ -260,7 +284,7 @@ class Trainer:
         else:
             sums = None
             for mb in micro:
-                mb = mb.to(self.device)
+                mb = self._to_device(mb)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                     out, lm = forward_lm(self.model, mb.inputs, mb.targets, mode, mb.segment_ids)
                 stats = torch.stack([lm, *(out.indexer_kl or [])])

@@ -64,7 +64,7 @@ def test_yaml_file_errors(tmp_path):
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match="unknown preset 'huge'; available: tiny, small, v32, base"):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; available: tiny, small, h200, v32, base"):
         load_config("huge")
 
 

@@ -130,3 +130,28 @@ def test_memo_lets_a_recomputation_skip_both_kernels(interpret, monkeypatch):
     assert again is not first and torch.equal(again, first)
     for g, p in zip(torch.autograd.grad(again, (iq, ik, w), grad_rows), plain):
         assert torch.equal(g, p)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_backward_starts_from_the_forwards_row_statistics(interpret, mode):
+    """The backward reads each row's statistics (indexer LSE, target mass) from the forward instead of streaming
+    the keys again: shifting the saved LSE shifts the gradient, and the untouched statistics reproduce it."""
+    iq, ik, w, q, kv = _inputs()
+    if mode == "sparse":
+        idx = _sparse_indices()
+        lse = ref.sparse_mla(q, kv, idx, SCALE, DV)[1]
+    else:
+        idx, lse = None, _dense_lse(q, kv)
+    grad_rows = torch.rand(B, S)
+    plain = torch.autograd.grad(indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx), (iq, ik, w), grad_rows)
+    memo = {}
+    indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx, memo=memo)
+    assert tuple(memo["stats"].shape) == (B, S, 2)
+    same = torch.autograd.grad(indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx, memo=memo), (iq, ik, w),
+                               grad_rows)
+    for g, p in zip(same, plain):
+        assert torch.equal(g, p)
+    memo["stats"][..., 0] += 1.0            # softmax(I) scaled by e^-1: a different gradient if it is read
+    shifted = torch.autograd.grad(indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx, memo=memo), (iq, ik, w),
+                                  grad_rows)
+    assert not torch.allclose(shifted[2], plain[2])

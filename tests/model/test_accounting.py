@@ -5,7 +5,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dsaforge.config.presets import preset
 from dsaforge.model import Transformer
-from dsaforge.model.accounting import _mean_keys, count_params, flops_breakdown, flops_per_token
+from dsaforge.model.accounting import (_mean_keys, count_params, flops_breakdown, flops_per_token,
+                                       recompute_flops_per_token)
 from tests.model.model_helpers import make_model, tiny_cfg
 
 
@@ -87,3 +88,32 @@ def test_v32_sparse_beats_dense_at_long_context_only():
     assert flops_per_token(cfg, 4096, "dense") == pytest.approx(3 * flops_per_token(cfg, 4096, "dense", training=False))
     with pytest.raises(ValueError, match="mode"):
         flops_per_token(cfg, 4096, "sparce")
+
+
+def test_training_step_flops_with_recomputation_match_torch_counter():
+    """One-token dense training step: model FLOPs + the chunked loss's head recompute without checkpointing, and
+    every block's forward once more with it (what MFU "with recomputation" counts)."""
+    model = make_model(n_mtp_layers=0)
+    model.train()
+    cfg = model.cfg
+
+    def step(checkpointing: bool) -> int:
+        model.activation_checkpointing = checkpointing
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = model(torch.tensor([[7]]), mode="dense", attn_form="mha", return_hidden=True)
+            model.lm_loss_chunked(out.hidden, torch.tensor([[3]])).backward()
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    plain, recomputed = step(False), step(True)
+    assert plain == pytest.approx(flops_per_token(cfg, 1, "dense") + recompute_flops_per_token(cfg, 1, "dense", False),
+                                  rel=1e-9)
+    assert recomputed - plain == pytest.approx(
+        recompute_flops_per_token(cfg, 1, "dense", True) - recompute_flops_per_token(cfg, 1, "dense", False), rel=1e-9)
+    # sparse with replay: the blocks again, but of the indexer only its projections
+    seq = 4096
+    full = recompute_flops_per_token(cfg, seq, "sparse", True, replay_topk=False)
+    replayed = recompute_flops_per_token(cfg, seq, "sparse", True, replay_topk=True)
+    assert 0 < replayed < full
+    assert recompute_flops_per_token(cfg, seq, "warmup", True) == 0.0        # frozen backbone: no graph to replay

@@ -176,6 +176,34 @@ def test_processed_logits_keeps_ties_and_one_token():
     assert torch.isfinite(out[1]).tolist() == [True, False, False, False]   # top-p below the first token's mass
 
 
+def test_stacked_experts_path_equals_a_full_forward():
+    """The GPU's sync-free MoE paths (stacked experts: the dense form in decode, 8 rows x 2 slots = 2 x 8 experts)
+    run on CPU when given the stacked weights, and still equal a full forward."""
+    from dsaforge.model import MoE
+    from dsaforge.model.infer import stack
+
+    model = make_model(seed=2, **SHAPE)
+    prompts = _prompts([5, 17, 24, 9], model.cfg.vocab_size)
+    engine = Engine(model, mode="sparse", max_batch=8, max_len=64, capture_routing=True)
+    engine.stacked = [stack(b.ffn) if isinstance(b.ffn, MoE) else None for b in model.layers]
+    for p, out in zip(prompts, engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=6))):
+        want, _ = _full_logprobs(model, p, out.tokens, "sparse")
+        torch.testing.assert_close(torch.tensor(out.logprobs), want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("top_p,top_k", [(1.0, 0), (0.9, 0), (1.0, 5), (0.9, 5)])
+def test_processed_logits_skips_only_unused_truncations(top_p, top_k):
+    """The sampler skips top-k / top-p kernels when no row uses them; every row's kept set is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 50, generator=g)
+    temp = torch.tensor([1.0, 0.7, 0.0, 1.3])
+    tp, tk = torch.full((4,), top_p), torch.full((4,), top_k)
+    want = processed_logits(x, temp, tp, tk)
+    got = processed_logits(x, temp, tp, tk, any_top_k=top_k > 0, any_top_p=top_p < 1)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    torch.testing.assert_close(got[torch.isfinite(got)], want[torch.isfinite(want)], rtol=0, atol=0)
+
+
 def test_bad_requests_are_rejected():
     model = make_model(seed=1)
     engine = Engine(model, mode="dense", max_batch=1, max_len=32)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dsaforge.model import Gate, MoE
+from dsaforge.model.moe import expert_counts
 from tests.model.model_helpers import tiny_cfg
 
 
@@ -125,3 +126,14 @@ def test_gate_bias_is_a_buffer_not_a_parameter():
     names = {n for n, _ in moe.named_parameters()}
     assert "gate.bias" not in names and "gate.bias" in moe.state_dict()
     assert isinstance(moe.gate, Gate)
+
+
+def test_expert_counts_equal_bincount_and_an_empty_load_moves_no_bias():
+    idx = torch.randint(0, 8, (5, 7, 3))
+    counts = expert_counts(idx, 8)
+    assert counts.dtype == torch.long and torch.equal(counts, torch.bincount(idx.flatten(), minlength=8))
+    assert torch.equal(expert_counts(idx[:0], 8), torch.zeros(8, dtype=torch.long))
+    cfg, moe = _moe(bias_update_speed=0.01)
+    before = moe.gate.bias.clone()
+    moe.update_bias()                                 # nothing counted since the last update
+    assert torch.equal(moe.gate.bias, before)

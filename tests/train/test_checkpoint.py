@@ -126,3 +126,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     assert not (tmp_path / "hf").exists()
     state = torch.load(tmp_path / "checkpoints" / "step-00000002" / "trainer-rank00000.pt", weights_only=False)
     assert state["step"] == 2 and state["samples"] == 8
+
+
+def test_out_of_range_token_ids_are_refused_on_the_host(tmp_path, tiny_data):
+    """The trainer checks each micro-batch's ids before moving it (the model's own check, a GPU sync, is off)."""
+    cfg = load_config("tiny", overrides=OVERRIDES + ["train.pretrain.steps=1"])
+    trainer = Trainer(cfg, "pretrain", tiny_data, tmp_path)
+    assert trainer.model.validate_token_ids is False
+    rows = trainer.train_rows
+    real = rows.batch
+
+    def corrupt(indices):
+        b = real(indices)
+        b.inputs[0, 3] = cfg.model.vocab_size
+        return b
+    rows.batch = corrupt
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=2048\)"):
+        trainer.train_step()

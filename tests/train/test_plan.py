@@ -9,7 +9,7 @@ from dsaforge.model.accounting import count_params
 from dsaforge.model.train.plan import GiB, Layout, candidate_layouts, plan, plan_params, rank_plan
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "v32"])
+@pytest.mark.parametrize("name", ["tiny", "small", "h200", "v32"])
 def test_one_device_holds_exactly_the_model(name):
     cfg = preset(name)
     row = rank_plan(cfg, Layout(1, 1, 1, 1), "sparse", 4096, 1e9)
@@ -96,3 +96,19 @@ def test_small_preset_peak_memory_is_within_10pct_of_the_plan(seq_len):
     print(f"\nsmall, L={seq_len}: measured peak {measured:.2f} GiB, plan {planned:.2f} GiB "
           f"({measured / planned - 1:+.1%})")
     assert abs(measured / planned - 1) <= 0.10
+
+
+def test_h200_preset_has_v32_attention_and_every_stage_fits_one_h200():
+    cfg = preset("h200")
+    m, v32 = cfg.model, preset("v32").model
+    fields = ("n_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+              "index_n_heads", "index_head_dim", "index_topk")
+    assert [getattr(m, f) for f in fields] == [getattr(v32, f) for f in fields] == [128, 1536, 512, 128, 64, 128,
+                                                                                     64, 128, 2048]
+    for stage in ("pretrain", "warmup", "sparse"):
+        for seq_len in (65536, 131072):      # one sequence per forward
+            c = cfg.model_copy(deep=True)
+            getattr(c.train, stage).micro_batch_size = 1
+            assert rank_plan(c, Layout(1, 1, 1, 1), stage, seq_len, 141).fits, (stage, seq_len)
+    # pretraining's own micro-batch: 16 x 4K tokens per forward
+    assert rank_plan(cfg, Layout(1, 1, 1, 1), "pretrain", cfg.train.pretrain.seq_len, 141).fits

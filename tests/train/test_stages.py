@@ -106,3 +106,12 @@ def test_recall_probe_reports_every_layer_with_the_fused_kernels_on():
     assert model.fused_dsa is True
     assert sorted(recall) == sorted([f"recall/layer{i}" for i in range(cfg.model.n_layers)] + ["recall/mean"])
     assert all(0.0 <= v <= 1.0 for v in recall.values()), recall
+
+
+def test_recall_probe_stays_within_memory_at_128_heads():
+    from dsaforge.model.train.trainer import PROBE_BYTES, recall_probe_len
+    assert recall_probe_len(128, 32, 4) == 128                       # tiny: the whole sequence
+    assert recall_probe_len(65536, 2048, 16) == 8192                 # small: 4k
+    n = recall_probe_len(65536, 2048, 128)                            # h200 / v32: 128 heads
+    assert n == 4096 and 4 * 128 * n * n <= PROBE_BYTES
+    assert recall_probe_len(65536, 2048, 4096) == 4096                # never below 2k: rows must see > k keys
