@@ -160,6 +160,12 @@ class Engine:
     def busy(self) -> bool:
         return any(r.state in ("waiting", "prefill", "decode") for r in self._rows.values())
 
+    @property
+    def running(self) -> bool:
+        """Some sequence holds a slot and has input to prefill or tokens to decode: `step()` will make progress.
+        False while busy means every waiting sequence waits for a slot that a paused sequence holds."""
+        return any(r.state in ("prefill", "decode") for r in self._rows.values())
+
     def step(self) -> list[tuple[int, Segment]]:
         """Admit waiting sequences into free slots, prefill pending input, decode one token for every generating
         sequence. Returns the segments that ended in this step (their sequences are paused)."""

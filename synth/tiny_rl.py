@@ -1,11 +1,13 @@
 """The tiny-RL task set: hundreds of short procedurally generated general-agent tasks (the `lookup` family), in the
 synthesize stage's output layout, so the sft and grpo stages read them like any synthesized tasks.
 
-    write_tiny_rl(out_dir, envs=60, heldout_envs=17, seed=0)     # tasks.parquet, envs/, trajectories.parquet
+    write_tiny_rl(out_dir, envs=100, heldout_envs=25, seed=0)    # tasks.parquet, envs/, trajectories.parquet
 
-Each environment is a SQLite bundle of 12 items with random two-digit codes; its 12 tasks ask for one item's code,
-which only the sandboxed `get_code` tool reveals, so a policy can pass only by calling the tool with the right
-name and copying its output into the answer. Held-out tasks come from held-out environments (other codes).
+Each environment is a SQLite bundle of 12 items with random codes (10-41); its tasks ask for one item's code, which
+only the sandboxed `get_code` tool reveals, so a policy can pass only by calling the tool with the right name and
+copying its output into the answer. Held-out tasks come from held-out environments (other codes). The shapes are
+chosen for a very small model: the name is quoted in the prompt, so it is the same single token there and in the
+call's arguments, and every code is one token of the tiny-RL tokenizer, so each copy is one attention hop.
 
 The tasks are correct by construction (the code is read from the same database the tool and the verifier read), so
 they skip synthesize's gates and pass@k filter (their `gates` are empty). Reference trajectories are built from the
@@ -15,7 +17,6 @@ replays them through `make_episode` (real tool calls and verifier in the sandbox
 from __future__ import annotations
 
 import json
-import random
 import sqlite3
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def reference_messages(task: Task) -> list[dict]:
             {"role": "assistant", "content": json.dumps({"answer": result["code"]}), "reasoning_content": ""}]
 
 
-def write_tiny_rl(out_dir: Path, envs: int = 60, heldout_envs: int = 17, seed: int = 0) -> dict:
+def write_tiny_rl(out_dir: Path, envs: int = 100, heldout_envs: int = 25, seed: int = 0) -> dict:
     from dsaforge.synth.trajectory import write_trajectories
 
     out_dir = Path(out_dir)
@@ -73,9 +74,3 @@ def write_tiny_rl(out_dir: Path, envs: int = 60, heldout_envs: int = 17, seed: i
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
-
-def random_prompts(n: int, seed: int = 0) -> list[str]:
-    """Unrelated short texts in the same vocabulary, for tokenizer training when no corpus is at hand."""
-    rng = random.Random(seed)
-    names = family_module(FAMILY).NAMES
-    return [f"the code of {rng.choice(names)} is {rng.randrange(10, 100)}" for _ in range(n)]

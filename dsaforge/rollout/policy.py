@@ -106,6 +106,8 @@ class EnginePolicy:
                 self._add(key, seg.tokens, 1, seg.logprobs, seg.kept)
                 text = self.chat.decode(seg.tokens)
                 out.append((key, Turn(self.chat.parse(text), seg.finish_reason, len(seg.tokens))))
+            if not out and not self.engine.running:
+                break       # more episodes than slots, every slot held by one awaiting its tool outputs
         return out
 
     def end(self, key):

@@ -187,7 +187,9 @@ def run_episodes(policy: Policy, episodes: Sequence, cfg: RolloutConfig = Rollou
                 if live and not polled:
                     raise RuntimeError(f"the policy returned nothing for {len(live)} running episodes")
                 continue
-            ready, _ = wait(waiting, timeout=None if not _generating(live) else 0, return_when=FIRST_COMPLETED)
+            # (a poll that returned nothing while episodes still wait to generate means their slots are held by
+            # episodes awaiting tool outputs: block on those too)
+            ready, _ = wait(waiting, timeout=0 if polled and _generating(live) else None, return_when=FIRST_COMPLETED)
             for f in ready:
                 resume(waiting[f])
     return out   # type: ignore[return-value]

@@ -1,98 +1,144 @@
-"""The tiny learning bar on CPU: SFT then GRPO on the tiny-RL task set, through the real stages.
+"""The tiny learning bar on CPU: pretrain, SFT, then GRPO on the tiny-RL task set, through the real stages.
 
-    python -m dsaforge.model.rl.tiny --out runs/tiny-rl            # about 5 minutes on 2 CPU cores
+    python -m dsaforge.model.rl.tiny --out runs/tiny-rl            # what tests/rl/test_learning.py runs; --rl-steps, --sft-steps
 
 1. `dsaforge.synth.tiny_rl` writes hundreds of short `lookup` tasks (train and held-out environments) and their
    reference trajectories, in the synthesize stage's layout;
-2. a byte-level BPE tokenizer with the chat special tokens is trained on the train trajectories' text (the
-   prepare-data stage's tokenizer, for a corpus of conversations);
-3. the `sft` stage fine-tunes a freshly initialised tiny model on the rendered train trajectories;
-4. the `grpo` stage trains it with GRPO (every tool call and verdict through the episode interface and the
-   sandbox), evaluating held-out pass rate (sampled, pass@1) before and after.
+2. the `prepare-data` stage ingests a corpus of the train environments' transcripts (each conversation after its
+   system prompt, plus a few whole conversations so the tokenizer knows the system prompt's words): a byte-level
+   BPE tokenizer in which every item name and every code is one token, and packed rows;
+3. the `pretrain` stage trains a fresh tiny model on those short transcripts (documents masked from each other):
+   with ~50 tokens of context instead of ~200 the copy from a prompt or a tool output into the reply forms in a
+   few hundred steps, which on whole conversations takes thousands;
+4. the `sft` stage fine-tunes it on the rendered train trajectories (loss on the assistant's tokens only), stopped
+   early, where the held-out pass rate of the sampled policy is well below its ceiling;
+5. the `grpo` stage trains it with GRPO, every tool call and verdict through the episode interface and the
+   sandbox, evaluating the held-out pass rate (one sampled episode per held-out prompt, T = 1) before and after.
 
-Prints and returns the held-out pass rates with their standard errors; `tests/rl/test_learning.py` asserts the bar
-(>= 10 points and > 3 standard errors).
+The gain is measured in standard errors of the difference of two independent proportions,
+    SE = sqrt(p_before (1 - p_before) / n + p_after (1 - p_after) / n),
+each p the share of the n held-out prompts whose one sampled episode passed its verifier (the per-evaluation SE
+is `heldout/pass_rate_se`, the sample std over sqrt(n), which this combines in quadrature). Both evaluations use
+the same prompts, so their outcomes are positively correlated and this SE overstates the paired one: the test is
+conservative. `tests/rl/test_learning.py` asserts the bar (>= 10 points and > 3 standard errors).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 
 def tiny_rl_config(**overrides):
-    """The tiny preset with the SFT and GRPO settings of the tiny learning bar."""
+    """The tiny preset with the model and the pretrain, SFT and GRPO settings of the tiny learning bar."""
     from dsaforge.config import load_config
 
     cfg = load_config("tiny")
     cfg.train.device = "cpu"
+    m = cfg.model
+    m.vocab_size = 1024           # the tiny-RL tokenizer has ~600 tokens: a smaller head, less compute
+    # attention wide enough to carry a token's identity through one head (the copy): a full-rank latent and value
+    m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim, m.v_head_dim = 64, 64, 16, 32
+    d = cfg.data
+    d.seq_len, d.val_fraction, d.max_documents, d.min_doc_bytes = 128, 0.02, None, 16
+    p = cfg.train.pretrain
+    p.steps, p.lr, p.batch_size, p.micro_batch_size, p.seq_len, p.doc_mask = 400, 3e-3, 16, 16, 128, True
+    p.warmup_steps, p.eval_every, p.ckpt_every, p.eval_batches, p.min_lr_ratio = 20, 1000, 1000, 1, 0.1
     s = cfg.train.sft
-    s.steps, s.lr, s.batch_size, s.micro_batch_size, s.seq_len = 80, 3e-3, 8, 8, 208
-    s.warmup_steps, s.eval_every, s.ckpt_every, s.eval_batches, s.min_lr_ratio = 10, 50, 1000, 1, 0.1
+    s.steps, s.lr, s.batch_size, s.micro_batch_size, s.seq_len = 30, 1e-3, 8, 8, 200
+    s.warmup_steps, s.eval_every, s.ckpt_every, s.eval_batches, s.min_lr_ratio = 5, 1000, 1000, 1, 1.0
     rl = cfg.rl
     rl.mode = "dense"
-    rl.steps, rl.lr, rl.group_size, rl.prompts_per_step, rl.micro_batch_size = 8, 5e-4, 8, 16, 16
-    rl.kl_coef, rl.temperature, rl.top_p, rl.max_new_tokens, rl.max_turns = 0.0, 1.0, 1.0, 48, 3
+    rl.steps, rl.lr, rl.group_size, rl.prompts_per_step, rl.micro_batch_size = 16, 3e-4, 8, 8, 32
+    rl.kl_coef, rl.temperature, rl.top_p, rl.max_new_tokens, rl.max_turns = 0.0, 1.0, 1.0, 32, 2
+    rl.reward.format_weight = 0.2
     rl.eval_every, rl.eval_prompts, rl.eval_sampled, rl.save_every = 1000, 1000, True, 1000
     for k, v in overrides.items():
         section, field = k.split(".", 1)
         obj = getattr(cfg, section)
         *path, last = field.split(".")
-        for p in path:
-            obj = getattr(obj, p)
+        for part in path:
+            obj = getattr(obj, part)
         setattr(obj, last, v)
     return cfg
 
 
-def run(out: Path, cfg=None, envs: int = 60, heldout_envs: int = 20) -> dict:
+def write_corpus(synth: Path, path: Path, whole: int = 20) -> int:
+    """The pretraining corpus as JSONL: every train trajectory's transcript after the system prompt, and the first
+    `whole` train conversations in full (for the tokenizer). Held-out environments stay out."""
+    from dsaforge.data.chat import USER, ChatTemplate
+    from dsaforge.synth.trajectory import load_trajectories
+
+    render = ChatTemplate(None, thinking=True).render
+    rows = []
+    for i, t in enumerate(x for x in load_trajectories(synth) if x["split"] == "train"):
+        text = render(t["messages"], t["tools"], add_generation_prompt=False)
+        rows.append(text if i < whole else text[text.index(USER):])
+    path.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    return len(rows)
+
+
+def run(out: Path, cfg=None, envs: int = 100, heldout_envs: int = 25) -> dict:
     import torch
 
-    from dsaforge.data.chat import ChatTemplate
-    from dsaforge.data.tokenizer import train_tokenizer
-    from dsaforge.model import Transformer
+    from dsaforge.data.prepare import prepare
     from dsaforge.model.rl import stage as rl_stage
     from dsaforge.model.train import stages
-    from dsaforge.model.train.state import export
     from dsaforge.stages import StageContext
     from dsaforge.synth.tiny_rl import write_tiny_rl
-    from dsaforge.synth.trajectory import load_trajectories
     from dsaforge.tracking import NullTracker
 
     cfg = cfg or tiny_rl_config()
+    torch.set_num_threads(2)
     out = Path(out)
-    synth, data, base = out / "synthesize", out / "data", out / "init"
+    synth, data = out / "synthesize", out / "data"
+    times, t0 = {}, time.perf_counter()
     write_tiny_rl(synth, envs=envs, heldout_envs=heldout_envs, seed=cfg.rl.seed)
-    render = ChatTemplate(None, thinking=True).render
-    texts = [render(t["messages"], t["tools"], add_generation_prompt=False)
-             for t in load_trajectories(synth) if t["split"] == "train"]
-    data.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(texts, cfg.model.vocab_size).save(str(data / "tokenizer.json"))
-    torch.manual_seed(cfg.train.seed)
-    export(base / "hf", Transformer(cfg.model).state_dict(), cfg, {"stage": "init"})
-    inputs = {"prepare-data": data, "sparse": base, "synthesize": synth}
-    sft = stages.sft(StageContext(cfg, out / "sft", dict(inputs), NullTracker()))
+    cfg.data.sources = [str(out / "corpus.jsonl")]
+    write_corpus(synth, out / "corpus.jsonl")
+    prepare(cfg, data)
+    times["data_s"] = time.perf_counter() - t0
+    pre = stages.pretrain(StageContext(cfg, out / "pretrain", {"prepare-data": data}, NullTracker()))
+    times["pretrain_s"] = time.perf_counter() - t0 - sum(times.values())
+    sft = stages.sft(StageContext(cfg, out / "sft", {"prepare-data": data, "pretrain": out / "pretrain",
+                                                     "synthesize": synth}, NullTracker()))
+    times["sft_s"] = time.perf_counter() - t0 - sum(times.values())
     tracker = NullTracker()
-    inputs = {"prepare-data": data, "sft": out / "sft", "synthesize": synth}
-    grpo = rl_stage.run(StageContext(cfg, out / "grpo", inputs, tracker))
-    result = {"sft": sft, "grpo": grpo, "tracker": tracker}
+    grpo = rl_stage.run(StageContext(cfg, out / "grpo", {"prepare-data": data, "sft": out / "sft",
+                                                         "synthesize": synth}, tracker))
+    times["grpo_s"] = time.perf_counter() - t0 - sum(times.values())
     before, after = grpo["start.heldout/pass_rate"], grpo["end.heldout/pass_rate"]
     se = (grpo["start.heldout/pass_rate_se"] ** 2 + grpo["end.heldout/pass_rate_se"] ** 2) ** 0.5
-    result.update(before=before, after=after, gain_se=(after - before) / se if se else float("inf"),
-                  heldout=int(grpo["end.heldout/n"]))
-    print(f"held-out pass rate (n={result['heldout']}, sampled pass@1): after SFT {before:.3f} -> after GRPO "
-          f"{after:.3f} ({100 * (after - before):+.1f} points, {result['gain_se']:.1f} standard errors)")
+    result = {"pretrain": pre, "sft": sft, "grpo": grpo, "tracker": tracker, "times": times,
+              "before": before, "after": after, "before_se": grpo["start.heldout/pass_rate_se"],
+              "after_se": grpo["end.heldout/pass_rate_se"], "gain_se": (after - before) / se if se else float("inf"),
+              "heldout": int(grpo["end.heldout/n"])}
+    print(table(result))
     return result
+
+
+def table(r: dict) -> str:
+    lines = [f"held-out pass rate, n = {r['heldout']} prompts, one sampled episode each (T = 1)",
+             "| after | pass rate | SE |", "|---|---|---|",
+             f"| sft | {r['before']:.3f} | {r['before_se']:.3f} |",
+             f"| grpo ({r['grpo']['steps']} steps) | {r['after']:.3f} | {r['after_se']:.3f} |",
+             f"gain {100 * (r['after'] - r['before']):+.1f} points = {r['gain_se']:.1f} standard errors; "
+             + ", ".join(f"{k} {v:.0f}" for k, v in r["times"].items())]
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rl-steps", type=int, default=None)
+    ap.add_argument("--out", type=Path, required=True, help="a new directory: stage outputs, result.json, table.md")
+    ap.add_argument("--rl-steps", type=int, default=None, help="GRPO steps (the test runs the default)")
+    ap.add_argument("--sft-steps", type=int, default=None)
     args = ap.parse_args()
-    cfg = tiny_rl_config(**({"rl.steps": args.rl_steps} if args.rl_steps else {}))
-    r = run(args.out, cfg)
+    overrides = {k: v for k, v in (("rl.steps", args.rl_steps), ("train.sft.steps", args.sft_steps)) if v}
+    r = run(args.out, tiny_rl_config(**overrides))
     (args.out / "result.json").write_text(json.dumps({k: v for k, v in r.items() if k != "tracker"}, indent=2,
                                                      default=str))
+    (args.out / "table.md").write_text(table(r) + "\n")
 
 
 if __name__ == "__main__":

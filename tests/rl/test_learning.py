@@ -1,6 +1,7 @@
 """The tiny learning bar: GRPO after SFT raises the held-out pass rate by >= 10 points and by more than 3 standard
-errors, on the tiny-RL task set (hundreds of held-out prompts; every tool call and verdict through the episode
-interface and the sandbox), through the real sft and grpo stages (`dsaforge.model.rl.tiny`).
+errors, on the tiny-RL task set (hundreds of held-out prompts from held-out environments; every tool call and
+verdict through the episode interface and the sandbox), through the real prepare-data, pretrain, sft and grpo
+stages (`dsaforge.model.rl.tiny`, whose docstring gives the standard error's formula).
 
 Run: python -m pytest tests/rl/test_learning.py -q -s
 """
@@ -13,8 +14,8 @@ from dsaforge.synth import sandbox as sbx
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(sbx.bwrap_problem() is not None, reason=f"bwrap unusable: {sbx.bwrap_problem()}"),
-              # Not met yet, and longer than CI's budget with the current settings (docs/rl.md, "Status of the tiny
-              # learning bar"): run it by hand with DSAFORGE_TINY_RL=1 while tuning.
+              # Not met (docs/rl.md, "Status of the tiny learning bar"): SFT lands in the 20-60% band, GRPO does
+              # not raise it, and the run is longer than CI's budget. DSAFORGE_TINY_RL=1 runs it while tuning.
               pytest.mark.skipif(not os.environ.get("DSAFORGE_TINY_RL"),
                                  reason="the tiny learning bar is not met yet (docs/rl.md); DSAFORGE_TINY_RL=1 runs it")]
 
@@ -23,8 +24,10 @@ def test_grpo_after_sft_raises_heldout_pass_rate(tmp_path):
     r = run(tmp_path)
     metrics = r["tracker"].metrics
     assert r["heldout"] >= 200
-    assert r["after"] - r["before"] >= 0.10, r
-    assert r["gain_se"] > 3, r
+    # SFT left room to learn: the sampled policy is right only some of the time
+    assert 0.05 <= r["before"] <= 0.7, r["before"]
+    assert r["after"] - r["before"] >= 0.10, (r["before"], r["after"])
+    assert r["gain_se"] > 3, (r["before"], r["after"], r["gain_se"])
     # the stabilisers' statistics were logged every step
     for key in ("rl/ratio_mean", "rl/opsm_fraction", "rl/engine_trainer_logp_gap", "rl/entropy"):
         assert len(metrics[key]) == r["grpo"]["steps"], key

@@ -138,6 +138,31 @@ def test_engine_rollouts_survive_malformed_output(tokenizer, strategy):
                     assert text.startswith(C.OUTPUT_BEGIN) and text.endswith(C.OUTPUT_END + chat.segment_prefix)
 
 
+class SlowEchoEpisode(EchoEpisode):
+    """Tool calls that take a while, like a sandboxed tool's."""
+
+    def step(self, call):
+        import time
+        time.sleep(0.05)
+        return super().step(call)
+
+
+def test_more_episodes_than_engine_slots_with_slow_tools(tokenizer):
+    """Every slot held by an episode awaiting its tool outputs while others wait for a slot: the rollout goes on
+    (it used to spin in poll forever, the tool outputs never handed back)."""
+    engine = Engine(_babbler(tokenizer), mode="sparse", max_batch=2, max_len=768, seed=3)
+    policy = EnginePolicy(engine, ChatTemplate(tokenizer, thinking=False), SamplingParams(temperature=1.0,
+                                                                                         max_new_tokens=40))
+    episodes = [SlowEchoEpisode(i) for i in range(6)]
+    done = []
+    worker = threading.Thread(target=lambda: done.append(run_episodes(policy, episodes, RolloutConfig(max_turns=3))),
+                              daemon=True)
+    worker.start()
+    worker.join(120)
+    assert done, "run_episodes stalled with more episodes than engine slots"
+    assert sum(t.turns for t in done[0]) > 0 and all(ep.closed for ep in episodes) and not engine.busy
+
+
 class _Scripted(BaseHTTPRequestHandler):
     """A local server speaking the chat-completions protocol with a scripted policy."""
     script = "echo"

@@ -13,7 +13,7 @@ TOOL_LEVEL = {"get_code": 1}
 def build_db(conn, rng):
     conn.execute("CREATE TABLE item(name TEXT PRIMARY KEY, code INTEGER)")
     for name in NAMES:
-        conn.execute("INSERT INTO item VALUES (?,?)", (name, rng.randrange(10, 100)))
+        conn.execute("INSERT INTO item VALUES (?,?)", (name, rng.randrange(10, 42)))
     conn.commit()
 
 
@@ -28,7 +28,7 @@ def make_tools(conn):
 def propose(conn, rng, difficulty):
     name = rng.choice(NAMES)
     (code,) = conn.execute("SELECT code FROM item WHERE name=?", (name,)).fetchone()
-    prompt = f'Use get_code to find the code of {name}. Answer {{"answer": <code>}}.'
+    prompt = f'Use get_code to find the code of "{name}". Answer {{"answer": <code>}}.'
     return {"name": name}, {"code": code}, prompt
 
 
