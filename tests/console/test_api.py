@@ -95,7 +95,7 @@ def test_submit_form_is_generated_from_the_schema(served):
     ({"model.no_such_field": "1"}, "model.no_such_field: unknown key"),
     ({"pipeline.home": "/etc"}, "pipeline.home: set by the console, not by a submitted form"),
     ({"tracking.uri": "sqlite:////tmp/elsewhere.db"}, "tracking.uri: set by the console, not by a submitted form"),
-    ({"preset": "huge"}, "unknown preset 'huge'; available: tiny, small, v32, base"),
+    ({"preset": "huge"}, "unknown preset 'huge'; available: tiny, small, h200, v32, base"),
     ({"pipeline_name": "nope"}, f"unknown pipeline 'nope'; available: {', '.join(PIPELINES)}"),
 ])
 def test_bad_config_is_one_line_naming_the_field(served, fields, message):

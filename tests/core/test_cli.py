@@ -37,7 +37,7 @@ def test_config_show_schema_diff(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["config", "show", "--preset", "huge"], "dsaforge: error: unknown preset 'huge'; available: tiny, small, v32"),
+    (["config", "show", "--preset", "huge"], "dsaforge: error: unknown preset 'huge'; available: tiny, small, h200, v32, base"),
     (["config", "show", "--set", "model.dimm=3"], "dsaforge: error: --set model.dimm: unknown key 'dimm'"),
     (["config", "show", "--set", "model.dim=big"], "dsaforge: error: config: model.dim: Input should be a valid integer"),
     (["config", "show", "--config", "/nonexistent.yaml"], "dsaforge: error: config file not found: /nonexistent.yaml"),
