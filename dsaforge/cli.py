@@ -26,7 +26,8 @@ from pathlib import Path
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None,
-                   help="tiny (CPU), small (one H200), h200 (V3.2's attention, one H200), v32 (DeepSeek-V3.2 size), base")
+                   help="tiny (CPU), small (one H200), h200 (V3.2's attention block, one H200), "
+                        "v32 (DeepSeek-V3.2 size), base")
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file(s) layered on the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="override one field, e.g. --set model.n_layers=4 (repeatable)")

@@ -18,7 +18,9 @@ models = pytest.importorskip("kubeflow_trainer_api.models")
 
 
 def _cfg(nnodes, *sets):
-    batches = [f"train.{s}.batch_size=512" for s in ("pretrain", "warmup", "sparse")]   # divides over 256 replicas
+    # 512 sequences divide over 256 replicas in micro-batches of one
+    batches = [f"train.{s}.{k}" for s in ("pretrain", "warmup", "sparse")
+               for k in ("batch_size=512", "micro_batch_size=1")]
     return load_config("small", overrides=[f"parallel.nnodes={nnodes}", "parallel.nproc_per_node=8", *batches,
                                            "parallel.tp=8", "parallel.ep=8", "pipeline.gpus_per_stage=8",
                                            "pipeline.workspace_pvc=dsaforge-rwx", "pipeline.shm_size=256Gi",
