@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from dsaforge import kernels
 from dsaforge.model.attention import MLA, Indexer
+from dsaforge.model.layers import rotate
 from dsaforge.model.moe import MoE, grouped_swiglu, use_grouped_mm
 from dsaforge.model.transformer import Transformer
 
@@ -78,32 +79,14 @@ def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _OUT_DTYPE = [True]
 
 
-def rms(norm, x: torch.Tensor) -> torch.Tensor:
-    """`layers.RMSNorm` as one fused op (fp32 statistics)."""
-    return F.rms_norm(x, (x.shape[-1],), norm.weight.to(x.dtype), norm.eps)
-
-
-def _cis(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
-    return cis.view(cis.shape[:2] + (1,) * (x.dim() - 3) + cis.shape[-1:])
-
-
-def rope_interleaved(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
-    """`layers.rotate(interleaved=True)` with one angle per row and token: x [B, S, ..., R] pairs (x0, x1), ... as
-    complex numbers times cis [B, S, R/2] (fp32; the same products, three kernels instead of nine)."""
-    z = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2))) * _cis(x, cis)
-    return torch.view_as_real(z).flatten(-2).to(x.dtype)
-
-
-def rope_half(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
-    """`layers.rotate(interleaved=False)` (pairs (x_i, x_{i+R/2}), the indexer's layout) in the same way."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    z = torch.complex(x1, x2) * _cis(x, cis)
-    return torch.view_as_real(z).movedim(-1, -2).to(x.dtype, memory_format=torch.contiguous_format).flatten(-2)
+def _rope(x: torch.Tensor, cis: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """`layers.rotate` with one angle per row and token: x [B, S, ..., R], cis [B, S, R/2]."""
+    return rotate(x, cis.view(cis.shape[:2] + (1,) * (x.dim() - 3) + cis.shape[-1:]), interleaved)
 
 
 def _index_rope(ix: Indexer, t: torch.Tensor, cis) -> torch.Tensor:
     pe, nope = t.split([ix.rope_dim, ix.head_dim - ix.rope_dim], dim=-1)
-    return ix._numerics(torch.cat((rope_half(pe, cis), nope), dim=-1))
+    return ix._numerics(torch.cat((_rope(pe, cis, interleaved=False), nope), dim=-1))
 
 
 def index_keys(ix: Indexer, x: torch.Tensor, cis) -> torch.Tensor:
@@ -132,11 +115,11 @@ def mla_infer(attn: MLA, x: torch.Tensor, step: Step, kv_cache: torch.Tensor, ik
 
     rows [B] slot of each row (None: rows are slots 0..B-1, read as views)."""
     b, s, _ = x.shape
-    qr = rms(attn.q_norm, attn.wq_a(x))
+    qr = attn.q_norm(attn.wq_a(x))
     q_nope, q_pe = attn.wq_b(qr).view(b, s, attn.n_heads, -1).split([attn.nope, attn.rope], dim=-1)
-    q_pe = rope_interleaved(q_pe, step.cis)
+    q_pe = _rope(q_pe, step.cis, interleaved=True)
     c, k_pe = attn.wkv_a(x).split([attn.kv_lora_rank, attn.rope], dim=-1)
-    _write(kv_cache, step, torch.cat((rms(attn.kv_norm, c), rope_interleaved(k_pe, step.cis)), dim=-1))
+    _write(kv_cache, step, torch.cat((attn.kv_norm(c), _rope(k_pe, step.cis, interleaved=True)), dim=-1))
     need_index = mode == "sparse" or (capture is not None and capture.topk)
     if need_index:   # the keys are cached even when this call selects every key: later, longer calls need them
         _write(ik_cache, step, index_keys(attn.indexer, x, step.cis))
@@ -285,16 +268,16 @@ def forward_rows(model: Transformer, cache: SlotCache, tokens: torch.Tensor, sta
                 else None)
     h = model.embed(tokens)
     for i, block in enumerate(model.layers):
-        a = mla_infer(block.attn, rms(block.attn_norm, h), step, cache.kv[i], cache.index_k[i], rows, t, mode,
+        a = mla_infer(block.attn, block.attn_norm(h), step, cache.kv[i], cache.index_k[i], rows, t, mode,
                       top_k, capture)
         h = h + a
         if isinstance(block.ffn, MoE):
-            f, idx = moe_infer(block.ffn, rms(block.ffn_norm, h), stacked[i])
+            f, idx = moe_infer(block.ffn, block.ffn_norm(h), stacked[i])
             if capture is not None and capture.routing:
                 capture.moe_indices.append(idx)
         else:
-            f = block.ffn(rms(block.ffn_norm, h))
+            f = block.ffn(block.ffn_norm(h))
         h = h + f
     if last_only:
         h = h.gather(1, (n - 1).clamp_min(0)[:, None, None].expand(b, 1, h.shape[-1]))[:, 0]   # [B, dim]
-    return model.head(rms(model.norm, h)).float()
+    return model.head(model.norm(h)).float()

@@ -25,10 +25,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x).to(dtype)
+        """One fused op (`F.rms_norm`, fp32 statistics); x and the weight in different dtypes (bf16 activations,
+        fp32 master weights) are normalised in fp32 and returned in x's dtype."""
+        w = self.weight
+        if x.dtype != w.dtype:
+            return F.rms_norm(x.float(), (x.shape[-1],), w.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
 class MLP(nn.Module):
@@ -103,19 +105,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         raise ValueError(f"apply_rope: x {tuple(x.shape)} does not match cos {tuple(cos.shape)} "
                          "(want x [B, S, ..., 2*P] with cos [S, P])")
     shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
-    return rotate(x, cos.view(shape), sin.view(shape), interleaved)
+    return rotate(x, torch.complex(cos, sin).view(shape), interleaved)
 
 
-def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """The rotary rotation of x by angle tables c/s already shaped to broadcast over x's pairs (fp32 math)."""
-    xf = x.float()
+def rotate(x: torch.Tensor, cis: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The rotary rotation of x: each pair of x as a complex number times cis = cos + i sin (complex64, already
+    shaped to broadcast over x's pairs), in fp32; the result is contiguous, in x's dtype."""
     if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        y = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xf.chunk(2, dim=-1)
-        y = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return y.to(x.dtype)
+        z = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2))) * cis
+        return torch.view_as_real(z).flatten(-2).to(x.dtype)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    z = torch.complex(x1, x2) * cis
+    return torch.view_as_real(z).movedim(-1, -2).to(x.dtype, memory_format=torch.contiguous_format).flatten(-2)
 
 
 # ---------------------------------------------------------------- indexer numerics

@@ -1,33 +1,48 @@
-"""The inference path's fused forms of the model's ops (`model.infer`) equal the training layers' own."""
+"""The ops the training layers and the inference path share (`layers.rotate`, `layers.RMSNorm`, `infer.bmm_f32`)
+against plain statements of their math."""
 import pytest
 import torch
 
-from dsaforge.model.infer import bmm_f32, rms, rope_half, rope_interleaved
+from dsaforge.model.infer import bmm_f32
 from dsaforge.model.layers import RMSNorm, rope_tables, rotate
 from tests.model.model_helpers import tiny_cfg
 
 
+def _rotate_pairs(x, c, s, interleaved):
+    """The rotation in real arithmetic: pairs (x0, x1), ... (interleaved) or (x_i, x_{i+R/2})."""
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    x1, x2 = xf.chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_rope_and_norm_forms_equal_the_layers(dtype, tol):
+def test_rotation_norm_and_product_equal_their_math(dtype, tol):
     g = torch.Generator().manual_seed(0)
     cos, sin = rope_tables(tiny_cfg(), "cpu")
     pos = torch.randint(0, cos.shape[0], (3, 5), generator=g)                          # per row and token
-    cis = torch.complex(cos[pos], sin[pos])
-    x = torch.randn(3, 5, 4, 2 * cos.shape[1], generator=g).to(dtype)               # [B, S, H, R]
     c, s = cos[pos][:, :, None], sin[pos][:, :, None]
-    for interleaved, fn in ((True, rope_interleaved), (False, rope_half)):
-        want = rotate(x, c, s, interleaved)
-        got = fn(x, cis)
+    cis = torch.complex(c, s)
+    x = torch.randn(3, 5, 4, 2 * cos.shape[1], generator=g).to(dtype)               # [B, S, H, R]
+    for interleaved in (True, False):
+        got = rotate(x, cis, interleaved)
         assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
-        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+        torch.testing.assert_close(got.float(), _rotate_pairs(x, c, s, interleaved), atol=tol, rtol=0)
     # a strided slice, as q_pe is of the query projection
     wide = torch.randn(3, 5, 4, 3 * cos.shape[1], generator=g).to(dtype)
-    torch.testing.assert_close(rope_interleaved(wide[..., cos.shape[1]:], cis).float(),
-                               rotate(wide[..., cos.shape[1]:], c, s, True).float(), atol=tol, rtol=0)
-    norm = RMSNorm(x.shape[-1]).to(dtype)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(x.shape[-1], generator=g))
-        torch.testing.assert_close(rms(norm, x).float(), norm(x).float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(rotate(wide[..., cos.shape[1]:], cis, True).float(),
+                               _rotate_pairs(wide[..., cos.shape[1]:], c, s, True), atol=tol, rtol=0)
+    for w_dtype in {dtype, torch.float32}:          # the weight in x's dtype, and fp32 master weights
+        norm = RMSNorm(x.shape[-1]).to(w_dtype)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(x.shape[-1], generator=g))
+            xf = x.float()
+            want = norm.weight.float() * xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
+            got = norm(x)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
     a, b = torch.randn(2, 3, 4, generator=g).to(dtype), torch.randn(2, 4, 6, generator=g).to(dtype)
     assert bmm_f32(a, b).dtype == torch.float32
     torch.testing.assert_close(bmm_f32(a, b), a.float() @ b.float())
