@@ -33,14 +33,18 @@ def _dense_lse(q, kv):
     return torch.logsumexp(logits.masked_fill(~mask, float("-inf")), -1)
 
 
+def _attention(mode, q, kv):
+    """The top-k (None: dense) and the attention LSE the KL's target comes from."""
+    if mode == "sparse":
+        idx = _sparse_indices()
+        return idx, ref.sparse_mla(q, kv, idx, SCALE, DV)[1]
+    return None, _dense_lse(q, kv)
+
+
 @pytest.mark.parametrize("mode,heads", [("sparse", H), ("dense", H), ("sparse", 80)])
 def test_indexer_kl_forward_backward(interpret, report, mode, heads):
     iq, ik, w, q, kv = _inputs(heads)
-    if mode == "sparse":
-        idx = _sparse_indices()
-        lse = ref.sparse_mla(q, kv, idx, SCALE, DV)[1]
-    else:
-        idx, lse = None, _dense_lse(q, kv)
+    idx, lse = _attention(mode, q, kv)
     grad_rows = torch.rand(B, S)
     loss = indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx)
     assert last_path("indexer_kl")[0] == "triton"
@@ -137,11 +141,7 @@ def test_backward_starts_from_the_forwards_row_statistics(interpret, mode):
     """The backward reads each row's statistics (indexer LSE, target mass) from the forward instead of streaming
     the keys again: shifting the saved LSE shifts the gradient, and the untouched statistics reproduce it."""
     iq, ik, w, q, kv = _inputs()
-    if mode == "sparse":
-        idx = _sparse_indices()
-        lse = ref.sparse_mla(q, kv, idx, SCALE, DV)[1]
-    else:
-        idx, lse = None, _dense_lse(q, kv)
+    idx, lse = _attention(mode, q, kv)
     grad_rows = torch.rand(B, S)
     plain = torch.autograd.grad(indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx), (iq, ik, w), grad_rows)
     memo = {}

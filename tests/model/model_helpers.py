@@ -38,3 +38,18 @@ def make_model(seed: int = 0, **overrides) -> Transformer:
 
 def rand_tokens(b: int = 2, s: int = 20, vocab: int = 2048, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: int = 128):
+    """DeepSeek's FP8 weight format, written independently: e4m3 values and one fp32 scale per 128x128 block."""
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // block), -(-in_f // block)
+    q = torch.empty(out_f, in_f, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+            s = blk.abs().max().clamp_min(1e-12) / 448.0
+            scale[i, j] = s
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale

@@ -8,7 +8,7 @@ import torch
 from dsaforge.kernels import topk_indices
 from dsaforge.model import Indexer
 from dsaforge.model.hf import export_hf, from_hf_config, hf_name, import_hf, to_hf_config
-from tests.model.model_helpers import make_model, rand_tokens, tiny_cfg
+from tests.model.model_helpers import make_model, quantize_fp8_blocks, rand_tokens, tiny_cfg
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer  # noqa: E402
@@ -219,25 +219,10 @@ def test_fp8_indexer_export_warns_and_names_it_in_the_model_card(tmp_path):
     assert "None: transformers computes this model's logits as dsaforge does." in (plain / "README.md").read_text()
 
 
-def _quantize_fp8_blocks(w: torch.Tensor, block: int = 128):
-    """DeepSeek's FP8 weight format, written independently: e4m3 values and one fp32 scale per 128x128 block."""
-    out_f, in_f = w.shape
-    rows, cols = -(-out_f // block), -(-in_f // block)
-    q = torch.empty(out_f, in_f, dtype=torch.float8_e4m3fn)
-    scale = torch.empty(rows, cols)
-    for i in range(rows):
-        for j in range(cols):
-            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
-            s = blk.abs().max().clamp_min(1e-12) / 448.0
-            scale[i, j] = s
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / s).to(torch.float8_e4m3fn)
-    return q, scale
-
-
 def test_fp8_block_dequantisation_against_a_blockwise_loop():
     from dsaforge.model.hf import dequantize_fp8
     w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
-    q, scale = _quantize_fp8_blocks(w)
+    q, scale = quantize_fp8_blocks(w)
     ref = torch.empty_like(w)
     for i in range(scale.shape[0]):
         for j in range(scale.shape[1]):
@@ -256,7 +241,7 @@ def test_import_of_deepseeks_fp8_block_scaled_layout(tmp_path):
                  and (".mlp." in k or "_proj" in k) and "gate.weight" not in k and "weights_proj" not in k]
     expected = {}
     for k in quantised:
-        q, s = _quantize_fp8_blocks(tensors[k])
+        q, s = quantize_fp8_blocks(tensors[k])
         tensors[k], tensors[k + "_scale_inv"] = q, s
         expected[k] = q.float() * s.repeat_interleave(128, 0)[:q.shape[0]].repeat_interleave(128, 1)[:, :q.shape[1]]
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})

@@ -17,6 +17,7 @@ from dsaforge.config import load_config
 from dsaforge.model.hf import export_hf, import_hf
 from dsaforge.model.train.hf_shards import HFShards
 from dsaforge.model.train.shards import Piece, build_sharded, init_region, init_rules, shard_view
+from tests.model.model_helpers import quantize_fp8_blocks
 from dsaforge.model.transformer import Transformer
 
 fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
@@ -97,17 +98,6 @@ def test_init_follows_the_models_own_initialisation_and_the_seed():
         assert set(init_rules(Transformer(cfg.model))) == set(reference.state_dict())
 
 
-def _fp8(w: torch.Tensor, block: int = 128):
-    """DeepSeek's layout, written independently: e4m3 values and one fp32 scale per 128x128 block."""
-    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
-    pad = torch.zeros(rows * block, cols * block)
-    pad[:w.shape[0], :w.shape[1]] = w
-    blocks = pad.view(rows, block, cols, block)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0
-    q = (blocks / scale[:, None, :, None]).view_as(pad)[:w.shape[0], :w.shape[1]].to(torch.float8_e4m3fn)
-    return q, scale
-
-
 # dim 256 and experts of 160 rows: TP2's slices (80 rows of w1, 128 columns of w2) cut through 128-blocks
 FP8_MODEL = dict(dim=256, moe_inter_dim=160, inter_dim=192)
 
@@ -123,7 +113,7 @@ def fp8_checkpoint(tmp_path_factory):
     tensors = load_file(str(path / "model.safetensors"))
     for k in [k for k, v in tensors.items() if v.dim() == 2 and k.startswith("model.layers.")
               and ("_proj" in k) and "weights_proj" not in k]:
-        tensors[k], tensors[k + "_scale_inv"] = _fp8(tensors[k].float())
+        tensors[k], tensors[k + "_scale_inv"] = quantize_fp8_blocks(tensors[k].float())
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
