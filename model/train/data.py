@@ -1,7 +1,7 @@
 """Token batches for the training stages: deterministic, resumable, sharded over data-parallel ranks.
 
 The prepare-data shards hold rows of data.seq_len + 1 tokens cut back to back from one token stream (documents
-as BOS ... EOS). A stage whose seq_len differs (the long-context option) re-cuts that stream into rows of
+as BOS ... EOS): every row is full, so these rows never carry padding (`Batch.valid` is None). A stage whose seq_len differs (the long-context option) re-cuts that stream into rows of
 stage.seq_len + 1. With `doc_mask`, each row carries segment ids (a new segment at every BOS) so attention and
 indexer selection never cross a document boundary, and the target that crosses one (EOS -> next BOS) is ignored.
 
@@ -28,10 +28,12 @@ class Batch:
     inputs: torch.Tensor                        # [b, S] token ids
     targets: torch.Tensor                       # [b, S] next tokens, IGNORE where nothing is scored
     segment_ids: Optional[torch.Tensor] = None  # [b, S] document index within the row (doc_mask only)
+    valid: Optional[torch.Tensor] = None        # [b, S] bool, False on padding (padded rows only: sft)
 
     def to(self, device) -> "Batch":
-        seg = self.segment_ids.to(device, non_blocking=True) if self.segment_ids is not None else None
-        return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), seg)
+        seg, valid = (None if t is None else t.to(device, non_blocking=True) for t in (self.segment_ids, self.valid))
+        return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), seg,
+                     valid)
 
     @property
     def n_targets(self) -> int:
@@ -100,8 +102,8 @@ class StepSampler:
 
 def micro_batches(batch: Batch, micro_batch_size: int) -> list[Batch]:
     b = batch.inputs.shape[0]
-    return [Batch(batch.inputs[i:i + micro_batch_size], batch.targets[i:i + micro_batch_size],
-                  None if batch.segment_ids is None else batch.segment_ids[i:i + micro_batch_size])
+    return [Batch(*(None if t is None else t[i:i + micro_batch_size]
+                    for t in (batch.inputs, batch.targets, batch.segment_ids, batch.valid)))
             for i in range(0, b, micro_batch_size)]
 
 

@@ -100,7 +100,7 @@ def test_two_rank_update_equals_one_process(tmp_path):
 
 def test_padding_does_not_count_in_the_expert_load():
     """The router-bias update sees the episodes' tokens however they are batched: padding (which Keep Routing sends
-    to stand-in experts 0..k-1) is taken back out of the load counts."""
+    to stand-in experts 0..k-1) is left out of the load counts (`Transformer.forward(valid=)`)."""
     cfg = _cfg()
     torch.manual_seed(0)
     model = Transformer(cfg.model).eval()
