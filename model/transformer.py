@@ -197,7 +197,7 @@ class Transformer(nn.Module):
                     raise ValueError(f"routing[{i}] repeats an expert within a token")
 
     def _checkpointed(self, block, x, cos, sin, ctx, forced, valid):
-        """block(x, cos, sin, ctx, forced, valid) under torch.utils.checkpoint (non-reentrant): only x is kept, the block is
+        """block(x, cos, sin, ctx, forced) under torch.utils.checkpoint (non-reentrant): only x is kept, the block is
         run again in backward. The recomputation must not repeat the forward's side effects or choices: the routers
         do not count the tokens again, and each MoE replays the experts the forward chose, so a last-bit difference
         in the recomputed router input cannot send a token elsewhere. Nothing in a block draws random numbers, so

@@ -1,9 +1,10 @@
 """Token batches for the training stages: deterministic, resumable, sharded over data-parallel ranks.
 
 The prepare-data shards hold rows of data.seq_len + 1 tokens cut back to back from one token stream (documents
-as BOS ... EOS): every row is full, so these rows never carry padding (`Batch.valid` is None). A stage whose seq_len differs (the long-context option) re-cuts that stream into rows of
+as BOS ... EOS). A stage whose seq_len differs (the long-context option) re-cuts that stream into rows of
 stage.seq_len + 1. With `doc_mask`, each row carries segment ids (a new segment at every BOS) so attention and
 indexer selection never cross a document boundary, and the target that crosses one (EOS -> next BOS) is ignored.
+Every row is full, so these rows carry no padding (`Batch.valid` is None; sft's padded rows set it).
 
 The batch of optimizer step i is a pure function of (seed, i): samples [i*B, (i+1)*B) of an endless sequence of
 per-epoch permutations. Resuming at step i therefore needs no loader state beyond i itself.
