@@ -112,6 +112,7 @@ def _mix(z: np.ndarray) -> np.ndarray:
 def seed_of(*parts) -> int:
     """A 63-bit sampling key from any parts (task id, sample index, a call's seed, ...), the same in every process
     (Python's own hash() of a str is salted per process)."""
+    parts = [int(p) if isinstance(p, np.integer) else p for p in parts]       # np.int64(3) keys as 3 does
     digest = hashlib.blake2b("\x1f".join(map(repr, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
@@ -119,13 +120,13 @@ def seed_of(*parts) -> int:
 def sequence_stream(seed: int, key: int) -> int:
     """A sequence's 64-bit random stream from the engine's seed and the sequence's key."""
     with np.errstate(over="ignore"):
-        z = _mix(np.array([seed & _MASK64], dtype=np.uint64)) ^ np.uint64(key & _MASK64)
+        z = _mix(np.array([int(seed) & _MASK64], dtype=np.uint64)) ^ np.uint64(int(key) & _MASK64)
         return int(_mix(z)[0])
 
 
 def draw_bits(streams: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-    """[B] int64 in [0, 2^53): the draw of each row's stream at the position being sampled (splitmix64's
-    position-th output from the state `stream`), a pure function of the pair."""
+    """[B] int64 in [0, 2^53): the draw of each row's stream at the position being sampled (the top 53 bits of
+    splitmix64's output sequence from the state `stream`, at that position), a pure function of the pair."""
     with np.errstate(over="ignore"):
         z = np.array(streams, dtype=np.uint64) + np.array(positions, dtype=np.uint64) * _GOLDEN
         return (_mix(z) >> np.uint64(11)).astype(np.int64)

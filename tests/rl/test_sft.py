@@ -78,6 +78,7 @@ def test_sft_padding_does_not_count_in_the_expert_load(chat, mtp):
     import torch
 
     from dsaforge.model import MoE
+    from dsaforge.model.train.data import micro_batches
     from dsaforge.model.train.trainer import forward_lm
     from tests.model.model_helpers import make_model
 
@@ -94,6 +95,9 @@ def test_sft_padding_does_not_count_in_the_expert_load(chat, mtp):
         return torch.stack([m.expert_load.clone() for m in moes])
 
     batch = rows.batch(np.array([0, 1]))
+    assert batch.valid.sum(1).tolist() == [len(long[0]), len(short[0])]
+    micro = [mb.to("cpu") for mb in micro_batches(batch, 1)]                 # the trainer's path keeps the mask
+    assert torch.equal(torch.cat([mb.valid for mb in micro]), batch.valid)
     padded = loads(lambda: forward_lm(model, batch.inputs, batch.targets, "dense", valid=batch.valid))
     alone = loads(lambda: [model(torch.tensor([ids]), mode="dense") for ids, _ in (long, short)])
     with_padding = loads(lambda: forward_lm(model, batch.inputs, batch.targets, "dense"))
