@@ -4,7 +4,7 @@
     summary = grpo.fit()
 
 `state` is the policy's `TrainState` (model, layout, optimizer, checkpoints), `reference` the frozen reference
-model (None when every beta is 0), `rollout(tasks, group_size, greedy) -> [EpisodeRecord]` runs episodes on the
+model (None when every beta is 0), `rollout(tasks, group_size, greedy, seed) -> [EpisodeRecord]` runs episodes on the
 policy's weights through the episode interface and scores them with the tasks' verifiers (`dsaforge.model.rl.stage`
 builds it over the rollout engine). Each phase is timed; metrics go to MLflow under `rl/`, every step's episodes to
 rollouts/step-XXXXXX.parquet.
@@ -33,6 +33,7 @@ from dsaforge.model.rl.batch import EpisodeRecord, collate, write_rollouts
 from dsaforge.model.rl.grpo import LossConfig, group_advantages, grpo_loss
 from dsaforge.model.rl.policy import token_logprobs
 from dsaforge.model.rl.reward import load_reward_functions, reward_terms
+from dsaforge.model.sampling import seed_of
 from dsaforge.model.train.trainer import NonFiniteLoss, lr_at
 from dsaforge.progress import Progress
 
@@ -96,7 +97,8 @@ class GRPO:
     def generate(self) -> list[EpisodeRecord]:
         """G episodes of each of this rank's prompts (all of them on one process), groups numbered over the step."""
         first, mine = share(self.prompts(self.step), *self.state.dp)
-        episodes = self.rollout(mine, self.rl.group_size, greedy=False)
+        episodes = self.rollout(mine, self.rl.group_size, greedy=False,
+                                seed=seed_of(self.rl.seed, "generate", self.step))
         for e in episodes:
             e.group += first
         return episodes
@@ -208,7 +210,8 @@ class GRPO:
         """Held-out pass rate, overall and per agent class, with its standard error: one episode per prompt, greedy
         (rl.eval_sampled off) or sampled as in training; each rank runs its share of the prompts."""
         _, mine = share(self.heldout[:self.rl.eval_prompts], *self.state.dp)
-        return heldout_metrics(self.gather(self.rollout(mine, 1, greedy=not self.rl.eval_sampled)))
+        return heldout_metrics(self.gather(self.rollout(mine, 1, greedy=not self.rl.eval_sampled,
+                                                        seed=seed_of(self.rl.seed, "evaluate"))))
 
     def save_rollouts(self, episodes: list[EpisodeRecord]) -> list[EpisodeRecord]:
         """Every rank's episodes of this step (`gather`); rank 0 writes them to rollouts/step-XXXXXX.parquet."""

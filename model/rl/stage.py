@@ -121,7 +121,7 @@ def train(ctx) -> dict:
     engine = Engine(state.model, mode=rl.mode, max_batch=min(256, rl.prompts_per_step // dp * rl.group_size),
                     max_len=rl.context_len or cfg.model.max_seq_len, capture_routing=rl.keep_routing or rl.diagnostics,
                     capture_kept=(rl.keep_sampling_mask or rl.diagnostics) and (rl.top_p < 1 or rl.top_k > 0),
-                    seed=rl.seed + dp_rank)
+                    seed=rl.seed)   # each episode has its own key: the rank holding it does not matter
     rollout = Rollout(engine, ChatTemplate(tokenizer, thinking=True), rl, cfg.synth.sandbox)
 
     def sync(model):
