@@ -110,6 +110,9 @@ class RLConfig(Section):
     prompts_per_step: int = Field(32, gt=0)
     updates_per_step: int = Field(1, gt=0, description="Optimizer steps per rollout batch (mini-batches); > 1 makes "
                                   "the later ones off-policy, which OPSM and the clip guard against.")
+    epochs: int = Field(1, gt=0, description="Passes over each rollout batch (PPO epochs), each of "
+                        "updates_per_step optimizer steps: > 1 gets more from each batch of rollouts; every pass "
+                        "after the first is off-policy, bounded by the clip and OPSM.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward in the policy update.")
     mode: Literal["dense", "sparse"] = Field("sparse", description="Attention in sft, rollouts and training: the "
                                              "DSA model's top-k attention, or dense MLA.")
