@@ -104,6 +104,8 @@ class RLConfig(Section):
     steps: int = Field(100, gt=0)
     lr: float = Field(1e-6, gt=0)
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="Cosine decay to lr * this at the last step (1: constant).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up of the learning rate over the first steps: "
+                              "AdamW's first updates move every weight by about lr whatever its gradient's noise.")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     group_size: int = Field(16, gt=1, description="G samples per prompt (GRPO).")

@@ -130,7 +130,7 @@ class GRPO:
         counts = st.reduce_over_dp(torch.tensor([[len(m), sum(e.response_tokens for e in m)] for m in minis],
                                                 device=st.device)).tolist()
         dp, stats = st.dp[1], UpdateStats()
-        lr = lr_at(self.step, rl.lr, 0, rl.steps, rl.min_lr_ratio)
+        lr = lr_at(self.step, rl.lr, rl.warmup_steps, rl.steps, rl.min_lr_ratio)
         diag = {}
         updates = [(mini, c) for _ in range(rl.epochs) for mini, c in zip(minis, counts)]
         for j, (mini, (n_seqs, n_tokens)) in enumerate(updates):

@@ -1,6 +1,7 @@
 """The tiny learning bar on CPU: pretrain, SFT, then GRPO on the tiny-RL task set, through the real stages.
 
     python -m dsaforge.model.rl.tiny --out runs/tiny-rl            # what tests/rl/test_learning.py runs; --rl-steps, --sft-steps
+    python -m dsaforge.model.rl.tiny --from runs/tiny-rl --out runs/tiny-rl-b --set rl.lr=1e-4   # grpo only, on that SFT model
 
 1. `dsaforge.synth.tiny_rl` writes hundreds of short `lookup` tasks (train and held-out environments) and their
    reference trajectories, in the synthesize stage's layout;
@@ -60,8 +61,10 @@ def tiny_rl_config(**overrides):
         *path, last = field.split(".")
         for part in path:
             obj = getattr(obj, part)
+        if not hasattr(obj, last):
+            raise ValueError(f"unknown setting {k!r}")
         setattr(obj, last, v)
-    return cfg
+    return type(cfg).model_validate(cfg.model_dump())      # the overrides checked like any config
 
 
 def write_corpus(synth: Path, path: Path, whole: int = 20) -> int:
@@ -79,7 +82,9 @@ def write_corpus(synth: Path, path: Path, whole: int = 20) -> int:
     return len(rows)
 
 
-def run(out: Path, cfg=None, envs: int = 100, heldout_envs: int = 25) -> dict:
+def run(out: Path, cfg=None, envs: int = 100, heldout_envs: int = 25, reuse: Path | None = None) -> dict:
+    """The four steps into `out`; with `reuse` (an earlier run's directory) its tasks, data and SFT model are taken
+    as they are and only grpo runs (for comparing GRPO settings on one SFT model)."""
     import torch
 
     from dsaforge.data.prepare import prepare
@@ -92,20 +97,24 @@ def run(out: Path, cfg=None, envs: int = 100, heldout_envs: int = 25) -> dict:
     cfg = cfg or tiny_rl_config()
     torch.set_num_threads(2)
     out = Path(out)
-    synth, data = out / "synthesize", out / "data"
     times, t0 = {}, time.perf_counter()
-    write_tiny_rl(synth, envs=envs, heldout_envs=heldout_envs, seed=cfg.rl.seed)
-    cfg.data.sources = [str(out / "corpus.jsonl")]
-    write_corpus(synth, out / "corpus.jsonl")
-    prepare(cfg, data)
-    times["data_s"] = time.perf_counter() - t0
-    pre = stages.pretrain(StageContext(cfg, out / "pretrain", {"prepare-data": data}, NullTracker()))
-    times["pretrain_s"] = time.perf_counter() - t0 - sum(times.values())
-    sft = stages.sft(StageContext(cfg, out / "sft", {"prepare-data": data, "pretrain": out / "pretrain",
+    if reuse is None:
+        synth, data, sft_dir = out / "synthesize", out / "data", out / "sft"
+        write_tiny_rl(synth, envs=envs, heldout_envs=heldout_envs, seed=cfg.rl.seed)
+        cfg.data.sources = [str(out / "corpus.jsonl")]
+        write_corpus(synth, out / "corpus.jsonl")
+        prepare(cfg, data)
+        times["data_s"] = time.perf_counter() - t0
+        pre = stages.pretrain(StageContext(cfg, out / "pretrain", {"prepare-data": data}, NullTracker()))
+        times["pretrain_s"] = time.perf_counter() - t0 - sum(times.values())
+        sft = stages.sft(StageContext(cfg, sft_dir, {"prepare-data": data, "pretrain": out / "pretrain",
                                                      "synthesize": synth}, NullTracker()))
-    times["sft_s"] = time.perf_counter() - t0 - sum(times.values())
+        times["sft_s"] = time.perf_counter() - t0 - sum(times.values())
+    else:
+        synth, data, sft_dir = Path(reuse) / "synthesize", Path(reuse) / "data", Path(reuse) / "sft"
+        pre, sft = None, json.loads((sft_dir / "metrics.json").read_text())
     tracker = NullTracker()
-    grpo = rl_stage.run(StageContext(cfg, out / "grpo", {"prepare-data": data, "sft": out / "sft",
+    grpo = rl_stage.run(StageContext(cfg, out / "grpo", {"prepare-data": data, "sft": sft_dir,
                                                          "synthesize": synth}, tracker))
     times["grpo_s"] = time.perf_counter() - t0 - sum(times.values())
     before, after = grpo["start.heldout/pass_rate"], grpo["end.heldout/pass_rate"]
@@ -133,9 +142,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="a new directory: stage outputs, result.json, table.md")
     ap.add_argument("--rl-steps", type=int, default=None, help="GRPO steps (the test runs the default)")
     ap.add_argument("--sft-steps", type=int, default=None)
+    ap.add_argument("--from", dest="reuse", type=Path, default=None,
+                    help="an earlier run's directory: reuse its tasks, data and SFT model, run only grpo")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting of the tiny-RL config, the value as JSON (e.g. rl.top_p=0.9)")
     args = ap.parse_args()
     overrides = {k: v for k, v in (("rl.steps", args.rl_steps), ("train.sft.steps", args.sft_steps)) if v}
-    r = run(args.out, tiny_rl_config(**overrides))
+    for kv in args.sets:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            ap.error(f"--set {kv!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    r = run(args.out, tiny_rl_config(**overrides), reuse=args.reuse)
     (args.out / "result.json").write_text(json.dumps({k: v for k, v in r.items() if k != "tracker"}, indent=2,
                                                      default=str))
     (args.out / "table.md").write_text(table(r) + "\n")
