@@ -13,8 +13,9 @@
    few hundred steps, which on whole conversations takes thousands;
 4. the `sft` stage fine-tunes it on the rendered train trajectories (loss on the assistant's tokens only), stopped
    early, where the held-out pass rate of the sampled policy is well below its ceiling;
-5. the `grpo` stage trains it with GRPO, every tool call and verdict through the episode interface and the
-   sandbox, evaluating the held-out pass rate (one sampled episode per held-out prompt, T = 1) before and after.
+5. the `grpo` stage trains it with GRPO (256 episodes a step from 64 prompts, with the KL to the SFT model that
+   keeps the tokens it is already sure of in place), every tool call and verdict through the episode interface and
+   the sandbox, evaluating the held-out pass rate (one sampled episode per held-out prompt, T = 1) before and after.
 
 The gain is measured in standard errors of the difference of two independent proportions,
     SE = sqrt(p_before (1 - p_before) / n + p_after (1 - p_after) / n),
@@ -47,12 +48,12 @@ def tiny_rl_config(**overrides):
     p.steps, p.lr, p.batch_size, p.micro_batch_size, p.seq_len, p.doc_mask = 400, 3e-3, 16, 16, 128, True
     p.warmup_steps, p.eval_every, p.ckpt_every, p.eval_batches, p.min_lr_ratio = 20, 1000, 1000, 1, 0.1
     s = cfg.train.sft
-    s.steps, s.lr, s.batch_size, s.micro_batch_size, s.seq_len = 30, 1e-3, 8, 8, 200
+    s.steps, s.lr, s.batch_size, s.micro_batch_size, s.seq_len = 12, 1e-3, 8, 8, 200
     s.warmup_steps, s.eval_every, s.ckpt_every, s.eval_batches, s.min_lr_ratio = 5, 1000, 1000, 1, 1.0
     rl = cfg.rl
     rl.mode = "dense"
-    rl.steps, rl.lr, rl.group_size, rl.prompts_per_step, rl.micro_batch_size = 16, 3e-4, 8, 8, 32
-    rl.kl_coef, rl.temperature, rl.top_p, rl.max_new_tokens, rl.max_turns = 0.0, 1.0, 1.0, 32, 2
+    rl.steps, rl.lr, rl.group_size, rl.prompts_per_step, rl.micro_batch_size = 20, 6e-4, 4, 64, 64
+    rl.kl_coef, rl.temperature, rl.top_p, rl.max_new_tokens, rl.max_turns = 0.05, 1.0, 1.0, 32, 2
     rl.reward.format_weight = 0.2
     rl.eval_every, rl.eval_prompts, rl.eval_sampled, rl.save_every = 1000, 1000, True, 1000
     for k, v in overrides.items():
