@@ -40,13 +40,18 @@ if triton is not None:
 
     @triton.jit
     def _sparse_mla_fwd_kernel(
-            Q, KV, IDX, O, LSE, scale_log2,
+            Q, KV, IDX, O, LSE, P, M, scale_log2,
             sqb, sqs, sqh, skb, skt, sib, sis, sob, sos, soh, sosp, slb, sls, slh, slsp,
+            spb, sps, sph, smb, sms, smh, s_offset,
             H, T, K, k_per_split,
             D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr,
-            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NUM_HB: tl.constexpr, PARTIAL: tl.constexpr):
+            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NUM_HB: tl.constexpr, PARTIAL: tl.constexpr,
+            STORE_P: tl.constexpr):
+        """STORE_P: also leave each block's P = exp2(S - m) (q's dtype, [B, rows, H, K] from row s_offset) and the
+        running max m it is relative to ([B, rows, H, K / BLOCK_K]), for `_selected_mass_kernel`."""
         pid = tl.program_id(0)
-        s = pid // NUM_HB                      # head blocks of one token are adjacent: they share the gathered KV in L2
+        s_loc = pid // NUM_HB
+        s = s_offset + s_loc                   # head blocks of one token are adjacent: they share the gathered KV in L2
         hb = pid % NUM_HB
         b = tl.program_id(1)
         split = tl.program_id(2)
@@ -83,6 +88,12 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(kn.dtype), kn, acc * alpha[:, None])
             m_i = m_new
+            if STORE_P:
+                row = b.to(tl.int64) * spb + s_loc.to(tl.int64) * sps + offs_h[:, None] * sph
+                tl.store(P + row + offs_k[None, :], p.to(P.dtype.element_ty),
+                         mask=mask_h[:, None] & (offs_k < K)[None, :])
+                tl.store(M + b.to(tl.int64) * smb + s_loc.to(tl.int64) * sms + offs_h * smh + (k_lo + k0) // BLOCK_K,
+                         m_use, mask=mask_h)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -92,6 +103,32 @@ if triton is not None:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_h[:, None])
         l_ptrs = LSE + b.to(tl.int64) * slb + s.to(tl.int64) * sls + split * slsp + offs_h * slh
         tl.store(l_ptrs, lse, mask=mask_h)
+
+    @triton.jit
+    def _selected_mass_kernel(
+            P, M, LSE, PT, spb, sps, sph, smb, sms, smh, slb, sls, slh, sptb, spts, s_offset, H, K,
+            H_P: tl.constexpr, BLOCK_K: tl.constexpr):
+        """PT[b, s, slot] = sum_h P[h, slot] * exp2(m[h, block] - lse_h): the forward's stored block probabilities,
+        each brought from its block's running max to the row's final LSE, summed over heads (the sparse-stage KL
+        target's unnormalised mass). Reads P once; the selected latent rows are not gathered again."""
+        s_loc = tl.program_id(0)
+        b64 = tl.program_id(1).to(tl.int64)
+        s64 = (s_offset + s_loc).to(tl.int64)
+        offs_h = tl.arange(0, H_P)
+        lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h * slh, mask=offs_h < H, other=float("-inf"))
+        h_ok = (offs_h < H) & (lse > float("-inf"))
+        lse2 = tl.where(h_ok, lse * 1.4426950408889634, 0.0)
+        p_row = P + b64 * spb + s_loc.to(tl.int64) * sps + offs_h[:, None] * sph
+        m_row = M + b64 * smb + s_loc.to(tl.int64) * sms + offs_h * smh
+        pt_row = PT + b64 * sptb + s64 * spts
+        for j in range(0, tl.cdiv(K, BLOCK_K)):
+            offs_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
+            kmask = offs_k < K
+            f = tl.exp2(tl.load(m_row + j, mask=h_ok, other=0.0) - lse2)                         # [H_P]
+            p = tl.load(p_row + offs_k[None, :], mask=h_ok[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            # p > 0 only where a valid key was seen, and there m <= the final max, so f <= 1/l: no inf * 0.
+            mass = tl.sum(tl.where(p > 0.0, p * f[:, None], 0.0), 0)
+            tl.store(pt_row + offs_k, mass, mask=kmask)
 
     @triton.jit
     def _sparse_mla_bwd_kernel(
@@ -323,8 +360,12 @@ def _cfg(table: dict, d_v: int, h: int, override: tuple | None) -> tuple[int, in
 
 
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
-                   num_splits: int = 1, config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_splits: int = 1, config: tuple | None = None, target: bool = False) -> tuple[torch.Tensor, ...]:
     """Fused forward. Returns (out [B,S,H,d_v] in q's dtype, lse [B,S,H] fp32, natural log; -inf for empty rows).
+
+    target=True also returns the head-summed attention mass at each selected slot, [B,S,K] fp32 (0 at empty
+    slots; the sparse-stage indexer KL's target before normalisation), taken from the forward's own probabilities
+    (`_forward_with_target`) instead of a second pass over the selected rows.
 
     num_splits > 1 splits each row's K selected entries over that many programs (flash-decoding) and merges the
     partial results; it pays off only when B*S*ceil(H/64) is too small to fill the GPU (decode).
@@ -339,7 +380,13 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         why = why2 or why
     if not ok:
         record("sparse_mla_fwd", "reference", why)
-        return ref.sparse_mla(q, kv, indices, sm_scale, d_v)
+        out, lse = ref.sparse_mla(q, kv, indices, sm_scale, d_v)
+        if target:
+            return out, lse, ref.selected_mass(q, kv, lse, indices, sm_scale)
+        return out, lse
+    if target:
+        check(num_splits == 1 and config is None, "target=True takes the default forward (no splits, no config)")
+        return _forward_with_target(q, kv, indices, sm_scale, d_v)
     b, s, h, d = q.shape
     t, k = kv.shape[1], indices.shape[2]
     if num_splits == 1 and (config is None or config[0] == "sm90") and os.environ.get("DSAFORGE_SM90_FWD", "1") != "0":
@@ -368,18 +415,66 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         sl = (lse.stride(0), lse.stride(1), lse.stride(3), lse.stride(2))
     grid = (s * nhb, b, num_splits)
     _sparse_mla_fwd_kernel[grid](
-        q, kv, indices, out, lse, sm_scale * LOG2E,
+        q, kv, indices, out, lse, lse, lse, sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
-        so[0], so[1], so[2], so[3], sl[0], sl[1], sl[2], sl[3],
+        so[0], so[1], so[2], so[3], sl[0], sl[1], sl[2], sl[3], 0, 0, 0, 0, 0, 0, 0,
         h, t, k, k_per_split,
         D_V=d_v, D_PE=d - d_v, D_PE_P=max(16, next_pow2(d - d_v)), BLOCK_H=bh, BLOCK_K=bk, NUM_HB=nhb,
-        PARTIAL=num_splits > 1, num_warps=warps, num_stages=stages)
+        PARTIAL=num_splits > 1, STORE_P=False, num_warps=warps, num_stages=stages)
     if num_splits == 1:
         return out, lse
     lse_all = torch.logsumexp(lse, dim=2)                                               # [B,S,H]
     wts = torch.exp(lse - lse_all[:, :, None]).nan_to_num(0.0)                         # [B,S,NS,H]
     merged = (out * wts[..., None]).sum(2)
     return merged.to(q.dtype), lse_all
+
+
+# Scratch for the forward's block probabilities when it also returns the KL target: rows of P ([H, K] in q's
+# dtype, 512 KiB a row at V3.2's shape) are processed this many bytes at a time.
+TARGET_SCRATCH_BYTES = 1 << 30
+
+
+def _forward_with_target(q, kv, indices, sm_scale, d_v, chunk_rows: int | None = None):
+    """(out, lse, mass [B,S,K] fp32). The target needs each probability against the row's final LSE, which the
+    single-pass forward knows only after its last block; so the forward stores every block's P relative to its
+    running max (it computes exactly that P for P.V anyway) and that max, a chunk of rows at a time, and
+    `_selected_mass_kernel` rescales and sums them over heads. This replaces a second kernel that gathered the K
+    selected latent rows again and recomputed Q.K^T for every head."""
+    b, s, h, d = q.shape
+    t, k = kv.shape[1], indices.shape[2]
+    out = empty(b, s, h, d_v, device=q.device, dtype=q.dtype)
+    lse = empty(b, s, h, device=q.device, dtype=torch.float32)
+    mass = empty(b, s, k, device=q.device, dtype=torch.float32)
+    hopper = os.environ.get("DSAFORGE_SM90_FWD", "1") != "0" and sm90.supported(q, kv, indices, d_v)[0]
+    if hopper:
+        record("sparse_mla_fwd", "triton", "sm90 gluon kernel (prefetch, with the KL target)")
+        bh, bk = sm90.BLOCK_H, sm90.SM90_FWD_FALLBACK[1]
+    else:
+        record("sparse_mla_fwd", "triton", "triton kernel with the KL target")
+        bh, bk, warps, stages = _cfg(FWD_CONFIG, d_v, h, None)
+    nhb, nb = triton.cdiv(h, bh), triton.cdiv(k, bk)
+    rows = chunk_rows or max(1, min(s, TARGET_SCRATCH_BYTES // (h * (k * q.element_size() + nb * 4))))
+    pb = torch.empty(b, rows, h, k, device=q.device, dtype=q.dtype)
+    mb = torch.empty(b, rows, h, nb, device=q.device, dtype=torch.float32)
+    for s0 in range(0, s, rows):
+        n = min(rows, s - s0)
+        if hopper:
+            sm90.launch(q, kv, indices, out, lse, sm_scale * LOG2E, d_v, sm90.SM90_FWD_FALLBACK,
+                        store_p=(pb, mb, s0, n))
+        else:
+            _sparse_mla_fwd_kernel[(n * nhb, b, 1)](
+                q, kv, indices, out, lse, pb, mb, sm_scale * LOG2E,
+                q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0),
+                indices.stride(1), out.stride(0), out.stride(1), out.stride(2), 0, lse.stride(0), lse.stride(1),
+                lse.stride(2), 0, pb.stride(0), pb.stride(1), pb.stride(2), mb.stride(0), mb.stride(1), mb.stride(2),
+                s0, h, t, k, k,
+                D_V=d_v, D_PE=d - d_v, D_PE_P=max(16, next_pow2(d - d_v)), BLOCK_H=bh, BLOCK_K=bk, NUM_HB=nhb,
+                PARTIAL=False, STORE_P=True, num_warps=warps, num_stages=stages)
+        _selected_mass_kernel[(n, b)](
+            pb, mb, lse, mass, pb.stride(0), pb.stride(1), pb.stride(2), mb.stride(0), mb.stride(1), mb.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2), mass.stride(0), mass.stride(1), s0, h, k,
+            H_P=max(16, next_pow2(h)), BLOCK_K=bk, num_warps=8 if h >= 64 else 4)
+    return out, lse, mass
 
 
 def sparse_mla_decode(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
@@ -520,35 +615,40 @@ def _reference_bwd(q, kv, indices, dout, sm_scale, d_v, dlse):
 
 
 class SparseMLAFunction(torch.autograd.Function):
-    """Sparse MLA with the fused forward and backward; indices carry no gradient."""
+    """Sparse MLA with the fused forward and backward; indices carry no gradient. With target=True the forward
+    also returns the KL target's mass [B,S,K] (no gradient: the paper detaches the target)."""
 
     @staticmethod
-    def forward(ctx, q, kv, indices, sm_scale, d_v, deterministic=False):
-        out, lse = sparse_mla_fwd(q, kv, indices, sm_scale, d_v)
+    def forward(ctx, q, kv, indices, sm_scale, d_v, deterministic=False, target=False):
+        res = sparse_mla_fwd(q, kv, indices, sm_scale, d_v, target=target)
+        out, lse = res[0], res[1]
         ctx.save_for_backward(q, kv, indices, out, lse)
         ctx.sm_scale, ctx.d_v, ctx.deterministic = sm_scale, d_v, deterministic
-        return out, lse
+        if target:
+            ctx.mark_non_differentiable(res[2])
+        return res
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse, dmass=None):
         q, kv, indices, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dkv = sparse_mla_bwd(q, kv, indices, out, lse, dout, ctx.sm_scale, ctx.d_v, dlse=dlse,
                                  deterministic=ctx.deterministic)
-        return dq, dkv, None, None, None, None
+        return dq, dkv, None, None, None, None, None
 
 
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
-               deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               deterministic: bool = False, target: bool = False) -> tuple[torch.Tensor, ...]:
     """Drop-in for `reference.sparse_mla` that runs the fused kernels and is differentiable in q and kv.
 
-    Returns (out [B,S,H,d_v], lse [B,S,H] fp32). Falls back to the reference (differentiable through torch) where
-    the kernels do not apply; `last_path("sparse_mla_fwd")` says which ran.
+    Returns (out [B,S,H,d_v], lse [B,S,H] fp32), and with target=True the head-summed attention mass at each
+    selected slot [B,S,K] fp32 (see `sparse_mla_fwd`). Falls back to the reference (differentiable through torch)
+    where the kernels do not apply; `last_path("sparse_mla_fwd")` says which ran.
     """
     if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-        return SparseMLAFunction.apply(q, kv, indices, sm_scale, d_v, deterministic)
-    return sparse_mla_fwd(q, kv, indices, sm_scale, d_v)
+        return SparseMLAFunction.apply(q, kv, indices, sm_scale, d_v, deterministic, target)
+    return sparse_mla_fwd(q, kv, indices, sm_scale, d_v, target=target)
 
 
 def sparse_mla_flops(s_q: int, top_k: int, h: int, d_qk: int, d_v: int, backward: bool = False) -> float:

@@ -7,6 +7,7 @@ every mode.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -250,12 +251,17 @@ class MLA(nn.Module):
                 q_i.detach(), k_idx.detach().to(q_i.dtype), w_i.detach(), ctx.top_k,
                 cu_seqlens=ctx.cu_seqlens))                                            # [B, S, K]
             q_lat = self._mqa_query(q_nope, q_pe)
-            o_lat, lse = kernels.sparse_mla(q_lat, kv_all, indices, self.softmax_scale, self.kv_lora_rank)
+            memo = None if ctx.replay is None else ctx.replay.setdefault("kl", {})
+            # The KL target comes out of the attention's forward (its own probabilities, no second pass over the
+            # selected rows); a recomputation that replays the KL needs none. DSAFORGE_FUSED_TARGET=0 measures the
+            # separate target kernel instead.
+            with_target = (not (memo and "loss" in memo)) and os.environ.get("DSAFORGE_FUSED_TARGET", "1") != "0"
+            o_lat, lse, *mass = kernels.sparse_mla(q_lat, kv_all, indices, self.softmax_scale, self.kv_lora_rank,
+                                                   target=with_target)
             o = torch.einsum("bshc,hvc->bshv", o_lat, self._absorb_weights()[1])
             kl = kernels.indexer_kl(q_i, k_idx.to(q_i.dtype), w_i, q_lat.detach(), kv_all.detach(), lse.detach(),
                                     self.softmax_scale, self.kv_lora_rank, indices=indices, cu_seqlens=ctx.cu_seqlens,
-                                    memo=None if ctx.replay is None else ctx.replay.setdefault("kl", {})
-                                    ).mean()                                           # every row sees itself
+                                    memo=memo, target=mass[0] if mass else None).mean()   # every row sees itself
         elif ctx.mode == "sparse":
             mask = full_mask()
             scores = self.indexer(x_i, qr_i, cos, sin, k_idx).masked_fill(~mask, float("-inf"))   # [B, S, T]

@@ -31,6 +31,15 @@ def test_sm90_forward_schedules(schedule):
     assert res["passed"], res
 
 
+@pytest.mark.parametrize("shape,sm90", [("v32", "1"), ("v32", "0"), ("small", "1")])
+def test_sparse_mla_forward_with_kl_target(monkeypatch, shape, sm90):
+    """The KL target from the forward's own probabilities (Hopper `prefetch` kernel with stored P at V3.2's shape,
+    the Triton kernel otherwise) against float64."""
+    monkeypatch.setenv("DSAFORGE_SM90_FWD", sm90)
+    res = _show(checks.check_sparse_mla_target(shape))
+    assert res["passed"], res
+
+
 @pytest.mark.parametrize("shape", ["v32", "small"])
 def test_sparse_decode(shape):
     res = _show(checks.check_decode(shape))

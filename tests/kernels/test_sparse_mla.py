@@ -1,4 +1,6 @@
 """Sparse MLA forward/backward/decode through Triton's interpreter against the float64 reference."""
+import importlib
+
 import pytest
 import torch
 
@@ -26,6 +28,42 @@ def test_forward_matches_reference(interpret, report):
     assert report("lse", lse, want_lse) < 1e-5
     assert torch.isneginf(lse[1, -1]).all() and (out[1, -1] == 0).all()
     assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("h,chunk_rows", [(3, None), (3, 2), (20, 3)])
+def test_forward_with_target_matches_reference(interpret, report, monkeypatch, h, chunk_rows):
+    """target=True: the KL target's mass from the forward's own block probabilities (stored a chunk of rows at a
+    time, rescaled to the final LSE by `_selected_mass_kernel`) equals the head-summed probabilities in float64,
+    including slots that are empty, a row with no key at all, and blocks seen before a row's first valid key."""
+    mod = importlib.import_module("dsaforge.kernels.sparse_mla")
+    monkeypatch.setitem(mod.FWD_CONFIG, 32, (16, 8, 4, 1))   # 3 key blocks of 8; 20 heads take 2 head blocks
+    q, kv, idx = _inputs(h=h, k=24)
+    idx[1, 1, :9] = -1                     # a first block with no valid key (running max still -inf)
+    idx[0, 2, 3] = idx[0, 2, 20]           # a later block raises the running max (rescaling)
+    q[0, 2] *= 4
+    with poison_outputs():
+        out, lse, mass = mod._forward_with_target(q, kv, idx, 0.3, 32, chunk_rows=chunk_rows)
+    assert last_path("sparse_mla_fwd")[0] == "triton"
+    want_out, want_lse = ref.sparse_mla(q.double(), kv.double(), idx, 0.3, 32)
+    want = ref.selected_mass(q.double(), kv.double(), want_lse, idx, 0.3)
+    assert report("out", out, want_out) < 1e-5 and report("lse", lse, want_lse) < 1e-5
+    assert report("mass", mass, want) < 1e-5
+    assert (mass[idx < 0] == 0).all() and not mass.isnan().any()
+    assert report("mass row sums = live heads", mass[0, 1:].sum(-1), torch.full((4,), float(h))) < 1e-4
+
+
+def test_target_through_autograd_and_fallback(interpret, report, monkeypatch):
+    """sparse_mla(..., target=True) returns the same mass with and without the kernels, and the mass carries no
+    gradient while out/lse keep theirs."""
+    q, kv, idx = _inputs()
+    qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    out, lse, mass = sparse_mla(qq, kk, idx, 0.3, 32, target=True)
+    assert not mass.requires_grad and out.requires_grad
+    out.sum().backward()
+    monkeypatch.setenv("DSAFORGE_KERNELS", "reference")
+    _, _, want = sparse_mla(q, kv, idx, 0.3, 32, target=True)
+    assert last_path("sparse_mla_fwd")[0] == "reference"
+    assert report("mass vs reference path", mass, want) < 1e-5
 
 
 @pytest.mark.parametrize("h,d_v,d_pe", [(16, 64, 64), (20, 32, 8)])
