@@ -251,17 +251,22 @@ class MLA(nn.Module):
                 q_i.detach(), k_idx.detach().to(q_i.dtype), w_i.detach(), ctx.top_k,
                 cu_seqlens=ctx.cu_seqlens))                                            # [B, S, K]
             q_lat = self._mqa_query(q_nope, q_pe)
-            memo = None if ctx.replay is None else ctx.replay.setdefault("kl", {})
             # The KL target comes out of the attention's forward (its own probabilities, no second pass over the
-            # selected rows); a recomputation that replays the KL needs none. DSAFORGE_FUSED_TARGET=0 measures the
+            # selected rows); a recomputation takes the forward's back. DSAFORGE_FUSED_TARGET=0 measures the
             # separate target kernel instead.
-            with_target = (not (memo and "loss" in memo)) and os.environ.get("DSAFORGE_FUSED_TARGET", "1") != "0"
-            o_lat, lse, *mass = kernels.sparse_mla(q_lat, kv_all, indices, self.softmax_scale, self.kv_lora_rank,
-                                                   target=with_target)
+            mass = None if ctx.replay is None else ctx.replay.get("target")
+            with_target = mass is None and os.environ.get("DSAFORGE_FUSED_TARGET", "1") != "0"
+            o_lat, lse, *fresh = kernels.sparse_mla(q_lat, kv_all, indices, self.softmax_scale, self.kv_lora_rank,
+                                                    target=with_target)
+            if fresh:
+                mass = fresh[0]                                                        # [B, S, K] fp32
+                if ctx.replay is not None:
+                    ctx.replay["target"] = mass     # the same tensor the KL's memo holds: no extra memory
             o = torch.einsum("bshc,hvc->bshv", o_lat, self._absorb_weights()[1])
             kl = kernels.indexer_kl(q_i, k_idx.to(q_i.dtype), w_i, q_lat.detach(), kv_all.detach(), lse.detach(),
                                     self.softmax_scale, self.kv_lora_rank, indices=indices, cu_seqlens=ctx.cu_seqlens,
-                                    memo=memo, target=mass[0] if mass else None).mean()   # every row sees itself
+                                    memo=None if ctx.replay is None else ctx.replay.setdefault("kl", {}),
+                                    target=mass).mean()                                # every row sees itself
         elif ctx.mode == "sparse":
             mask = full_mask()
             scores = self.indexer(x_i, qr_i, cos, sin, k_idx).masked_fill(~mask, float("-inf"))   # [B, S, T]
