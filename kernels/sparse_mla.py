@@ -131,6 +131,25 @@ if triton is not None:
             tl.store(pt_row + offs_k, mass, mask=kmask)
 
     @triton.jit
+    def _delta_kernel(O, DO, DLSE, DELTA, sob, sos, soh, sdb, sds, sdh, slb, sls, slh, H,
+                      D_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DLSE: tl.constexpr):
+        """DELTA[b,s,h] = sum_v O * dO (fp32), minus dLSE when the LSE has a gradient: one read of O and dO, where
+        the torch form cast chunks of both to fp32 copies and multiplied them in separate kernels."""
+        s64 = tl.program_id(0).to(tl.int64)
+        b64 = tl.program_id(1).to(tl.int64)
+        offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        offs_v = tl.arange(0, D_V)
+        o = tl.load(O + b64 * sob + s64 * sos + offs_h[:, None] * soh + offs_v[None, :], mask=mask_h[:, None],
+                    other=0.0).to(tl.float32)
+        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None] * sdh + offs_v[None, :], mask=mask_h[:, None],
+                     other=0.0).to(tl.float32)
+        delta = tl.sum(o * do, 1)
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=0.0).to(tl.float32)
+        tl.store(DELTA + (b64 * tl.num_programs(0) + s64) * H + offs_h, delta, mask=mask_h)
+
+    @triton.jit
     def _sparse_mla_bwd_kernel(
             Q, KV, IDX, DO, LSE, DELTA, DQ, DKV, scale, scale_log2,
             sqb, sqs, sqh, skb, skt, sib, sis, sdb, sds, sdh, slb, sls, slh, sqgb, sqgs, sqgh, sgb, sgt, H, T, K,
@@ -528,15 +547,18 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     record("sparse_mla_bwd", "triton", why)
     b, s, h, d = q.shape
     t, k = kv.shape[1], indices.shape[2]
-    dout = dout.contiguous()
+    # The kernels take any strides but a unit last one: an einsum's gradient arrives as a permuted view, and a
+    # contiguous copy of it would move 2 x 8 GiB a layer at 64K tokens and 128 heads.
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    out = out if out.stride(-1) == 1 else out.contiguous()
     lse = lse.float().contiguous()
-    delta = torch.empty(b, s, h, device=q.device, dtype=torch.float32)                 # rowsum(O * dO), [B,S,H]
-    step = max(1, (1 << 28) // max(1, h * d_v))          # row chunks: no fp32 copy of the whole of O and dO
-    for s0 in range(0, s, step):
-        delta[:, s0:s0 + step] = (out[:, s0:s0 + step].float() * dout[:, s0:s0 + step].float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()          # d lse / d logits = p, so it folds into Delta
-    delta = delta.contiguous()
+    delta = empty(b, s, h, device=q.device, dtype=torch.float32)                       # rowsum(O * dO) - dLSE
+    dl = dlse if dlse is not None else lse
+    bh_d = min(16, max(2, next_pow2(h)))
+    _delta_kernel[(s, b, triton.cdiv(h, bh_d))](
+        out, dout, dl, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+        dout.stride(2), dl.stride(0), dl.stride(1), dl.stride(2), h, D_V=d_v, BLOCK_H=bh_d,
+        HAS_DLSE=dlse is not None, num_warps=4)       # d lse / d logits = p, so dLSE folds into Delta
     dq = empty(*q.shape, device=q.device, dtype=q.dtype)
     dkv = torch.zeros(b, t, d, device=q.device, dtype=torch.float32)
     d_pe, d_pe_p = d - d_v, max(16, next_pow2(d - d_v))

@@ -87,7 +87,9 @@ def test_decode_split_k_matches_reference(interpret, report):
 def test_backward_matches_autograd_reference(interpret, report, algorithm, deterministic):
     q, kv, idx = _inputs()
     out, lse = sparse_mla_fwd(q, kv, idx, 0.3, 32)
-    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    # dO as an einsum's gradient arrives: a head-major buffer seen token-major (strided, unit last stride)
+    dout = torch.randn(out.shape[2], *out.shape[:2], out.shape[3]).permute(1, 2, 0, 3)
+    dlse = torch.randn_like(lse)
     with poison_outputs():
         dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, 0.3, 32, dlse=dlse, deterministic=deterministic,
                                  algorithm=algorithm, chunk_rows=3)
