@@ -34,6 +34,13 @@ BWD_CONFIG = {512: (32, 32, 8, 1), 256: (16, 32, 4, 2)}          # fused backwar
 DQ_CONFIG = {512: (64, 64, 8, 1), 256: (16, 128, 4, 2)}          # split backward, kernel 1 (as FWD_CONFIG)
 DKV_CONFIG = {512: (64, 128, 8, 3), 256: (128, 128, 8, 2)}       # kernel 2: (BLOCK_K, columns, warps, stages)
 SPLIT_MIN_HEADS = 64     # below this the fused backward was faster on the H200 (h 16: 4.6 ms against 7.3 ms)
+# The split backward's dS and P ([B, rows, H, K] each, q's dtype) are formed this many bytes at a time, whatever the
+# batch: sized per sequence, 16 sequences of 4K at 128 heads held 32 GiB of them (measured 121.6 GiB peak against
+# 84.8 for one sequence of 64K, the same tokens).
+BWD_SCRATCH_BYTES = 2 << 30
+# The same for the forward's block probabilities when it also returns the KL target (`_forward_with_target`): P
+# [B, rows, H, K] in q's dtype (512 KiB a row at V3.2's shape) and the block maxima.
+TARGET_SCRATCH_BYTES = 1 << 30
 
 
 if triton is not None:
@@ -448,11 +455,6 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     return merged.to(q.dtype), lse_all
 
 
-# Scratch for the forward's block probabilities when it also returns the KL target: rows of P ([H, K] in q's
-# dtype, 512 KiB a row at V3.2's shape) are processed this many bytes at a time.
-TARGET_SCRATCH_BYTES = 1 << 30
-
-
 def _forward_with_target(q, kv, indices, sm_scale, d_v, chunk_rows: int | None = None):
     """(out, lse, mass [B,S,K] fp32). The target needs each probability against the row's final LSE, which the
     single-pass forward knows only after its last block; so the forward stores every block's P relative to its
@@ -472,7 +474,7 @@ def _forward_with_target(q, kv, indices, sm_scale, d_v, chunk_rows: int | None =
         record("sparse_mla_fwd", "triton", "triton kernel with the KL target")
         bh, bk, warps, stages = _cfg(FWD_CONFIG, d_v, h, None)
     nhb, nb = triton.cdiv(h, bh), triton.cdiv(k, bk)
-    rows = chunk_rows or max(1, min(s, TARGET_SCRATCH_BYTES // (h * (k * q.element_size() + nb * 4))))
+    rows = chunk_rows or max(1, min(s, TARGET_SCRATCH_BYTES // (b * h * (k * q.element_size() + nb * 4))))
     pb = torch.empty(b, rows, h, k, device=q.device, dtype=q.dtype)
     mb = torch.empty(b, rows, h, nb, device=q.device, dtype=torch.float32)
     for s0 in range(0, s, rows):
@@ -581,10 +583,10 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     cw = min(cw, d_v)
     n_parts = d_v // cw
     h_p = max(16, next_pow2(h))
-    per_row = 2 * h * k * q.element_size()                 # dS and P of one query row
+    per_row = b * 2 * h * k * q.element_size()             # dS and P of one query row of every sequence
     if deterministic:
-        per_row += k * d * 4                                # and its fp32 contributions
-    rows = chunk_rows or max(1, min(s, (2 << 30) // per_row))
+        per_row += k * d * 4                                # and its fp32 contributions (one sequence at a time)
+    rows = chunk_rows or max(1, min(s, BWD_SCRATCH_BYTES // per_row))
     ds = empty(b, rows, h, k, device=q.device, dtype=q.dtype)
     pb = empty(b, rows, h, k, device=q.device, dtype=q.dtype)
     part = empty(rows, k, d, device=q.device, dtype=torch.float32) if deterministic else dkv

@@ -101,6 +101,32 @@ def test_backward_matches_autograd_reference(interpret, report, algorithm, deter
     assert report("dkv", dkv, kk.grad) < 1e-5
 
 
+def test_scratch_is_bounded_whatever_the_batch(interpret, report, monkeypatch):
+    """The split backward's dS and P and the target's stored P are sized over the whole batch: more sequences of the
+    same tokens take fewer rows per chunk, not more memory (16 x 4K once held 16x the scratch of 1 x 64K)."""
+    mod = importlib.import_module("dsaforge.kernels.sparse_mla")
+    q, kv, idx = _inputs(b=4, s=6, h=3, k=16)
+    per_seq_row = 2 * 3 * 16 * q.element_size()
+    monkeypatch.setattr(mod, "BWD_SCRATCH_BYTES", 2 * 4 * per_seq_row)          # two rows of all four sequences
+    monkeypatch.setattr(mod, "TARGET_SCRATCH_BYTES", 2 * 4 * per_seq_row)
+    shapes = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: shapes.append(tuple(a)) or real_empty(*a, **k))
+    out, lse, mass = mod._forward_with_target(q, kv, idx, 0.3, 32)
+    dout = torch.randn_like(out)
+    dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, 0.3, 32, algorithm="split")
+    monkeypatch.setattr(torch, "empty", real_empty)
+    scratch = [sh for sh in shapes if len(sh) == 4 and sh[2:] == (3, 16)]          # [B, rows, H, K] buffers
+    assert len(scratch) == 3 and all(sh[0] == 4 and sh[0] * sh[1] * per_seq_row <= 2 * 4 * per_seq_row * 2
+                                     for sh in scratch), scratch                  # P (forward); dS and P (backward)
+    assert scratch[1][1] == scratch[2][1] == 2, scratch                            # two rows of every sequence
+    qq, kk = q.double().requires_grad_(), kv.double().requires_grad_()
+    o, l = ref.sparse_mla(qq, kk, idx, 0.3, 32)
+    torch.autograd.backward([o], [dout.double()])
+    assert report("mass", mass, ref.selected_mass(q.double(), kv.double(), l, idx, 0.3)) < 1e-5
+    assert report("dq", dq, qq.grad) < 1e-5 and report("dkv", dkv, kk.grad) < 1e-5
+
+
 def test_deterministic_backward_is_bitwise_reproducible(interpret, report):
     q, kv, idx = _inputs()
     out, lse = sparse_mla_fwd(q, kv, idx, 0.3, 32)
