@@ -61,7 +61,8 @@ def check_sparse_mla(shape: str, s_q: int = 128, s_kv: int = 8192, k: int = 2048
     path, fwd_kernel = last_path("sparse_mla_fwd")
     qq, kk = q.double().requires_grad_(), kv.double().requires_grad_()
     ro, rl = ref.sparse_mla(qq, kk, idx, scale, cfg["d_v"])
-    dout = torch.randn_like(out)
+    # dO as the output projection's einsum hands it over: a head-major buffer seen token-major
+    dout = torch.randn(cfg["h"], b, s_q, cfg["d_v"], device=dev, dtype=out.dtype).permute(1, 2, 0, 3)
     torch.autograd.backward([ro], [dout.double()])
     with poison_outputs():
         dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], algorithm="split", chunk_rows=48)
@@ -121,7 +122,8 @@ def check_sparse_mla_target(shape: str, s_q: int = 160, s_kv: int = 8192, k: int
     path = last_path("sparse_mla_fwd")[1]
     ro, rl = ref.sparse_mla(q.double(), kv.double(), idx, d ** -0.5, cfg["d_v"])
     want = ref.selected_mass(q.double(), kv.double(), rl, idx, d ** -0.5)
-    res = dict(check=f"sparse_mla fwd + KL target {shape}", path=path, sm90_fwd=os.environ.get("DSAFORGE_SM90_FWD", "1"),
+    res = dict(check=f"sparse_mla fwd + KL target {shape}", path=path,
+               sm90_fwd=os.environ.get("DSAFORGE_SM90_FWD", "1"),
                out_rel_err=rel_err(out, ro), lse_rel_err=rel_err(lse, rl), mass_rel_err=rel_err(mass, want),
                empty_slots_zero=bool((mass[idx < 0] == 0).all()),
                no_nan=not bool(out.isnan().any() or lse.isnan().any() or mass.isnan().any()))

@@ -337,8 +337,7 @@ class IndexerKLFunction(torch.autograd.Function):
         _, diq, dik, dw, _ = _launch(iq, ik, w, q, kv, lse, ctx.sm_scale, ctx.d_v,
                                      indices if ctx.sparse else None, start, end, go, True,
                                      pt if ctx.sparse else None, stats)
-        return (diq.to(iq.dtype), dik.to(ik.dtype), dw.to(w.dtype), None, None, None, None, None, None, None, None, None,
-                None)
+        return (diq.to(iq.dtype), dik.to(ik.dtype), dw.to(w.dtype)) + (None,) * 10
 
 
 def indexer_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor, q: torch.Tensor,

@@ -147,9 +147,10 @@ if triton is not None:
         offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
         offs_v = tl.arange(0, D_V)
-        o = tl.load(O + b64 * sob + s64 * sos + offs_h[:, None] * soh + offs_v[None, :], mask=mask_h[:, None],
+        h64 = offs_h[:, None].to(tl.int64)
+        o = tl.load(O + b64 * sob + s64 * sos + h64 * soh + offs_v[None, :], mask=mask_h[:, None],
                     other=0.0).to(tl.float32)
-        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None] * sdh + offs_v[None, :], mask=mask_h[:, None],
+        do = tl.load(DO + b64 * sdb + s64 * sds + h64 * sdh + offs_v[None, :], mask=mask_h[:, None],
                      other=0.0).to(tl.float32)
         delta = tl.sum(o * do, 1)
         if HAS_DLSE:
@@ -178,7 +179,7 @@ if triton is not None:
         q_rows = Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh
         q_nope = tl.load(q_rows + offs_v[None, :], mask=mask_h[:, None], other=0.0)
         q_pe = tl.load(q_rows + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
-        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None] * sdh + offs_v[None, :],
+        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None].to(tl.int64) * sdh + offs_v[None, :],
                      mask=mask_h[:, None], other=0.0)
         lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=float("-inf"))
         delta = tl.load(DELTA + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=0.0)
@@ -241,7 +242,7 @@ if triton is not None:
         q_rows = Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh
         q_nope = tl.load(q_rows + offs_v[None, :], mask=mask_h[:, None], other=0.0)
         q_pe = tl.load(q_rows + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
-        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None] * sdh + offs_v[None, :],
+        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None].to(tl.int64) * sdh + offs_v[None, :],
                      mask=mask_h[:, None], other=0.0)
         lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=float("-inf"))
         delta = tl.load(DELTA + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=0.0)
@@ -298,8 +299,8 @@ if triton is not None:
             cols = part * CW + tl.arange(0, CW)
             qc = tl.load(Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh + cols[None, :], mask=mask_h[:, None],
                          other=0.0)                                                             # [H_P, CW]
-            dc = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None] * sdh + cols[None, :], mask=mask_h[:, None],
-                         other=0.0)
+            dc = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None].to(tl.int64) * sdh + cols[None, :],
+                         mask=mask_h[:, None], other=0.0)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 kmask = offs_k < K
@@ -549,8 +550,9 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     record("sparse_mla_bwd", "triton", why)
     b, s, h, d = q.shape
     t, k = kv.shape[1], indices.shape[2]
-    # The kernels take any strides but a unit last one: an einsum's gradient arrives as a permuted view, and a
-    # contiguous copy of it would move 2 x 8 GiB a layer at 64K tokens and 128 heads.
+    # The kernels take any strides but a unit last one (dO's head offsets in int64): an einsum's gradient arrives
+    # as a head-major buffer seen token-major (head stride B*S*d_v), and a contiguous copy of it would move
+    # 2 x 8 GiB a layer at 64K tokens and 128 heads.
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     out = out if out.stride(-1) == 1 else out.contiguous()
     lse = lse.float().contiguous()

@@ -680,7 +680,7 @@ def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tup
         _sparse_mla_fwd_ws3_kernel[(s * nhb, b)](*args, **shape, num_warps=4, maxnreg=WS3_MAXNREG)
     else:
         pb, mb, s0, n = store_p if store_p is not None else (lse, lse, 0, s)
-        sp = (pb.stride(0), pb.stride(1), pb.stride(2), mb.stride(0), mb.stride(1), mb.stride(2)) if store_p else (0,) * 6
+        sp = (*pb.stride()[:3], *mb.stride()[:3]) if store_p is not None else (0,) * 6
         _sparse_mla_fwd_sm90_kernel[(n * nhb, b)](*args, pb, mb, *sp, s0, **shape, PREFETCH=schedule == "prefetch",
                                                   STORE_P=store_p is not None, num_warps=NUM_WARPS)
 
