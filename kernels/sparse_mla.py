@@ -138,7 +138,7 @@ if triton is not None:
             tl.store(pt_row + offs_k, mass, mask=kmask)
 
     @triton.jit
-    def _delta_kernel(O, DO, DLSE, DELTA, sob, sos, soh, sdb, sds, sdh, slb, sls, slh, H,
+    def _sparse_mla_bwd_delta_kernel(O, DO, DLSE, DELTA, sob, sos, soh, sdb, sds, sdh, slb, sls, slh, H,
                       D_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DLSE: tl.constexpr):
         """DELTA[b,s,h] = sum_v O * dO (fp32), minus dLSE when the LSE has a gradient: one read of O and dO, where
         the torch form cast chunks of both to fp32 copies and multiplied them in separate kernels."""
@@ -559,7 +559,7 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     delta = empty(b, s, h, device=q.device, dtype=torch.float32)                       # rowsum(O * dO) - dLSE
     dl = dlse if dlse is not None else lse
     bh_d = min(16, max(2, next_pow2(h)))
-    _delta_kernel[(s, b, triton.cdiv(h, bh_d))](
+    _sparse_mla_bwd_delta_kernel[(s, b, triton.cdiv(h, bh_d))](
         out, dout, dl, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
         dout.stride(2), dl.stride(0), dl.stride(1), dl.stride(2), h, D_V=d_v, BLOCK_H=bh_d,
         HAS_DLSE=dlse is not None, num_warps=4)       # d lse / d logits = p, so dLSE folds into Delta
