@@ -741,6 +741,7 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64, 
 if __name__ == "__main__":
     import json
     import sys
-    cfgs = [tuple(json.loads(a)) for a in sys.argv[1:]] or [SM90_FWD_CONFIG]   # e.g. '["sm90", 64, 2, "serial"]'
+    # e.g. '["sm90", 64, 2, "serial"]'; a fifth element "store_p" compiles the variant that leaves P for the KL target
+    cfgs = [tuple(json.loads(a)) for a in sys.argv[1:]] or [SM90_FWD_CONFIG]
     for c in cfgs:
-        print(json.dumps(resource_usage(c)))
+        print(json.dumps(resource_usage(c[:4], store_p=c[4:] == ("store_p",))))
