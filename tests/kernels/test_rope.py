@@ -42,3 +42,17 @@ def test_rope_falls_back_on_cpu_and_checks_shapes():
     from dsaforge.kernels import KernelInputError
     with pytest.raises(KernelInputError, match="cos/sin must be"):
         rope(x, angles[:3].cos(), angles[:3].sin(), True)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_into_a_slice_of_a_larger_tensor(interpret, report, inverse):
+    """rope_into writes the rotation (or its inverse) into a strided slice and leaves the rest untouched."""
+    from dsaforge.kernels import rope_into
+    x = torch.randn(2, 5, 3, 8)
+    angles = torch.rand(5, 4) * 6
+    out = torch.full((2, 5, 3, 20), 7.0)
+    rope_into(out[..., 12:], x, angles.cos(), angles.sin(), True, inverse=inverse)
+    assert last_path("rope")[0] == "triton"
+    want = _model_rotation(x, angles.cos(), -angles.sin() if inverse else angles.sin(), True)
+    assert report("rope_into", out[..., 12:], want) < 1e-6
+    assert (out[..., :12] == 7.0).all()
