@@ -720,7 +720,8 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64, 
     wgmma = {}
     for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", k.asm["ptx"]):
         wgmma[m.group(1)] = wgmma.get(m.group(1), 0) + 1
-    res = dict(config=list(config or SM90_FWD_CONFIG), **({"store_p": True} if store_p else {}), shared_bytes=k.metadata.shared, wgmma=wgmma)
+    res = dict(config=list(config or SM90_FWD_CONFIG), **({"store_p": True} if store_p else {}),
+               shared_bytes=k.metadata.shared, wgmma=wgmma)
     # Warp-specialized kernels: the per-partition register counts (REG below is the count at entry).
     nreg = sorted({int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])})
     if nreg:
