@@ -109,7 +109,7 @@ def check_sparse_mla_target(shape: str, s_q: int = 160, s_kv: int = 8192, k: int
     summed over heads) against float64, rows in chunks so that the row offset is exercised."""
     import os
 
-    from dsaforge.kernels.sparse_mla import _forward_with_target
+    from dsaforge.kernels.sparse_mla_target import forward_with_target
     cfg, dev = SHAPES[shape], "cuda"
     d = cfg["d_v"] + cfg["d_pe"]
     q = torch.randn(1, s_q, cfg["h"], d, device=dev, dtype=torch.bfloat16)
@@ -118,7 +118,7 @@ def check_sparse_mla_target(shape: str, s_q: int = 160, s_kv: int = 8192, k: int
     idx[:, 0] = -1
     idx[:, 1, :300] = -1                                             # leading blocks with no valid key
     with poison_outputs():
-        out, lse, mass = _forward_with_target(q, kv, idx, d ** -0.5, cfg["d_v"], chunk_rows=chunk_rows)
+        out, lse, mass = forward_with_target(q, kv, idx, d ** -0.5, cfg["d_v"], chunk_rows=chunk_rows)
     path = last_path("sparse_mla_fwd")[1]
     ro, rl = ref.sparse_mla(q.double(), kv.double(), idx, d ** -0.5, cfg["d_v"])
     want = ref.selected_mass(q.double(), kv.double(), rl, idx, d ** -0.5)

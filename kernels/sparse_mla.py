@@ -38,9 +38,6 @@ SPLIT_MIN_HEADS = 64     # below this the fused backward was faster on the H200 
 # batch: sized per sequence, 16 sequences of 4K at 128 heads held 32 GiB of them (measured 121.6 GiB peak against
 # 84.8 for one sequence of 64K, the same tokens).
 BWD_SCRATCH_BYTES = 2 << 30
-# The same for the forward's block probabilities when it also returns the KL target (`_forward_with_target`): P
-# [B, rows, H, K] in q's dtype (512 KiB a row at V3.2's shape) and the block maxima.
-TARGET_SCRATCH_BYTES = 1 << 30
 
 
 if triton is not None:
@@ -55,7 +52,7 @@ if triton is not None:
             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NUM_HB: tl.constexpr, PARTIAL: tl.constexpr,
             STORE_P: tl.constexpr):
         """STORE_P: also leave each block's P = exp2(S - m) (q's dtype, [B, rows, H, K] from row s_offset) and the
-        running max m it is relative to ([B, rows, H, K / BLOCK_K]), for `_selected_mass_kernel`."""
+        running max m it is relative to ([B, rows, H, K / BLOCK_K]), for `sparse_mla_target`."""
         pid = tl.program_id(0)
         s_loc = pid // NUM_HB
         s = s_offset + s_loc                   # head blocks of one token are adjacent: they share the gathered KV in L2
@@ -110,32 +107,6 @@ if triton is not None:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_h[:, None])
         l_ptrs = LSE + b.to(tl.int64) * slb + s.to(tl.int64) * sls + split * slsp + offs_h * slh
         tl.store(l_ptrs, lse, mask=mask_h)
-
-    @triton.jit
-    def _selected_mass_kernel(
-            P, M, LSE, PT, spb, sps, sph, smb, sms, smh, slb, sls, slh, sptb, spts, s_offset, H, K,
-            H_P: tl.constexpr, BLOCK_K: tl.constexpr):
-        """PT[b, s, slot] = sum_h P[h, slot] * exp2(m[h, block] - lse_h): the forward's stored block probabilities,
-        each brought from its block's running max to the row's final LSE, summed over heads (the sparse-stage KL
-        target's unnormalised mass). Reads P once; the selected latent rows are not gathered again."""
-        s_loc = tl.program_id(0)
-        b64 = tl.program_id(1).to(tl.int64)
-        s64 = (s_offset + s_loc).to(tl.int64)
-        offs_h = tl.arange(0, H_P)
-        lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h * slh, mask=offs_h < H, other=float("-inf"))
-        h_ok = (offs_h < H) & (lse > float("-inf"))
-        lse2 = tl.where(h_ok, lse * 1.4426950408889634, 0.0)
-        p_row = P + b64 * spb + s_loc.to(tl.int64) * sps + offs_h[:, None] * sph
-        m_row = M + b64 * smb + s_loc.to(tl.int64) * sms + offs_h * smh
-        pt_row = PT + b64 * sptb + s64 * spts
-        for j in range(0, tl.cdiv(K, BLOCK_K)):
-            offs_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
-            kmask = offs_k < K
-            f = tl.exp2(tl.load(m_row + j, mask=h_ok, other=0.0) - lse2)                         # [H_P]
-            p = tl.load(p_row + offs_k[None, :], mask=h_ok[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            # p > 0 only where a valid key was seen, and there m <= the final max, so f <= 1/l: no inf * 0.
-            mass = tl.sum(tl.where(p > 0.0, p * f[:, None], 0.0), 0)
-            tl.store(pt_row + offs_k, mass, mask=kmask)
 
     @triton.jit
     def _sparse_mla_bwd_delta_kernel(O, DO, DLSE, DELTA, sob, sos, soh, sdb, sds, sdh, slb, sls, slh, H,
@@ -392,7 +363,7 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
 
     target=True also returns the head-summed attention mass at each selected slot, [B,S,K] fp32 (0 at empty
     slots; the sparse-stage indexer KL's target before normalisation), taken from the forward's own probabilities
-    (`_forward_with_target`) instead of a second pass over the selected rows.
+    (`sparse_mla_target.forward_with_target`) instead of a second pass over the selected rows.
 
     num_splits > 1 splits each row's K selected entries over that many programs (flash-decoding) and merges the
     partial results; it pays off only when B*S*ceil(H/64) is too small to fill the GPU (decode).
@@ -413,7 +384,8 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         return out, lse
     if target:
         check(num_splits == 1 and config is None, "target=True takes the default forward (no splits, no config)")
-        return _forward_with_target(q, kv, indices, sm_scale, d_v)
+        from dsaforge.kernels.sparse_mla_target import forward_with_target   # it launches this module's kernel
+        return forward_with_target(q, kv, indices, sm_scale, d_v)
     b, s, h, d = q.shape
     t, k = kv.shape[1], indices.shape[2]
     if num_splits == 1 and (config is None or config[0] == "sm90") and os.environ.get("DSAFORGE_SM90_FWD", "1") != "0":
@@ -454,49 +426,6 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     wts = torch.exp(lse - lse_all[:, :, None]).nan_to_num(0.0)                         # [B,S,NS,H]
     merged = (out * wts[..., None]).sum(2)
     return merged.to(q.dtype), lse_all
-
-
-def _forward_with_target(q, kv, indices, sm_scale, d_v, chunk_rows: int | None = None):
-    """(out, lse, mass [B,S,K] fp32). The target needs each probability against the row's final LSE, which the
-    single-pass forward knows only after its last block; so the forward stores every block's P relative to its
-    running max (it computes exactly that P for P.V anyway) and that max, a chunk of rows at a time, and
-    `_selected_mass_kernel` rescales and sums them over heads. This replaces a second kernel that gathered the K
-    selected latent rows again and recomputed Q.K^T for every head."""
-    b, s, h, d = q.shape
-    t, k = kv.shape[1], indices.shape[2]
-    out = empty(b, s, h, d_v, device=q.device, dtype=q.dtype)
-    lse = empty(b, s, h, device=q.device, dtype=torch.float32)
-    mass = empty(b, s, k, device=q.device, dtype=torch.float32)
-    hopper = os.environ.get("DSAFORGE_SM90_FWD", "1") != "0" and sm90.supported(q, kv, indices, d_v)[0]
-    if hopper:
-        record("sparse_mla_fwd", "triton", "sm90 gluon kernel (prefetch, with the KL target)")
-        bh, bk = sm90.BLOCK_H, sm90.SM90_FWD_FALLBACK[1]
-    else:
-        record("sparse_mla_fwd", "triton", "triton kernel with the KL target")
-        bh, bk, warps, stages = _cfg(FWD_CONFIG, d_v, h, None)
-    nhb, nb = triton.cdiv(h, bh), triton.cdiv(k, bk)
-    rows = chunk_rows or max(1, min(s, TARGET_SCRATCH_BYTES // (b * h * (k * q.element_size() + nb * 4))))
-    pb = torch.empty(b, rows, h, k, device=q.device, dtype=q.dtype)
-    mb = torch.empty(b, rows, h, nb, device=q.device, dtype=torch.float32)
-    for s0 in range(0, s, rows):
-        n = min(rows, s - s0)
-        if hopper:
-            sm90.launch(q, kv, indices, out, lse, sm_scale * LOG2E, d_v, sm90.SM90_FWD_FALLBACK,
-                        store_p=(pb, mb, s0, n))
-        else:
-            _sparse_mla_fwd_kernel[(n * nhb, b, 1)](
-                q, kv, indices, out, lse, pb, mb, sm_scale * LOG2E,
-                q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0),
-                indices.stride(1), out.stride(0), out.stride(1), out.stride(2), 0, lse.stride(0), lse.stride(1),
-                lse.stride(2), 0, pb.stride(0), pb.stride(1), pb.stride(2), mb.stride(0), mb.stride(1), mb.stride(2),
-                s0, h, t, k, k,
-                D_V=d_v, D_PE=d - d_v, D_PE_P=max(16, next_pow2(d - d_v)), BLOCK_H=bh, BLOCK_K=bk, NUM_HB=nhb,
-                PARTIAL=False, STORE_P=True, num_warps=warps, num_stages=stages)
-        _selected_mass_kernel[(n, b)](
-            pb, mb, lse, mass, pb.stride(0), pb.stride(1), pb.stride(2), mb.stride(0), mb.stride(1), mb.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2), mass.stride(0), mass.stride(1), s0, h, k,
-            H_P=max(16, next_pow2(h)), BLOCK_K=bk, num_warps=8 if h >= 64 else 4)
-    return out, lse, mass
 
 
 def sparse_mla_decode(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,

@@ -659,7 +659,7 @@ def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tup
     """Run the sm_90 forward into out [B,S,H,d_v] and lse [B,S,H] (caller checked `supported`).
 
     store_p=(P, M, s0, n): rows [s0, s0 + n) only, leaving each block's probabilities and running max in P and M
-    (`sparse_mla._forward_with_target`); "serial" and "prefetch" schedules only."""
+    (`sparse_mla_target.forward_with_target`); "serial" and "prefetch" schedules only."""
     b, s, h, d = q.shape
     _, block_k, stages, schedule = resolve_config(indices.shape[2], config)
     check(schedule in SCHEDULES, f"unknown sm_90 forward schedule {schedule!r}; choose one of {SCHEDULES}")

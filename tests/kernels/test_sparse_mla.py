@@ -36,13 +36,14 @@ def test_forward_with_target_matches_reference(interpret, report, monkeypatch, h
     time, rescaled to the final LSE by `_selected_mass_kernel`) equals the head-summed probabilities in float64,
     including slots that are empty, a row with no key at all, and blocks seen before a row's first valid key."""
     mod = importlib.import_module("dsaforge.kernels.sparse_mla")
+    target = importlib.import_module("dsaforge.kernels.sparse_mla_target")
     monkeypatch.setitem(mod.FWD_CONFIG, 32, (16, 8, 4, 1))   # 3 key blocks of 8; 20 heads take 2 head blocks
     q, kv, idx = _inputs(h=h, k=24)
     idx[1, 1, :9] = -1                     # a first block with no valid key (running max still -inf)
     idx[0, 2, 3] = idx[0, 2, 20]           # a later block raises the running max (rescaling)
     q[0, 2] *= 4
     with poison_outputs():
-        out, lse, mass = mod._forward_with_target(q, kv, idx, 0.3, 32, chunk_rows=chunk_rows)
+        out, lse, mass = target.forward_with_target(q, kv, idx, 0.3, 32, chunk_rows=chunk_rows)
     assert last_path("sparse_mla_fwd")[0] == "triton"
     want_out, want_lse = ref.sparse_mla(q.double(), kv.double(), idx, 0.3, 32)
     want = ref.selected_mass(q.double(), kv.double(), want_lse, idx, 0.3)
@@ -105,14 +106,15 @@ def test_scratch_is_bounded_whatever_the_batch(interpret, report, monkeypatch):
     """The split backward's dS and P and the target's stored P are sized over the whole batch: more sequences of the
     same tokens take fewer rows per chunk, not more memory (16 x 4K once held 16x the scratch of 1 x 64K)."""
     mod = importlib.import_module("dsaforge.kernels.sparse_mla")
+    target = importlib.import_module("dsaforge.kernels.sparse_mla_target")
     q, kv, idx = _inputs(b=4, s=6, h=3, k=16)
     per_seq_row = 2 * 3 * 16 * q.element_size()
     monkeypatch.setattr(mod, "BWD_SCRATCH_BYTES", 2 * 4 * per_seq_row)          # two rows of all four sequences
-    monkeypatch.setattr(mod, "TARGET_SCRATCH_BYTES", 2 * 4 * per_seq_row)
+    monkeypatch.setattr(target, "TARGET_SCRATCH_BYTES", 2 * 4 * per_seq_row)
     shapes = []
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: shapes.append(tuple(a)) or real_empty(*a, **k))
-    out, lse, mass = mod._forward_with_target(q, kv, idx, 0.3, 32)
+    out, lse, mass = target.forward_with_target(q, kv, idx, 0.3, 32)
     dout = torch.randn_like(out)
     dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, 0.3, 32, algorithm="split")
     monkeypatch.setattr(torch, "empty", real_empty)
