@@ -253,7 +253,7 @@ def cmd_generate(args) -> int:
     cfg = _load(args)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_new_tokens=args.max_new_tokens)
+                                max_new_tokens=args.max_new_tokens, seed=args.seed)
         rollout = RolloutConfig(max_turns=args.max_turns, context=args.context, context_budget=args.context_budget)
     except ValueError as e:
         raise _UsageError(str(e)) from e
@@ -289,7 +289,8 @@ def cmd_generate(args) -> int:
     if tracker is not None:
         tracker.log_params({"backend": args.server or str(args.checkpoint), "mode": args.mode,
                             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                            "max_new_tokens": args.max_new_tokens, "thinking": not args.no_thinking})
+                            "max_new_tokens": args.max_new_tokens, "thinking": not args.no_thinking,
+                            "seed": args.seed})
         tracker.finish("FINISHED")
     print(json.dumps(summary, indent=2))
     return 0
@@ -451,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--top-k", type=int, default=0)
     sp.add_argument("--max-new-tokens", type=int, default=1024, help="per assistant segment")
+    sp.add_argument("--seed", type=int, default=0, help="sampling seed (--checkpoint): each episode samples from "
+                    "(seed, its index), so the same seed and inputs repeat a run whatever --max-batch")
     sp.add_argument("--no-thinking", action="store_true", help="non-thinking mode (no <think> reasoning)")
     sp.add_argument("--max-turns", type=int, default=20)
     sp.add_argument("--context", default="discard_all", choices=["discard_all", "discard_75", "reprefill", "none"])

@@ -18,6 +18,12 @@ then runs one decode step over all slots (free and paused slots write to a spare
 decode step is replayed from a CUDA graph per bucket of visible length (`cuda_graphs`); if capture fails the
 engine says why in `stats["cuda_graphs"]` and stays eager.
 
+Sampling is per sequence: the token at position p of a sequence is a function of its context and of (engine seed,
+the sequence's key, p) alone (`dsaforge.model.sampling`), never of the other sequences in the batch or of when
+they arrived. The key is `SamplingParams.seed` when set (the same seed and prompt give the same tokens whatever the
+order, batch size or timing), else the sequence's submission number (a fresh engine given the same prompts in the
+same order repeats itself).
+
 Positions: sequence token p is written at cache column p. The last token of a segment is fed (and its routing
 captured) only when the sequence continues, so `routing`/`topk` cover positions 0 .. len(tokens) - 2: the output
 at the last position is never scored.
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 
 from dsaforge.model.infer import Capture, SlotCache, forward_rows, stack_experts
-from dsaforge.model.sampling import SamplingParams, sample
+from dsaforge.model.sampling import SamplingParams, draw_bits, sample, seed_of, sequence_stream, to_uniforms
 from dsaforge.model.transformer import Transformer
 
 MODES = ("dense", "sparse")
@@ -66,6 +72,7 @@ class _Row:
     tokens: list[int]                           # the whole sequence so far
     pending: list[int]                          # tokens to prefill (not yet in the cache)
     params: SamplingParams
+    stream: int = 0                             # its random stream (engine seed, key)
     slot: int = -1
     length: int = 0                             # tokens in the cache
     state: str = "waiting"                      # waiting | prefill | decode | paused
@@ -92,7 +99,7 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.device = model.embed.weight.device
         self.cache = SlotCache.allocate(model, max_batch, max_len, with_indexer=mode == "sparse" or capture_topk)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[int, tuple] = {}
         self.stats = {"prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0,
@@ -112,7 +119,8 @@ class Engine:
     # ---------------------------------------------------------------- sequence API
     def submit(self, tokens: Sequence[int], params: SamplingParams, sid: Optional[int] = None) -> int:
         """Queue `tokens` for prefill followed by one generated segment. Without sid a new sequence starts; with
-        the sid of a paused sequence, the tokens extend it (its cache is kept)."""
+        the sid of a paused sequence, the tokens extend it (its cache is kept). A sequence samples from the stream
+        of params.seed (or, when None, of its sid); a continuation with a seed switches to that seed's stream."""
         tokens = [int(t) for t in tokens]
         vocab = self.model.cfg.vocab_size
         if any(t < 0 or t >= vocab for t in tokens):
@@ -124,7 +132,8 @@ class Engine:
             if not tokens:
                 raise ValueError("a new sequence needs at least one prompt token")
             sid = next(self._ids)
-            row = _Row(sid, list(tokens), list(tokens), params)
+            key = params.seed if params.seed is not None else seed_of("sequence", sid)
+            row = _Row(sid, list(tokens), list(tokens), params, sequence_stream(self.seed, key))
             self._rows[sid] = row
             self._waiting.append(sid)
         else:
@@ -134,6 +143,8 @@ class Engine:
             row.tokens += tokens
             row.pending += tokens
             row.params, row.state = params, "prefill"
+            if params.seed is not None:
+                row.stream = sequence_stream(self.seed, params.seed)
         return sid
 
     def release(self, sid: int) -> None:
@@ -221,20 +232,23 @@ class Engine:
                 ready.append(i)
         if not ready:
             return []
-        return self._sample([rows[i] for i in ready], logits[torch.tensor(ready, device=dev)])
+        ready_rows = [rows[i] for i in ready]
+        return self._sample(ready_rows, logits[torch.tensor(ready, device=dev)],
+                            torch.from_numpy(self._draws(ready_rows)).to(dev))
 
     # ---------------------------------------------------------------- decode
     def _decode(self) -> list[tuple[int, Segment]]:
         dev, n_slots = self.device, self.max_batch
         active = [r for r in self._rows.values() if r.state == "decode"]
         # One host-to-device copy per step: row 0 the input tokens, row 1 the positions (idle slots write to the
-        # spare column), row 2 the active slots (whose logits are sampled).
-        host = np.zeros((3, n_slots), dtype=np.int64)
+        # spare column), row 2 the active slots (whose logits are sampled), row 3 their random draws.
+        host = np.zeros((4, n_slots), dtype=np.int64)
         host[1] = self.max_len
         slots = [r.slot for r in active]
         host[0, slots] = [r.tokens[-1] for r in active]
         host[1, slots] = [r.length for r in active]
         host[2, :len(slots)] = slots
+        host[3, :len(slots)] = self._draws(active)
         t = max(r.length for r in active) + 1
         graph = self._graph_for(t) if self.use_graphs else None
         if graph is not None:
@@ -253,7 +267,7 @@ class Engine:
         for r in active:
             r.length += 1
         # the capture is read back once the sampling kernels are queued: their launches overlap the step's tail
-        return self._sample(active, logits[inputs[2, :len(slots)]],
+        return self._sample(active, logits[inputs[2, :len(slots)]], inputs[3, :len(slots)],
                             then=lambda: self._record(cap, active, [1] * len(active), index=slots))
 
     def _bucket(self, t: int) -> int:
@@ -268,7 +282,7 @@ class Engine:
         if t in self._graphs:
             return self._graphs[t]
         dev, n_slots = self.device, self.max_batch
-        inputs = torch.zeros(3, n_slots, dtype=torch.long, device=dev)      # as `_decode` lays them out
+        inputs = torch.zeros(4, n_slots, dtype=torch.long, device=dev)      # as `_decode` lays them out
         inputs[1] = self.max_len
         static = {"inputs": inputs, "tok": inputs[0, :, None], "start": inputs[1],
                   "n": torch.ones(n_slots, dtype=torch.long, device=dev)}
@@ -312,10 +326,16 @@ class Engine:
             for r, i, c in zip(rows, idx, counts):
                 r.topk.extend(tk[i, :c])
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor,
+    @staticmethod
+    def _draws(rows: list[_Row]) -> np.ndarray:
+        """[rows] int64: each row's draw for the token it samples next (at position len(tokens) of its sequence)."""
+        return draw_bits([r.stream for r in rows], [len(r.tokens) for r in rows])
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, bits: torch.Tensor,
                 then: Optional[Callable[[], None]] = None) -> list[tuple[int, Segment]]:
-        """Draw each row's next token; `then` runs after the sampling kernels are queued, before the host waits."""
-        toks, lps, kept = sample(logits, [r.params for r in rows], self.generator, want_kept=self.capture_kept)
+        """Draw each row's next token from its own draw (`bits`, on the device); `then` runs after the sampling
+        kernels are queued, before the host waits."""
+        toks, lps, kept = sample(logits, [r.params for r in rows], to_uniforms(bits), want_kept=self.capture_kept)
         both = torch.stack((toks.double(), lps.double()))
         if then is not None:
             then()

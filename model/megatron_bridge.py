@@ -321,7 +321,7 @@ class _Elsewhere(nn.Module):
     """Stands in for a block held by another pipeline stage: the hidden state passes through. Blocks keep their
     global index (`layers.<i>`), so checkpoint keys and the consolidated export name them as one device does."""
 
-    def forward(self, x, cos, sin, ctx, forced=None):
+    def forward(self, x, cos, sin, ctx, forced=None, valid=None):
         return x, None, None, None
 
 

@@ -94,12 +94,14 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1, w3, w2) -> torch.T
     return grouped_mm(h, w2, groups)                                                  # [M, dim]
 
 
-def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Token-slots per expert [E] (int64) from expert indices [..., k]. torch.bincount on CUDA reads the largest
-    index back to the host to size its output (a device synchronisation per call); a scatter-add into E bins
-    does not."""
+def expert_counts(indices: torch.Tensor, n_experts: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Token-slots per expert [E] (int64) from expert indices [..., k]; with valid [...] (bool, indices' shape
+    without k), only the slots of valid tokens. torch.bincount on CUDA reads the largest index back to the host to
+    size its output, and selecting the valid tokens (indices[valid]) reads their count back (a device
+    synchronisation per call either way); a scatter-add of 1s, or of the validity, into E bins does not."""
     flat = indices.flatten()
-    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    ones = torch.ones_like(flat) if valid is None else valid[..., None].expand(indices.shape).flatten().long()
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, ones)
 
 
 class MoE(nn.Module):
@@ -115,20 +117,27 @@ class MoE(nn.Module):
         # Off while activation checkpointing recomputes this layer in backward: its tokens were counted already.
         self.count_load = True
 
-    def forward(self, x: torch.Tensor, forced: Optional[torch.Tensor] = None):
-        """x [B, S, dim], forced [B, S, k] or None -> (y [B, S, dim], indices [B, S, k], seq aux loss or None)."""
+    def forward(self, x: torch.Tensor, forced: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None):
+        """x [B, S, dim], forced [B, S, k] or None, valid [B, S] bool or None (False on padding)
+        -> (y [B, S, dim], indices [B, S, k], seq aux loss or None).
+
+        Every position is routed and computed (padding included: the experts' dispatch is the same with or without
+        a mask), but only valid positions count in `expert_load` and in the balance loss, so the router-bias update
+        and the loss see the real tokens however the rows were padded."""
         b, s, d = x.shape
         flat = x.reshape(-1, d)                                                           # [N, dim]
         if forced is not None:
             forced = forced.reshape(-1, self.topk).to(device=x.device, dtype=torch.long)
         weights, indices, scores = self.gate(flat, forced)
-        counts = expert_counts(indices, self.n_experts)                                   # [E]
+        counts = expert_counts(indices, self.n_experts)                                   # [E] every slot dispatched
         if self.training and self.count_load:
-            self.expert_load += counts.to(self.expert_load.dtype)
+            load = counts if valid is None else expert_counts(indices, self.n_experts, valid.reshape(-1))
+            self.expert_load += load.to(self.expert_load.dtype)
         y = self.routed(flat, weights, indices, counts)                                   # [N, dim]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        aux = self._seq_aux_loss(scores.view(b, s, -1), indices.view(b, s, -1)) if self.aux_alpha > 0 else None
+        aux = (self._seq_aux_loss(scores.view(b, s, -1), indices.view(b, s, -1), valid) if self.aux_alpha > 0
+               else None)
         return y.view(b, s, d), indices.view(b, s, self.topk), aux
 
     def routed(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
@@ -149,14 +158,27 @@ class MoE(nn.Module):
             w1, w3, w2 = torch.stack(w1), torch.stack(w3), torch.stack(w2)
         return grouped_swiglu(x_sorted, counts, w1, w3, w2)
 
-    def _seq_aux_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def _seq_aux_loss(self, scores: torch.Tensor, indices: torch.Tensor,
+                      valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences.
-        f_i = E/(k S) * #tokens of the sequence routed to i; P_i = mean over the sequence of normalised scores."""
+        f_i = E/(k S) * #tokens of the sequence routed to i; P_i = mean over the sequence of normalised scores.
+        With valid [B, S], S is each sequence's count of valid tokens and padding enters neither sum; sequences
+        without any are left out of the average."""
         b, s, e = scores.shape
-        p = (scores / scores.sum(-1, keepdim=True)).mean(1)                               # [B, E]
+        normed = scores / scores.sum(-1, keepdim=True)                                    # [B, S, E]
+        if valid is None:
+            p = normed.mean(1)                                                            # [B, E]
+            f = torch.zeros(b, e, device=scores.device).scatter_add_(
+                1, indices.reshape(b, -1), torch.ones(b, s * self.topk, device=scores.device)) * (e / (self.topk * s))
+            return self.aux_alpha * (f * p).sum(-1).mean()
+        w = valid.to(scores.dtype)                                                        # [B, S]
+        n = w.sum(1, keepdim=True)                                                        # [B, 1]
+        p = (normed * w[..., None]).sum(1) / n.clamp_min(1)                               # [B, E]
         f = torch.zeros(b, e, device=scores.device).scatter_add_(
-            1, indices.reshape(b, -1), torch.ones(b, s * self.topk, device=scores.device)) * (e / (self.topk * s))
-        return self.aux_alpha * (f * p).sum(-1).mean()
+            1, indices.reshape(b, -1), w[..., None].expand(b, s, self.topk).reshape(b, -1)) * (
+            e / (self.topk * n.clamp_min(1)))
+        per_seq = (f * p).sum(-1)                                                         # [B]
+        return self.aux_alpha * per_seq.sum() / (n > 0).sum().clamp_min(1)
 
     @torch.no_grad()
     def update_bias(self) -> None:

@@ -55,12 +55,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
 
-    def forward(self, x, cos, sin, ctx: AttnContext, forced=None):
-        """x [B, S, dim] -> (x, indexer KL or None, expert indices or None, aux loss or None)."""
+    def forward(self, x, cos, sin, ctx: AttnContext, forced=None, valid=None):
+        """x [B, S, dim], valid [B, S] or None (the MoE's load mask) -> (x, indexer KL or None, expert indices or
+        None, aux loss or None)."""
         a, kl = self.attn(self.attn_norm(x), cos, sin, ctx)
         x = x + a
         if isinstance(self.ffn, MoE):
-            f, indices, aux = self.ffn(self.ffn_norm(x), forced)
+            f, indices, aux = self.ffn(self.ffn_norm(x), forced, valid)
             return x + f, kl, indices, aux
         return x + self.ffn(self.ffn_norm(x)), kl, None, None
 
@@ -77,9 +78,9 @@ class MTPLayer(nn.Module):
         self.block = Block(cfg, moe)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)       # the shared head's own norm
 
-    def forward(self, h, emb, cos, sin, ctx, forced=None):
+    def forward(self, h, emb, cos, sin, ctx, forced=None, valid=None):
         x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
-        return self.block(x, cos, sin, ctx, forced)
+        return self.block(x, cos, sin, ctx, forced, valid)
 
 
 class Transformer(nn.Module):
@@ -146,7 +147,7 @@ class Transformer(nn.Module):
     def n_moe_layers(self) -> int:
         return sum(isinstance(b.ffn, MoE) for b in self.layers)
 
-    def _check(self, tokens, mode, start_pos, cache, segment_ids, routing, attn_form) -> None:
+    def _check(self, tokens, mode, start_pos, cache, segment_ids, routing, attn_form, valid) -> None:
         cfg = self.cfg
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32):
             raise ValueError(f"tokens must be an integer tensor [B, S], got "
@@ -174,6 +175,9 @@ class Transformer(nn.Module):
             check_token_ids(tokens, cfg.vocab_size)
         if segment_ids is not None and tuple(segment_ids.shape) != (b, s):
             raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must equal tokens shape {(b, s)}")
+        if valid is not None and (tuple(valid.shape) != (b, s) or valid.dtype != torch.bool):
+            raise ValueError(f"valid must be a bool tensor of tokens' shape {(b, s)}, got {tuple(valid.shape)} "
+                             f"{valid.dtype}")
         if routing is not None:
             n_main = self.n_moe_layers
             n_mtp = sum(isinstance(m.block.ffn, MoE) for m in self.mtp)
@@ -192,7 +196,7 @@ class Transformer(nn.Module):
                 if (r.sort(-1)[0].diff(dim=-1) == 0).any():
                     raise ValueError(f"routing[{i}] repeats an expert within a token")
 
-    def _checkpointed(self, block, x, cos, sin, ctx, forced):
+    def _checkpointed(self, block, x, cos, sin, ctx, forced, valid):
         """block(x, cos, sin, ctx, forced) under torch.utils.checkpoint (non-reentrant): only x is kept, the block is
         run again in backward. The recomputation must not repeat the forward's side effects or choices: the routers
         do not count the tokens again, and each MoE replays the experts the forward chose, so a last-bit difference
@@ -207,14 +211,14 @@ class Transformer(nn.Module):
 
         def run(x, cos, sin, forced):
             if "routing" not in first:                           # the forward
-                out = block(x, cos, sin, ctx, forced)
+                out = block(x, cos, sin, ctx, forced, valid)
                 first["routing"] = out[2]
                 return out
             moes = [m for m in self.modules() if isinstance(m, MoE)]
             for m in moes:
                 m.count_load = False
             try:
-                return block(x, cos, sin, ctx, first["routing"] if first["routing"] is not None else forced)
+                return block(x, cos, sin, ctx, first["routing"] if first["routing"] is not None else forced, valid)
             finally:
                 for m in moes:
                     m.count_load = True
@@ -245,7 +249,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, *, mode: Mode = "dense", start_pos: int = 0, cache: Optional[Cache] = None,
                 segment_ids: Optional[torch.Tensor] = None, routing: Optional[Sequence[Optional[torch.Tensor]]] = None,
                 return_routing: bool = False, attn_form: Optional[Form] = None,
-                return_hidden: bool = False) -> ModelOutput:
+                return_hidden: bool = False, valid: Optional[torch.Tensor] = None) -> ModelOutput:
         """tokens [B, S] -> ModelOutput.
 
         mode: "dense" (MLA only), "warmup" (dense attention + indexer KL to the head-summed attention),
@@ -255,8 +259,11 @@ class Transformer(nn.Module):
         attn_form: force the MHA or absorbed-MQA form (default: MHA for multi-token dense/warmup calls, else MQA).
         return_hidden: return the final-norm hidden states in `hidden` and skip the output head (`logits` is None);
               score them with `lm_loss_chunked`.
+        valid [B, S] bool: False on padding. Padding is computed like any token (attention is causal, so nothing
+              real sees it), but only valid positions count in the MoE layers' `expert_load` (the router-bias update)
+              and their balance loss; an MTP layer of depth d counts position i when tokens i and i + d are valid.
         """
-        self._check(tokens, mode, start_pos, cache, segment_ids, routing, attn_form)
+        self._check(tokens, mode, start_pos, cache, segment_ids, routing, attn_form, valid)
         b, s = tokens.shape
         end = start_pos + s
         cos_all, sin_all = self.rope(tokens.device)
@@ -274,7 +281,7 @@ class Transformer(nn.Module):
         kls, routes, auxes = [], [], []
         routing = list(routing) if routing is not None else []
 
-        def run(block, x, c, sn, mask, layer_cache, forced):
+        def run(block, x, c, sn, mask, layer_cache, forced, v):
             # MTP rows are shorter than the pack: cut the document boundaries at their length
             # (unique_consecutive has a data-dependent size: a host sync, so only where the rows are shorter)
             cu = cu_seqlens
@@ -285,9 +292,9 @@ class Transformer(nn.Module):
             # indexer (fed detached inputs) learns, so x carries no graph and a recomputation would buy nothing.
             if (self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
                     and x.requires_grad):
-                x, kl, idx, aux = self._checkpointed(block, x, c, sn, ctx, forced)
+                x, kl, idx, aux = self._checkpointed(block, x, c, sn, ctx, forced, v)
             else:
-                x, kl, idx, aux = block(x, c, sn, ctx, forced)
+                x, kl, idx, aux = block(x, c, sn, ctx, forced, v)
             if kl is not None:
                 kls.append(kl)
             if idx is not None:
@@ -299,7 +306,7 @@ class Transformer(nn.Module):
         h = self.embed(tokens)                                                     # [B, S, dim]
         for i, block in enumerate(self.layers):
             forced = routing[len(routes)] if len(routes) < len(routing) else None
-            h = run(block, h, cos, sin, allowed, cache.layers[i] if cache is not None else None, forced)
+            h = run(block, h, cos, sin, allowed, cache.layers[i] if cache is not None else None, forced, valid)
         hidden = self.norm(h)
         logits = None if return_hidden else self.head(hidden)
 
@@ -312,10 +319,11 @@ class Transformer(nn.Module):
                     break
                 forced = routing[len(routes)] if len(routes) < len(routing) else None
 
-                def block_fn(x, c, sn, ctx, f, layer=layer, d=d):
-                    return layer(x, self.embed(tokens[:, d:]), c, sn, ctx, f)
+                def block_fn(x, c, sn, ctx, f, v, layer=layer, d=d):
+                    return layer(x, self.embed(tokens[:, d:]), c, sn, ctx, f, v)
                 mask = allowed[:, :n, :n] if allowed is not None else None
-                h_prev = run(block_fn, h_prev[:, :-1], cos[:n], sin[:n], mask, None, forced)
+                v = valid[:, :n] & valid[:, d:] if valid is not None else None    # h_i and token i + d both real
+                h_prev = run(block_fn, h_prev[:, :-1], cos[:n], sin[:n], mask, None, forced, v)
                 mtp_logits.append(self.head(layer.norm(h_prev)))
 
         return ModelOutput(

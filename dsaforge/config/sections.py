@@ -138,6 +138,9 @@ class RLConfig(Section):
     max_new_tokens: int = Field(1024, gt=0, description="Tokens per assistant segment (and the length penalty's "
                                 "budget).")
     max_turns: int = Field(8, gt=0, description="Segments that call tools, per episode.")
+    context_len: int = Field(0, ge=0, description="Tokens per sequence the rollout engine's cache holds (0: "
+                             "model.max_seq_len). Its cache is allocated for min(256, prompts x group) sequences "
+                             "of this length up front, so bound it to the episodes' length on large models.")
     diagnostics: bool = Field(False, description="Each step, also score one micro-batch with Keep Routing and with "
                               "Keep Sampling Mask switched off (rl/diag/*): the stabilisers' effect on the same run.")
     eval_every: int = Field(10, gt=0, description="Held-out evaluation every this many steps (and at the end).")

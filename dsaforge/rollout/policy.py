@@ -15,13 +15,13 @@ Two implementations share this interface:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
 from dsaforge.data.chat import AssistantTurn, ChatTemplate
 from dsaforge.model.engine import Engine
-from dsaforge.model.sampling import SamplingParams
+from dsaforge.model.sampling import SamplingParams, seed_of
 
 
 @dataclass
@@ -57,10 +57,17 @@ class Policy(Protocol):
 
 
 class EnginePolicy:
-    """The in-process engine behind the Policy interface; one engine sequence per open window."""
+    """The in-process engine behind the Policy interface; one engine sequence per open window.
 
-    def __init__(self, engine: Engine, chat: ChatTemplate, params: SamplingParams):
-        self.engine, self.chat = engine, chat
+    Each window samples from its own key, seed_of(params.seed, the episode's seed, the key's window number), where
+    the episode's seed is seeds[key] (by the runner's episode index) or, without seeds, the index itself. An
+    episode's tokens then depend on its own transcript alone, never on which other episodes share the engine's
+    decode steps or on when their tool outputs arrived, so a rollout of the same episodes repeats exactly. Window
+    numbers count over the policy's life: a new policy per batch of episodes repeats, a reused one moves on."""
+
+    def __init__(self, engine: Engine, chat: ChatTemplate, params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None):
+        self.engine, self.chat, self.seeds = engine, chat, seeds
         eos = chat.eos_id()
         # EOS ends every assistant segment: it is always a stop token here
         self.params = params if eos in params.stop_token_ids else replace(
@@ -70,6 +77,8 @@ class EnginePolicy:
         self.max_context = engine.max_len
         self._sid: dict[int, int] = {}
         self._win: dict[int, Window] = {}
+        self._params: dict[int, SamplingParams] = {}       # per open window, its seed set
+        self._windows: dict[int, int] = {}                 # windows begun per key
 
     def _add(self, key: int, ids: list[int], mask: int, logprobs=None, kept=None) -> None:
         w = self._win[key]
@@ -83,12 +92,16 @@ class EnginePolicy:
         ids = self.chat.encode(messages, tools)
         self._win[key] = Window()
         self._add(key, ids, 0)
-        self._sid[key] = self.engine.submit(ids, self.params)
+        window = self._windows.get(key, 0)
+        self._windows[key] = window + 1
+        episode = self.seeds[key] if self.seeds is not None else key
+        self._params[key] = replace(self.params, seed=seed_of(self.params.seed, episode, window))
+        self._sid[key] = self.engine.submit(ids, self._params[key])
 
     def extend(self, key, tool_messages):
         ids = self.chat.encode_text(self.chat.continuation(tool_messages))
         self._add(key, ids, 0)
-        self.engine.submit(ids, self.params, sid=self._sid[key])
+        self.engine.submit(ids, self._params[key], sid=self._sid[key])
 
     def prompt_tokens(self, messages, tools):
         return len(self.chat.encode(messages, tools))
@@ -113,6 +126,7 @@ class EnginePolicy:
     def end(self, key):
         sid = self._sid.pop(key)
         w = self._win.pop(key)
+        self._params.pop(key, None)
         w.routing, _ = self.engine.captured(sid)
         self.engine.release(sid)
         return w

@@ -4,7 +4,7 @@
     summary = grpo.fit()
 
 `state` is the policy's `TrainState` (model, layout, optimizer, checkpoints), `reference` the frozen reference
-model (None when every beta is 0), `rollout(tasks, group_size, greedy) -> [EpisodeRecord]` runs episodes on the
+model (None when every beta is 0), `rollout(tasks, group_size, greedy, seed) -> [EpisodeRecord]` runs episodes on the
 policy's weights through the episode interface and scores them with the tasks' verifiers (`dsaforge.model.rl.stage`
 builds it over the rollout engine). Each phase is timed; metrics go to MLflow under `rl/`, every step's episodes to
 rollouts/step-XXXXXX.parquet.
@@ -33,6 +33,7 @@ from dsaforge.model.rl.batch import EpisodeRecord, collate, write_rollouts
 from dsaforge.model.rl.grpo import LossConfig, group_advantages, grpo_loss
 from dsaforge.model.rl.policy import token_logprobs
 from dsaforge.model.rl.reward import load_reward_functions, reward_terms
+from dsaforge.model.sampling import seed_of
 from dsaforge.model.train.trainer import NonFiniteLoss, lr_at
 from dsaforge.progress import Progress
 
@@ -71,7 +72,7 @@ class GRPO:
                 with self.phase("advantage"):
                     self.advantages(episodes, rewards)
                 with self.phase("train"):
-                    stats = {**self.diagnose(episodes), **self.train(episodes)}
+                    stats = self.train(episodes)
                 with self.phase("sync"):
                     self.sync()
                 self.step += 1
@@ -96,7 +97,8 @@ class GRPO:
     def generate(self) -> list[EpisodeRecord]:
         """G episodes of each of this rank's prompts (all of them on one process), groups numbered over the step."""
         first, mine = share(self.prompts(self.step), *self.state.dp)
-        episodes = self.rollout(mine, self.rl.group_size, greedy=False)
+        episodes = self.rollout(mine, self.rl.group_size, greedy=False,
+                                seed=seed_of(self.rl.seed, "generate", self.step))
         for e in episodes:
             e.group += first
         return episodes
@@ -128,8 +130,11 @@ class GRPO:
                                                 device=st.device)).tolist()
         dp, stats = st.dp[1], UpdateStats()
         lr = lr_at(self.step, rl.lr, 0, rl.steps, rl.min_lr_ratio)
-        model.train()
-        for mini, (n_seqs, n_tokens) in zip(minis, counts):
+        diag = {}
+        for j, (mini, (n_seqs, n_tokens)) in enumerate(zip(minis, counts)):
+            if j == len(minis) - 1:         # the stabilisers' effect where it shows: after this step's other updates
+                diag = self.diagnose(mini)
+            model.train()
             if not n_seqs:                  # empty on every rank
                 continue
             st.optimizer.zero_grad(set_to_none=True)
@@ -153,7 +158,7 @@ class GRPO:
                 (loss * dp).backward()
                 stats.add(terms, entropy, mask)
             stats.grad_norms.append(float(st.optimizer_step(lr, self._diverged)))
-        return {**stats.reduce(st), "rl/lr": lr}
+        return {**diag, **stats.reduce(st), "rl/lr": lr}
 
     def minibatches(self, live: list[EpisodeRecord]) -> list[list[EpisodeRecord]]:
         """rl.updates_per_step mini-batches of this rank's live episodes, by one shuffle of the whole step's episodes
@@ -168,16 +173,18 @@ class GRPO:
         return minis
 
     @torch.no_grad()
-    def diagnose(self, episodes: list[EpisodeRecord]) -> dict[str, float]:
-        """rl.diagnostics: on one micro-batch per rank, before this step's update, what each stabiliser changes - the
-        mean |trainer - engine| log-prob with and without Keep Routing, the mean importance ratio with and without
-        Keep Sampling Mask. Both sides see the same weights and episodes, so their difference is the stabiliser's."""
+    def diagnose(self, mini: list[EpisodeRecord]) -> dict[str, float]:
+        """rl.diagnostics: on one micro-batch per rank of the step's last mini-batch, just before its update (so after
+        the step's other rl.updates_per_step - 1 updates have moved the weights and routers away from what sampled
+        it), what each stabiliser changes - the mean |trainer - engine| log-prob with and without Keep Routing, the
+        mean importance ratio with and without Keep Sampling Mask. Both sides see the same weights and episodes, so
+        their difference is the stabiliser's. Every rank calls it (it reduces over DP), with or without episodes."""
         rl, st = self.rl, self.state
         if not rl.diagnostics:
             return {}
         variants = ("on", "routing_off", "mask_off")
         sums = torch.zeros(2 * len(variants) + 1, dtype=torch.float64, device=st.device)
-        micro = [e for e in episodes if e.response_tokens][:rl.micro_batch_size]
+        micro = [e for e in mini if e.response_tokens][:rl.micro_batch_size]
         if micro:
             b = _to(collate(micro, self.pad_id, self.cfg.model.vocab_size, [0.0] * len(micro), True, True,
                             self.cfg.model.n_activated_experts), st.device)
@@ -208,7 +215,8 @@ class GRPO:
         """Held-out pass rate, overall and per agent class, with its standard error: one episode per prompt, greedy
         (rl.eval_sampled off) or sampled as in training; each rank runs its share of the prompts."""
         _, mine = share(self.heldout[:self.rl.eval_prompts], *self.state.dp)
-        return heldout_metrics(self.gather(self.rollout(mine, 1, greedy=not self.rl.eval_sampled)))
+        return heldout_metrics(self.gather(self.rollout(mine, 1, greedy=not self.rl.eval_sampled,
+                                                        seed=seed_of(self.rl.seed, "evaluate"))))
 
     def save_rollouts(self, episodes: list[EpisodeRecord]) -> list[EpisodeRecord]:
         """Every rank's episodes of this step (`gather`); rank 0 writes them to rollouts/step-XXXXXX.parquet."""

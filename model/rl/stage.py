@@ -59,6 +59,9 @@ def check_layout(cfg) -> None:
         raise ConfigError(f"grpo runs data parallel only, and parallel.tp={p.tp}, ep={p.ep}, pp={p.pp} shards the "
                           "model: the rollout engine generates on each rank's whole copy of the policy (set "
                           "parallel.tp, ep and pp to 1; parallel.nproc_per_node x nnodes ranks split the prompts)")
+    if cfg.rl.context_len > cfg.model.max_seq_len:
+        raise ConfigError(f"rl.context_len {cfg.rl.context_len} exceeds model.max_seq_len {cfg.model.max_seq_len} "
+                          "(the rollout engine's context cannot be longer than the model's)")
     if cfg.rl.prompts_per_step % p.world_size:
         raise ConfigError(f"rl.prompts_per_step {cfg.rl.prompts_per_step} must be a multiple of the data-parallel "
                           f"size {p.world_size} (each rank rolls out the whole groups of an equal share of the "
@@ -116,9 +119,9 @@ def train(ctx) -> dict:
         reference = build_model(cfg, init, state.device).eval().requires_grad_(False)
         reference.fused_dsa = state.model.fused_dsa
     engine = Engine(state.model, mode=rl.mode, max_batch=min(256, rl.prompts_per_step // dp * rl.group_size),
-                    max_len=cfg.model.max_seq_len, capture_routing=rl.keep_routing or rl.diagnostics,
+                    max_len=rl.context_len or cfg.model.max_seq_len, capture_routing=rl.keep_routing or rl.diagnostics,
                     capture_kept=(rl.keep_sampling_mask or rl.diagnostics) and (rl.top_p < 1 or rl.top_k > 0),
-                    seed=rl.seed + dp_rank)
+                    seed=rl.seed)   # each episode has its own key: the rank holding it does not matter
     rollout = Rollout(engine, ChatTemplate(tokenizer, thinking=True), rl, cfg.synth.sandbox)
 
     def sync(model):

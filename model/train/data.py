@@ -4,6 +4,7 @@ The prepare-data shards hold rows of data.seq_len + 1 tokens cut back to back fr
 as BOS ... EOS). A stage whose seq_len differs (the long-context option) re-cuts that stream into rows of
 stage.seq_len + 1. With `doc_mask`, each row carries segment ids (a new segment at every BOS) so attention and
 indexer selection never cross a document boundary, and the target that crosses one (EOS -> next BOS) is ignored.
+Every row is full, so these rows carry no padding (`Batch.valid` is None; sft's padded rows set it).
 
 The batch of optimizer step i is a pure function of (seed, i): samples [i*B, (i+1)*B) of an endless sequence of
 per-epoch permutations. Resuming at step i therefore needs no loader state beyond i itself.
@@ -28,10 +29,12 @@ class Batch:
     inputs: torch.Tensor                        # [b, S] token ids
     targets: torch.Tensor                       # [b, S] next tokens, IGNORE where nothing is scored
     segment_ids: Optional[torch.Tensor] = None  # [b, S] document index within the row (doc_mask only)
+    valid: Optional[torch.Tensor] = None        # [b, S] bool, False on padding (padded rows only: sft)
 
     def to(self, device) -> "Batch":
-        seg = self.segment_ids.to(device, non_blocking=True) if self.segment_ids is not None else None
-        return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), seg)
+        seg, valid = (None if t is None else t.to(device, non_blocking=True) for t in (self.segment_ids, self.valid))
+        return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), seg,
+                     valid)
 
     @property
     def n_targets(self) -> int:
@@ -100,8 +103,8 @@ class StepSampler:
 
 def micro_batches(batch: Batch, micro_batch_size: int) -> list[Batch]:
     b = batch.inputs.shape[0]
-    return [Batch(batch.inputs[i:i + micro_batch_size], batch.targets[i:i + micro_batch_size],
-                  None if batch.segment_ids is None else batch.segment_ids[i:i + micro_batch_size])
+    return [Batch(*(None if t is None else t[i:i + micro_batch_size]
+                    for t in (batch.inputs, batch.targets, batch.segment_ids, batch.valid)))
             for i in range(0, b, micro_batch_size)]
 
 

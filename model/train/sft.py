@@ -7,7 +7,8 @@ The `sft` stage is the LM training loop (`Trainer`, mode "sparse") over `Convers
 pre-training rows: the same model set-up, optimizer step, checkpoints, megatron layouts and HF export. Each row is
 one conversation (system, user, the assistant's segments with their tool calls, the tools' real outputs), cut or
 padded to train.sft.seq_len + 1 tokens; a target is scored only where the assistant wrote it (its reasoning,
-content, tool calls and the EOS closing each segment), never on the prompt or a tool output.
+content, tool calls and the EOS closing each segment), never on the prompt or a tool output. The padding is marked
+invalid (`Batch.valid`), so the MoE layers leave it out of the experts' load and balance loss.
 """
 from __future__ import annotations
 
@@ -68,9 +69,11 @@ class ConversationRows:
         n = len(examples)
         self.ids = np.full((n, seq_len + 1), pad_id, dtype=np.int64)
         self.scored = np.zeros((n, seq_len + 1), dtype=bool)
+        self.lengths = np.zeros(n, dtype=np.int64)        # real tokens per row; the rest is padding
         self.truncated = 0
         for r, (ids, sampled) in enumerate(examples):
             k = min(len(ids), seq_len + 1)
+            self.lengths[r] = k
             self.truncated += len(ids) > k
             self.ids[r, :k] = ids[:k]
             self.scored[r, :k] = sampled[:k]
@@ -83,7 +86,9 @@ class ConversationRows:
         rows = torch.from_numpy(self.ids[index])
         targets = rows[:, 1:].clone()
         targets[~torch.from_numpy(self.scored[index, 1:])] = IGNORE
-        return Batch(rows[:, :-1].contiguous(), targets)
+        # the padding is routed like any token but must not count in the experts' load (router-bias update)
+        valid = torch.arange(self.seq_len)[None, :] < torch.from_numpy(self.lengths[index])[:, None]
+        return Batch(rows[:, :-1].contiguous(), targets, valid=valid)
 
 
 def conversation_rows(cfg, inputs: dict[str, Path]) -> tuple[ConversationRows, ConversationRows, dict]:

@@ -83,11 +83,11 @@ def recall_probe_len(seq_len: int, top_k: int, n_heads: int) -> int:
 
 
 def forward_lm(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mode: str,
-               segment_ids: Optional[torch.Tensor] = None):
+               segment_ids: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None):
     """(ModelOutput, mean LM loss) without ever holding the [S, vocab] logits: the output head is applied a chunk
-    of positions at a time (`Transformer.lm_loss_chunked`). Call under the step's autocast, as the head's matmul
-    belongs to the forward."""
-    out = model(inputs, mode=mode, segment_ids=segment_ids, return_hidden=True)
+    of positions at a time (`Transformer.lm_loss_chunked`). valid: False on padding (not counted in the experts'
+    load). Call under the step's autocast, as the head's matmul belongs to the forward."""
+    out = model(inputs, mode=mode, segment_ids=segment_ids, return_hidden=True, valid=valid)
     return out, model.lm_loss_chunked(out.hidden, targets, ignore_index=IGNORE)
 
 
@@ -159,7 +159,7 @@ class Trainer:
             for mb in micro:
                 mb = self._to_device(mb)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                    out, lm = forward_lm(self.model, mb.inputs, mb.targets, self.mode, mb.segment_ids)
+                    out, lm = forward_lm(self.model, mb.inputs, mb.targets, self.mode, mb.segment_ids, mb.valid)
                 loss = self.objective(lm, out.indexer_loss, out.aux_loss)
                 (loss / len(micro)).backward()
                 stats = torch.stack([lm.detach(), *[kl.detach() for kl in (out.indexer_kl or [])]])
@@ -210,9 +210,10 @@ class Trainer:
         received = None if self.par.first_stage else self.model.embed.hidden
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             if self.par.last_stage:
-                out, lm = forward_lm(self.model, mb.inputs, mb.targets, mode, mb.segment_ids)
+                out, lm = forward_lm(self.model, mb.inputs, mb.targets, mode, mb.segment_ids, mb.valid)
             else:
-                out, lm = self.model(mb.inputs, mode=mode, segment_ids=mb.segment_ids, return_hidden=True), None
+                out, lm = self.model(mb.inputs, mode=mode, segment_ids=mb.segment_ids, return_hidden=True,
+                                     valid=mb.valid), None
         kls = out.indexer_kl or []
         row = torch.zeros(1 + (n if mode != "dense" else 0), device=self.device)
         if lm is not None:
@@ -271,8 +272,8 @@ class Trainer:
             k = self.cfg.model.index_topk
             first = micro[0]
             n = recall_probe_len(first.inputs.shape[1], k, self.cfg.model.n_heads)
-            head = Batch(first.inputs[:1, :n], first.targets[:1, :n],
-                         first.segment_ids[:1, :n] if first.segment_ids is not None else None)
+            head = Batch(*(None if t is None else t[:1, :n]
+                           for t in (first.inputs, first.targets, first.segment_ids, first.valid)))
             head = self._to_device(head)
             if self._pipelined():
                 recall = self._pipeline_recall(head)
@@ -286,7 +287,7 @@ class Trainer:
             for mb in micro:
                 mb = self._to_device(mb)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                    out, lm = forward_lm(self.model, mb.inputs, mb.targets, mode, mb.segment_ids)
+                    out, lm = forward_lm(self.model, mb.inputs, mb.targets, mode, mb.segment_ids, mb.valid)
                 stats = torch.stack([lm, *(out.indexer_kl or [])])
                 sums = stats if sums is None else sums + stats
             stats = sums / len(micro)

@@ -11,7 +11,8 @@ import torch
 from dsaforge import kernels
 from dsaforge.model import Indexer
 from dsaforge.model.engine import Engine
-from dsaforge.model.sampling import SamplingParams, processed_logits, sample
+from dsaforge.model.sampling import (SamplingParams, draw_bits, processed_logits, sample, sequence_stream,
+                                     to_uniforms)
 from tests.model.model_helpers import make_model
 
 # top-k 8 with prompts up to 24 tokens: the sparse path really selects; 16 indexer heads keep scores untied
@@ -145,7 +146,8 @@ def test_sampling_matches_the_target_distribution(temperature, top_k, top_p):
     target = _target(logits.numpy(), temperature, top_k, top_p)
     n = 200_000
     sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    toks, lps, kept = sample(logits.expand(n, -1), [sp] * n, torch.Generator().manual_seed(0), want_kept=True)
+    u = to_uniforms(draw_bits([sequence_stream(0, key) for key in range(n)], [0] * n))   # n sequences' first draws
+    toks, lps, kept = sample(logits.expand(n, -1), [sp] * n, u, want_kept=True)
     freq = np.bincount(toks.numpy(), minlength=len(target)) / n
     print("target", np.round(target, 4), "\nfreq  ", np.round(freq, 4))
     assert np.abs(freq - target).max() < 4 * math.sqrt(0.25 / n) + 1e-9

@@ -137,3 +137,29 @@ def test_expert_counts_equal_bincount_and_an_empty_load_moves_no_bias():
     before = moe.gate.bias.clone()
     moe.update_bias()                                 # nothing counted since the last update
     assert torch.equal(moe.gate.bias, before)
+
+
+def test_a_validity_mask_leaves_padding_out_of_the_load_and_the_balance_loss():
+    """Rows padded to a common width: only the valid positions count in expert_load and the sequence-wise balance
+    loss, which then equal those of the unpadded rows, each on its own."""
+    cfg, moe = _moe(seq_aux_loss_alpha=0.01)
+    moe.train()
+    lengths = [9, 4, 0]                                    # the last row is all padding
+    x = torch.randn(3, 9, cfg.dim)
+    valid = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]
+    y, idx, aux = moe(x, valid=valid)
+    padded = moe.expert_load.clone()
+    moe.expert_load.zero_()
+    alone = []
+    for b, n in enumerate(lengths[:2]):
+        y_b, idx_b, aux_b = moe(x[b:b + 1, :n])
+        assert torch.equal(idx_b[0], idx[b, :n])
+        alone.append(aux_b)
+    assert torch.equal(padded, moe.expert_load) and padded.sum() == sum(lengths) * cfg.n_activated_experts
+    torch.testing.assert_close(aux, torch.stack(alone).mean())        # the empty row is left out of the mean
+    # the count stays a scatter-add (no host sync) and equals bincount over the valid tokens
+    assert torch.equal(expert_counts(idx, cfg.n_routed_experts, valid),
+                       torch.bincount(idx[valid].flatten(), minlength=cfg.n_routed_experts))
+    moe.expert_load.zero_()
+    moe(x)                                                 # without a mask every position counts
+    assert moe.expert_load.sum() == 27 * cfg.n_activated_experts

@@ -88,19 +88,21 @@ def test_two_rank_update_equals_one_process(tmp_path):
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
     # AdamW moves a weight by about lr per step whatever its gradient's size, so a gradient that cancels to near 0
-    # turns reduction-order rounding into a visible difference: a handful of elements, well under 1% of a step
+    # turns reduction-order rounding into a visible difference: a handful of elements, a few % of a step at most.
+    # How many depends on the episodes: engine seeds 1, 2, 3 gave 12, 19, 146 elements beyond 1e-7, the largest
+    # 1.4e-6, 2.2e-6, 1.1e-5 (a wrong reduction would move most elements by about lr)
     moved = max(float((one["weights"][k] - torch.as_tensor(v)).abs().max())
                 for k, v in model.state_dict().items())
     diffs = torch.cat([(one["weights"][k] - two["weights"][k]).abs().flatten() for k in one["weights"]])
     print(f"largest weight change {moved:.3g}; one vs two processes: largest difference {diffs.max():.3g}, "
           f"{int((diffs > 1e-7).sum())} of {diffs.numel()} elements beyond 1e-7")
     assert moved > 1e-3
-    assert diffs.max() < 0.01 * cfg.rl.lr and (diffs > 1e-7).float().mean() < 1e-4
+    assert diffs.max() < 0.02 * cfg.rl.lr and (diffs > 1e-7).float().mean() < 1e-3
 
 
 def test_padding_does_not_count_in_the_expert_load():
     """The router-bias update sees the episodes' tokens however they are batched: padding (which Keep Routing sends
-    to stand-in experts 0..k-1) is taken back out of the load counts."""
+    to stand-in experts 0..k-1) is left out of the load counts (`Transformer.forward(valid=)`)."""
     cfg = _cfg()
     torch.manual_seed(0)
     model = Transformer(cfg.model).eval()

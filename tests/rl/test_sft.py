@@ -69,3 +69,41 @@ def test_rows_score_only_assistant_tokens_and_pad(chat):
     # a row whose assistant tokens all lie beyond seq_len has nothing to score: left out, counted
     none = ConversationRows([(ids, sampled)], seq_len=first - 1, pad_id=pad)
     assert len(none) == 0 and none.dropped == 1
+
+
+@pytest.mark.parametrize("mtp", [0, 1])
+def test_sft_padding_does_not_count_in_the_expert_load(chat, mtp):
+    """sft pads each conversation to train.sft.seq_len: the router-bias update must see the load of the unpadded
+    conversations (MTP layers included), not mostly PAD tokens."""
+    import torch
+
+    from dsaforge.model import MoE
+    from dsaforge.model.train.data import micro_batches
+    from dsaforge.model.train.trainer import forward_lm
+    from tests.model.model_helpers import make_model
+
+    long, short = render_tokens(chat, CONVERSATION, TOOLS), render_tokens(chat, CONVERSATION[:3], TOOLS)
+    rows = ConversationRows([long, short], seq_len=len(long[0]) + 20, pad_id=chat.tokenizer.token_to_id(PAD))
+    model = make_model(seed=3, n_mtp_layers=mtp).train()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(moes) == model.n_moe_layers + mtp
+
+    def loads(run):
+        for m in moes:
+            m.expert_load.zero_()
+        run()
+        return torch.stack([m.expert_load.clone() for m in moes])
+
+    batch = rows.batch(np.array([0, 1]))
+    assert batch.valid.sum(1).tolist() == [len(long[0]), len(short[0])]
+    micro = [mb.to("cpu") for mb in micro_batches(batch, 1)]                 # the trainer's path keeps the mask
+    assert torch.equal(torch.cat([mb.valid for mb in micro]), batch.valid)
+    padded = loads(lambda: forward_lm(model, batch.inputs, batch.targets, "dense", valid=batch.valid))
+    alone = loads(lambda: [model(torch.tensor([ids]), mode="dense") for ids, _ in (long, short)])
+    with_padding = loads(lambda: forward_lm(model, batch.inputs, batch.targets, "dense"))
+    k, n = model.cfg.n_activated_experts, len(long[0]) + len(short[0])
+    print(f"load counted: unpadded {int(alone.sum())}, masked {int(padded.sum())}, unmasked {int(with_padding.sum())}")
+    assert torch.equal(padded, alone)
+    assert alone[:model.n_moe_layers].sum() == model.n_moe_layers * n * k
+    assert alone[model.n_moe_layers:].sum() == mtp * (n - 2) * k          # MTP: position i needs token i + 1
+    assert with_padding.sum() > padded.sum()                              # what sft counted before the mask

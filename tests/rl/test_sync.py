@@ -65,6 +65,8 @@ def test_engine_and_export_follow_the_trained_weights(tmp_path):
     assert (after - trained).abs().max() < 1e-5                         # the engine samples the updated policy
     state.export(tmp_path / "hf", {})
     exported = import_hf(tmp_path / "hf").eval()
-    assert (_full(exported, tokens, n) - trained).abs().max() == 0     # the export is the trained policy
+    # the export is the trained policy, bit for bit; its forward may differ in the last bit only, as the loaded
+    # weights sit at other memory alignments than the trained ones, which the CPU's matmul kernels notice
     for name, t in model.state_dict().items():
         assert torch.equal(t.float(), exported.state_dict()[name].float()), name
+    assert (_full(exported, tokens, n) - trained).abs().max() < 1e-6

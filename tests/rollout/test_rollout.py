@@ -147,6 +147,36 @@ class SlowEchoEpisode(EchoEpisode):
         return super().step(call)
 
 
+class JitteryEchoEpisode(EchoEpisode):
+    """Tool outputs that arrive after a random delay, so the engine's decode batches differ from run to run."""
+
+    def step(self, call):
+        import random
+        import time
+        time.sleep(random.uniform(0.0, 0.03))
+        return super().step(call)
+
+
+def test_rollouts_repeat_whatever_the_slots_order_and_tool_timing(tokenizer):
+    """Each episode samples from its own key (EnginePolicy's per-episode seeds): identical episodes with the same
+    seeds give the same windows, token for token, with 6 engine slots or 2 (slots reused, episodes queueing), in
+    reversed order and with tool outputs arriving at random times; different seeds give different episodes."""
+    model, chat = _babbler(tokenizer), ChatTemplate(tokenizer, thinking=False)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=40)
+    seeds = [101, 102, 103, 104, 105, 106]
+
+    def run(slots, seeds):
+        engine = Engine(model, mode="sparse", max_batch=slots, max_len=768, seed=3)
+        trajectories = run_episodes(EnginePolicy(engine, chat, sp, seeds), [JitteryEchoEpisode(i) for i in seeds],
+                                    RolloutConfig(max_turns=3))
+        return [[w.tokens for w in t.windows] for t in trajectories], sum(t.turns for t in trajectories)
+
+    wide, turns = run(6, seeds)
+    narrow, _ = run(2, seeds[::-1])
+    assert turns > 0 and narrow[::-1] == wide
+    assert len({str(w) for w in wide}) == len(seeds)
+
+
 def test_more_episodes_than_engine_slots_with_slow_tools(tokenizer):
     """Every slot held by an episode awaiting its tool outputs while others wait for a slot: the rollout goes on
     (it used to spin in poll forever, the tool outputs never handed back)."""
