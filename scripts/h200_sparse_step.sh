@@ -7,11 +7,12 @@
 #       OUT (default docs/benchmarks/train_h200_sparse_step) gets OUT_gpu_tests.txt, OUT.{md,json} (64K, profile in
 #       OUT_h200_sparse_65536.profile.txt), OUT_128k.{md,json} and OUT_separate_target.{md,json}.
 #
-# Budget (from docs/benchmarks/train_h200.md): the gpu tests about 1-3 min; 64K dense about 14 s a step and sparse
-# under 10 s, 2 steps + 1 warm-up each plus the profiled step: about 2 min with start-up; 128K sparse about 20 s a
-# step if it fits (the memory plan says 150 GiB, so it may stop at out of memory; the row then records the error),
-# dense about 50 s a step, 1 step + 1 warm-up: about 2.5 min; the separate-target row about 45 s. If time is short,
-# drop the last part first, then 128K dense (the time budget skips it by itself when it would not finish).
+# Budget (from docs/benchmarks/train_h200.md), each part under its own timeout, 565 s in all: the gpu tests about
+# 1-2 min (160 s); 64K dense about 14 s a step and sparse under 10 s, 2 steps + 1 warm-up each plus the profiled
+# step, about 2 min with start-up (170 s); 128K sparse about 20 s a step if it fits (the memory plan says 150 GiB, so
+# it may stop at out of memory; the row then records the error) and dense about 50 s a step, 1 step + 1 warm-up
+# each (170 s: the dense row may be cut); the separate-target row, 1 step + 1 warm-up (65 s). If time is short,
+# drop the last part first, then the 128K part.
 set -uo pipefail
 
 out=${1:-docs/benchmarks/train_h200_sparse_step}
@@ -22,7 +23,7 @@ t0=$(date +%s)
 stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
 
 stamp "gpu tests"
-timeout 240 "$py" -m pytest -q -m gpu -rA tests/kernels/test_gpu.py tests/kernels/test_sparse_mla.py \
+timeout 160 "$py" -m pytest -q -m gpu -rA tests/kernels/test_gpu.py tests/kernels/test_sparse_mla.py \
     tests/model/test_attention.py tests/train/test_plan.py 2>&1 | tee "${out}_gpu_tests.txt" | tail -30
 
 stamp "64K dense and sparse"
@@ -30,10 +31,10 @@ timeout 170 "$py" -m dsaforge.model.train.bench --rows h200:65536:dense,sparse -
     --steps 2 --warmup 1 --profile 65536:sparse --time-budget 160 --out "$out"
 
 stamp "128K sparse and dense"
-timeout 190 "$py" -m dsaforge.model.train.bench --rows h200:131072:sparse,dense --tokens-per-step 65536 \
-    --steps 1 --warmup 1 --time-budget 180 --out "${out}_128k"
+timeout 170 "$py" -m dsaforge.model.train.bench --rows h200:131072:sparse,dense --tokens-per-step 65536 \
+    --steps 1 --warmup 1 --time-budget 165 --out "${out}_128k"
 
 stamp "64K sparse, separate KL target kernel"
-DSAFORGE_FUSED_TARGET=0 timeout 75 "$py" -m dsaforge.model.train.bench --rows h200:65536:sparse \
-    --tokens-per-step 65536 --steps 2 --warmup 1 --time-budget 70 --out "${out}_separate_target"
+DSAFORGE_FUSED_TARGET=0 timeout 65 "$py" -m dsaforge.model.train.bench --rows h200:65536:sparse \
+    --tokens-per-step 65536 --steps 1 --warmup 1 --time-budget 60 --out "${out}_separate_target"
 stamp "done"
