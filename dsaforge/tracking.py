@@ -181,11 +181,29 @@ def _store_lock(uri: str):
         os.close(fd)
 
 
+def _create_sqlite_store(uri: str) -> None:
+    """A new SQLite store is created and migrated under another name, then renamed into place: MLflow builds its
+    schema in many statements, and a process killed among them would leave a store that no later run can open
+    ("table ... already exists"). Call under `_store_lock`."""
+    import mlflow
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.exists():
+        return
+    part = db.with_name(db.name + ".creating")
+    part.unlink(missing_ok=True)                    # left by a process killed while creating it
+    store = mlflow.MlflowClient(tracking_uri=f"sqlite:///{part}")._tracking_client.store
+    store.engine.dispose()
+    os.replace(part, db)
+
+
 def _client(uri: str):
     import mlflow
 
     with _store_lock(uri):
         try:
+            if uri.startswith("sqlite:///"):
+                _create_sqlite_store(uri)
             client = mlflow.MlflowClient(tracking_uri=uri)
             client._tracking_client.store          # opening the store creates and migrates its schema
         except Exception as e:  # noqa: BLE001 - every store failure becomes one line naming the store

@@ -166,12 +166,7 @@ class MoE(nn.Module):
         without any are left out of the average."""
         b, s, e = scores.shape
         normed = scores / scores.sum(-1, keepdim=True)                                    # [B, S, E]
-        if valid is None:
-            p = normed.mean(1)                                                            # [B, E]
-            f = torch.zeros(b, e, device=scores.device).scatter_add_(
-                1, indices.reshape(b, -1), torch.ones(b, s * self.topk, device=scores.device)) * (e / (self.topk * s))
-            return self.aux_alpha * (f * p).sum(-1).mean()
-        w = valid.to(scores.dtype)                                                        # [B, S]
+        w = torch.ones(b, s, device=scores.device) if valid is None else valid.float()    # [B, S] counted tokens
         n = w.sum(1, keepdim=True)                                                        # [B, 1]
         p = (normed * w[..., None]).sum(1) / n.clamp_min(1)                               # [B, E]
         f = torch.zeros(b, e, device=scores.device).scatter_add_(

@@ -66,16 +66,19 @@ class HarnessError(RuntimeError):
 
 
 def run_harness(sandbox: Sandbox, harness: Path, env_dir: Path, job: dict, include: Optional[list[str]] = None,
-                wall_seconds: Optional[float] = None, extra: Optional[dict[str, str | bytes]] = None) -> list[dict]:
+                wall_seconds: Optional[float] = None, extra: Optional[dict[str, str | bytes]] = None,
+                site: bool = False) -> list[dict]:
     """Copy the bundle (or the `include` subset) and a harness script into a fresh private directory, run the
-    harness on `job` (stdin) and parse the JSON list it prints last."""
+    harness on `job` (stdin) and parse the JSON list it prints last. The harness runs on the standard library
+    alone (`Sandbox.stdlib_python`) unless `site` (code under test may import installed packages)."""
     files: dict[str, str | bytes] = {"harness.py": harness.read_text()}
     for p in sorted(env_dir.rglob("*")):
         rel = str(p.relative_to(env_dir))
         if p.is_file() and (include is None or rel in include or rel.split("/")[0] in include):
             files[rel] = p.read_bytes()
     files.update(extra or {})
-    res = sandbox.run([sandbox.python, "-I", "/tmp/harness.py"], files=files, stdin=json.dumps(job),
+    argv = [sandbox.python, "-I", "/tmp/harness.py"] if site else sandbox.stdlib_python("/tmp/harness.py")
+    res = sandbox.run(argv, files=files, stdin=json.dumps(job),
                       wall_seconds=wall_seconds)
     lines = res.stdout.strip().splitlines()
     if not res.ok or not lines:

@@ -5,6 +5,8 @@
     obs = ep.step({"name": "search", "arguments": {"query": "..."}})    # the tool's real output, as text
     verdict = ep.submit(ep.submission_from_text(final_content))        # scored by the task's own verifier
     ep.close()
+    verdicts = submit_many(episodes, submissions)   # the same verdicts, one verifier run per environment
+    observations = step_many(episodes, calls)       # the same outputs, one tool run per environment and round
 
 Per-episode state: the general agent's calls so far (replayed on a fresh database for every call and for scoring,
 so the tools and the verifier cannot disagree), the code agent's working copy of the file, the interpreter's one
@@ -17,14 +19,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from dsaforge.config import SandboxConfig
 from dsaforge.data.chat import ToolCall, invalid_call_observation
 from dsaforge.synth.base import HarnessError, run_harness
 from dsaforge.synth.registry import agent_class
 from dsaforge.synth.sandbox import Sandbox, SandboxProcess
-from dsaforge.synth.task import Task, Verdict
+from dsaforge.synth.task import Task, Verdict, evaluate_tasks
 
 SYSTEM = {
     "general": "You operate tools over a database to complete the user's task. Call tools as needed; when done, "
@@ -97,6 +99,18 @@ class Episode:
 
     def step(self, call: ToolCall | dict) -> str:
         """Run one tool call and return its observation (text). Invalid calls get an "invalid call" observation."""
+        checked = self._checked(call)
+        if isinstance(checked, str):
+            return checked
+        try:
+            out = self._call(checked)
+        except HarnessError as e:
+            out = {"error": f"the tool failed: {str(e)[:300]}"}
+        self.calls.append(checked)
+        return _obs(out)
+
+    def _checked(self, call: ToolCall | dict) -> dict | str:
+        """The call as {"name", "arguments"}, or the invalid-call observation the model gets instead."""
         if not self.started:
             raise RuntimeError("call reset() before step()")
         if isinstance(call, ToolCall):
@@ -110,13 +124,12 @@ class Episode:
             return invalid_call_observation(f"unknown tool {name!r}; available: {', '.join(self.tool_names)}")
         if not isinstance(args, dict):
             return invalid_call_observation("arguments must be a JSON object")
-        call = {"name": name, "arguments": args}
-        try:
-            out = self._call(call)
-        except HarnessError as e:
-            out = {"error": f"the tool failed: {str(e)[:300]}"}
-        self.calls.append(call)
-        return _obs(out)
+        return {"name": name, "arguments": args}
+
+    @property
+    def tool_group(self) -> Optional[tuple]:
+        """Episodes with equal groups have their calls served together (`step_many`); None: each alone."""
+        return None
 
     def _call(self, call: dict) -> Any:
         raise NotImplementedError
@@ -125,9 +138,18 @@ class Episode:
         """The submission a final reply stands for: its last JSON object (None when there is none)."""
         return _json_object(text)
 
+    def payload(self, submission: Any) -> Any:
+        """What the task's verifier scores for this final submission (subclasses add the episode's own record)."""
+        return submission
+
     def submit(self, submission: Any) -> Verdict:
         """Score with the task's own verifier (Task.evaluate: the same code path RL's reward and eval use)."""
-        return self.task.evaluate(submission, self.sandbox)
+        return submit_many([self], [submission])[0]
+
+    @property
+    def scoring_group(self) -> tuple:
+        """Finished episodes with equal groups are verified in one sandboxed run (`submit_many`)."""
+        return self.task.agent_class, str(self.task.env_dir), repr(self.sandbox)
 
     def close(self) -> None:
         pass
@@ -143,10 +165,14 @@ class GeneralEpisode(Episode):
     def _call(self, call):
         return self.cls.call_tool(self.task.env_dir, self.task.key, self.calls, call, self.sandbox)
 
-    def submit(self, submission):
+    @property
+    def tool_group(self):
+        return self.scoring_group      # stateless calls (a replay per call): one environment's run serves them all
+
+    def payload(self, submission):
         """The answer with the calls this episode made: the verifier replays them to check the final state."""
         answer = submission.get("answer") if isinstance(submission, dict) else None
-        return self.task.evaluate({"answer": answer, "calls": list(self.calls)}, self.sandbox)
+        return {"answer": answer, "calls": list(self.calls)}
 
 
 class SearchEpisode(Episode):
@@ -161,7 +187,7 @@ class SearchEpisode(Episode):
 
         files = {"harness.py": HARNESS.read_text(), "facts.jsonl": (self.task.env_dir / "facts.jsonl").read_bytes(),
                  "corpus.jsonl": self.cls._corpus_file(self.task.env_dir).read_bytes()}
-        self.server = self.sandbox.spawn([self.sandbox.python, "-I", "/tmp/harness.py", "serve"], files=files)
+        self.server = self.sandbox.spawn(self.sandbox.stdlib_python("/tmp/harness.py", "serve"), files=files)
         ready = self.server.request(None, wall_seconds=self.sandbox.cfg.wall_seconds * 2)
         if not ready.get("ready"):
             self.close()
@@ -217,10 +243,10 @@ class CodeEpisode(Episode):
 
         return unified_diff(self.original, self.source, f"{self.module}.py")
 
-    def submit(self, submission):
+    def payload(self, submission):
         if not (isinstance(submission, dict) and isinstance(submission.get("patch"), str) and submission["patch"]):
             submission = {"patch": self.working_patch()}
-        return self.task.evaluate(submission, self.sandbox)
+        return submission
 
 
 class InterpreterEpisode(Episode):
@@ -259,6 +285,56 @@ class InterpreterEpisode(Episode):
 
 _EPISODES = {"general": GeneralEpisode, "search": SearchEpisode, "code": CodeEpisode,
              "code_interpreter": InterpreterEpisode}
+
+
+def submit_many(episodes: Sequence[Episode], submissions: Sequence[Any]) -> list[Verdict]:
+    """The verdicts `Episode.submit` gives each episode's submission, with the episodes of one scoring group (agent
+    class, environment, sandbox) verified together (`dsaforge.synth.task.evaluate_tasks`)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, ep in enumerate(episodes):
+        groups.setdefault(ep.scoring_group, []).append(i)
+    out: list[Optional[Verdict]] = [None] * len(episodes)
+    for idx in groups.values():
+        verdicts = evaluate_tasks([episodes[i].task for i in idx],
+                                  [episodes[i].payload(submissions[i]) for i in idx], episodes[idx[0]].sandbox)
+        for i, v in zip(idx, verdicts):
+            out[i] = v
+    return out   # type: ignore[return-value]
+
+
+def step_many(episodes: Sequence[Episode], calls: Sequence[Sequence[ToolCall | dict]]) -> list[list[str]]:
+    """The observations `Episode.step` gives each episode's calls (calls[i]: episode i's calls of one segment, run
+    in order), with the calls of episodes in one tool group (a general environment) served by one sandboxed run per
+    round (round r: every episode's r-th call). Each call is replayed on its own fresh database, so the outputs are
+    those of calling alone; a shared run that fails as a whole (a call that makes the harness time out or crash) is
+    redone one call at a time."""
+    obs: list[list[str]] = [[] for _ in episodes]
+    for r in range(max((len(c) for c in calls), default=0)):
+        groups: dict[tuple, list[tuple[int, dict]]] = {}
+        for i, (ep, cs) in enumerate(zip(episodes, calls)):
+            if r < len(cs):
+                checked = ep._checked(cs[r])
+                if isinstance(checked, str):
+                    obs[i].append(checked)
+                else:
+                    groups.setdefault(ep.tool_group or ("alone", i), []).append((i, checked))
+        for members in groups.values():
+            if len(members) == 1:
+                i, call = members[0]
+                obs[i].append(episodes[i].step(call))
+                continue
+            first = episodes[members[0][0]]
+            items = [(episodes[i].task.key, list(episodes[i].calls), call) for i, call in members]
+            try:
+                outs = first.cls.call_tools(first.task.env_dir, items, first.sandbox)
+            except HarnessError:
+                for i, call in members:
+                    obs[i].append(episodes[i].step(call))
+                continue
+            for (i, call), out in zip(members, outs):
+                episodes[i].calls.append(call)
+                obs[i].append(_obs(out))
+    return obs
 
 
 def make_episode(task: Task, sandbox: Optional[Sandbox | SandboxConfig] = None) -> Episode:

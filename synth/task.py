@@ -50,6 +50,7 @@ class Verdict:
     passed: bool
     score: float
     detail: str = ""
+    harness_failed: bool = False    # the verifier's run failed as a whole (timeout, crash), not this submission
 
     @classmethod
     def from_dict(cls, d: dict) -> "Verdict":
@@ -91,11 +92,7 @@ class Task:
         return self.evaluate_many([submission], sandbox)[0]
 
     def evaluate_many(self, submissions: list[Any], sandbox=None) -> list[Verdict]:
-        from dsaforge.synth.registry import agent_class
-        from dsaforge.synth.sandbox import Sandbox
-
-        sandbox = sandbox or Sandbox(hide=[str(self.root)] if self.root else ())
-        return agent_class(self.agent_class).verify(self.env_dir, [self.key] * len(submissions), submissions, sandbox)
+        return evaluate_tasks([self] * len(submissions), submissions, sandbox)
 
     def reward(self, submission: Any, sandbox=None) -> float:
         """The rule-based outcome reward of the paper's agent tasks: the verifier's score in [0, 1]."""
@@ -112,6 +109,35 @@ def write_manifest(tasks: list[Task], path: Path) -> None:
     rows = [t.row() for t in tasks]
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA) if rows else MANIFEST_SCHEMA.empty_table()
     pq.write_table(table, path)
+
+
+def evaluate_tasks(tasks: list[Task], submissions: list[Any], sandbox=None, batch: int = 16) -> list[Verdict]:
+    """The verdicts of (task, submission) pairs, with one verifier run per environment (up to `batch` items each)
+    instead of one per pair: a GRPO group's samples of one prompt, or an evaluation's prompts from one environment,
+    are checked in one sandboxed process. Each item is scored on its own (a general replay starts from a fresh copy
+    of the database), so the verdicts are those of scoring each pair alone. If a shared run fails as a whole (a
+    submission that makes the harness time out or crash), its items are scored one by one, so one submission cannot
+    fail the others."""
+    from dsaforge.synth.registry import agent_class
+    from dsaforge.synth.sandbox import Sandbox
+
+    if len(tasks) != len(submissions):
+        raise ValueError(f"{len(tasks)} tasks but {len(submissions)} submissions")
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tasks):
+        groups.setdefault((t.agent_class, t.env_dir), []).append(i)
+    out: list[Optional[Verdict]] = [None] * len(tasks)
+    for (cls_name, env_dir), members in groups.items():
+        cls, root = agent_class(cls_name), tasks[members[0]].root
+        box = sandbox or Sandbox(hide=[str(root)] if root else ())
+        for lo in range(0, len(members), batch):
+            idx = members[lo:lo + batch]
+            verdicts = cls.verify(env_dir, [tasks[i].key for i in idx], [submissions[i] for i in idx], box)
+            if len(idx) > 1 and any(v.harness_failed for v in verdicts):
+                verdicts = [cls.verify(env_dir, [tasks[i].key], [submissions[i]], box)[0] for i in idx]
+            for i, v in zip(idx, verdicts):
+                out[i] = v
+    return out   # type: ignore[return-value]
 
 
 def load_tasks(path: Path, split: Optional[str] = None) -> list[Task]:

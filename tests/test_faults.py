@@ -452,3 +452,32 @@ def test_concurrent_end_to_end_runs_in_a_fresh_home(tmp_path):
     after = _cli("stage", "prepare-data", "--out", str(tmp_path / "again"), *sum((["--set", s] for s in SMALL_DATA), []),
                  home=tmp_path)
     assert after.returncode == 0, after.stderr[-2000:]
+
+
+KILL_IN_MIGRATION = textwrap.dedent("""
+    import os, signal, sys
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @event.listens_for(Engine, "after_cursor_execute")
+    def stop_dead(conn, cursor, statement, *args):      # halfway through MLflow's schema migrations
+        if statement.lstrip().upper().startswith("CREATE TABLE SECRETS"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    from dsaforge.tracking import _client
+    _client(sys.argv[1])
+""")
+
+
+def test_a_process_killed_while_creating_the_store_does_not_break_it(tmp_path):
+    """MLflow creates a SQLite store's schema in many statements; a process killed among them used to leave a store
+    no later run could open ("table secrets already exists"). The store is now built under another name and
+    renamed into place."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_MIGRATION, uri], env=_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    from dsaforge.tracking import _client as open_store
+    client = open_store(uri)
+    assert client.create_experiment("after-the-kill")
+    assert not (tmp_path / "mlflow.db.creating").exists()

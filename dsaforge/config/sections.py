@@ -104,12 +104,17 @@ class RLConfig(Section):
     steps: int = Field(100, gt=0)
     lr: float = Field(1e-6, gt=0)
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="Cosine decay to lr * this at the last step (1: constant).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up of the learning rate over the first steps: "
+                              "AdamW's first updates move every weight by about lr whatever its gradient's noise.")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     group_size: int = Field(16, gt=1, description="G samples per prompt (GRPO).")
     prompts_per_step: int = Field(32, gt=0)
     updates_per_step: int = Field(1, gt=0, description="Optimizer steps per rollout batch (mini-batches); > 1 makes "
                                   "the later ones off-policy, which OPSM and the clip guard against.")
+    epochs: int = Field(1, gt=0, description="Passes over each rollout batch (PPO epochs), each of "
+                        "updates_per_step optimizer steps: > 1 gets more from each batch of rollouts; every pass "
+                        "after the first is off-policy, bounded by the clip and OPSM.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward in the policy update.")
     mode: Literal["dense", "sparse"] = Field("sparse", description="Attention in sft, rollouts and training: the "
                                              "DSA model's top-k attention, or dense MLA.")

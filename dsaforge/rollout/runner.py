@@ -5,7 +5,11 @@
 
 Per episode: reset -> the policy writes a segment -> its tool calls run through the episode (concurrently with the
 other episodes' decoding; malformed calls get invalid-call observations) -> the outputs extend the same assistant
-turn -> ... until a segment calls no tool (its content is the submission), the turn limit, or the context.
+turn -> ... until a segment calls no tool (its content is the submission), the turn limit, or the context. The
+verdict (a verifier in the sandbox) is reached on a tool worker too, while the other episodes generate. Episodes of
+one environment share sandboxed runs, up to `sandbox_batch` a run: the tool calls of one poll (`step_many`), and the
+verdicts once the environment's episodes have all finished (`submit_many`); outputs and verdicts are those of running
+each episode alone.
 
 Thinking context (paper §3.2.1): reasoning is dropped only when a new user message arrives, so within an episode
 (one user message, then tool outputs) every segment's reasoning stays in context and the policy extends its cache.
@@ -19,11 +23,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, wait, FIRST_COMPLETED
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from dsaforge.rollout.policy import Policy, Turn, Window
+from dsaforge.synth.episode import step_many, submit_many
 
 STRATEGIES = ("discard_all", "discard_75", "reprefill", "none")
 
@@ -35,6 +41,8 @@ class RolloutConfig:
     context_budget: float = 0.8           # fraction of the policy's context that triggers the strategy
     max_resets: int = 4                   # context resets per episode before it ends
     tool_workers: int = 8                 # tool calls running at once (sandbox processes)
+    sandbox_batch: int = 16               # episodes of one environment served by one sandboxed run (the tool
+                                          # calls of one engine step; the verdicts of finished episodes)
 
     def __post_init__(self):
         if self.context not in STRATEGIES:
@@ -43,6 +51,8 @@ class RolloutConfig:
             raise ValueError(f"context_budget must be in (0, 1], got {self.context_budget}")
         if self.max_turns < 0:
             raise ValueError(f"max_turns must be >= 0, got {self.max_turns}")
+        if self.sandbox_batch < 1:
+            raise ValueError(f"sandbox_batch must be >= 1, got {self.sandbox_batch}")
 
 
 @dataclass
@@ -100,21 +110,69 @@ def run_episodes(policy: Policy, episodes: Sequence, cfg: RolloutConfig = Rollou
     out: list[Optional[Trajectory]] = [None] * len(episodes)
     budget = int(cfg.context_budget * policy.max_context)
 
+    # Scoring: a finished episode's submission waits for the other running episodes of its scoring group (a GRPO
+    # group's samples of one prompt, an evaluation's prompts from one environment), then the group is verified in
+    # one sandboxed run on a tool worker while the rest generate. Episodes without a group are scored alone.
+    group_of = [getattr(ep, "scoring_group", ("alone", i)) for i, ep in enumerate(episodes)]
+    unfinished = Counter(group_of)
+    unscored: dict[tuple, list[tuple[int, _Live, Any]]] = {}
+    scoring: dict[Future, list[tuple[int, Trajectory]]] = {}
+    closing: list[Future] = []
+
+    def alone(ep, sub):
+        try:
+            return ep.submit(sub)
+        except Exception as e:
+            return e
+
+    def score(batch: list[tuple[int, _Live, Any]]) -> None:
+        """Verdicts for a batch of finished episodes (on a tool worker: the verifier runs in the sandbox). Trouble
+        scoring an episode is its outcome (detail "scoring failed: ..."), not the batch's end nor its siblings'."""
+        todo = [(lv, sub) for _, lv, sub in batch if not isinstance(sub, Exception)]
+        verdicts = [alone(todo[0][0].ep, todo[0][1])] if len(todo) == 1 else []
+        if len(todo) > 1:
+            try:
+                verdicts = submit_many([lv.ep for lv, _ in todo], [sub for _, sub in todo])
+            except Exception:
+                verdicts = [alone(lv.ep, sub) for lv, sub in todo]
+        results = iter(verdicts)
+        for _, lv, sub in batch:
+            v = sub if isinstance(sub, Exception) else next(results)
+            if isinstance(v, Exception):
+                lv.traj.detail = f"scoring failed: {type(v).__name__}: {v}"[:500]
+            else:
+                lv.traj.passed, lv.traj.reward, lv.traj.detail = v.passed, v.score, v.detail
+            lv.traj.wall_s = time.monotonic() - lv.t0
+
+    def dispatch(group: tuple) -> None:
+        batch = unscored.pop(group)
+        scoring[tools.submit(score, batch)] = [(key, lv.traj) for key, lv, _ in batch]
+
     def finish(key: int, reason: str, submission_text: Optional[str]) -> None:
         lv = live.pop(key)
         if lv.open:
             lv.traj.windows.append(policy.end(key))
         lv.traj.finish_reason = reason
         try:
-            verdict = lv.ep.submit(lv.ep.submission_from_text(submission_text) if submission_text else None)
-            lv.traj.passed, lv.traj.reward, lv.traj.detail = verdict.passed, verdict.score, verdict.detail
-        except Exception as e:   # scoring trouble is the episode's outcome, not the batch's end
-            lv.traj.detail = f"scoring failed: {type(e).__name__}: {e}"[:500]
-        lv.ep.close()
-        lv.traj.wall_s = time.monotonic() - lv.t0
-        out[key] = lv.traj
-        if on_done:
-            on_done(lv.traj)
+            sub = lv.ep.submission_from_text(submission_text) if submission_text else None
+        except Exception as e:
+            sub = e
+        closing.append(tools.submit(lv.ep.close))       # its tools are done; scoring needs no live process
+        group = group_of[key]
+        unscored.setdefault(group, []).append((key, lv, sub))
+        unfinished[group] -= 1
+        if unfinished[group] == 0 or len(unscored[group]) >= cfg.sandbox_batch:
+            dispatch(group)
+
+    def scored(block: bool) -> None:
+        """Trajectories whose verdicts are in (all of them when block), into out and on_done."""
+        done = wait(scoring)[0] if block else [f for f in scoring if f.done()]
+        for f in done:
+            f.result()
+            for key, traj in scoring.pop(f):
+                out[key] = traj
+                if on_done:
+                    on_done(out[key])
 
     with ThreadPoolExecutor(cfg.tool_workers) as tools:
         for key, ep in enumerate(episodes):
@@ -137,6 +195,26 @@ def run_episodes(policy: Policy, episodes: Sequence, cfg: RolloutConfig = Rollou
                     obs = json.dumps({"error": f"the tool failed: {type(e).__name__}: {str(e)[:300]}"})
                 out.append({"role": "tool", "content": obs})
             return out
+
+        def run_calls_many(eps, calls, futures) -> None:
+            """Several episodes' calls, one sandboxed run per round for those of one tool group (`step_many`)."""
+            try:
+                obs = step_many(eps, calls)
+            except Exception as e:   # as run_calls: the infrastructure's failure is each call's observation
+                err = json.dumps({"error": f"the tool failed: {type(e).__name__}: {str(e)[:300]}"})
+                obs = [[err] * len(c) for c in calls]
+            for f, o in zip(futures, obs):
+                f.set_result([{"role": "tool", "content": x} for x in o])
+
+        def start_calls(batch: list[tuple[int, list]]) -> None:
+            if len(batch) == 1:
+                key, calls = batch[0]
+                live[key].pending = tools.submit(run_calls, live[key].ep, calls)
+                return
+            futures = [Future() for _ in batch]
+            for (key, _), f in zip(batch, futures):
+                live[key].pending = f
+            tools.submit(run_calls_many, [live[k].ep for k, _ in batch], [c for _, c in batch], futures)
 
         def resume(key: int) -> None:
             lv = live[key]
@@ -165,6 +243,7 @@ def run_episodes(policy: Policy, episodes: Sequence, cfg: RolloutConfig = Rollou
 
         while live:
             polled = policy.poll()
+            calling: dict[tuple, list[tuple[int, list]]] = {}     # this poll's tool calls by tool group
             for key, turn in polled:
                 lv = live[key]
                 msg = turn.parsed.message()
@@ -180,7 +259,12 @@ def run_episodes(policy: Policy, episodes: Sequence, cfg: RolloutConfig = Rollou
                 else:
                     lv.traj.turns += 1
                     lv.traj.invalid_calls += sum(c.error is not None for c in calls)
-                    lv.pending = tools.submit(run_calls, lv.ep, calls)
+                    group = getattr(lv.ep, "tool_group", None) or ("alone", key)
+                    calling.setdefault(group, []).append((key, calls))
+                    if len(calling[group]) >= cfg.sandbox_batch:
+                        start_calls(calling.pop(group))
+            for batch in calling.values():
+                start_calls(batch)
             # Tool outputs that are ready continue their episodes; if nothing is generating, wait for one.
             waiting = {lv.pending: k for k, lv in live.items() if lv.pending is not None}
             if not waiting:
@@ -192,6 +276,10 @@ def run_episodes(policy: Policy, episodes: Sequence, cfg: RolloutConfig = Rollou
             ready, _ = wait(waiting, timeout=0 if polled and _generating(live) else None, return_when=FIRST_COMPLETED)
             for f in ready:
                 resume(waiting[f])
+            scored(block=False)
+        scored(block=True)
+        for f in closing:
+            f.result()
     return out   # type: ignore[return-value]
 
 

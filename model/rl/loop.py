@@ -118,7 +118,8 @@ class GRPO:
         return self.rl.kl_coef_by_class.get(agent_class, self.rl.kl_coef)
 
     def train(self, episodes: list[EpisodeRecord]) -> dict[str, float]:
-        """rl.updates_per_step optimizer steps over mini-batches of the episodes, each accumulated over micro-batches.
+        """rl.epochs passes over the episodes, each of rl.updates_per_step optimizer steps over mini-batches, each
+        accumulated over micro-batches.
         Episodes whose group had all-equal rewards carry zero advantage and no KL if beta is 0: they are skipped.
         Each rank backpropagates its own episodes of a mini-batch, normalised by the mini-batch's sequence and token
         counts over all ranks; megatron's DDP averages the ranks' gradients, so the loss is scaled by the DP size
@@ -129,10 +130,11 @@ class GRPO:
         counts = st.reduce_over_dp(torch.tensor([[len(m), sum(e.response_tokens for e in m)] for m in minis],
                                                 device=st.device)).tolist()
         dp, stats = st.dp[1], UpdateStats()
-        lr = lr_at(self.step, rl.lr, 0, rl.steps, rl.min_lr_ratio)
+        lr = lr_at(self.step, rl.lr, rl.warmup_steps, rl.steps, rl.min_lr_ratio)
         diag = {}
-        for j, (mini, (n_seqs, n_tokens)) in enumerate(zip(minis, counts)):
-            if j == len(minis) - 1:         # the stabilisers' effect where it shows: after this step's other updates
+        updates = [(mini, c) for _ in range(rl.epochs) for mini, c in zip(minis, counts)]
+        for j, (mini, (n_seqs, n_tokens)) in enumerate(updates):
+            if j == len(updates) - 1:       # the stabilisers' effect where it shows: after this step's other updates
                 diag = self.diagnose(mini)
             model.train()
             if not n_seqs:                  # empty on every rank
@@ -175,8 +177,8 @@ class GRPO:
     @torch.no_grad()
     def diagnose(self, mini: list[EpisodeRecord]) -> dict[str, float]:
         """rl.diagnostics: on one micro-batch per rank of the step's last mini-batch, just before its update (so after
-        the step's other rl.updates_per_step - 1 updates have moved the weights and routers away from what sampled
-        it), what each stabiliser changes - the mean |trainer - engine| log-prob with and without Keep Routing, the
+        the step's other rl.updates_per_step x rl.epochs - 1 updates have moved the weights and routers away from
+        what sampled it), what each stabiliser changes - the mean |trainer - engine| log-prob with and without Keep Routing, the
         mean importance ratio with and without Keep Sampling Mask. Both sides see the same weights and episodes, so
         their difference is the stabiliser's. Every rank calls it (it reduces over DP), with or without episodes."""
         rl, st = self.rl, self.state

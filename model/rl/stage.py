@@ -8,7 +8,7 @@ The policy is trained in this process and generates with the in-process rollout 
 (`dsaforge.model.engine`), so "sync weights" refreshes the engine's derived weights rather than copying anything.
 Under torchrun every rank holds the whole policy and its own engine; ranks split each step's prompts (whole groups)
 and the held-out prompts, and megatron's DDP reduces the gradients (`dsaforge.model.rl.loop`); tensor, expert and
-pipeline parallel layouts are refused (`check_layout`). Train-split tasks are the RL prompts; held-out tasks (by
+pipeline parallel layouts are refused (`check_settings`). Train-split tasks are the RL prompts; held-out tasks (by
 environment) are evaluated before training, every rl.eval_every steps and at the end.
 
 Output directory:
@@ -52,8 +52,10 @@ def _tasks(ctx) -> tuple[list, list]:
     return train, [t for t in tasks if t.split == "heldout"] or train
 
 
-def check_layout(cfg) -> None:
-    """grpo is data parallel: every rank holds the whole policy, which its rollout engine generates with."""
+def check_settings(cfg) -> None:
+    """What grpo refuses before it starts: sharded layouts (it is data parallel: every rank holds the whole policy,
+    which its rollout engine generates with), an engine context longer than the model's, and prompts that do not
+    split evenly over the ranks."""
     p = cfg.parallel
     if p.tp > 1 or p.ep > 1 or p.pp > 1:
         raise ConfigError(f"grpo runs data parallel only, and parallel.tp={p.tp}, ep={p.ep}, pp={p.pp} shards the "
@@ -75,7 +77,7 @@ def run(ctx) -> dict:
 
     cfg, rl = ctx.cfg, ctx.cfg.rl
     _inputs(ctx)
-    check_layout(cfg)
+    check_settings(cfg)
     _tasks(ctx)
     ctx.tracker.log_params({f"rl.{k}": v for k, v in rl.model_dump().items() if k != "reward"}
                            | {f"rl.reward.{k}": v for k, v in rl.reward.model_dump().items()})
@@ -104,7 +106,7 @@ def train(ctx) -> dict:
     cfg, rl = ctx.cfg, ctx.cfg.rl
     init = _inputs(ctx)
     train_tasks, heldout = _tasks(ctx)
-    check_layout(cfg)
+    check_settings(cfg)
     try:
         tokenizer = load_tokenizer(ctx.inputs["prepare-data"])
     except FileNotFoundError as e:

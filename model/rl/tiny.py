@@ -1,6 +1,7 @@
 """The tiny learning bar on CPU: pretrain, SFT, then GRPO on the tiny-RL task set, through the real stages.
 
     python -m dsaforge.model.rl.tiny --out runs/tiny-rl            # what tests/rl/test_learning.py runs; --rl-steps, --sft-steps
+    python -m dsaforge.model.rl.tiny --from runs/tiny-rl --out runs/tiny-rl-b --set rl.lr=1e-4   # grpo only, on that SFT model
 
 1. `dsaforge.synth.tiny_rl` writes hundreds of short `lookup` tasks (train and held-out environments) and their
    reference trajectories, in the synthesize stage's layout;
@@ -12,8 +13,9 @@
    few hundred steps, which on whole conversations takes thousands;
 4. the `sft` stage fine-tunes it on the rendered train trajectories (loss on the assistant's tokens only), stopped
    early, where the held-out pass rate of the sampled policy is well below its ceiling;
-5. the `grpo` stage trains it with GRPO, every tool call and verdict through the episode interface and the
-   sandbox, evaluating the held-out pass rate (one sampled episode per held-out prompt, T = 1) before and after.
+5. the `grpo` stage trains it with GRPO (256 episodes a step from 64 prompts, with the KL to the SFT model that
+   keeps the tokens it is already sure of in place), every tool call and verdict through the episode interface and
+   the sandbox, evaluating the held-out pass rate (one sampled episode per held-out prompt, T = 1) before and after.
 
 The gain is measured in standard errors of the difference of two independent proportions,
     SE = sqrt(p_before (1 - p_before) / n + p_after (1 - p_after) / n),
@@ -46,12 +48,12 @@ def tiny_rl_config(**overrides):
     p.steps, p.lr, p.batch_size, p.micro_batch_size, p.seq_len, p.doc_mask = 400, 3e-3, 16, 16, 128, True
     p.warmup_steps, p.eval_every, p.ckpt_every, p.eval_batches, p.min_lr_ratio = 20, 1000, 1000, 1, 0.1
     s = cfg.train.sft
-    s.steps, s.lr, s.batch_size, s.micro_batch_size, s.seq_len = 30, 1e-3, 8, 8, 200
+    s.steps, s.lr, s.batch_size, s.micro_batch_size, s.seq_len = 12, 1e-3, 8, 8, 200
     s.warmup_steps, s.eval_every, s.ckpt_every, s.eval_batches, s.min_lr_ratio = 5, 1000, 1000, 1, 1.0
     rl = cfg.rl
     rl.mode = "dense"
-    rl.steps, rl.lr, rl.group_size, rl.prompts_per_step, rl.micro_batch_size = 16, 3e-4, 8, 8, 32
-    rl.kl_coef, rl.temperature, rl.top_p, rl.max_new_tokens, rl.max_turns = 0.0, 1.0, 1.0, 32, 2
+    rl.steps, rl.lr, rl.group_size, rl.prompts_per_step, rl.micro_batch_size = 20, 6e-4, 4, 64, 64
+    rl.kl_coef, rl.temperature, rl.top_p, rl.max_new_tokens, rl.max_turns = 0.05, 1.0, 1.0, 32, 2
     rl.reward.format_weight = 0.2
     rl.eval_every, rl.eval_prompts, rl.eval_sampled, rl.save_every = 1000, 1000, True, 1000
     for k, v in overrides.items():
@@ -60,8 +62,10 @@ def tiny_rl_config(**overrides):
         *path, last = field.split(".")
         for part in path:
             obj = getattr(obj, part)
+        if not hasattr(obj, last):
+            raise ValueError(f"unknown setting {k!r}")
         setattr(obj, last, v)
-    return cfg
+    return type(cfg).model_validate(cfg.model_dump())      # the overrides checked like any config
 
 
 def write_corpus(synth: Path, path: Path, whole: int = 20) -> int:
@@ -79,7 +83,9 @@ def write_corpus(synth: Path, path: Path, whole: int = 20) -> int:
     return len(rows)
 
 
-def run(out: Path, cfg=None, envs: int = 100, heldout_envs: int = 25) -> dict:
+def run(out: Path, cfg=None, envs: int = 100, heldout_envs: int = 25, reuse: Path | None = None) -> dict:
+    """The four steps into `out`; with `reuse` (an earlier run's directory) its tasks, data and SFT model are taken
+    as they are and only grpo runs (for comparing GRPO settings on one SFT model)."""
     import torch
 
     from dsaforge.data.prepare import prepare
@@ -92,20 +98,24 @@ def run(out: Path, cfg=None, envs: int = 100, heldout_envs: int = 25) -> dict:
     cfg = cfg or tiny_rl_config()
     torch.set_num_threads(2)
     out = Path(out)
-    synth, data = out / "synthesize", out / "data"
     times, t0 = {}, time.perf_counter()
-    write_tiny_rl(synth, envs=envs, heldout_envs=heldout_envs, seed=cfg.rl.seed)
-    cfg.data.sources = [str(out / "corpus.jsonl")]
-    write_corpus(synth, out / "corpus.jsonl")
-    prepare(cfg, data)
-    times["data_s"] = time.perf_counter() - t0
-    pre = stages.pretrain(StageContext(cfg, out / "pretrain", {"prepare-data": data}, NullTracker()))
-    times["pretrain_s"] = time.perf_counter() - t0 - sum(times.values())
-    sft = stages.sft(StageContext(cfg, out / "sft", {"prepare-data": data, "pretrain": out / "pretrain",
+    if reuse is None:
+        synth, data, sft_dir = out / "synthesize", out / "data", out / "sft"
+        write_tiny_rl(synth, envs=envs, heldout_envs=heldout_envs, seed=cfg.rl.seed)
+        cfg.data.sources = [str(out / "corpus.jsonl")]
+        write_corpus(synth, out / "corpus.jsonl")
+        prepare(cfg, data)
+        times["data_s"] = time.perf_counter() - t0
+        pre = stages.pretrain(StageContext(cfg, out / "pretrain", {"prepare-data": data}, NullTracker()))
+        times["pretrain_s"] = time.perf_counter() - t0 - sum(times.values())
+        sft = stages.sft(StageContext(cfg, sft_dir, {"prepare-data": data, "pretrain": out / "pretrain",
                                                      "synthesize": synth}, NullTracker()))
-    times["sft_s"] = time.perf_counter() - t0 - sum(times.values())
+        times["sft_s"] = time.perf_counter() - t0 - sum(times.values())
+    else:
+        synth, data, sft_dir = Path(reuse) / "synthesize", Path(reuse) / "data", Path(reuse) / "sft"
+        pre, sft = None, json.loads((sft_dir / "metrics.json").read_text())
     tracker = NullTracker()
-    grpo = rl_stage.run(StageContext(cfg, out / "grpo", {"prepare-data": data, "sft": out / "sft",
+    grpo = rl_stage.run(StageContext(cfg, out / "grpo", {"prepare-data": data, "sft": sft_dir,
                                                          "synthesize": synth}, tracker))
     times["grpo_s"] = time.perf_counter() - t0 - sum(times.values())
     before, after = grpo["start.heldout/pass_rate"], grpo["end.heldout/pass_rate"]
@@ -133,9 +143,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="a new directory: stage outputs, result.json, table.md")
     ap.add_argument("--rl-steps", type=int, default=None, help="GRPO steps (the test runs the default)")
     ap.add_argument("--sft-steps", type=int, default=None)
+    ap.add_argument("--from", dest="reuse", type=Path, default=None,
+                    help="an earlier run's directory: reuse its tasks, data and SFT model, run only grpo")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting of the tiny-RL config, the value as JSON (e.g. rl.top_p=0.9)")
     args = ap.parse_args()
     overrides = {k: v for k, v in (("rl.steps", args.rl_steps), ("train.sft.steps", args.sft_steps)) if v}
-    r = run(args.out, tiny_rl_config(**overrides))
+    for kv in args.sets:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            ap.error(f"--set {kv!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    r = run(args.out, tiny_rl_config(**overrides), reuse=args.reuse)
     (args.out / "result.json").write_text(json.dumps({k: v for k, v in r.items() if k != "tracker"}, indent=2,
                                                      default=str))
     (args.out / "table.md").write_text(table(r) + "\n")

@@ -193,9 +193,9 @@ class CodeAgent(AgentClass):
         items = [{"key": k, "submission": s} for k, s in zip(keys, submissions)]
         try:
             out = run_harness(sandbox, HARNESS, env_dir, {"op": "verify", "items": items},
-                              include=["hidden", *sorted(set(keys))], wall_seconds=sandbox.cfg.wall_seconds * 3)
+                              include=["hidden", *sorted(set(keys))], wall_seconds=sandbox.cfg.wall_seconds * 3, site=True)
         except HarnessError as e:
-            return [Verdict(False, 0.0, str(e)[:500]) for _ in keys]
+            return [Verdict(False, 0.0, str(e)[:500], harness_failed=True) for _ in keys]
         return [Verdict.from_dict(o) for o in out]
 
     def reset_ok(self, env_dir, keys, sandbox):
@@ -214,7 +214,7 @@ class CodeAgent(AgentClass):
         for item in items:      # one sandbox per task: each repair search gets its own CPU allowance
             try:
                 out += run_harness(box, HARNESS, env_dir, {"op": "repair", "items": [item], "k": k},
-                                   include=[item["key"]], wall_seconds=sandbox.cfg.wall_seconds)
+                                   include=[item["key"]], wall_seconds=sandbox.cfg.wall_seconds, site=True)
             except HarnessError:
                 out.append([""] * k)
         return [[{"patch": p} for p in patches] for patches in out]

@@ -70,7 +70,7 @@ class GeneralAgent(AgentClass):
         env_dir.mkdir(parents=True, exist_ok=True)
         copy_source(resources["llm_families"][family], env_dir / "family.py")
         (env_dir / "harness.py").write_text(HARNESS.read_text())
-        res = sandbox.run([sandbox.python, "-I", "/tmp/harness.py"], workdir=env_dir,
+        res = sandbox.run(sandbox.stdlib_python("/tmp/harness.py"), workdir=env_dir,
                           stdin=json.dumps({"op": "build", "seed": seed, "max_difficulty": max_difficulty,
                                             "tasks_per_level": resources.get("tasks_per_level", 1)}))
         (env_dir / "harness.py").unlink()
@@ -93,7 +93,7 @@ class GeneralAgent(AgentClass):
         try:
             out = run_harness(sandbox, HARNESS, env_dir, {"op": "verify", "items": items})
         except HarnessError as e:
-            return [Verdict(False, 0.0, str(e)[:500]) for _ in keys]
+            return [Verdict(False, 0.0, str(e)[:500], harness_failed=True) for _ in keys]
         return [Verdict.from_dict(o) for o in out]
 
     def reset_ok(self, env_dir, keys, sandbox):
@@ -109,7 +109,14 @@ class GeneralAgent(AgentClass):
     def call_tool(self, env_dir: Path, key: str, history: list[dict], call: dict, sandbox: Sandbox) -> Any:
         """Serve one tool call of a rollout: replay the earlier calls on a fresh database, then run `call`.
         Stateless on purpose, so the policy's tool results and the verifier's replay cannot disagree."""
-        out = run_harness(sandbox, HARNESS, env_dir, {"op": "call", "items": [{"key": key, "history": history,
-                                                                                "call": call}]},
+        return self.call_tools(env_dir, [(key, history, call)], sandbox)[0]
+
+    def call_tools(self, env_dir: Path, items: list[tuple[str, list[dict], dict]], sandbox: Sandbox) -> list[Any]:
+        """call_tool for several (task key, history, call) of one environment in one sandboxed run, each replayed on
+        its own fresh database. Raises HarnessError if the run fails as a whole."""
+        out = run_harness(sandbox, HARNESS, env_dir,
+                          {"op": "call", "items": [{"key": k, "history": h, "call": c} for k, h, c in items]},
                           include=["db.sqlite", "family.py", "tasks.json"])
-        return out[0].get("result", out[0])
+        if len(out) != len(items):
+            raise HarnessError(f"the tool harness answered {len(out)} of {len(items)} calls")
+        return [o.get("result", o) for o in out]

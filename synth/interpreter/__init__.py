@@ -58,7 +58,7 @@ class CodeInterpreterAgent(AgentClass):
         job = {"op": "execute", "cells": [{"cwd": k, "code": c} for k, c in zip(keys, cells)]}
         try:
             return run_harness(sandbox, HARNESS, env_dir, job, include=[], extra=extra,
-                               wall_seconds=sandbox.cfg.wall_seconds * 3)
+                               wall_seconds=sandbox.cfg.wall_seconds * 3, site=True)     # jupyter, numpy
         except HarnessError as e:
             return [{"answer": None, "error": str(e)[:300]}] * len(keys)
 
@@ -74,7 +74,7 @@ class CodeInterpreterAgent(AgentClass):
         try:
             out = run_harness(sandbox, HARNESS, env_dir, {"op": "verify", "items": items}, include=[])
         except HarnessError as e:
-            return [Verdict(False, 0.0, str(e)[:500]) for _ in keys]
+            return [Verdict(False, 0.0, str(e)[:500], harness_failed=True) for _ in keys]
         return [Verdict.from_dict(o) for o in out]
 
     def reset_ok(self, env_dir, keys, sandbox):

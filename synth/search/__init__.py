@@ -138,7 +138,7 @@ class SearchAgent(AgentClass):
         try:
             out = run_harness(sandbox, HARNESS, env_dir, {"op": "verify", "items": items}, include=["tasks.json"])
         except HarnessError as e:
-            return [Verdict(False, 0.0, str(e)[:500]) for _ in keys]
+            return [Verdict(False, 0.0, str(e)[:500], harness_failed=True) for _ in keys]
         return [Verdict.from_dict(o) for o in out]
 
     def reset_ok(self, env_dir, keys, sandbox):

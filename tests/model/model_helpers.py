@@ -1,6 +1,7 @@
 """Tiny random configs for the model tests (2 layers, hidden 32-64; all CPU, fp32). Imported by the test modules."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dsaforge.config.model import ModelConfig
@@ -53,3 +54,19 @@ def quantize_fp8_blocks(w: torch.Tensor, block: int = 128):
             scale[i, j] = s
             q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / s).to(torch.float8_e4m3fn)
     return q, scale
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module (or a conftest) to run it on one intra-op thread: decode steps and tiny models are
+    many small matmuls, and on a shared 2-core machine the threads only spin against each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_prompts(lengths, vocab: int, seed: int = 5) -> list[list[int]]:
+    """Token-id prompts of the given lengths, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

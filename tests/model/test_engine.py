@@ -13,25 +13,11 @@ from dsaforge.model import Indexer
 from dsaforge.model.engine import Engine
 from dsaforge.model.sampling import (SamplingParams, draw_bits, processed_logits, sample, sequence_stream,
                                      to_uniforms)
-from tests.model.model_helpers import make_model
+from tests.model.model_helpers import make_model, one_thread, random_prompts  # noqa: F401 (one_thread: autouse)
 
 # top-k 8 with prompts up to 24 tokens: the sparse path really selects; 16 indexer heads keep scores untied
 SHAPE = dict(index_topk=8, index_n_heads=16)
 TOL = 2e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decode steps are many tiny matmuls: on a shared 2-core machine intra-op threads only spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _prompts(lengths, vocab, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def _full_logprobs(model, prompt, tokens, mode, temperature=1.0):
@@ -46,7 +32,7 @@ def _full_logprobs(model, prompt, tokens, mode, temperature=1.0):
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_logprobs_routing_and_topk_equal_a_full_forward(mode):
     model = make_model(seed=2, **SHAPE)
-    prompts = _prompts([5, 17, 24, 9], model.cfg.vocab_size)
+    prompts = random_prompts([5, 17, 24, 9], model.cfg.vocab_size)
     params = [SamplingParams(temperature=1.0, max_new_tokens=m) for m in (7, 3, 11, 5)]   # finish at different steps
     # prefill_tokens=12: longer prompts are prefilled in chunks over several steps, next to other rows' decoding
     engine = Engine(model, mode=mode, max_batch=2, max_len=64, capture_routing=True, capture_topk=True,
@@ -84,7 +70,7 @@ def test_stop_tokens_and_continuing_a_sequence_extends_its_cache():
     """A segment ends at a stop token; submitting more tokens to the same sequence continues from its cache, and the
     continuation's log-probs equal a full forward over the whole sequence."""
     model = make_model(seed=3, **SHAPE)
-    prompt = _prompts([11], model.cfg.vocab_size)[0]
+    prompt = random_prompts([11], model.cfg.vocab_size)[0]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
     engine = Engine(model, mode="sparse", max_batch=3, max_len=96)
     first = engine.generate([prompt], greedy)[0].tokens
@@ -92,7 +78,7 @@ def test_stop_tokens_and_continuing_a_sequence_extends_its_cache():
     sid = engine.submit(prompt, stop)
     (_, seg), = [d for _ in range(10) for d in engine.step()][:1]
     assert seg.tokens == first[:3] and seg.finish_reason == "stop"
-    extra = _prompts([7], model.cfg.vocab_size, seed=9)[0]
+    extra = random_prompts([7], model.cfg.vocab_size, seed=9)[0]
     engine.submit(extra, SamplingParams(temperature=1.0, max_new_tokens=5), sid=sid)
     ended = []
     while not ended:
@@ -108,7 +94,7 @@ def test_stop_tokens_and_continuing_a_sequence_extends_its_cache():
 
 def test_kept_sets_and_truncated_logprobs_match_the_forward():
     model = make_model(seed=4, **SHAPE)
-    prompts = _prompts([6, 13], model.cfg.vocab_size)
+    prompts = random_prompts([6, 13], model.cfg.vocab_size)
     sp = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=6)
     outs = Engine(model, mode="dense", max_batch=2, max_len=64, capture_kept=True).generate(prompts, sp)
     for p, out in zip(prompts, outs):
@@ -160,7 +146,7 @@ def test_engine_first_token_distribution():
     """Through the whole engine: the first sampled token of many identical prompts follows softmax(logits/T) over
     the top-k of a full forward."""
     model = make_model(seed=6, **SHAPE)
-    prompt = _prompts([8], model.cfg.vocab_size)[0]
+    prompt = random_prompts([8], model.cfg.vocab_size)[0]
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0, -1]
     sp = SamplingParams(temperature=2.0, top_k=3, max_new_tokens=1)
@@ -185,7 +171,7 @@ def test_stacked_experts_path_equals_a_full_forward():
     from dsaforge.model.infer import stack
 
     model = make_model(seed=2, **SHAPE)
-    prompts = _prompts([5, 17, 24, 9], model.cfg.vocab_size)
+    prompts = random_prompts([5, 17, 24, 9], model.cfg.vocab_size)
     engine = Engine(model, mode="sparse", max_batch=8, max_len=64, capture_routing=True)
     engine.stacked = [stack(b.ffn) if isinstance(b.ffn, MoE) else None for b in model.layers]
     for p, out in zip(prompts, engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=6))):
@@ -234,7 +220,7 @@ def test_greedy_equals_transformers_on_an_exported_checkpoint(tmp_path):
     export_hf(model, tmp_path)
     hf = transformers.DeepseekV32ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                              dtype=torch.float32).eval()
-    prompts = _prompts([6, 15, 10], model.cfg.vocab_size, seed=11)
+    prompts = random_prompts([6, 15, 10], model.cfg.vocab_size, seed=11)
     new = 12
     outs = Engine(model, mode="sparse", max_batch=3, max_len=64).generate(
         prompts, SamplingParams(temperature=0.0, max_new_tokens=new))

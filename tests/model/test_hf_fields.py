@@ -13,7 +13,7 @@ import torch
 from dsaforge.config.model import ModelConfig
 from dsaforge.model.hf import UnsupportedCheckpoint, export_hf, import_hf
 from dsaforge.model.hf_config import CHECKED, HF_DEFAULTS, MAPPED, NO_EFFECT, unexpressed_settings
-from tests.model.model_helpers import make_model, rand_tokens, tiny_cfg
+from tests.model.model_helpers import make_model, one_thread, rand_tokens, tiny_cfg  # noqa: F401 (one_thread: autouse)
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters  # noqa: E402
@@ -113,15 +113,6 @@ def _logits(model, tokens):
             finally:
                 model.config.return_dict = saved
         return model(tokens, mode="sparse").logits
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from intra-op threads; on a busy 2-core runner the threads' spinning costs ~5x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

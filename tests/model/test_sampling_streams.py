@@ -9,20 +9,7 @@ import torch
 
 from dsaforge.model.engine import Engine
 from dsaforge.model.sampling import SamplingParams, draw_bits, sample, seed_of, sequence_stream, to_uniforms
-from tests.model.model_helpers import make_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _prompts(lengths, vocab, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+from tests.model.model_helpers import make_model, one_thread, random_prompts  # noqa: F401 (one_thread: autouse)
 
 
 def _run(model, prompts, params, max_batch, mode="dense", **kw):
@@ -32,7 +19,7 @@ def _run(model, prompts, params, max_batch, mode="dense", **kw):
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_a_sequences_tokens_do_not_depend_on_its_batch_or_order(mode):
     model = make_model(seed=2, index_topk=8, index_n_heads=16)
-    prompts = _prompts([5, 17, 9, 12, 3, 20], model.cfg.vocab_size)
+    prompts = random_prompts([5, 17, 9, 12, 3, 20], model.cfg.vocab_size)
     # different lengths, so batch composition changes from step to step as sequences finish
     params = [SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=m, seed=100 + i)
               for i, m in enumerate((9, 4, 12, 7, 10, 5))]
@@ -50,7 +37,7 @@ def test_without_seeds_a_fresh_engine_repeats_whatever_its_batch_size():
     """Keyed by submission number: the same prompts in the same order give the same tokens with 1, 2 or 6 slots,
     and identical prompts (G samples of one task) still get different tokens."""
     model = make_model(seed=3)
-    prompts = _prompts([6, 6, 11], model.cfg.vocab_size) + [_prompts([6], model.cfg.vocab_size)[0]] * 3
+    prompts = random_prompts([6, 6, 11], model.cfg.vocab_size) + [random_prompts([6], model.cfg.vocab_size)[0]] * 3
     sp = SamplingParams(temperature=1.2, max_new_tokens=8)
     runs = [_run(model, prompts, sp, b) for b in (1, 2, 6)]
     assert runs[0] == runs[1] == runs[2]
@@ -59,7 +46,7 @@ def test_without_seeds_a_fresh_engine_repeats_whatever_its_batch_size():
 
 def test_greedy_is_unchanged():
     model = make_model(seed=4)
-    prompts = _prompts([7, 13], model.cfg.vocab_size)
+    prompts = random_prompts([7, 13], model.cfg.vocab_size)
     got = _run(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=6, seed=3), 2)
     for p, toks in zip(prompts, got):
         seq = list(p)

@@ -14,10 +14,11 @@ from dsaforge.synth import sandbox as sbx
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(sbx.bwrap_problem() is not None, reason=f"bwrap unusable: {sbx.bwrap_problem()}"),
-              # Not met (docs/rl.md, "Status of the tiny learning bar"): SFT lands in the 20-60% band, GRPO does
-              # not raise it, and the run is longer than CI's budget. DSAFORGE_TINY_RL=1 runs it while tuning.
+              # Met by single runs, not yet shown to hold in every fresh run (docs/rl.md, "Status of the tiny
+              # learning bar"); about 12 minutes on 2 cores. DSAFORGE_TINY_RL=1 runs it.
               pytest.mark.skipif(not os.environ.get("DSAFORGE_TINY_RL"),
-                                 reason="the tiny learning bar is not met yet (docs/rl.md); DSAFORGE_TINY_RL=1 runs it")]
+                                 reason="opt-in until fresh runs show the bar holds every time (docs/rl.md); "
+                                        "DSAFORGE_TINY_RL=1 runs it")]
 
 
 def test_grpo_after_sft_raises_heldout_pass_rate(tmp_path):

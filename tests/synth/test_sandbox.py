@@ -239,3 +239,26 @@ def test_interpreter_and_its_libraries_still_work(box):
                        "sqlite3.connect(':memory:').execute('select 1').fetchone()[0])")
     assert r.ok, r.stderr
     assert r.stdout.split() == ["sandbox", "1"] or r.stdout.split()[1] == "1"
+
+
+def test_stdlib_python_runs_the_standard_library_alone(box):
+    """The harness interpreter skips `site`: the standard library imports, an installed package does not (the
+    general and search harnesses promise the standard library only, and save the .pth hooks' start-up time)."""
+    ok = box.run(box.stdlib_python("/tmp/a.py"), files={"a.py": "import json, sqlite3, ast; print(json.dumps(1))"})
+    assert ok.ok and ok.stdout.strip() == "1", ok.stderr
+    third_party = box.run(box.stdlib_python("/tmp/a.py"), files={"a.py": "import pydantic"})
+    assert not third_party.ok and "ModuleNotFoundError" in third_party.stderr
+    assert box.run_python("import pydantic").ok         # the full interpreter (code under test) still has them
+
+
+def test_wait_exit_reaps_an_exited_process_and_times_out_on_a_running_one():
+    import subprocess
+
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert sbx.wait_exit(quick, 30) and quick.returncode == 0
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    t0 = time.monotonic()
+    assert not sbx.wait_exit(slow, 0.2) and slow.returncode is None
+    assert time.monotonic() - t0 < 10
+    slow.kill()
+    assert sbx.wait_exit(slow, 30) and slow.returncode == -9
