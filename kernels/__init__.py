@@ -19,12 +19,13 @@ else:
     from dsaforge.kernels.indexer import indexer_flops, indexer_scores, indexer_topk
     from dsaforge.kernels.kl import IndexerKLFunction, indexer_kl
     from dsaforge.kernels.lse import attention_lse
+    from dsaforge.kernels.rope import rope, rope_into
     from dsaforge.kernels.reference import act_quant_fp8, causal_mask, indexer_fp8_inputs, key_bounds
     from dsaforge.kernels.sparse_mla import (SparseMLAFunction, sparse_mla, sparse_mla_bwd, sparse_mla_decode,
                                              sparse_mla_flops, sparse_mla_fwd)
     from dsaforge.kernels.topk import topk_indices
 
-    __all__ = ["IndexerKLFunction", "KernelInputError", "SparseMLAFunction", "act_quant_fp8", "attention_lse", "causal_mask",
-               "indexer_flops", "indexer_fp8_inputs", "indexer_kl", "indexer_scores", "indexer_topk", "key_bounds",
-               "last_path", "reference", "sparse_mla", "sparse_mla_bwd", "sparse_mla_decode", "sparse_mla_flops",
-               "sparse_mla_fwd", "topk_indices"]
+    __all__ = ["IndexerKLFunction", "KernelInputError", "SparseMLAFunction", "act_quant_fp8", "attention_lse",
+               "causal_mask", "indexer_flops", "indexer_fp8_inputs", "indexer_kl", "indexer_scores", "indexer_topk",
+               "key_bounds", "last_path", "reference", "rope", "rope_into", "sparse_mla", "sparse_mla_bwd",
+               "sparse_mla_decode", "sparse_mla_flops", "sparse_mla_fwd", "topk_indices"]

@@ -61,7 +61,8 @@ def check_sparse_mla(shape: str, s_q: int = 128, s_kv: int = 8192, k: int = 2048
     path, fwd_kernel = last_path("sparse_mla_fwd")
     qq, kk = q.double().requires_grad_(), kv.double().requires_grad_()
     ro, rl = ref.sparse_mla(qq, kk, idx, scale, cfg["d_v"])
-    dout = torch.randn_like(out)
+    # dO as the output projection's einsum hands it over: a head-major buffer seen token-major
+    dout = torch.randn(cfg["h"], b, s_q, cfg["d_v"], device=dev, dtype=out.dtype).permute(1, 2, 0, 3)
     torch.autograd.backward([ro], [dout.double()])
     with poison_outputs():
         dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, cfg["d_v"], algorithm="split", chunk_rows=48)
@@ -100,6 +101,34 @@ def check_sparse_mla_fwd_config(config: tuple, s_q: int = 96, s_kv: int = 8192, 
                no_nan=not bool(out.isnan().any() or lse.isnan().any()))
     res["passed"] = bool(max(res["out_rel_err"], res["lse_rel_err"]) <= BF16_TOL and res["empty_row_ok"]
                          and res["no_nan"])
+    return res
+
+
+def check_sparse_mla_target(shape: str, s_q: int = 160, s_kv: int = 8192, k: int = 2048, chunk_rows: int = 64) -> dict:
+    """The forward with the KL target (`sparse_mla_fwd(..., target=True)`: block probabilities stored, rescaled and
+    summed over heads) against float64, rows in chunks so that the row offset is exercised."""
+    import os
+
+    from dsaforge.kernels.sparse_mla_target import forward_with_target
+    cfg, dev = SHAPES[shape], "cuda"
+    d = cfg["d_v"] + cfg["d_pe"]
+    q = torch.randn(1, s_q, cfg["h"], d, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(1, s_kv, d, device=dev, dtype=torch.bfloat16)
+    idx = _indices(1, s_q, s_kv, k, dev, empty_frac=0.1)
+    idx[:, 0] = -1
+    idx[:, 1, :300] = -1                                             # leading blocks with no valid key
+    with poison_outputs():
+        out, lse, mass = forward_with_target(q, kv, idx, d ** -0.5, cfg["d_v"], chunk_rows=chunk_rows)
+    path = last_path("sparse_mla_fwd")[1]
+    ro, rl = ref.sparse_mla(q.double(), kv.double(), idx, d ** -0.5, cfg["d_v"])
+    want = ref.selected_mass(q.double(), kv.double(), rl, idx, d ** -0.5)
+    res = dict(check=f"sparse_mla fwd + KL target {shape}", path=path,
+               sm90_fwd=os.environ.get("DSAFORGE_SM90_FWD", "1"),
+               out_rel_err=rel_err(out, ro), lse_rel_err=rel_err(lse, rl), mass_rel_err=rel_err(mass, want),
+               empty_slots_zero=bool((mass[idx < 0] == 0).all()),
+               no_nan=not bool(out.isnan().any() or lse.isnan().any() or mass.isnan().any()))
+    res["passed"] = bool(max(res["out_rel_err"], res["lse_rel_err"], res["mass_rel_err"]) <= BF16_TOL
+                         and res["empty_slots_zero"] and res["no_nan"])
     return res
 
 
@@ -288,6 +317,8 @@ def check_attention_lse(shape: str, s: int = 2048, packed: bool = True) -> dict:
 def run_all(log=print) -> list[dict]:
     """Every check at both head shapes; an exception is recorded as a failed check, not raised."""
     jobs = [("sparse_mla v32", check_sparse_mla, ("v32",)), ("sparse_mla small", check_sparse_mla, ("small",)),
+            ("sparse_mla + KL target v32", check_sparse_mla_target, ("v32",)),
+            ("sparse_mla + KL target small", check_sparse_mla_target, ("small",)),
             ("decode v32", check_decode, ("v32",)), ("decode small", check_decode, ("small",)),
             ("topk", check_topk, ()), ("fp8 act_quant", check_act_quant, ()), ("indexer v32", check_indexer, ("v32",)),
             ("indexer small", check_indexer, ("small",)), ("kl v32", check_kl, ("v32",)),

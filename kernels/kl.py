@@ -265,11 +265,7 @@ def sparse_target_mass(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, ind
     dividing by its row sum gives the sparse-stage KL target. Triton on GPU inputs, torch otherwise."""
     b, s, h, d = q.shape
     if not use_triton(q, kv, lse, indices)[0]:
-        valid = indices >= 0
-        kvg = torch.gather(kv[:, None].expand(b, s, *kv.shape[1:]), 2,
-                           indices.clamp_min(0).long()[..., None].expand(*indices.shape, d))
-        logits = torch.einsum("bshd,bskd->bshk", q.float(), kvg.float()) * sm_scale
-        return (torch.exp(logits - lse.float()[..., None]).nan_to_num(0.0).sum(2) * valid).float()
+        return ref.selected_mass(q, kv, lse, indices, sm_scale)
     bh, bk, warps, stages = _fwd_cfg(FWD_CONFIG, d_v, h, None)
     nhb = triton.cdiv(h, bh)
     k = indices.shape[2]
@@ -319,11 +315,13 @@ class IndexerKLFunction(torch.autograd.Function):
     row statistics let the backward skip its first pass."""
 
     @staticmethod
-    def forward(ctx, iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, memo):
+    def forward(ctx, iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, memo, target=None):
         if memo is not None and "loss" in memo:          # a recomputation of the same call: nothing to compute
             loss, pt, stats = memo["loss"], memo["pt"], memo["stats"]
         else:
-            pt = sparse_target_mass(q, kv, lse, indices, sm_scale, d_v) if indices is not None else None
+            pt = target
+            if pt is None and indices is not None:
+                pt = sparse_target_mass(q, kv, lse, indices, sm_scale, d_v)
             loss, _, _, _, stats = _launch(iq, ik, w, q, kv, lse, sm_scale, d_v, indices, start, end, None, False,
                                            pt)
             if memo is not None:
@@ -339,13 +337,13 @@ class IndexerKLFunction(torch.autograd.Function):
         _, diq, dik, dw, _ = _launch(iq, ik, w, q, kv, lse, ctx.sm_scale, ctx.d_v,
                                      indices if ctx.sparse else None, start, end, go, True,
                                      pt if ctx.sparse else None, stats)
-        return diq.to(iq.dtype), dik.to(ik.dtype), dw.to(w.dtype), None, None, None, None, None, None, None, None, None
+        return (diq.to(iq.dtype), dik.to(ik.dtype), dw.to(w.dtype)) + (None,) * 10
 
 
 def indexer_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tensor, q: torch.Tensor,
                kv: torch.Tensor, lse: torch.Tensor, sm_scale: float, d_v: int,
                indices: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-               memo: dict | None = None) -> torch.Tensor:
+               memo: dict | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row indexer KL [B, S] fp32, differentiable in index_q, index_k and index_w.
 
     index_q [B,S,Hi,Di], index_k [B,T,Di], index_w [B,S,Hi]: the indexer (inputs detached from the backbone by the
@@ -357,6 +355,9 @@ def indexer_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tens
     memo: a dict shared by a call and its recomputation under activation checkpointing (same inputs): the first
     call leaves its loss and sparse-stage target there, and a second call reuses them instead of launching the
     target and loss kernels again; the backward is unchanged. The target is held until then ([B,S,K] fp32).
+
+    target: the sparse stage's unnormalised target mass [B,S,K] fp32 when the caller already has it, as
+    `sparse_mla(..., target=True)` returns it from the attention's forward; then no target kernel runs.
     """
     _check(index_q, index_k, index_w, q, kv, lse, indices)
     b, s = index_q.shape[:2]
@@ -366,13 +367,22 @@ def indexer_kl(index_q: torch.Tensor, index_k: torch.Tensor, index_w: torch.Tens
     if ok:
         ok, why2 = _kernel_ok(index_q, q, d_v)
         why = why2 or why
+    if target is not None:
+        check(indices is not None, "a precomputed target is the sparse stage's ([B,S,K] over the selected set)")
+        check_tensor("target", target, 3, (torch.float32,))
+        check(tuple(target.shape) == tuple(indices.shape),
+              f"target must be {tuple(indices.shape)}, got {tuple(target.shape)}")
+        target = target.detach().contiguous()
     if not ok:
         record("indexer_kl", "reference", why)
-        target = ref.attention_target(q.detach(), kv.detach(), lse.detach(), sm_scale, indices, cu_seqlens)
+        if target is not None:
+            target = (target.double() / target.double().sum(-1, keepdim=True).clamp_min(1e-30)).float()
+        else:
+            target = ref.attention_target(q.detach(), kv.detach(), lse.detach(), sm_scale, indices, cu_seqlens)
         return ref.indexer_kl(index_q, index_k, index_w, target, indices, cu_seqlens)
     record("indexer_kl", "triton", why)
     return IndexerKLFunction.apply(index_q, index_k, index_w, q.detach(), kv.detach(), lse.detach(), sm_scale, d_v,
-                                   indices, start, end, memo)
+                                   indices, start, end, memo, target)
 
 
 __all__ = ["IndexerKLFunction", "indexer_kl", "sparse_target_mass"]

@@ -175,6 +175,18 @@ def attention_target(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, sm_sc
     return (p / p.sum(-1, keepdim=True).clamp_min(1e-30)).float()
 
 
+@torch.no_grad()
+def selected_mass(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor,
+                  sm_scale: float) -> torch.Tensor:
+    """[B,S,K] fp32: sum over heads of exp(sm_scale * q_h . kv[idx] - lse_h) at each selected slot, 0 at -1 slots
+    (the sparse-stage KL target before normalisation; `attention_target` normalises it, in float64)."""
+    b, s, h, d = q.shape
+    kvg = torch.gather(kv[:, None].expand(b, s, *kv.shape[1:]), 2,
+                       indices.clamp_min(0).long()[..., None].expand(*indices.shape, d))
+    logits = torch.einsum("bshd,bskd->bshk", q.float(), kvg.float()) * sm_scale
+    return (torch.exp(logits - lse.float()[..., None]).nan_to_num(0.0).sum(2) * (indices >= 0)).float()
+
+
 @fp32_math
 def indexer_kl(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
                indices: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,19 +34,28 @@ BWD_CONFIG = {512: (32, 32, 8, 1), 256: (16, 32, 4, 2)}          # fused backwar
 DQ_CONFIG = {512: (64, 64, 8, 1), 256: (16, 128, 4, 2)}          # split backward, kernel 1 (as FWD_CONFIG)
 DKV_CONFIG = {512: (64, 128, 8, 3), 256: (128, 128, 8, 2)}       # kernel 2: (BLOCK_K, columns, warps, stages)
 SPLIT_MIN_HEADS = 64     # below this the fused backward was faster on the H200 (h 16: 4.6 ms against 7.3 ms)
+# The split backward's dS and P ([B, rows, H, K] each, q's dtype) are formed this many bytes at a time, whatever the
+# batch: sized per sequence, 16 sequences of 4K at 128 heads held 32 GiB of them (measured 121.6 GiB peak against
+# 84.8 for one sequence of 64K, the same tokens).
+BWD_SCRATCH_BYTES = 2 << 30
 
 
 if triton is not None:
 
     @triton.jit
     def _sparse_mla_fwd_kernel(
-            Q, KV, IDX, O, LSE, scale_log2,
+            Q, KV, IDX, O, LSE, P, M, scale_log2,
             sqb, sqs, sqh, skb, skt, sib, sis, sob, sos, soh, sosp, slb, sls, slh, slsp,
+            spb, sps, sph, smb, sms, smh, s_offset,
             H, T, K, k_per_split,
             D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr,
-            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NUM_HB: tl.constexpr, PARTIAL: tl.constexpr):
+            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NUM_HB: tl.constexpr, PARTIAL: tl.constexpr,
+            STORE_P: tl.constexpr):
+        """STORE_P: also leave each block's P = exp2(S - m) (q's dtype, [B, rows, H, K] from row s_offset) and the
+        running max m it is relative to ([B, rows, H, K / BLOCK_K]), for `sparse_mla_target`."""
         pid = tl.program_id(0)
-        s = pid // NUM_HB                      # head blocks of one token are adjacent: they share the gathered KV in L2
+        s_loc = pid // NUM_HB
+        s = s_offset + s_loc                   # head blocks of one token are adjacent: they share the gathered KV in L2
         hb = pid % NUM_HB
         b = tl.program_id(1)
         split = tl.program_id(2)
@@ -83,6 +92,12 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(kn.dtype), kn, acc * alpha[:, None])
             m_i = m_new
+            if STORE_P:
+                row = b.to(tl.int64) * spb + s_loc.to(tl.int64) * sps + offs_h[:, None] * sph
+                tl.store(P + row + offs_k[None, :], p.to(P.dtype.element_ty),
+                         mask=mask_h[:, None] & (offs_k < K)[None, :])
+                tl.store(M + b.to(tl.int64) * smb + s_loc.to(tl.int64) * sms + offs_h * smh + (k_lo + k0) // BLOCK_K,
+                         m_use, mask=mask_h)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -92,6 +107,26 @@ if triton is not None:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_h[:, None])
         l_ptrs = LSE + b.to(tl.int64) * slb + s.to(tl.int64) * sls + split * slsp + offs_h * slh
         tl.store(l_ptrs, lse, mask=mask_h)
+
+    @triton.jit
+    def _sparse_mla_bwd_delta_kernel(O, DO, DLSE, DELTA, sob, sos, soh, sdb, sds, sdh, slb, sls, slh, H,
+                      D_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DLSE: tl.constexpr):
+        """DELTA[b,s,h] = sum_v O * dO (fp32), minus dLSE when the LSE has a gradient: one read of O and dO, where
+        the torch form cast chunks of both to fp32 copies and multiplied them in separate kernels."""
+        s64 = tl.program_id(0).to(tl.int64)
+        b64 = tl.program_id(1).to(tl.int64)
+        offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        offs_v = tl.arange(0, D_V)
+        h64 = offs_h[:, None].to(tl.int64)
+        o = tl.load(O + b64 * sob + s64 * sos + h64 * soh + offs_v[None, :], mask=mask_h[:, None],
+                    other=0.0).to(tl.float32)
+        do = tl.load(DO + b64 * sdb + s64 * sds + h64 * sdh + offs_v[None, :], mask=mask_h[:, None],
+                     other=0.0).to(tl.float32)
+        delta = tl.sum(o * do, 1)
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=0.0).to(tl.float32)
+        tl.store(DELTA + (b64 * tl.num_programs(0) + s64) * H + offs_h, delta, mask=mask_h)
 
     @triton.jit
     def _sparse_mla_bwd_kernel(
@@ -115,7 +150,7 @@ if triton is not None:
         q_rows = Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh
         q_nope = tl.load(q_rows + offs_v[None, :], mask=mask_h[:, None], other=0.0)
         q_pe = tl.load(q_rows + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
-        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None] * sdh + offs_v[None, :],
+        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None].to(tl.int64) * sdh + offs_v[None, :],
                      mask=mask_h[:, None], other=0.0)
         lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=float("-inf"))
         delta = tl.load(DELTA + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=0.0)
@@ -178,7 +213,7 @@ if triton is not None:
         q_rows = Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh
         q_nope = tl.load(q_rows + offs_v[None, :], mask=mask_h[:, None], other=0.0)
         q_pe = tl.load(q_rows + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
-        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None] * sdh + offs_v[None, :],
+        do = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None].to(tl.int64) * sdh + offs_v[None, :],
                      mask=mask_h[:, None], other=0.0)
         lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=float("-inf"))
         delta = tl.load(DELTA + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=0.0)
@@ -235,8 +270,8 @@ if triton is not None:
             cols = part * CW + tl.arange(0, CW)
             qc = tl.load(Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh + cols[None, :], mask=mask_h[:, None],
                          other=0.0)                                                             # [H_P, CW]
-            dc = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None] * sdh + cols[None, :], mask=mask_h[:, None],
-                         other=0.0)
+            dc = tl.load(DO + b64 * sdb + s64 * sds + offs_h[:, None].to(tl.int64) * sdh + cols[None, :],
+                         mask=mask_h[:, None], other=0.0)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 kmask = offs_k < K
@@ -323,8 +358,12 @@ def _cfg(table: dict, d_v: int, h: int, override: tuple | None) -> tuple[int, in
 
 
 def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
-                   num_splits: int = 1, config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_splits: int = 1, config: tuple | None = None, target: bool = False) -> tuple[torch.Tensor, ...]:
     """Fused forward. Returns (out [B,S,H,d_v] in q's dtype, lse [B,S,H] fp32, natural log; -inf for empty rows).
+
+    target=True also returns the head-summed attention mass at each selected slot, [B,S,K] fp32 (0 at empty
+    slots; the sparse-stage indexer KL's target before normalisation), taken from the forward's own probabilities
+    (`sparse_mla_target.forward_with_target`) instead of a second pass over the selected rows.
 
     num_splits > 1 splits each row's K selected entries over that many programs (flash-decoding) and merges the
     partial results; it pays off only when B*S*ceil(H/64) is too small to fill the GPU (decode).
@@ -339,7 +378,14 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         why = why2 or why
     if not ok:
         record("sparse_mla_fwd", "reference", why)
-        return ref.sparse_mla(q, kv, indices, sm_scale, d_v)
+        out, lse = ref.sparse_mla(q, kv, indices, sm_scale, d_v)
+        if target:
+            return out, lse, ref.selected_mass(q, kv, lse, indices, sm_scale)
+        return out, lse
+    if target:
+        check(num_splits == 1 and config is None, "target=True takes the default forward (no splits, no config)")
+        from dsaforge.kernels.sparse_mla_target import forward_with_target   # it launches this module's kernel
+        return forward_with_target(q, kv, indices, sm_scale, d_v)
     b, s, h, d = q.shape
     t, k = kv.shape[1], indices.shape[2]
     if num_splits == 1 and (config is None or config[0] == "sm90") and os.environ.get("DSAFORGE_SM90_FWD", "1") != "0":
@@ -368,12 +414,12 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         sl = (lse.stride(0), lse.stride(1), lse.stride(3), lse.stride(2))
     grid = (s * nhb, b, num_splits)
     _sparse_mla_fwd_kernel[grid](
-        q, kv, indices, out, lse, sm_scale * LOG2E,
+        q, kv, indices, out, lse, lse, lse, sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
-        so[0], so[1], so[2], so[3], sl[0], sl[1], sl[2], sl[3],
+        so[0], so[1], so[2], so[3], sl[0], sl[1], sl[2], sl[3], 0, 0, 0, 0, 0, 0, 0,
         h, t, k, k_per_split,
         D_V=d_v, D_PE=d - d_v, D_PE_P=max(16, next_pow2(d - d_v)), BLOCK_H=bh, BLOCK_K=bk, NUM_HB=nhb,
-        PARTIAL=num_splits > 1, num_warps=warps, num_stages=stages)
+        PARTIAL=num_splits > 1, STORE_P=False, num_warps=warps, num_stages=stages)
     if num_splits == 1:
         return out, lse
     lse_all = torch.logsumexp(lse, dim=2)                                               # [B,S,H]
@@ -433,15 +479,19 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     record("sparse_mla_bwd", "triton", why)
     b, s, h, d = q.shape
     t, k = kv.shape[1], indices.shape[2]
-    dout = dout.contiguous()
+    # The kernels take any strides but a unit last one (dO's head offsets in int64): an einsum's gradient arrives
+    # as a head-major buffer seen token-major (head stride B*S*d_v), and a contiguous copy of it would move
+    # 2 x 8 GiB a layer at 64K tokens and 128 heads.
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    out = out if out.stride(-1) == 1 else out.contiguous()
     lse = lse.float().contiguous()
-    delta = torch.empty(b, s, h, device=q.device, dtype=torch.float32)                 # rowsum(O * dO), [B,S,H]
-    step = max(1, (1 << 28) // max(1, h * d_v))          # row chunks: no fp32 copy of the whole of O and dO
-    for s0 in range(0, s, step):
-        delta[:, s0:s0 + step] = (out[:, s0:s0 + step].float() * dout[:, s0:s0 + step].float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()          # d lse / d logits = p, so it folds into Delta
-    delta = delta.contiguous()
+    delta = empty(b, s, h, device=q.device, dtype=torch.float32)                       # rowsum(O * dO) - dLSE
+    dl = dlse if dlse is not None else lse
+    bh_d = min(16, max(2, next_pow2(h)))
+    _sparse_mla_bwd_delta_kernel[(s, b, triton.cdiv(h, bh_d))](
+        out, dout, dl, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+        dout.stride(2), dl.stride(0), dl.stride(1), dl.stride(2), h, D_V=d_v, BLOCK_H=bh_d,
+        HAS_DLSE=dlse is not None, num_warps=4)       # d lse / d logits = p, so dLSE folds into Delta
     dq = empty(*q.shape, device=q.device, dtype=q.dtype)
     dkv = torch.zeros(b, t, d, device=q.device, dtype=torch.float32)
     d_pe, d_pe_p = d - d_v, max(16, next_pow2(d - d_v))
@@ -464,10 +514,10 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     cw = min(cw, d_v)
     n_parts = d_v // cw
     h_p = max(16, next_pow2(h))
-    per_row = 2 * h * k * q.element_size()                 # dS and P of one query row
+    per_row = b * 2 * h * k * q.element_size()             # dS and P of one query row of every sequence
     if deterministic:
-        per_row += k * d * 4                                # and its fp32 contributions
-    rows = chunk_rows or max(1, min(s, (2 << 30) // per_row))
+        per_row += k * d * 4                                # and its fp32 contributions (one sequence at a time)
+    rows = chunk_rows or max(1, min(s, BWD_SCRATCH_BYTES // per_row))
     ds = empty(b, rows, h, k, device=q.device, dtype=q.dtype)
     pb = empty(b, rows, h, k, device=q.device, dtype=q.dtype)
     part = empty(rows, k, d, device=q.device, dtype=torch.float32) if deterministic else dkv
@@ -520,35 +570,40 @@ def _reference_bwd(q, kv, indices, dout, sm_scale, d_v, dlse):
 
 
 class SparseMLAFunction(torch.autograd.Function):
-    """Sparse MLA with the fused forward and backward; indices carry no gradient."""
+    """Sparse MLA with the fused forward and backward; indices carry no gradient. With target=True the forward
+    also returns the KL target's mass [B,S,K] (no gradient: the paper detaches the target)."""
 
     @staticmethod
-    def forward(ctx, q, kv, indices, sm_scale, d_v, deterministic=False):
-        out, lse = sparse_mla_fwd(q, kv, indices, sm_scale, d_v)
+    def forward(ctx, q, kv, indices, sm_scale, d_v, deterministic=False, target=False):
+        res = sparse_mla_fwd(q, kv, indices, sm_scale, d_v, target=target)
+        out, lse = res[0], res[1]
         ctx.save_for_backward(q, kv, indices, out, lse)
         ctx.sm_scale, ctx.d_v, ctx.deterministic = sm_scale, d_v, deterministic
-        return out, lse
+        if target:
+            ctx.mark_non_differentiable(res[2])
+        return res
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse, dmass=None):
         q, kv, indices, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dkv = sparse_mla_bwd(q, kv, indices, out, lse, dout, ctx.sm_scale, ctx.d_v, dlse=dlse,
                                  deterministic=ctx.deterministic)
-        return dq, dkv, None, None, None, None
+        return dq, dkv, None, None, None, None, None
 
 
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
-               deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               deterministic: bool = False, target: bool = False) -> tuple[torch.Tensor, ...]:
     """Drop-in for `reference.sparse_mla` that runs the fused kernels and is differentiable in q and kv.
 
-    Returns (out [B,S,H,d_v], lse [B,S,H] fp32). Falls back to the reference (differentiable through torch) where
-    the kernels do not apply; `last_path("sparse_mla_fwd")` says which ran.
+    Returns (out [B,S,H,d_v], lse [B,S,H] fp32), and with target=True the head-summed attention mass at each
+    selected slot [B,S,K] fp32 (see `sparse_mla_fwd`). Falls back to the reference (differentiable through torch)
+    where the kernels do not apply; `last_path("sparse_mla_fwd")` says which ran.
     """
     if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-        return SparseMLAFunction.apply(q, kv, indices, sm_scale, d_v, deterministic)
-    return sparse_mla_fwd(q, kv, indices, sm_scale, d_v)
+        return SparseMLAFunction.apply(q, kv, indices, sm_scale, d_v, deterministic, target)
+    return sparse_mla_fwd(q, kv, indices, sm_scale, d_v, target=target)
 
 
 def sparse_mla_flops(s_q: int, top_k: int, h: int, d_qk: int, d_v: int, backward: bool = False) -> float:

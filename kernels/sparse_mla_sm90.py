@@ -106,11 +106,15 @@ if gluon is not None:
     def _sparse_mla_fwd_sm90_kernel(
             Q, KV, IDX, O, LSE, scale_log2,
             sqb, sqs, sqh, skb, skt, sib, sis, sob, sos, soh, slb, sls, slh,
-            T, K,
+            T, K, P, M, spb, sps, sph, smb, sms, smh, s_offset,
             D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
-            NUM_HB: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr):
+            NUM_HB: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, STORE_P: gl.constexpr,
+            num_warps: gl.constexpr):
+        """STORE_P: rows s_offset.. of the grid, and each block's P (relative to the running max) and that max go
+        to P [B, rows, H, K] and M [B, rows, H, K / BLOCK_K], as in `sparse_mla._sparse_mla_fwd_kernel`."""
         dtype: gl.constexpr = Q.dtype.element_ty
-        hb, b64, s64 = _program(NUM_HB)
+        hb, b64, s_loc64 = _program(NUM_HB)
+        s64 = s_loc64 + s_offset
 
         # S [BLOCK_H, BLOCK_K]: warpgroup g computes keys [g*BLOCK_K/2, (g+1)*BLOCK_K/2) of every head.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -180,6 +184,12 @@ if gluon is not None:
                 idx_np = _load_idx(idx_base, j + STAGES, K, T, offs_rp, BLOCK_K)
             sc = warpgroup_mma_wait(0, deps=[sc])
             p, m_i, alpha = _softmax_step(sc, valid, m_i, scale_log2)
+            if STORE_P:   # the KL target's inputs; the stores overlap the next block's copies
+                offs_hs = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
+                gl.store(P + b64 * spb + s_loc64 * sps + offs_hs[:, None].to(gl.int64) * sph
+                         + (j * BLOCK_K + offs_ks)[None, :], p.to(dtype))
+                gl.store(M + b64 * smb + s_loc64 * sms + offs_hs.to(gl.int64) * smh + j,
+                         gl.where(m_i == float("-inf"), 0.0, m_i))
             # The denominator is kept per (row, slot) and summed once after the loop: each row's slots are split
             # over the two warpgroups, so a per-block row sum would cost a shared-memory exchange and a barrier.
             l_i = l_i * alpha[:, None] + p
@@ -644,13 +654,19 @@ def resolve_config(k: int, config: tuple | None = None) -> tuple:
     return SM90_FWD_CONFIG
 
 
-def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tuple | None = None) -> None:
-    """Run the sm_90 forward into out [B,S,H,d_v] and lse [B,S,H] (caller checked `supported`)."""
+def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tuple | None = None,
+           store_p: tuple | None = None) -> None:
+    """Run the sm_90 forward into out [B,S,H,d_v] and lse [B,S,H] (caller checked `supported`).
+
+    store_p=(P, M, s0, n): rows [s0, s0 + n) only, leaving each block's probabilities and running max in P and M
+    (`sparse_mla_target.forward_with_target`); "serial" and "prefetch" schedules only."""
     b, s, h, d = q.shape
     _, block_k, stages, schedule = resolve_config(indices.shape[2], config)
     check(schedule in SCHEDULES, f"unknown sm_90 forward schedule {schedule!r}; choose one of {SCHEDULES}")
     check(schedule != "pingpong" or indices.shape[2] % (2 * block_k) == 0,
           f"the pingpong schedule takes top-k in pairs of {block_k}-entry blocks; got {indices.shape[2]}")
+    check(store_p is None or schedule in ("serial", "prefetch"),
+          f"the {schedule!r} schedule does not store P; take 'prefetch' or 'serial'")
     nhb = h // BLOCK_H
     args = (q, kv, indices, out, lse, sm_scale_log2,
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
@@ -663,11 +679,13 @@ def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tup
     elif schedule == "ws3":
         _sparse_mla_fwd_ws3_kernel[(s * nhb, b)](*args, **shape, num_warps=4, maxnreg=WS3_MAXNREG)
     else:
-        _sparse_mla_fwd_sm90_kernel[(s * nhb, b)](*args, **shape, PREFETCH=schedule == "prefetch",
-                                                  num_warps=NUM_WARPS)
+        pb, mb, s0, n = store_p if store_p is not None else (lse, lse, 0, s)
+        sp = (*pb.stride()[:3], *mb.stride()[:3]) if store_p is not None else (0,) * 6
+        _sparse_mla_fwd_sm90_kernel[(n * nhb, b)](*args, pb, mb, *sp, s0, **shape, PREFETCH=schedule == "prefetch",
+                                                  STORE_P=store_p is not None, num_warps=NUM_WARPS)
 
 
-def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) -> dict:
+def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64, store_p: bool = False) -> dict:
     """Compile the kernel for sm_90a without a GPU (Triton's bundled ptxas) and report what it needs: shared memory,
     registers and spills (`cuobjdump -res-usage`), and the wgmma instructions in its PTX. Needs TRITON_INTERPRET
     unset (the interpreter replaces the language functions Gluon compiles)."""
@@ -687,6 +705,8 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
               num_warps=4 if ws else NUM_WARPS)
     if not ws:
         ce["PREFETCH"] = schedule == "prefetch"
+        ce["STORE_P"] = store_p
+        sig.update({"P": "*bf16", "M": "*fp32", **{n: "i32" for n in "spb sps sph smb sms smh s_offset".split()}})
     if schedule == "pingpong":
         ce.update(MATH_REGS=PP_REGS[0], GATHER_REGS=PP_REGS[1])
     sig.update({k: "constexpr" for k in ce})
@@ -700,7 +720,8 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
     wgmma = {}
     for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", k.asm["ptx"]):
         wgmma[m.group(1)] = wgmma.get(m.group(1), 0) + 1
-    res = dict(config=list(config or SM90_FWD_CONFIG), shared_bytes=k.metadata.shared, wgmma=wgmma)
+    res = dict(config=list(config or SM90_FWD_CONFIG), **({"store_p": True} if store_p else {}),
+               shared_bytes=k.metadata.shared, wgmma=wgmma)
     # Warp-specialized kernels: the per-partition register counts (REG below is the count at entry).
     nreg = sorted({int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])})
     if nreg:
@@ -721,6 +742,7 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
 if __name__ == "__main__":
     import json
     import sys
-    cfgs = [tuple(json.loads(a)) for a in sys.argv[1:]] or [SM90_FWD_CONFIG]   # e.g. '["sm90", 64, 2, "serial"]'
+    # e.g. '["sm90", 64, 2, "serial"]'; a fifth element "store_p" compiles the variant that leaves P for the KL target
+    cfgs = [tuple(json.loads(a)) for a in sys.argv[1:]] or [SM90_FWD_CONFIG]
     for c in cfgs:
-        print(json.dumps(resource_usage(c)))
+        print(json.dumps(resource_usage(c[:4], store_p=c[4:] == ("store_p",))))

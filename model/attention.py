@@ -7,6 +7,7 @@ every mode.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -60,6 +61,47 @@ class AttnContext:
     # Sparse mode under activation checkpointing: the forward leaves its top-k indices and indexer-KL results here,
     # and the recomputation takes them back instead of computing them again.
     replay: Optional[dict] = None
+
+
+class AbsorbedQuery(torch.autograd.Function):
+    """MLA's absorbed query [B, S, H, C+R] = [q_nope W_UK, rope(q_pe)] from q [B, S, H, nope+R], written in place:
+    the head-batched product straight into the first C columns (a strided output, which cuBLAS takes as is) and the
+    rotation into the last R, where the einsum-and-cat form wrote both and then copied them together (at 128 heads
+    and 64K tokens a 9.7 GiB copy per pass). The backward writes dq the same way."""
+
+    @staticmethod
+    def forward(ctx, q, w_uk, cos, sin):
+        b, s, h, d = q.shape
+        nope, c = w_uk.shape[1:]
+        with torch.autocast(q.device.type, enabled=False):
+            w = w_uk.to(q.dtype)                                                   # [H, nope, C]
+            out = torch.empty(b, s, h, c + d - nope, device=q.device, dtype=q.dtype)
+            torch.bmm(_heads_first(q)[..., :nope], w, out=_heads_first(out)[..., :c])
+            kernels.rope_into(out[..., c:], q[..., nope:], cos, sin, interleaved=True)
+        ctx.save_for_backward(q, w, cos, sin)
+        ctx.w_dtype = w_uk.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, w, cos, sin = ctx.saved_tensors
+        nope, c = w.shape[1:]
+        g = g.contiguous()
+        dq = dw = None
+        with torch.autocast(q.device.type, enabled=False):
+            g = g.to(q.dtype)
+            if ctx.needs_input_grad[0]:
+                dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+                torch.bmm(_heads_first(g)[..., :c], w.transpose(1, 2), out=_heads_first(dq)[..., :nope])
+                kernels.rope_into(dq[..., nope:], g[..., c:], cos, sin, interleaved=True, inverse=True)
+            if ctx.needs_input_grad[1]:
+                dw = torch.bmm(_heads_first(q)[..., :nope].transpose(1, 2), _heads_first(g)[..., :c]).to(ctx.w_dtype)
+        return dq, dw, None, None
+
+
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """[B, S, H, X] contiguous -> the [H, B*S, X] view (no copy)."""
+    return t.view(-1, t.shape[2], t.shape[3]).transpose(0, 1)
 
 
 def indexer_kl(p: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -219,8 +261,11 @@ class MLA(nn.Module):
         """x [B, S, dim] (attn_norm output) -> (out [B, S, dim], indexer KL or None)."""
         b, s, _ = x.shape
         qr = self.q_norm(self.wq_a(x))                                                 # [B, S, q_lora]
-        q_nope, q_pe = self.wq_b(qr).view(b, s, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+        q = self.wq_b(qr).view(b, s, self.n_heads, -1)                                 # [B, S, H, nope+R]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        fused_sparse = ctx.mode == "sparse" and ctx.fused and ctx.form != "mha"
+        if not fused_sparse:      # the fused sparse path rotates q_pe inside AbsorbedQuery
+            q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
         c, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
         kv = torch.cat((self.kv_norm(c), apply_rope(k_pe, cos, sin, interleaved=True)), dim=-1)   # [B, S, C+R]
 
@@ -241,7 +286,7 @@ class MLA(nn.Module):
             return mask if mask is not None else causal_mask(s, t, x.device)[None]
 
         kl = None
-        if ctx.mode == "sparse" and ctx.fused and ctx.form != "mha":
+        if fused_sparse:
             # Same math as below without materialising the [B, S, T] index scores: the kernels select top-k
             # chunk by chunk and recompute the KL target from (q_lat, kv, lse). Single-rank heads only: the
             # tensor-parallel head reduction hooks `indexer_kl` below, which this path does not call.
@@ -249,13 +294,23 @@ class MLA(nn.Module):
             indices = self._replayed(ctx, lambda: kernels.indexer_topk(
                 q_i.detach(), k_idx.detach().to(q_i.dtype), w_i.detach(), ctx.top_k,
                 cu_seqlens=ctx.cu_seqlens))                                            # [B, S, K]
-            q_lat = self._mqa_query(q_nope, q_pe)
-            o_lat, lse = kernels.sparse_mla(q_lat, kv_all, indices, self.softmax_scale, self.kv_lora_rank)
+            q_lat = AbsorbedQuery.apply(q, self._absorb_weights()[0], cos, sin)       # [B, S, H, C+R]
+            # The KL target comes out of the attention's forward (its own probabilities, no second pass over the
+            # selected rows); a recomputation takes the forward's back. DSAFORGE_FUSED_TARGET=0 measures the
+            # separate target kernel instead.
+            mass = None if ctx.replay is None else ctx.replay.get("target")
+            with_target = mass is None and os.environ.get("DSAFORGE_FUSED_TARGET", "1") != "0"
+            o_lat, lse, *fresh = kernels.sparse_mla(q_lat, kv_all, indices, self.softmax_scale, self.kv_lora_rank,
+                                                    target=with_target)
+            if fresh:
+                mass = fresh[0]                                                        # [B, S, K] fp32
+                if ctx.replay is not None:
+                    ctx.replay["target"] = mass     # the same tensor the KL's memo holds: no extra memory
             o = torch.einsum("bshc,hvc->bshv", o_lat, self._absorb_weights()[1])
             kl = kernels.indexer_kl(q_i, k_idx.to(q_i.dtype), w_i, q_lat.detach(), kv_all.detach(), lse.detach(),
                                     self.softmax_scale, self.kv_lora_rank, indices=indices, cu_seqlens=ctx.cu_seqlens,
-                                    memo=None if ctx.replay is None else ctx.replay.setdefault("kl", {})
-                                    ).mean()                                           # every row sees itself
+                                    memo=None if ctx.replay is None else ctx.replay.setdefault("kl", {}),
+                                    target=mass).mean()                                # every row sees itself
         elif ctx.mode == "sparse":
             mask = full_mask()
             scores = self.indexer(x_i, qr_i, cos, sin, k_idx).masked_fill(~mask, float("-inf"))   # [B, S, T]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsaforge import kernels
 from dsaforge.config.model import ModelConfig
 
 FP8_E4M3_MAX = 448.0
@@ -104,6 +105,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     if x.shape[1] != cos.shape[0] or x.shape[-1] != 2 * cos.shape[-1]:
         raise ValueError(f"apply_rope: x {tuple(x.shape)} does not match cos {tuple(cos.shape)} "
                          "(want x [B, S, ..., 2*P] with cos [S, P])")
+    if x.is_cuda:   # one Triton pass (read x once, write once) instead of the fp32 copy, complex product and cast
+        return kernels.rope(x, cos, sin, interleaved)
     shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
     return rotate(x, torch.complex(cos, sin).view(shape), interleaved)
 

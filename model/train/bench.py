@@ -42,10 +42,13 @@ from dsaforge.model.train.plan import Layout, rank_plan
 from dsaforge.model.train.trainer import forward_lm
 
 # The kernels of the indexer side (dsaforge.kernels): scores, top-k (sample/filter/select/fallback, fp8 quantize
-# and re-rank), the sparse KL target, the indexer KL (forward and backward) and the warm-up's attention LSE.
+# and re-rank), the sparse KL target (its own kernel, or the rescale-and-sum of the probabilities the sparse forward
+# stored; the storing itself runs inside the sparse attention forward), the indexer KL (forward and backward) and the
+# warm-up's attention LSE.
 INDEXER_KERNELS = ("_indexer_scores_kernel", "_indexer_scores_kernel_v2", "_act_quant_kernel", "_take_slots_kernel",
                    "_indexer_rerank_kernel", "_sample_kernel", "_filter_kernel", "_select_kernel", "_fallback_kernel",
-                   "_sparse_target_kernel", "_indexer_kl_kernel", "_attention_lse_kernel")
+                   "_sparse_target_kernel", "_selected_mass_kernel", "_indexer_kl_kernel",
+                   "_attention_lse_kernel")
 SPARSE_ATTENTION_KERNELS = ("_sparse_mla_", "_segment_sum_kernel")
 
 

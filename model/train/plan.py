@@ -121,6 +121,18 @@ def _activation_bytes_per_token(cfg: ModelConfig, moe: bool, mode: str) -> float
     return attn + ffn + f32 * c.dim
 
 
+def _sparse_backward_peak(cfg: ModelConfig, tokens: int, tp: int) -> float:
+    """Bytes the sparse MLA's backward holds beyond the block's saved tensors: dO [tokens, H, C] and dQ [tokens, H,
+    C+R] in bf16, live together, and the split backward's dS/P scratch (from SPLIT_MIN_HEADS heads, bounded over
+    the whole micro-batch). At 64K tokens and 128 heads that is 17 + 2 GiB, the gap between the plan without it
+    (70.7 GiB) and the measured peak (84.8) of the `h200` sparse row."""
+    from dsaforge.kernels.sparse_mla import BWD_SCRATCH_BYTES, SPLIT_MIN_HEADS
+    heads = cfg.n_heads // tp
+    grads = 2 * heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * tokens
+    scratch = min(BWD_SCRATCH_BYTES, 2 * 2 * heads * cfg.index_topk * tokens) if heads >= SPLIT_MIN_HEADS else 0
+    return float(grads + scratch)
+
+
 def _stages(cfg: ModelConfig, lay: Layout) -> list[tuple[int, int, bool, bool]]:
     """(dense blocks, MoE blocks, holds embedding, holds head) per pipeline stage."""
     per = cfg.n_layers // lay.pp
@@ -171,11 +183,14 @@ def rank_plan(cfg: Config, lay: Layout, stage: str, seq_len: int, gpu_mem_gib: f
         full = sum(b * n for b, n in per_tok)       # an upper bound under TP: head-split tensors are counted whole
         biggest = max(b for b, n in per_tok if n) if n_blocks else 0.0
         if recompute:
-            # replay_topk holds each layer's [S, top_k] int32 indices and fp32 KL target until its backward
-            kept = 4 * m.dim + (8 * m.index_topk if mode == "sparse" and cfg.train.replay_topk else 0)
+            # replay_topk holds each layer's [S, top_k] int32 indices and fp32 KL target until its backward, with
+            # the KL's per-row value and statistics ([S] + [S, 2] fp32)
+            kept = 4 * m.dim + (8 * m.index_topk + 12 if mode == "sparse" and cfg.train.replay_topk else 0)
             act = tokens * (in_flight * n_blocks * kept + biggest)
         else:
             act = tokens * in_flight * full
+        if mode == "sparse" and n_blocks:
+            act += _sparse_backward_peak(m, tokens, lay.tp)
         if last:   # chunked loss: one 4096-position chunk of fp32 logits and their gradient, plus the hidden
             act += 2 * 4 * min(4096, tokens) * m.vocab_size + 4 * tokens * m.dim
         total = PARAM_BYTES * held + GRAD_BYTES * trainable + opt + act

@@ -31,6 +31,36 @@ def test_sm90_forward_schedules(schedule):
     assert res["passed"], res
 
 
+@pytest.mark.parametrize("shape,sm90", [("v32", "1"), ("v32", "0"), ("small", "1")])
+def test_sparse_mla_forward_with_kl_target(monkeypatch, shape, sm90):
+    """The KL target from the forward's own probabilities (Hopper `prefetch` kernel with stored P at V3.2's shape,
+    the Triton kernel otherwise) against float64."""
+    monkeypatch.setenv("DSAFORGE_SM90_FWD", sm90)
+    res = _show(checks.check_sparse_mla_target(shape))
+    assert res["passed"], res
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_kernel_matches_the_torch_rotation(interleaved):
+    """The one-pass rotary kernel on bf16 against the torch rotation, at MLA's q rope slice shape (128 heads)."""
+    from dsaforge.kernels import last_path, rope
+    from dsaforge.kernels.rope import reference
+    full = torch.randn(1, 4096, 128, 192, device="cuda", dtype=torch.bfloat16)
+    x = full[..., 128:].requires_grad_()
+    angles = torch.rand(4096, 32, device="cuda") * 100
+    got = rope(x, angles.cos(), angles.sin(), interleaved)
+    assert last_path("rope")[0] == "triton"
+    want = reference(x.detach().double(), angles.cos().double(), angles.sin().double(), interleaved)
+    g = torch.randn_like(got)
+    (dx,) = torch.autograd.grad(got, x, g)
+    xr = x.detach().double().requires_grad_()
+    (dxr,) = torch.autograd.grad(reference(xr, angles.cos().double(), angles.sin().double(), interleaved), xr,
+                                 g.double())
+    errs = [checks.rel_err(got, want), checks.rel_err(dx, dxr)]
+    print("rope rel err fwd/bwd", errs)
+    assert max(errs) <= checks.BF16_TOL
+
+
 @pytest.mark.parametrize("shape", ["v32", "small"])
 def test_sparse_decode(shape):
     res = _show(checks.check_decode(shape))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dsaforge.kernels import reference as ref
-from dsaforge.kernels import indexer_kl, last_path
+from dsaforge.kernels import KernelInputError, indexer_kl, last_path, sparse_mla
 
 B, S, T, HI, DI, H, DV, DPE, K, SCALE = 2, 6, 24, 4, 16, 3, 32, 8, 8, 0.2
 
@@ -134,6 +134,25 @@ def test_memo_lets_a_recomputation_skip_both_kernels(interpret, monkeypatch):
     assert again is not first and torch.equal(again, first)
     for g, p in zip(torch.autograd.grad(again, (iq, ik, w), grad_rows), plain):
         assert torch.equal(g, p)
+
+
+def test_target_from_the_forward_launches_no_target_kernel(interpret, monkeypatch, report):
+    """indexer_kl(..., target=mass) with the mass sparse_mla's forward returned: no target kernel runs, and loss and
+    gradients equal the call that computes its own target (and the float64 reference)."""
+    from dsaforge.kernels import kl
+    iq, ik, w, q, kv = _inputs()
+    idx = _sparse_indices()
+    _, lse, mass = sparse_mla(q, kv, idx, SCALE, DV, target=True)
+    own = indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx)
+    want = torch.autograd.grad(own.sum(), (iq, ik, w))
+    monkeypatch.setattr(kl, "sparse_target_mass", lambda *a, **k: pytest.fail("the target kernel ran"))
+    given = indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx, target=mass)
+    assert last_path("indexer_kl")[0] == "triton"
+    assert report("loss", given, own) < 1e-5
+    for g, r in zip(torch.autograd.grad(given.sum(), (iq, ik, w)), want):
+        assert report("grad", g, r) < 1e-5
+    with pytest.raises(KernelInputError, match="target must be"):
+        indexer_kl(iq, ik, w, q, kv, lse, SCALE, DV, indices=idx, target=mass[:, :1])
 
 
 @pytest.mark.parametrize("mode", ["sparse", "dense"])

@@ -1,4 +1,6 @@
 """Sparse MLA forward/backward/decode through Triton's interpreter against the float64 reference."""
+import importlib
+
 import pytest
 import torch
 
@@ -28,6 +30,43 @@ def test_forward_matches_reference(interpret, report):
     assert not out.isnan().any()
 
 
+@pytest.mark.parametrize("h,chunk_rows", [(3, None), (3, 2), (20, 3)])
+def test_forward_with_target_matches_reference(interpret, report, monkeypatch, h, chunk_rows):
+    """target=True: the KL target's mass from the forward's own block probabilities (stored a chunk of rows at a
+    time, rescaled to the final LSE by `_selected_mass_kernel`) equals the head-summed probabilities in float64,
+    including slots that are empty, a row with no key at all, and blocks seen before a row's first valid key."""
+    mod = importlib.import_module("dsaforge.kernels.sparse_mla")
+    target = importlib.import_module("dsaforge.kernels.sparse_mla_target")
+    monkeypatch.setitem(mod.FWD_CONFIG, 32, (16, 8, 4, 1))   # 3 key blocks of 8; 20 heads take 2 head blocks
+    q, kv, idx = _inputs(h=h, k=24)
+    idx[1, 1, :9] = -1                     # a first block with no valid key (running max still -inf)
+    idx[0, 2, 3] = idx[0, 2, 20]           # a later block raises the running max (rescaling)
+    q[0, 2] *= 4
+    with poison_outputs():
+        out, lse, mass = target.forward_with_target(q, kv, idx, 0.3, 32, chunk_rows=chunk_rows)
+    assert last_path("sparse_mla_fwd")[0] == "triton"
+    want_out, want_lse = ref.sparse_mla(q.double(), kv.double(), idx, 0.3, 32)
+    want = ref.selected_mass(q.double(), kv.double(), want_lse, idx, 0.3)
+    assert report("out", out, want_out) < 1e-5 and report("lse", lse, want_lse) < 1e-5
+    assert report("mass", mass, want) < 1e-5
+    assert (mass[idx < 0] == 0).all() and not mass.isnan().any()
+    assert report("mass row sums = live heads", mass[0, 1:].sum(-1), torch.full((4,), float(h))) < 1e-4
+
+
+def test_target_through_autograd_and_fallback(interpret, report, monkeypatch):
+    """sparse_mla(..., target=True) returns the same mass with and without the kernels, and the mass carries no
+    gradient while out/lse keep theirs."""
+    q, kv, idx = _inputs()
+    qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    out, lse, mass = sparse_mla(qq, kk, idx, 0.3, 32, target=True)
+    assert not mass.requires_grad and out.requires_grad
+    out.sum().backward()
+    monkeypatch.setenv("DSAFORGE_KERNELS", "reference")
+    _, _, want = sparse_mla(q, kv, idx, 0.3, 32, target=True)
+    assert last_path("sparse_mla_fwd")[0] == "reference"
+    assert report("mass vs reference path", mass, want) < 1e-5
+
+
 @pytest.mark.parametrize("h,d_v,d_pe", [(16, 64, 64), (20, 32, 8)])
 def test_forward_head_and_rope_padding(interpret, report, h, d_v, d_pe):
     q, kv, idx = _inputs(b=1, s=3, t=70, h=h, d_v=d_v, d_pe=d_pe, k=64)
@@ -49,7 +88,9 @@ def test_decode_split_k_matches_reference(interpret, report):
 def test_backward_matches_autograd_reference(interpret, report, algorithm, deterministic):
     q, kv, idx = _inputs()
     out, lse = sparse_mla_fwd(q, kv, idx, 0.3, 32)
-    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    # dO as an einsum's gradient arrives: a head-major buffer seen token-major (strided, unit last stride)
+    dout = torch.randn(out.shape[2], *out.shape[:2], out.shape[3]).permute(1, 2, 0, 3)
+    dlse = torch.randn_like(lse)
     with poison_outputs():
         dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, 0.3, 32, dlse=dlse, deterministic=deterministic,
                                  algorithm=algorithm, chunk_rows=3)
@@ -59,6 +100,33 @@ def test_backward_matches_autograd_reference(interpret, report, algorithm, deter
     torch.autograd.backward([o, l], [dout.double(), dlse.double().masked_fill(torch.isneginf(l), 0)])
     assert report("dq", dq, qq.grad) < 1e-5
     assert report("dkv", dkv, kk.grad) < 1e-5
+
+
+def test_scratch_is_bounded_whatever_the_batch(interpret, report, monkeypatch):
+    """The split backward's dS and P and the target's stored P are sized over the whole batch: more sequences of the
+    same tokens take fewer rows per chunk, not more memory (16 x 4K once held 16x the scratch of 1 x 64K)."""
+    mod = importlib.import_module("dsaforge.kernels.sparse_mla")
+    target = importlib.import_module("dsaforge.kernels.sparse_mla_target")
+    q, kv, idx = _inputs(b=4, s=6, h=3, k=16)
+    per_seq_row = 2 * 3 * 16 * q.element_size()
+    monkeypatch.setattr(mod, "BWD_SCRATCH_BYTES", 2 * 4 * per_seq_row)          # two rows of all four sequences
+    monkeypatch.setattr(target, "TARGET_SCRATCH_BYTES", 2 * 4 * per_seq_row)
+    shapes = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: shapes.append(tuple(a)) or real_empty(*a, **k))
+    out, lse, mass = target.forward_with_target(q, kv, idx, 0.3, 32)
+    dout = torch.randn_like(out)
+    dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, 0.3, 32, algorithm="split")
+    monkeypatch.setattr(torch, "empty", real_empty)
+    scratch = [sh for sh in shapes if len(sh) == 4 and sh[2:] == (3, 16)]          # [B, rows, H, K] buffers
+    assert len(scratch) == 3 and all(sh[0] == 4 and sh[0] * sh[1] * per_seq_row <= 2 * 4 * per_seq_row * 2
+                                     for sh in scratch), scratch                  # P (forward); dS and P (backward)
+    assert scratch[1][1] == scratch[2][1] == 2, scratch                            # two rows of every sequence
+    qq, kk = q.double().requires_grad_(), kv.double().requires_grad_()
+    o, l = ref.sparse_mla(qq, kk, idx, 0.3, 32)
+    torch.autograd.backward([o], [dout.double()])
+    assert report("mass", mass, ref.selected_mass(q.double(), kv.double(), l, idx, 0.3)) < 1e-5
+    assert report("dq", dq, qq.grad) < 1e-5 and report("dkv", dkv, kk.grad) < 1e-5
 
 
 def test_deterministic_backward_is_bitwise_reproducible(interpret, report):

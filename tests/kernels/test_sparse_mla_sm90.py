@@ -24,13 +24,14 @@ def test_compiles_for_sm90_within_limits():
     # A fresh process: this one runs Triton's interpreter, which Gluon cannot compile against.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cfgs = [["sm90", 64, 2, "pingpong"], ["sm90", 64, 2, "serial"], ["sm90", 64, 2, "prefetch"],
-            ["sm90", 32, 3, "serial"], ["sm90", 64, 3, "ws3"]]
+            ["sm90", 32, 3, "serial"], ["sm90", 64, 3, "ws3"],
+            ["sm90", 64, 2, "prefetch", "store_p"]]          # the forward that also leaves P for the KL target
     out = subprocess.run([sys.executable, "-m", "dsaforge.kernels.sparse_mla_sm90", *map(json.dumps, cfgs)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert [r["config"] for r in rows] == cfgs
-    for (_, block_k, _, schedule), r in zip(cfgs, rows):
+    assert [r["config"] + (["store_p"] if r.get("store_p") else []) for r in rows] == cfgs
+    for (_, block_k, _, schedule, *_), r in zip(cfgs, rows):
         assert r["shared_bytes"] + 1024 <= SMEM_LIMIT, r
         if schedule == "pingpong":
             # Each math warpgroup: S of its own block whole (36 k-steps of 16 over 576 columns), then both blocks'

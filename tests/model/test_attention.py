@@ -199,3 +199,38 @@ def test_dense_lse_in_row_blocks_matches_full_logsumexp(packed):
     ref = logits.masked_fill(~mask[None, :, None], float("-inf")).logsumexp(-1)
     torch.testing.assert_close(mla._dense_lse(q_lat, kv, None, cu), ref)                 # kernels.attention_lse
     torch.testing.assert_close(mla._dense_lse(q_lat, kv, mask[None], None), ref)           # an explicit mask
+
+
+def _absorbed_query_pair(device, dtype):
+    from dsaforge.model.attention import AbsorbedQuery
+    from dsaforge.model.layers import apply_rope
+    b, s, h, n, r, c = 2, 48, 6, 16, 8, 32
+    q = torch.randn(b, s, h, n + r, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(h, n + 12, c, device=device, requires_grad=True)       # fp32 master weight, W_UK its first rows
+    angles = torch.rand(s, r // 2, device=device) * 50
+    cos, sin = angles.cos(), angles.sin()
+    got = AbsorbedQuery.apply(q, w[:, :n], cos, sin)
+    qn, qp = q.split([n, r], -1)
+    want = torch.cat((torch.einsum("bshn,hnc->bshc", qn, w[:, :n].to(dtype)), apply_rope(qp, cos, sin, True)), -1)
+    g = torch.randn_like(got)
+    return got, want, torch.autograd.grad(got, (q, w), g), torch.autograd.grad(want, (q, w), g)
+
+
+def test_absorbed_query_writes_the_einsum_and_cat_in_place():
+    """The fused sparse path's absorbed query (product and rotation written into one buffer, dq the same way)
+    equals the einsum-and-cat form, values and gradients to q and to the fp32 weight."""
+    got, want, grads, want_grads = _absorbed_query_pair("cpu", torch.float32)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, want_grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_absorbed_query_on_the_gpu_in_bf16():
+    got, want, grads, want_grads = _absorbed_query_pair("cuda", torch.bfloat16)
+    for name, a, b in (("out", got, want), ("dq", grads[0], want_grads[0]), ("dw", grads[1], want_grads[1])):
+        rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        print(f"{name}: rel err {rel:.2e}")
+        assert rel <= 1e-2

@@ -113,3 +113,52 @@ def test_sparse_recomputation_replays_the_forwards_topk(monkeypatch, fused):
         worst = max(float((g[n] - g_keep[n]).abs().max()) for n in g_keep)
         print(f"fused={fused}: max gradient difference {worst:.2e}")
         assert worst <= 1e-6
+
+
+def test_sparse_kl_target_comes_from_the_forward_once(monkeypatch):
+    """Fused sparse path under checkpointing with replay: the KL target comes out of each layer's sparse MLA forward
+    (target=True once per layer, not in the recomputation), no separate target computation runs, and the gradients
+    equal those of the separate-target path (DSAFORGE_FUSED_TARGET=0)."""
+    from dsaforge import kernels
+    from dsaforge.kernels import reference
+    from dsaforge.model import Transformer
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).train()
+    model.fused_dsa, model.activation_checkpointing, model.replay_topk = True, True, True
+    calls = {"with_target": 0, "plain": 0, "separate_target": 0}
+    real_mla, real_target = kernels.sparse_mla, reference.attention_target
+
+    def mla(*a, target=False, **k):
+        calls["with_target" if target else "plain"] += 1
+        return real_mla(*a, target=target, **k)
+
+    def separate(q, kv, lse, sm_scale, indices=None, cu_seqlens=None):
+        calls["separate_target"] += indices is not None
+        return real_target(q, kv, lse, sm_scale, indices, cu_seqlens)
+
+    monkeypatch.setattr(kernels, "sparse_mla", mla)
+    monkeypatch.setattr(reference, "attention_target", separate)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 97))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        for key in calls:
+            calls[key] = 0
+        out = model(tokens[:, :-1], mode="sparse")
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+        (loss + out.indexer_loss).backward()
+        return dict(calls), out.indexer_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                        if p.grad is not None}
+
+    layers = cfg.model.n_layers
+    fused_calls, kl, grads = run()
+    assert fused_calls == {"with_target": layers, "plain": layers, "separate_target": 0}
+    monkeypatch.setenv("DSAFORGE_FUSED_TARGET", "0")
+    sep_calls, kl_sep, grads_sep = run()
+    # (the CPU fallback of indexer_kl keeps no memo, so there the recomputation computes its target again)
+    assert sep_calls["with_target"] == 0 and sep_calls["plain"] == 2 * layers and sep_calls["separate_target"] >= layers
+    torch.testing.assert_close(kl, kl_sep, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == grads_sep.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_sep[n], atol=1e-6, rtol=1e-5)

@@ -74,7 +74,8 @@ def test_rows_spec_and_profile_selection():
 
 
 def test_indexer_side_kernels_exist_and_are_attributed():
-    mod = {n: importlib.import_module(f"dsaforge.kernels.{n}") for n in ("indexer", "topk", "kl", "lse", "sparse_mla")}
+    mod = {n: importlib.import_module(f"dsaforge.kernels.{n}") for n in ("indexer", "topk", "kl", "lse", "sparse_mla",
+                                                                             "sparse_mla_target")}
     for name in bench.INDEXER_KERNELS:
         assert any(hasattr(m, name) for m in mod.values()), name
     for name in ("_sparse_mla_fwd_kernel", "_sparse_mla_bwd_kernel", "_segment_sum_kernel"):
