@@ -184,7 +184,10 @@ def selected_mass(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, indices:
     kvg = torch.gather(kv[:, None].expand(b, s, *kv.shape[1:]), 2,
                        indices.clamp_min(0).long()[..., None].expand(*indices.shape, d))
     logits = torch.einsum("bshd,bskd->bshk", q.float(), kvg.float()) * sm_scale
-    return (torch.exp(logits - lse.float()[..., None]).nan_to_num(0.0).sum(2) * (indices >= 0)).float()
+    # -1 slots masked before the exponent: a row with no valid key has lse = -inf, and exp(logit + inf) summed over
+    # heads is inf, which a mask applied afterwards turns into nan
+    logits = torch.where((indices >= 0)[:, :, None, :], logits - lse.float()[..., None], float("-inf"))
+    return torch.exp(logits).sum(2).float()
 
 
 @fp32_math

@@ -10,6 +10,9 @@
 #       stage.
 #   EXTRA_SETS="synth.sandbox.backend=unsafe-subprocess" scripts/h200_small_posttrain.sh OUT RUNS
 #       Space-separated overrides added to both stages (here: a machine without bubblewrap).
+#   STAGE_ARGS="--no-track" scripts/h200_small_posttrain.sh OUT RUNS
+#       Space-separated arguments added to both stage commands (here: no MLflow; the report reads the stages'
+#       metrics.jsonl either way).
 #   PRESET=tiny scripts/h200_small_posttrain.sh OUT RUNS
 #       The same commands and --set keys with tiny sizes, on CPU: a dry run of the sequence (RUNS from the tiny
 #       preset's prepare-data, any earlier training stage as sparse/, synthesize).
@@ -50,6 +53,7 @@ rl_sets+=(rl.diagnostics=true rl.top_p=0.9 rl.updates_per_step=2)
 read -r -a extra <<< "${EXTRA_SETS:-}"
 sft_sets+=("${extra[@]}")
 rl_sets+=("${extra[@]}")
+read -r -a stage_args <<< "${STAGE_ARGS:-}"
 
 for input in data sparse synth; do
     [[ -d $runs/$input ]] || { echo "$runs/$input does not exist (expected the $preset preset's $input output)" >&2; exit 2; }
@@ -73,9 +77,9 @@ sets() { for kv in "$@"; do printf -- '--set\n%s\n' "$kv"; done; }
 mapfile -t sft_args < <(sets "${sft_sets[@]}")
 mapfile -t rl_args < <(sets "${rl_sets[@]}")
 
-timed sft "$py" -m dsaforge stage sft --preset "$preset" "${sft_args[@]}" \
+timed sft "$py" -m dsaforge stage sft --preset "$preset" "${stage_args[@]}" "${sft_args[@]}" \
     --input prepare-data="$runs/data" --input sparse="$runs/sparse" --input synthesize="$runs/synth" --out "$out/sft"
-timed grpo "$py" -m dsaforge stage grpo --preset "$preset" "${rl_args[@]}" \
+timed grpo "$py" -m dsaforge stage grpo --preset "$preset" "${stage_args[@]}" "${rl_args[@]}" \
     --input prepare-data="$runs/data" --input sft="$out/sft" --input synthesize="$runs/synth" --out "$out/grpo"
 timed report "$py" -m dsaforge.model.rl.report "$out/grpo" --out "$report"
 
