@@ -13,6 +13,10 @@
 #   STAGE_ARGS="--no-track" scripts/h200_small_posttrain.sh OUT RUNS
 #       Space-separated arguments added to both stage commands (here: no MLflow; the report reads the stages'
 #       metrics.jsonl either way).
+#   PRE_STEPS=30 scripts/h200_small_posttrain.sh OUT RUNS
+#       RUNS without sparse/: first a short pretrain of that many steps (8 x 4K a step) into RUNS/sparse, its
+#       checkpoints deleted once its HF export exists (sft starts from the export). Far too short to learn the tasks:
+#       a run of the pipeline and the stabiliser numbers, not of learning.
 #   PRESET=tiny scripts/h200_small_posttrain.sh OUT RUNS
 #       The same commands and --set keys with tiny sizes, on CPU: a dry run of the sequence (RUNS from the tiny
 #       preset's prepare-data, any earlier training stage as sparse/, synthesize).
@@ -55,6 +59,16 @@ sft_sets+=("${extra[@]}")
 rl_sets+=("${extra[@]}")
 read -r -a stage_args <<< "${STAGE_ARGS:-}"
 
+if [[ -n ${PRE_STEPS:-} && ! -d $runs/sparse ]]; then
+    pre_sets=(train.pretrain.steps=$PRE_STEPS train.pretrain.eval_every=1000 train.pretrain.ckpt_every=1000
+              train.pretrain.eval_batches=1 train.pretrain.keep_last=1)
+    [[ $preset == small ]] && pre_sets+=(train.pretrain.batch_size=8 train.pretrain.micro_batch_size=8
+                                         train.pretrain.warmup_steps=4)
+    mapfile -t pre_args < <(for kv in "${pre_sets[@]}"; do printf -- '--set\n%s\n' "$kv"; done)
+    "$py" -m dsaforge stage pretrain --preset "$preset" "${stage_args[@]}" "${pre_args[@]}" \
+        --input prepare-data="$runs/data" --out "$runs/sparse"
+    rm -rf "$runs/sparse/checkpoints"
+fi
 for input in data sparse synth; do
     [[ -d $runs/$input ]] || { echo "$runs/$input does not exist (expected the $preset preset's $input output)" >&2; exit 2; }
 done
