@@ -52,7 +52,7 @@ def tiny_rl_config(**overrides):
     s.warmup_steps, s.eval_every, s.ckpt_every, s.eval_batches, s.min_lr_ratio = 5, 1000, 1000, 1, 1.0
     rl = cfg.rl
     rl.mode = "dense"
-    rl.steps, rl.lr, rl.group_size, rl.prompts_per_step, rl.micro_batch_size = 20, 6e-4, 4, 64, 64
+    rl.steps, rl.lr, rl.group_size, rl.prompts_per_step, rl.micro_batch_size = 40, 6e-4, 4, 64, 64
     rl.kl_coef, rl.temperature, rl.top_p, rl.max_new_tokens, rl.max_turns = 0.05, 1.0, 1.0, 32, 2
     rl.reward.format_weight = 0.2
     rl.eval_every, rl.eval_prompts, rl.eval_sampled, rl.save_every = 1000, 1000, True, 1000
@@ -83,7 +83,7 @@ def write_corpus(synth: Path, path: Path, whole: int = 20) -> int:
     return len(rows)
 
 
-def run(out: Path, cfg=None, envs: int = 100, heldout_envs: int = 25, reuse: Path | None = None) -> dict:
+def run(out: Path, cfg=None, envs: int = 125, heldout_envs: int = 50, reuse: Path | None = None) -> dict:
     """The four steps into `out`; with `reuse` (an earlier run's directory) its tasks, data and SFT model are taken
     as they are and only grpo runs (for comparing GRPO settings on one SFT model)."""
     import torch
@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=None)
     ap.add_argument("--from", dest="reuse", type=Path, default=None,
                     help="an earlier run's directory: reuse its tasks, data and SFT model, run only grpo")
+    ap.add_argument("--envs", type=int, default=125, help="environments in all (the held-out ones included)")
+    ap.add_argument("--heldout-envs", type=int, default=50, help="environments whose tasks are only evaluated")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting of the tiny-RL config, the value as JSON (e.g. rl.top_p=0.9)")
     args = ap.parse_args()
@@ -157,7 +159,8 @@ def main() -> None:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    r = run(args.out, tiny_rl_config(**overrides), reuse=args.reuse)
+    r = run(args.out, tiny_rl_config(**overrides), envs=args.envs, heldout_envs=args.heldout_envs,
+            reuse=args.reuse)
     (args.out / "result.json").write_text(json.dumps({k: v for k, v in r.items() if k != "tracker"}, indent=2,
                                                      default=str))
     (args.out / "table.md").write_text(table(r) + "\n")

@@ -5,26 +5,20 @@ stages (`dsaforge.model.rl.tiny`, whose docstring gives the standard error's for
 
 Run: python -m pytest tests/rl/test_learning.py -q -s
 """
-import os
-
 import pytest
 
 from dsaforge.model.rl.tiny import run
 from dsaforge.synth import sandbox as sbx
 
+# about 6 minutes on 2 cores (docs/rl.md, "Status of the tiny learning bar": seeds 0-3 of this recipe all clear it)
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(sbx.bwrap_problem() is not None, reason=f"bwrap unusable: {sbx.bwrap_problem()}"),
-              # Met by single runs, not yet shown to hold in every fresh run (docs/rl.md, "Status of the tiny
-              # learning bar"); about 12 minutes on 2 cores. DSAFORGE_TINY_RL=1 runs it.
-              pytest.mark.skipif(not os.environ.get("DSAFORGE_TINY_RL"),
-                                 reason="opt-in until fresh runs show the bar holds every time (docs/rl.md); "
-                                        "DSAFORGE_TINY_RL=1 runs it")]
+              pytest.mark.skipif(sbx.bwrap_problem() is not None, reason=f"bwrap unusable: {sbx.bwrap_problem()}")]
 
 
 def test_grpo_after_sft_raises_heldout_pass_rate(tmp_path):
     r = run(tmp_path)
     metrics = r["tracker"].metrics
-    assert r["heldout"] >= 200
+    assert r["heldout"] >= 400
     # SFT left room to learn: the sampled policy is right only some of the time
     assert 0.05 <= r["before"] <= 0.7, r["before"]
     assert r["after"] - r["before"] >= 0.10, (r["before"], r["after"])
