@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsaforge.config import load_config
 from dsaforge.model.hf import import_hf
@@ -87,8 +88,13 @@ def test_parallel_export_matches_single_device_names(runs):
     for layout in LAYOUTS:
         got = import_hf(runs / layout / "pretrain" / "hf").state_dict()
         assert got.keys() == ref.keys()
-        worst = max(float((got[k] - ref[k]).abs().max()) for k in ref)
-        assert worst < 1e-5, (layout, worst)
+        diffs = torch.cat([(got[k] - ref[k]).abs().flatten() for k in ref])
+        # AdamW divides each step by the gradient's running RMS, so an element whose gradient is ~0 can step either
+        # way on rounding alone (measured: 1 element of 381K at 1.5e-5 to 1.8e-5, the rest within 1e-5, mean 4e-9).
+        # A few may differ by up to the 3 steps' size (3 x lr); a shard in the wrong place moves whole rows by the
+        # weights' scale (~0.02) and fails both checks.
+        assert float(diffs.max()) < 3 * 3e-3, (layout, float(diffs.max()))
+        assert int((diffs > 1e-5).sum()) <= 1e-4 * diffs.numel(), (layout, int((diffs > 1e-5).sum()))
 
 
 def test_distributed_optimizer_resumes_exactly(tmp_path, tiny_chain):
