@@ -215,3 +215,14 @@ def indexer_kl(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, target: torch.
     p = target.float()
     plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
     return (plogp - p * logp).sum(-1)
+
+
+def rotate(x: torch.Tensor, cis: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The rotary rotation of x: each pair of x as a complex number times cis = cos + i sin (complex64, already
+    shaped to broadcast over x's pairs), in fp32; the result is contiguous, in x's dtype."""
+    if interleaved:
+        z = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2))) * cis
+        return torch.view_as_real(z).flatten(-2).to(x.dtype)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    z = torch.complex(x1, x2) * cis
+    return torch.view_as_real(z).movedim(-1, -2).to(x.dtype, memory_format=torch.contiguous_format).flatten(-2)

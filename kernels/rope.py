@@ -1,10 +1,10 @@
 """Rotary embedding in one pass: x [B, S, (H,) D] rotated by cos/sin [S, D/2], fp32 math, out in x's dtype.
 
-The torch form (`model.layers.rotate`, the reference here) runs it as an fp32 copy of x, a complex multiply and a
-cast back, three kernels that each read and write the whole tensor; at 128 heads and 64K tokens MLA's rope part is
-0.5G elements a layer, and it runs in the forward, the recomputation and (transposed) the backward. This kernel
-reads x once (any strides with a unit last one, e.g. the rope slice of a projection) and writes the rotated result
-once, contiguous; its backward is the same kernel rotating by -theta.
+The torch form (`reference.rotate`: the model's CPU path and the reference here) runs it as an fp32 copy of x, a
+complex multiply and a cast back, three kernels that each read and write the whole tensor; at 128 heads and 64K tokens
+MLA's rope part is 0.5G elements a layer, and it runs in the forward, the recomputation and (transposed) the backward.
+This kernel reads x once (any strides with a unit last one, e.g. the rope slice of a projection) and writes the
+rotated result once, contiguous; its backward is the same kernel rotating by -theta.
 
 Run: CPU falls back to the reference (TRITON_INTERPRET=1 runs the kernel in the interpreter); one GPU runs Triton.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from dsaforge.kernels._dispatch import FLOAT_DTYPES, check, next_pow2, record, use_triton
+from dsaforge.kernels.reference import rotate
 
 try:
     import triton
@@ -50,15 +51,9 @@ if triton is not None:
 
 
 def reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """The rotation in torch (complex product in fp32), as `model.layers.rotate` computes it."""
+    """The rotation in torch (complex product in fp32): `reference.rotate`, as the model's CPU path runs it."""
     shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
-    cis = torch.complex(cos.float(), sin.float()).view(shape)
-    if interleaved:
-        z = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2))) * cis
-        return torch.view_as_real(z).flatten(-2).to(x.dtype)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    z = torch.complex(x1, x2) * cis
-    return torch.view_as_real(z).movedim(-1, -2).to(x.dtype, memory_format=torch.contiguous_format).flatten(-2)
+    return rotate(x, torch.complex(cos.float(), sin.float()).view(shape), interleaved)
 
 
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, inverse: bool,

@@ -13,6 +13,7 @@ from torch import nn
 
 from dsaforge import kernels
 from dsaforge.config.model import ModelConfig
+from dsaforge.kernels.reference import rotate  # the torch rotation: model.infer and the CPU path use it
 
 FP8_E4M3_MAX = 448.0
 
@@ -109,17 +110,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         return kernels.rope(x, cos, sin, interleaved)
     shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
     return rotate(x, torch.complex(cos, sin).view(shape), interleaved)
-
-
-def rotate(x: torch.Tensor, cis: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """The rotary rotation of x: each pair of x as a complex number times cis = cos + i sin (complex64, already
-    shaped to broadcast over x's pairs), in fp32; the result is contiguous, in x's dtype."""
-    if interleaved:
-        z = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2))) * cis
-        return torch.view_as_real(z).flatten(-2).to(x.dtype)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    z = torch.complex(x1, x2) * cis
-    return torch.view_as_real(z).movedim(-1, -2).to(x.dtype, memory_format=torch.contiguous_format).flatten(-2)
 
 
 # ---------------------------------------------------------------- indexer numerics

@@ -58,13 +58,14 @@ read -r -a extra <<< "${EXTRA_SETS:-}"
 sft_sets+=("${extra[@]}")
 rl_sets+=("${extra[@]}")
 read -r -a stage_args <<< "${STAGE_ARGS:-}"
+sets() { for kv in "$@"; do printf -- '--set\n%s\n' "$kv"; done; }
 
 if [[ -n ${PRE_STEPS:-} && ! -d $runs/sparse ]]; then
     pre_sets=(train.pretrain.steps=$PRE_STEPS train.pretrain.eval_every=1000 train.pretrain.ckpt_every=1000
               train.pretrain.eval_batches=1 train.pretrain.keep_last=1)
     [[ $preset == small ]] && pre_sets+=(train.pretrain.batch_size=8 train.pretrain.micro_batch_size=8
                                          train.pretrain.warmup_steps=4)
-    mapfile -t pre_args < <(for kv in "${pre_sets[@]}"; do printf -- '--set\n%s\n' "$kv"; done)
+    mapfile -t pre_args < <(sets "${pre_sets[@]}")
     "$py" -m dsaforge stage pretrain --preset "$preset" "${stage_args[@]}" "${pre_args[@]}" \
         --input prepare-data="$runs/data" --out "$runs/sparse"
     rm -rf "$runs/sparse/checkpoints"
@@ -87,7 +88,6 @@ timed() {
     tail -n 1 "$out/times.tsv"
 }
 
-sets() { for kv in "$@"; do printf -- '--set\n%s\n' "$kv"; done; }
 mapfile -t sft_args < <(sets "${sft_sets[@]}")
 mapfile -t rl_args < <(sets "${rl_sets[@]}")
 

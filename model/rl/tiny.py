@@ -145,8 +145,9 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=None)
     ap.add_argument("--from", dest="reuse", type=Path, default=None,
                     help="an earlier run's directory: reuse its tasks, data and SFT model, run only grpo")
-    ap.add_argument("--envs", type=int, default=125, help="environments in all (the held-out ones included)")
-    ap.add_argument("--heldout-envs", type=int, default=50, help="environments whose tasks are only evaluated")
+    ap.add_argument("--envs", type=int, default=None, help="environments in all, the held-out ones included "
+                    "(default: run()'s)")
+    ap.add_argument("--heldout-envs", type=int, default=None, help="environments whose tasks are only evaluated")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting of the tiny-RL config, the value as JSON (e.g. rl.top_p=0.9)")
     args = ap.parse_args()
@@ -159,8 +160,8 @@ def main() -> None:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    r = run(args.out, tiny_rl_config(**overrides), envs=args.envs, heldout_envs=args.heldout_envs,
-            reuse=args.reuse)
+    sizes = {k: v for k, v in (("envs", args.envs), ("heldout_envs", args.heldout_envs)) if v is not None}
+    r = run(args.out, tiny_rl_config(**overrides), reuse=args.reuse, **sizes)
     (args.out / "result.json").write_text(json.dumps({k: v for k, v in r.items() if k != "tracker"}, indent=2,
                                                      default=str))
     (args.out / "table.md").write_text(table(r) + "\n")

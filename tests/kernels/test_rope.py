@@ -1,14 +1,10 @@
-"""The one-pass rotary kernel through Triton's interpreter against the model's torch rotation (`layers.rotate`)."""
+"""The one-pass rotary kernel through Triton's interpreter against the model's torch rotation (`layers.apply_rope`
+on CPU)."""
 import pytest
 import torch
 
 from dsaforge.kernels import last_path, rope
-from dsaforge.model.layers import rotate
-
-
-def _model_rotation(x, cos, sin, interleaved):
-    shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
-    return rotate(x, torch.complex(cos, sin).view(shape), interleaved)
+from dsaforge.model.layers import apply_rope as _model_rotation    # CPU tensors: the torch rotation
 
 
 @pytest.mark.parametrize("interleaved", [True, False])

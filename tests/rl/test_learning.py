@@ -10,7 +10,7 @@ import pytest
 from dsaforge.model.rl.tiny import run
 from dsaforge.synth import sandbox as sbx
 
-# about 6 minutes on 2 cores (docs/rl.md, "Status of the tiny learning bar": seeds 0-3 of this recipe all clear it)
+# about 7 minutes on 2 cores (docs/rl.md, "Status of the tiny learning bar": seeds 0-3 of this recipe all clear it)
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(sbx.bwrap_problem() is not None, reason=f"bwrap unusable: {sbx.bwrap_problem()}")]
 
