@@ -21,6 +21,7 @@ isolation; it exists for machines without bubblewrap and must be asked for by na
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
@@ -408,12 +409,21 @@ def _kill(proc: subprocess.Popen) -> None:
 _EMPTY: list[str] = []
 
 
+def _remove(path: str) -> None:
+    """Delete a file or directory this process made for its sandboxes (at exit; gone already is fine)."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
 def _empty_file() -> str:
     if not _EMPTY or not os.path.exists(_EMPTY[0]):
         fd, path = tempfile.mkstemp(prefix="dsaforge-sbx-empty-")
         os.close(fd)
         os.chmod(path, 0o444)
         _EMPTY[:] = [path]
+        atexit.register(_remove, path)
     return _EMPTY[0]
 
 
@@ -434,6 +444,7 @@ def _identity_files(uid: int) -> dict[str, str]:
             os.chmod(p, 0o444)
         os.chmod(d, 0o755)
         _IDENTITY[uid] = files
+        atexit.register(_remove, d)
     return files
 
 

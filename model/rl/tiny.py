@@ -2,6 +2,7 @@
 
     python -m dsaforge.model.rl.tiny --out runs/tiny-rl            # what tests/rl/test_learning.py runs; --rl-steps, --sft-steps
     python -m dsaforge.model.rl.tiny --from runs/tiny-rl --out runs/tiny-rl-b --set rl.lr=1e-4   # grpo only, on that SFT model
+    python -m dsaforge.model.rl.tiny --model small --out runs/small-rl   # the small preset's model, on a GPU
 
 1. `dsaforge.synth.tiny_rl` writes hundreds of short `lookup` tasks (train and held-out environments) and their
    reference trajectories, in the synthesize stage's layout;
@@ -32,16 +33,26 @@ import time
 from pathlib import Path
 
 
-def tiny_rl_config(**overrides):
-    """The tiny preset with the model and the pretrain, SFT and GRPO settings of the tiny learning bar."""
+def tiny_rl_config(model: str = "tiny", **overrides):
+    """The tiny preset with the model and the pretrain, SFT and GRPO settings of the tiny learning bar.
+
+    `model="small"`: the same tasks, data and stages with the small preset's model (1.25B parameters, 0.21B active,
+    its attention, experts and depth; only the vocabulary cut to the tiny-RL tokenizer's) trained in bf16 on a GPU,
+    with the learning rates and batches of a model that size (the learning run of `docs/rl.md`, "On an H200")."""
     from dsaforge.config import load_config
 
+    if model not in ("tiny", "small"):
+        raise ValueError(f"model must be 'tiny' (CPU) or 'small' (one GPU), not {model!r}")
     cfg = load_config("tiny")
     cfg.train.device = "cpu"
+    if model == "small":
+        big = load_config("small")
+        cfg.model, cfg.train.dtype, cfg.train.device = big.model, big.train.dtype, "auto"
     m = cfg.model
     m.vocab_size = 1024           # the tiny-RL tokenizer has ~600 tokens: a smaller head, less compute
-    # attention wide enough to carry a token's identity through one head (the copy): a full-rank latent and value
-    m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim, m.v_head_dim = 64, 64, 16, 32
+    if model == "tiny":
+        # attention wide enough to carry a token's identity through one head (the copy): a full-rank latent and value
+        m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim, m.v_head_dim = 64, 64, 16, 32
     d = cfg.data
     d.seq_len, d.val_fraction, d.max_documents, d.min_doc_bytes = 128, 0.02, None, 16
     p = cfg.train.pretrain
@@ -56,6 +67,14 @@ def tiny_rl_config(**overrides):
     rl.kl_coef, rl.temperature, rl.top_p, rl.max_new_tokens, rl.max_turns = 0.05, 1.0, 1.0, 32, 2
     rl.reward.format_weight = 0.2
     rl.eval_every, rl.eval_prompts, rl.eval_sampled, rl.save_every = 1000, 1000, True, 1000
+    if model == "small":
+        # a 1.25B model: the small preset's pretraining lr, twice the rows a step (a GPU has the room), gentler
+        # SFT and GRPO steps; one checkpoint per stage (each is 17.5 GB of fp32 weights and AdamW moments)
+        p.lr, p.batch_size, p.micro_batch_size = 6e-4, 32, 32
+        s.lr = 1e-4
+        rl.lr = 3e-5
+        for stage in (p, s):
+            stage.keep_last = 1
     for k, v in overrides.items():
         section, field = k.split(".", 1)
         obj = getattr(cfg, section)
@@ -141,6 +160,8 @@ def table(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="a new directory: stage outputs, result.json, table.md")
+    ap.add_argument("--model", choices=("tiny", "small"), default="tiny",
+                    help="tiny: the CPU model of the test; small: the small preset's model, on a GPU")
     ap.add_argument("--rl-steps", type=int, default=None, help="GRPO steps (the test runs the default)")
     ap.add_argument("--sft-steps", type=int, default=None)
     ap.add_argument("--from", dest="reuse", type=Path, default=None,
@@ -161,7 +182,7 @@ def main() -> None:
         except json.JSONDecodeError:
             overrides[key] = value
     sizes = {k: v for k, v in (("envs", args.envs), ("heldout_envs", args.heldout_envs)) if v is not None}
-    r = run(args.out, tiny_rl_config(**overrides), reuse=args.reuse, **sizes)
+    r = run(args.out, tiny_rl_config(args.model, **overrides), reuse=args.reuse, **sizes)
     (args.out / "result.json").write_text(json.dumps({k: v for k, v in r.items() if k != "tracker"}, indent=2,
                                                      default=str))
     (args.out / "table.md").write_text(table(r) + "\n")

@@ -25,3 +25,21 @@ def test_tiny_rl_tasks_replay_through_the_episode_interface(tmp_path):
             assert ep.step(ref[2]["tool_calls"][0]) == ref[3]["content"]       # the sandboxed tool's real output
             assert ep.submit(ep.submission_from_text(ref[4]["content"])).passed
             assert not ep.submit({"answer": -1}).passed
+
+
+def test_tiny_rl_config_takes_the_small_preset_model_for_the_gpu_run():
+    from dsaforge.config import load_config
+    from dsaforge.model.rl.tiny import tiny_rl_config
+
+    small, tiny = tiny_rl_config("small", **{"rl.lr": 1e-4}), tiny_rl_config()
+    preset = load_config("small").model
+    for name in ("dim", "n_layers", "n_heads", "n_routed_experts", "q_lora_rank", "kv_lora_rank", "v_head_dim"):
+        assert getattr(small.model, name) == getattr(preset, name), name
+    assert small.model.vocab_size == tiny.model.vocab_size == 1024
+    assert (small.train.dtype, small.train.device, small.rl.lr) == ("bfloat16", "auto", 1e-4)
+    assert (tiny.train.dtype, tiny.train.device, tiny.model.dim) == ("float32", "cpu", 64)
+    assert small.data.seq_len == tiny.data.seq_len and small.rl.steps == tiny.rl.steps   # the same tasks and loop
+    with pytest.raises(ValueError, match="model must be"):
+        tiny_rl_config("medium")
+    with pytest.raises(ValueError, match="unknown setting"):
+        tiny_rl_config("small", **{"rl.lrr": 1.0})

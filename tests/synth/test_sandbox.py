@@ -262,3 +262,15 @@ def test_wait_exit_reaps_an_exited_process_and_times_out_on_a_running_one():
     assert time.monotonic() - t0 < 10
     slow.kill()
     assert sbx.wait_exit(slow, 30) and slow.returncode == -9
+
+
+def test_files_made_for_the_sandboxes_are_removed_at_exit():
+    """The empty file and the passwd/group directory a process makes for its sandboxes do not outlive it."""
+    import subprocess
+
+    code = ("from dsaforge.synth import sandbox as s\n"
+            "print(s._empty_file()); print(s._identity_files(1000)['passwd'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert len(out) == 2 and all(p.startswith(tempfile.gettempdir()) for p in out)
+    assert not any(os.path.exists(p) for p in out), out
+    assert not os.path.exists(os.path.dirname(out[1]))
