@@ -163,8 +163,11 @@ if gluon is not None:
             idx_n = _load_idx(idx_base, STAGES - 1, K, T, offs_r, BLOCK_K)
             idx_np = _load_idx(idx_base, STAGES - 1, K, T, offs_rp, BLOCK_K)
         for j in range(n_blocks):
-            # The buffer the next copy fills held block j-1: its P.V product must be done (it also read P).
+            # The buffer the next copy fills held block j-1: its P.V products must be done (they also read P), the
+            # other warpgroup's too, hence the barrier: without it one warpgroup's copies could overwrite rows the
+            # other's P.V is still reading.
             o = warpgroup_mma_wait(0, deps=[acc])
+            gl.thread_barrier()
             if PREFETCH:
                 _copy_block(kn_smem, kp_smem, kv_base, skt, (j + STAGES - 1) % STAGES, idx_n, idx_np, offs_c,
                             offs_cp + D_V)
