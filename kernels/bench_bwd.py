@@ -11,14 +11,12 @@ and OUT.md. About a minute.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from dsaforge.kernels._dispatch import last_path
+from dsaforge.kernels._dispatch import env_var, last_path
 from dsaforge.kernels.bench import _rand, environment, timeit
 from dsaforge.kernels.checks import _indices, rel_err
 from dsaforge.kernels.sparse_mla import sparse_mla_bwd, sparse_mla_flops, sparse_mla_fwd
@@ -28,17 +26,8 @@ H, D, DV, K, S_Q = 128, 576, 512, 2048, 4096
 CONFIGS = (SM90_BWD_CONFIG, ("sm90", 64, 1))
 
 
-@contextlib.contextmanager
 def sm90_bwd(on: bool):
-    prev = os.environ.get("DSAFORGE_SM90_BWD")
-    os.environ["DSAFORGE_SM90_BWD"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if prev is None:
-            del os.environ["DSAFORGE_SM90_BWD"]
-        else:
-            os.environ["DSAFORGE_SM90_BWD"] = prev
+    return env_var("DSAFORGE_SM90_BWD", "1" if on else "0")
 
 
 def kernel_ms(fn) -> dict:

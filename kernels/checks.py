@@ -14,7 +14,7 @@ import time
 import torch
 
 from dsaforge.kernels import reference as ref
-from dsaforge.kernels._dispatch import last_path, poison_outputs
+from dsaforge.kernels._dispatch import env_var, last_path, poison_outputs
 from dsaforge.kernels.indexer import indexer_rerank, indexer_scores, indexer_topk, rerank_margin
 from dsaforge.kernels.kl import indexer_kl
 from dsaforge.kernels.lse import attention_lse
@@ -90,8 +90,6 @@ def check_sparse_mla_bwd_sm90(h: int = 128, k: int = 2048, config: tuple | None 
     backward with the Triton dq kernel (DSAFORGE_SM90_BWD=0), at d_qk 576 / d_v 512: 10% empty slots, a row with no
     valid key, a row whose first 300 slots are empty, dO head-major as the output projection hands it over, and rows
     in chunks of chunk_rows so that the row offset is exercised."""
-    import os
-
     dev, d_v = "cuda", 512
     d = d_v + 64
     q = torch.randn(1, s_q, h, d, device=dev, dtype=torch.bfloat16)
@@ -105,22 +103,14 @@ def check_sparse_mla_bwd_sm90(h: int = 128, k: int = 2048, config: tuple | None 
     ro, _ = ref.sparse_mla(qq, kk, idx, scale, d_v)
     dout = torch.randn(h, 1, s_q, d_v, device=dev, dtype=out.dtype).permute(1, 2, 0, 3)
     torch.autograd.backward([ro], [dout.double()])
-    with poison_outputs():
+    with poison_outputs(), env_var("DSAFORGE_SM90_BWD", "1"):
         dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, d_v, algorithm="split", chunk_rows=chunk_rows,
                                  config=config)
     path = last_path("sparse_mla_bwd")
-    prev = os.environ.get("DSAFORGE_SM90_BWD")
-    os.environ["DSAFORGE_SM90_BWD"] = "0"
-    try:
-        with poison_outputs():
-            dq_t, dkv_t = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, d_v, algorithm="split",
-                                         chunk_rows=chunk_rows)
-        path_t = last_path("sparse_mla_bwd")
-    finally:
-        if prev is None:
-            del os.environ["DSAFORGE_SM90_BWD"]
-        else:
-            os.environ["DSAFORGE_SM90_BWD"] = prev
+    with poison_outputs(), env_var("DSAFORGE_SM90_BWD", "0"):
+        dq_t, dkv_t = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, d_v, algorithm="split",
+                                     chunk_rows=chunk_rows)
+    path_t = last_path("sparse_mla_bwd")
     res = dict(check=f"sparse_mla bwd sm90 h{h} k{k}", config=list(config) if config else None,
                shape=dict(s_q=s_q, s_kv=s_kv, k=k, h=h), path=path[1], triton_path=path_t[1],
                dq_rel_err=rel_err(dq, qq.grad), dkv_rel_err=rel_err(dkv, kk.grad),

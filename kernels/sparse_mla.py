@@ -461,9 +461,10 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     instead of one per head block. "fused": one kernel, dKV added per head block. "auto" (default): split from
     SPLIT_MIN_HEADS heads up, else fused. `deterministic=True` (split) writes each (query, slot) contribution
     instead and sums them per key in a fixed order.
-    On sm_90 GPUs the split algorithm's kernel 1 is the Hopper (Gluon) one where `sparse_mla_bwd_sm90.supported`
-    takes the shape and deterministic=False (DSAFORGE_SM90_BWD=0 turns it off); `config` is then
-    ("sm90", BLOCK_K, stages), else (BLOCK_H, BLOCK_K, warps, stages) for the Triton kernel.
+    On sm_90 GPUs the split algorithm's kernel 1 can be the Hopper (Gluon) one, where `sparse_mla_bwd_sm90.supported`
+    takes the shape and deterministic=False: opt-in (DSAFORGE_SM90_BWD=1, or `config` ("sm90", BLOCK_K, stages))
+    until it has been checked and timed on a GPU; else `config` is (BLOCK_H, BLOCK_K, warps, stages) for the
+    Triton kernel.
     """
     _check_inputs(q, kv, indices, d_v)
     check(tuple(out.shape) == (*q.shape[:3], d_v), f"out must be {(*q.shape[:3], d_v)}, got {tuple(out.shape)}")
@@ -513,8 +514,10 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
         return dq, dkv.to(kv.dtype)
 
     cfg90 = config if config is not None and config[0] == "sm90" else None
-    use90, why90 = False, "deterministic=True or DSAFORGE_SM90_BWD=0"
-    if not deterministic and (config is None or cfg90) and os.environ.get("DSAFORGE_SM90_BWD", "1") != "0":
+    # Opt-in until it has been measured on a GPU: an ("sm90", ...) config or DSAFORGE_SM90_BWD=1.
+    want90 = cfg90 is not None or (config is None and os.environ.get("DSAFORGE_SM90_BWD", "0") == "1")
+    use90, why90 = False, "deterministic=True" if deterministic else "off (DSAFORGE_SM90_BWD=1 turns it on)"
+    if want90 and not deterministic:
         use90, why90 = bwd90.supported(q, kv, indices, dout, d_v, cfg90)
     check(cfg90 is None or use90, f"the sm_90 backward config {config} does not apply: {why90}")
     if use90:
