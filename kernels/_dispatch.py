@@ -135,6 +135,29 @@ class poison_outputs:
         _POISON["on"] = self._prev
 
 
+class env_var:
+    """Set (value str) or unset (None) an environment variable inside a `with` block, restored after it: the
+    kernels' DSAFORGE_* switches are read at each call."""
+
+    def __init__(self, name: str, value: str | None):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        self._prev = os.environ.get(self.name)
+        _set_env(self.name, self.value)
+        return self
+
+    def __exit__(self, *exc):
+        _set_env(self.name, self._prev)
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def empty(*shape, device, dtype) -> torch.Tensor:
     """torch.empty for kernel outputs, poisoned inside `poison_outputs`."""
     t = torch.empty(*shape, device=device, dtype=dtype)

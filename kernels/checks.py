@@ -14,7 +14,7 @@ import time
 import torch
 
 from dsaforge.kernels import reference as ref
-from dsaforge.kernels._dispatch import last_path, poison_outputs
+from dsaforge.kernels._dispatch import env_var, last_path, poison_outputs
 from dsaforge.kernels.indexer import indexer_rerank, indexer_scores, indexer_topk, rerank_margin
 from dsaforge.kernels.kl import indexer_kl
 from dsaforge.kernels.lse import attention_lse
@@ -81,6 +81,46 @@ def check_sparse_mla(shape: str, s_q: int = 128, s_kv: int = 8192, k: int = 2048
     errs = [v for kk_, v in res.items() if kk_.endswith("rel_err")]
     res["passed"] = bool(max(errs) <= BF16_TOL and res["deterministic_bitwise"] and res["empty_row_ok"]
                          and res["no_nan"] and path == "triton")
+    return res
+
+
+def check_sparse_mla_bwd_sm90(h: int = 128, k: int = 2048, config: tuple | None = None, s_q: int = 128,
+                              s_kv: int = 8192, chunk_rows: int = 48) -> dict:
+    """The split backward with the Hopper dq kernel (`sparse_mla_bwd_sm90`) against float64 and against the same
+    backward with the Triton dq kernel (DSAFORGE_SM90_BWD=0), at d_qk 576 / d_v 512: 10% empty slots, a row with no
+    valid key, a row whose first 300 slots are empty, dO head-major as the output projection hands it over, and rows
+    in chunks of chunk_rows so that the row offset is exercised."""
+    dev, d_v = "cuda", 512
+    d = d_v + 64
+    q = torch.randn(1, s_q, h, d, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(1, s_kv, d, device=dev, dtype=torch.bfloat16)
+    idx = _indices(1, s_q, s_kv, k, dev, empty_frac=0.1)
+    idx[:, 0] = -1
+    idx[:, 1, :300] = -1
+    scale = d ** -0.5
+    out, lse = sparse_mla_fwd(q, kv, idx, scale, d_v)
+    qq, kk = q.double().requires_grad_(), kv.double().requires_grad_()
+    ro, _ = ref.sparse_mla(qq, kk, idx, scale, d_v)
+    dout = torch.randn(h, 1, s_q, d_v, device=dev, dtype=out.dtype).permute(1, 2, 0, 3)
+    torch.autograd.backward([ro], [dout.double()])
+    with poison_outputs(), env_var("DSAFORGE_SM90_BWD", "1"):
+        dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, d_v, algorithm="split", chunk_rows=chunk_rows,
+                                 config=config)
+    path = last_path("sparse_mla_bwd")
+    with poison_outputs(), env_var("DSAFORGE_SM90_BWD", "0"):
+        dq_t, dkv_t = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, d_v, algorithm="split",
+                                     chunk_rows=chunk_rows)
+    path_t = last_path("sparse_mla_bwd")
+    res = dict(check=f"sparse_mla bwd sm90 h{h} k{k}", config=list(config) if config else None,
+               shape=dict(s_q=s_q, s_kv=s_kv, k=k, h=h), path=path[1], triton_path=path_t[1],
+               dq_rel_err=rel_err(dq, qq.grad), dkv_rel_err=rel_err(dkv, kk.grad),
+               dq_triton_rel_err=rel_err(dq_t, qq.grad), dkv_triton_rel_err=rel_err(dkv_t, kk.grad),
+               dq_vs_triton_rel_err=rel_err(dq, dq_t), dkv_vs_triton_rel_err=rel_err(dkv, dkv_t),
+               empty_row_zero=bool((dq[:, 0] == 0).all()),
+               no_nan=not any(t.isnan().any() for t in (dq, dkv)))
+    errs = [v for kk_, v in res.items() if kk_.endswith("rel_err")]
+    res["passed"] = bool(max(errs) <= BF16_TOL and res["empty_row_zero"] and res["no_nan"]
+                         and path[1] == "sm90 gluon dq kernel" and path_t[1] != path[1])
     return res
 
 
@@ -327,6 +367,7 @@ def run_all(log=print) -> list[dict]:
     if torch.cuda.get_device_capability()[0] == 9:      # each Hopper forward schedule, not only the default
         jobs += [(f"sm90 fwd {s}", check_sparse_mla_fwd_config, (("sm90", 64, st, s),))
                  for s, st in (("pingpong", 2), ("serial", 2), ("prefetch", 2), ("ws3", 3))]
+        jobs += [(f"sm90 bwd h{h} k{k}", check_sparse_mla_bwd_sm90, (h, k)) for h, k in ((128, 2048), (64, 512))]
     results = []
     for name, fn, args in jobs:
         t0 = time.time()

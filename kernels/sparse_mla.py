@@ -14,6 +14,7 @@ import os
 import torch
 
 from dsaforge.kernels import reference as ref
+from dsaforge.kernels import sparse_mla_bwd_sm90 as bwd90
 from dsaforge.kernels import sparse_mla_sm90 as sm90
 from dsaforge.kernels._dispatch import (FLOAT_DTYPES, check, check_indices, check_same_device, check_tensor, empty,
                                         next_pow2, record, use_triton)
@@ -460,6 +461,10 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     instead of one per head block. "fused": one kernel, dKV added per head block. "auto" (default): split from
     SPLIT_MIN_HEADS heads up, else fused. `deterministic=True` (split) writes each (query, slot) contribution
     instead and sums them per key in a fixed order.
+    On sm_90 GPUs the split algorithm's kernel 1 can be the Hopper (Gluon) one, where `sparse_mla_bwd_sm90.supported`
+    takes the shape and deterministic=False: opt-in (DSAFORGE_SM90_BWD=1, or `config` ("sm90", BLOCK_K, stages))
+    until it has been checked and timed on a GPU; else `config` is (BLOCK_H, BLOCK_K, warps, stages) for the
+    Triton kernel.
     """
     _check_inputs(q, kv, indices, d_v)
     check(tuple(out.shape) == (*q.shape[:3], d_v), f"out must be {(*q.shape[:3], d_v)}, got {tuple(out.shape)}")
@@ -508,7 +513,16 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
             BLOCK_K=bk, NUM_HB=nhb, num_warps=warps, num_stages=stages)
         return dq, dkv.to(kv.dtype)
 
-    bh, bk, warps, stages = _cfg(DQ_CONFIG, d_v, h, config)
+    cfg90 = config if config is not None and config[0] == "sm90" else None
+    # Opt-in until it has been measured on a GPU: an ("sm90", ...) config or DSAFORGE_SM90_BWD=1.
+    want90 = cfg90 is not None or (config is None and os.environ.get("DSAFORGE_SM90_BWD", "0") == "1")
+    use90, why90 = False, "deterministic=True" if deterministic else "off (DSAFORGE_SM90_BWD=1 turns it on)"
+    if want90 and not deterministic:
+        use90, why90 = bwd90.supported(q, kv, indices, dout, d_v, cfg90)
+    check(cfg90 is None or use90, f"the sm_90 backward config {config} does not apply: {why90}")
+    if use90:
+        record("sparse_mla_bwd", "triton", "sm90 gluon dq kernel")
+    bh, bk, warps, stages = _cfg(DQ_CONFIG, d_v, h, None if cfg90 else config)
     nhb = triton.cdiv(h, bh)
     kbk, cw, kwarps, kstages = dkv_config or DKV_CONFIG.get(d_v, (64, min(256, d_v), 8, 2))
     cw = min(cw, d_v)
@@ -523,10 +537,13 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     part = empty(rows, k, d, device=q.device, dtype=torch.float32) if deterministic else dkv
     for s0 in range(0, s, rows):
         n = min(rows, s - s0)
-        _sparse_mla_bwd_dq_kernel[(n * nhb, b)](
-            q, kv, indices, dout, lse, delta, dq, ds, pb, sm_scale, sm_scale * LOG2E, *common,
-            ds.stride(0), ds.stride(1), ds.stride(2), s0, h, t, k, D_V=d_v, D_PE=d_pe, D_PE_P=d_pe_p,
-            BLOCK_H=bh, BLOCK_K=bk, NUM_HB=nhb, num_warps=warps, num_stages=stages)
+        if use90:
+            bwd90.launch(q, kv, indices, dout, lse, delta, dq, ds, pb, s0, n, sm_scale, d_v, cfg90)
+        else:
+            _sparse_mla_bwd_dq_kernel[(n * nhb, b)](
+                q, kv, indices, dout, lse, delta, dq, ds, pb, sm_scale, sm_scale * LOG2E, *common,
+                ds.stride(0), ds.stride(1), ds.stride(2), s0, h, t, k, D_V=d_v, D_PE=d_pe, D_PE_P=d_pe_p,
+                BLOCK_H=bh, BLOCK_K=bk, NUM_HB=nhb, num_warps=warps, num_stages=stages)
         for bi in range(b) if deterministic else [None]:
             bsl = slice(None) if bi is None else slice(bi, bi + 1)
             qq, dd, ii, dss, pbb, gk = (x[bsl] for x in (q, dout, indices, ds, pb, dkv))

@@ -31,6 +31,17 @@ def test_sm90_forward_schedules(schedule):
     assert res["passed"], res
 
 
+@pytest.mark.parametrize("h,k,config", [(128, 2048, None), (64, 2048, None), (128, 512, None), (64, 256, None),
+                                        (128, 2048, ("sm90", 64, 1))])
+def test_sm90_backward(h, k, config):
+    """The split backward with the Hopper dq kernel against float64 and against the Triton dq kernel (empty slots,
+    a row with no valid key, head-major dO, rows in chunks), at 64 and 128 heads and a few top-k."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon backward is for sm_90")
+    res = _show(checks.check_sparse_mla_bwd_sm90(h, k, config))
+    assert res["passed"], res
+
+
 @pytest.mark.parametrize("shape,sm90", [("v32", "1"), ("v32", "0"), ("small", "1")])
 def test_sparse_mla_forward_with_kl_target(monkeypatch, shape, sm90):
     """The KL target from the forward's own probabilities (Hopper `prefetch` kernel with stored P at V3.2's shape,
