@@ -115,7 +115,7 @@ def run(out: Path, cfg=None, envs: int = 125, heldout_envs: int = 50, reuse: Pat
     from dsaforge.tracking import NullTracker
 
     cfg = cfg or tiny_rl_config()
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, torch.get_num_threads()))     # 2 (fewer where OMP_NUM_THREADS says so)
     out = Path(out)
     times, t0 = {}, time.perf_counter()
     if reuse is None:
