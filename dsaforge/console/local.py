@@ -69,7 +69,9 @@ class LocalBackend:
                 if code is None:
                     continue
                 del self._children[run_id]
-                self.store.update(run_id, only_if=(RUNNING, QUEUED), status=FAILED, finished=time.time(),
+                # Only this worker's own attempt: once it recorded its failure the run may have been resumed
+                # (queued again, pid cleared, or running under a new worker) before this exit is reaped.
+                self.store.update(run_id, only_if=(RUNNING,), only_pid=proc.pid, status=FAILED, finished=time.time(),
                                   error=f"the worker exited with status {code} without recording an outcome")
             running = self.store.list(status=(RUNNING,))
             for run in running:

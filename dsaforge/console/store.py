@@ -117,8 +117,10 @@ class Store:
             rows = db.execute(query + " ORDER BY created DESC LIMIT ?", (*args, limit)).fetchall()
         return [_run(r) for r in rows]
 
-    def update(self, run_id: str, only_if: Optional[tuple[str, ...]] = None, **values) -> bool:
-        """Set columns of one run; with `only_if`, only while its status is one of those (no lost races)."""
+    def update(self, run_id: str, only_if: Optional[tuple[str, ...]] = None, only_pid: Optional[int] = None,
+               **values) -> bool:
+        """Set columns of one run; with `only_if`, only while its status is one of those, and with `only_pid`, only
+        while its worker is that process (no lost races)."""
         unknown = set(values) - set(_COLUMNS)
         if unknown:
             raise KeyError(f"unknown run columns: {sorted(unknown)}")
@@ -127,6 +129,9 @@ class Store:
         if only_if:
             query += f" AND status IN ({', '.join('?' * len(only_if))})"
             args += list(only_if)
+        if only_pid is not None:
+            query += " AND pid = ?"
+            args.append(only_pid)
         with self._db() as db:
             return db.execute(query, args).rowcount == 1
 

@@ -64,3 +64,40 @@ def test_queue_survives_a_console_restart(tmp_path, monkeypatch):
         assert three.console.store.get(b.id).status == "cancelled"
         wait(lambda: not os.path.exists(f"/proc/{pid_b}/cmdline") or not open(f"/proc/{pid_b}/cmdline").read(),
              timeout_s=30, what="B's worker to stop")
+
+
+def test_a_worker_reaped_after_its_run_was_resumed_does_not_fail_the_resumed_run(tmp_path):
+    """A worker records its failure and exits; if the run is resumed before the console reaps that exit, the exit
+    belongs to the old attempt and must leave the queued (resumed) run alone. A worker that exits without recording
+    an outcome still fails its own run."""
+    import subprocess
+    import sys
+
+    from dsaforge.console.local import LocalBackend
+    from dsaforge.console.store import Store
+
+    store = Store(tmp_path / "console.db")
+    backend = LocalBackend(store, tmp_path / "home", max_parallel=0)     # nothing is started from the queue here
+
+    def exited_worker(run, records_failure: bool):
+        proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+        proc.wait()
+        backend._children[run.id] = proc
+        store.update(run.id, status="running", pid=proc.pid)
+        if records_failure:
+            store.update(run.id, only_if=("running",), status="failed", error="DataError: input not found")
+
+    resumed = store.add("end-to-end", "local", "tiny", {})
+    backend.submit(resumed)
+    exited_worker(resumed, records_failure=True)
+    backend.resume(store.get(resumed.id))
+    backend.tick()
+    run = store.get(resumed.id)
+    assert (run.status, run.error) == ("queued", None), run
+
+    crashed = store.add("end-to-end", "local", "tiny", {})
+    backend.submit(crashed)
+    exited_worker(crashed, records_failure=False)
+    backend.tick()
+    run = store.get(crashed.id)
+    assert (run.status, run.error) == ("failed", "the worker exited with status 1 without recording an outcome")
