@@ -15,8 +15,9 @@ UV_VERSION ?= 0.13.9
 TORCH_FIND_LINKS ?= $(TORCH_INDEX)/torch/
 LOCK_ARGS ?=
 # make test's worker processes (pytest-xdist; one test file per worker at a time): 2 fits a 2-core CI machine,
-# whose tests wait on subprocesses and servers much of the time. TEST_WORKERS=0 runs the suite in one process.
+# whose tests wait on subprocesses and servers part of the time. TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
+PYTEST_DIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test test-latest setup setup-dev system-deps gpu-test lock clean image
 
@@ -52,7 +53,7 @@ demo: setup
 
 # pytest exit status 5 means "no tests collected": that is a failure here, never a pass.
 test: setup-dev
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -q $(PYTEST_DIST) --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # The suite against the newest releases pyproject.toml allows (not the lock): catches the next upstream break
@@ -64,7 +65,7 @@ test-latest: system-deps
 	else .venv-latest/bin/python $(PIP_LOCKED) --extra-index-url $(TORCH_INDEX) -r requirements/torch-cpu.lock; fi
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
-	.venv-latest/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
+	.venv-latest/bin/python -m pytest -q $(PYTEST_DIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; \
 	echo "versions tested: .venv-latest/versions.txt"; exit $$rc
 

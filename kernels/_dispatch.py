@@ -7,6 +7,7 @@ tests and the benchmark can assert that the fused path was actually taken.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -135,20 +136,16 @@ class poison_outputs:
         _POISON["on"] = self._prev
 
 
-class env_var:
+@contextmanager
+def env_var(name: str, value: str | None):
     """Set (value str) or unset (None) an environment variable inside a `with` block, restored after it: the
     kernels' DSAFORGE_* switches are read at each call."""
-
-    def __init__(self, name: str, value: str | None):
-        self.name, self.value = name, value
-
-    def __enter__(self):
-        self._prev = os.environ.get(self.name)
-        _set_env(self.name, self.value)
-        return self
-
-    def __exit__(self, *exc):
-        _set_env(self.name, self._prev)
+    prev = os.environ.get(name)
+    _set_env(name, value)
+    try:
+        yield
+    finally:
+        _set_env(name, prev)
 
 
 def _set_env(name: str, value: str | None) -> None:

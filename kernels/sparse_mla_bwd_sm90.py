@@ -27,7 +27,6 @@ from dsaforge.kernels._dispatch import check
 
 gluon = fwd.gluon
 if gluon is not None:
-    import triton
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
@@ -201,16 +200,8 @@ def launch(q, kv, indices, dout, lse, delta, dq, ds, p, s0: int, n: int, sm_scal
 
 
 def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) -> dict:
-    """Compile for sm_90a without a GPU and report shared memory, registers, spills and wgmma instructions, as
-    `sparse_mla_sm90.resource_usage` does for the forward."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
+    """Compile for sm_90a without a GPU and report shared memory, registers, spills, wgmma instructions and the
+    SASS's wgmma waits (`sparse_mla_sm90.compile_sm90`), as `sparse_mla_sm90.resource_usage` does for the forward."""
     _, block_k, stages = config or SM90_BWD_CONFIG
     sig = {"Q": "*bf16", "KV": "*bf16", "IDX": "*i32", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
            "DQ": "*bf16", "DS": "*bf16", "P": "*bf16", "scale": "fp32", "scale_log2": "fp32"}
@@ -220,26 +211,9 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
     sig.update({k: "constexpr" for k in ce})
     # As Triton specializes: pointers and the strides that are multiples of 16 (every one but s_offset, T and K).
     aligned = {(i,): [["tt.divisibility", 16]] for i in [*range(9), *range(11, 11 + len(ints) - 3)]}
-    src = GluonASTSource(fn=_sparse_mla_bwd_dq_sm90_kernel, signature=sig, constexprs=ce, attrs=aligned)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
-    wgmma = {}
-    for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", k.asm["ptx"]):
-        wgmma[m.group(1)] = wgmma.get(m.group(1), 0) + 1
-    res = dict(config=list(config or SM90_BWD_CONFIG), shared_bytes=k.metadata.shared, wgmma=wgmma)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    if os.path.exists(tool):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-            sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-        for key in ("REG", "STACK", "LOCAL"):
-            m = re.search(rf"\b{key}:(\d+)", usage)
-            if m:
-                res[key.lower()] = int(m.group(1))
-        # Waits on wgmma in the SASS: one per HGMMA where ptxas serialized them (its C7515 warning, which Triton
-        # does not pass on), else the kernel's own two a block.
-        res["wgmma_waits"] = sass.count("WARPGROUP.DEPBAR")
+    res = dict(config=list(config or SM90_BWD_CONFIG))
+    res.update(fwd.compile_sm90(_sparse_mla_bwd_dq_sm90_kernel, sig, ce, aligned, {"num_warps": NUM_WARPS}))
+    del res["ptx"]
     return res
 
 

@@ -690,15 +690,9 @@ def launch(q, kv, indices, out, lse, sm_scale_log2: float, d_v: int, config: tup
 
 def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64, store_p: bool = False) -> dict:
     """Compile the kernel for sm_90a without a GPU (Triton's bundled ptxas) and report what it needs: shared memory,
-    registers and spills (`cuobjdump -res-usage`), and the wgmma instructions in its PTX. Needs TRITON_INTERPRET
+    registers and spills, the wgmma instructions and their waits (`compile_sm90`). Needs TRITON_INTERPRET
     unset (the interpreter replaces the language functions Gluon compiles)."""
-    import os
     import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     _, block_k, stages, schedule = config or SM90_FWD_CONFIG
     sig = {"Q": "*bf16", "KV": "*bf16", "IDX": "*i32", "O": "*bf16", "LSE": "*fp32", "scale_log2": "fp32"}
@@ -716,29 +710,47 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64, 
     aligned = {(i,): [["tt.divisibility", 16]] for i in [0, 1, 2, 3, 4, *range(6, 18)]}   # as Triton specializes
     fn = {"ws3": _sparse_mla_fwd_ws3_kernel, "pingpong": _sparse_mla_fwd_pp_kernel}.get(schedule,
                                                                                       _sparse_mla_fwd_sm90_kernel)
-    src = GluonASTSource(fn=fn, signature=sig,
-                         constexprs=ce, attrs=aligned)
     options = {"num_warps": ce["num_warps"], **({"maxnreg": WS3_MAXNREG} if schedule == "ws3" else {})}
+    res = dict(config=list(config or SM90_FWD_CONFIG), **({"store_p": True} if store_p else {}))
+    res.update(compile_sm90(fn, sig, ce, aligned, options))
+    # Warp-specialized kernels: the per-partition register counts (REG below is the count at entry).
+    nreg = sorted({int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", res.pop("ptx"))})
+    if nreg:
+        res["setmaxnreg"] = nreg
+    return res
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, attrs: dict, options: dict) -> dict:
+    """Compile a Gluon kernel for sm_90a without a GPU and read what it needs: shared memory, the wgmma
+    instructions in its PTX, registers, stack and local memory (`cuobjdump -res-usage`, where Triton bundles it),
+    the SASS's wgmma waits (one per HGMMA where ptxas serialized them: its C7515 warning, which Triton does not pass
+    on) and the PTX itself (key "ptx", for the caller's own checks)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     wgmma = {}
     for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", k.asm["ptx"]):
         wgmma[m.group(1)] = wgmma.get(m.group(1), 0) + 1
-    res = dict(config=list(config or SM90_FWD_CONFIG), **({"store_p": True} if store_p else {}),
-               shared_bytes=k.metadata.shared, wgmma=wgmma)
-    # Warp-specialized kernels: the per-partition register counts (REG below is the count at entry).
-    nreg = sorted({int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])})
-    if nreg:
-        res["setmaxnreg"] = nreg
+    res = dict(shared_bytes=k.metadata.shared, wgmma=wgmma, ptx=k.asm["ptx"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     if os.path.exists(tool):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()
             usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
         for key in ("REG", "STACK", "LOCAL"):
             m = re.search(rf"\b{key}:(\d+)", usage)
             if m:
                 res[key.lower()] = int(m.group(1))
+        res["wgmma_waits"] = sass.count("WARPGROUP.DEPBAR")
     return res
 
 
