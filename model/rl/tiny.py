@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -138,13 +139,22 @@ def run(out: Path, cfg=None, envs: int = 125, heldout_envs: int = 50, reuse: Pat
                                                          "synthesize": synth}, tracker))
     times["grpo_s"] = time.perf_counter() - t0 - sum(times.values())
     before, after = grpo["start.heldout/pass_rate"], grpo["end.heldout/pass_rate"]
-    se = (grpo["start.heldout/pass_rate_se"] ** 2 + grpo["end.heldout/pass_rate_se"] ** 2) ** 0.5
+    gain_se = gain_in_se(before, after, grpo["start.heldout/pass_rate_se"], grpo["end.heldout/pass_rate_se"])
     result = {"pretrain": pre, "sft": sft, "grpo": grpo, "tracker": tracker, "times": times,
               "before": before, "after": after, "before_se": grpo["start.heldout/pass_rate_se"],
-              "after_se": grpo["end.heldout/pass_rate_se"], "gain_se": (after - before) / se if se else float("inf"),
+              "after_se": grpo["end.heldout/pass_rate_se"], "gain_se": gain_se,
               "heldout": int(grpo["end.heldout/n"])}
     print(table(result))
     return result
+
+
+def gain_in_se(before: float, after: float, se_before: float, se_after: float) -> float:
+    """The pass rate's gain in standard errors of the difference of two independent evaluations. Without any spread
+    (every episode failed, or every one passed, in both) a gain is certain (+-inf) and no gain is 0, not inf."""
+    se = math.hypot(se_before, se_after)
+    if se:
+        return (after - before) / se
+    return math.copysign(math.inf, after - before) if after != before else 0.0
 
 
 def table(r: dict) -> str:

@@ -43,3 +43,15 @@ def test_tiny_rl_config_takes_the_small_preset_model_for_the_gpu_run():
         tiny_rl_config("medium")
     with pytest.raises(ValueError, match="unknown setting"):
         tiny_rl_config("small", **{"rl.lrr": 1.0})
+
+
+def test_gain_in_standard_errors_is_zero_without_gain_or_spread():
+    import math
+
+    from dsaforge.model.rl.tiny import gain_in_se
+
+    assert gain_in_se(0.4, 0.7, 0.03, 0.04) == pytest.approx(0.3 / 0.05)
+    assert gain_in_se(0.5, 0.4, 0.03, 0.04) == pytest.approx(-2.0)
+    assert gain_in_se(0.0, 0.0, 0.0, 0.0) == 0.0          # every episode failed before and after: no gain, not inf
+    assert gain_in_se(0.0, 1.0, 0.0, 0.0) == math.inf
+    assert gain_in_se(1.0, 0.0, 0.0, 0.0) == -math.inf
