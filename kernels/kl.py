@@ -30,9 +30,8 @@ except ImportError:  # pragma: no cover
     triton = None
 
 from dsaforge.kernels.sparse_mla import FWD_CONFIG
-from dsaforge.kernels.sparse_mla import _cfg as _fwd_cfg
+from dsaforge.kernels.sparse_mla_blocks import LOG2E, block_config
 
-LOG2E = 1.4426950408889634
 # Keys per block, warps and pipeline stages of `_indexer_kl_kernel` (one program per query row), chosen by `bench
 # --sweep` (`sweep_kl`) on an H200 at s_kv 64K, 4096 rows, k 2048, forward + backward: 64 keys, 4 warps, 2 stages took
 # 13.9 ms at V3.2's shape and 4.1 ms at the small preset's, against 19.6 and 6.1 ms for the previous 32 / 8 / 1.
@@ -40,30 +39,23 @@ KL_CONFIG = {"block_n": 64, "warps": 4, "stages": 2}
 
 
 if triton is not None:
+    from dsaforge.kernels.sparse_mla_blocks import latent_rows, qk_logits, query_heads, selected_rows
 
     @triton.jit
     def _target_mass(aq_row, lse_row, kv_base, idx64, valid, saqh, skvt, scale_log2, H,
                      D_V: tl.constexpr, D_PE: tl.constexpr, D_PE_P: tl.constexpr, H_P: tl.constexpr,
                      BLOCK_HA: tl.constexpr, BLOCK_N: tl.constexpr):
         """sum_h exp(scale * q_h . kv_t - lse_h) for a block of keys [BLOCK_N], heads taken BLOCK_HA at a time."""
-        offs_v = tl.arange(0, D_V)
-        offs_p = tl.arange(0, D_PE_P)
-        mask_p = offs_p < D_PE
-        kv_rows = kv_base + idx64[:, None] * skvt
-        kn = tl.load(kv_rows + offs_v[None, :], mask=valid[:, None], other=0.0)                  # [BN, D_V]
-        kp = tl.load(kv_rows + D_V + offs_p[None, :], mask=valid[:, None] & mask_p[None, :], other=0.0)
+        kn, kp = latent_rows(kv_base, idx64, valid, skvt, D_V, D_PE, D_PE_P)                     # [BN, D_V]
         p = tl.zeros([BLOCK_N], tl.float32)
         for h0 in tl.static_range(0, H_P, BLOCK_HA):
             offs_h = h0 + tl.arange(0, BLOCK_HA)
             mask_h = offs_h < H
-            aq = aq_row + offs_h[:, None] * saqh
-            aq_n = tl.load(aq + offs_v[None, :], mask=mask_h[:, None], other=0.0)                # [BHA, D_V]
-            aq_p = tl.load(aq + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+            aq_n, aq_p = query_heads(aq_row + offs_h[:, None] * saqh, mask_h, D_V, D_PE, D_PE_P)  # [BHA, D_V]
             lse = tl.load(lse_row + offs_h, mask=mask_h, other=float("-inf"))
             h_ok = mask_h & (lse > float("-inf"))
             lse2 = tl.where(h_ok, lse * 1.4426950408889634, 0.0)
-            att = tl.dot(aq_n, tl.trans(kn))
-            att = tl.dot(aq_p, tl.trans(kp), att)                                                # [BHA, BN]
+            att = qk_logits(aq_n, aq_p, kn, kp)                                                  # [BHA, BN]
             pa = tl.exp2(att * scale_log2 - lse2[:, None])
             p += tl.sum(tl.where(h_ok[:, None] & valid[None, :], pa, 0.0), 0)
         return p
@@ -83,12 +75,7 @@ if triton is not None:
         s64 = s.to(tl.int64)
         offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
-        offs_v = tl.arange(0, D_V)
-        offs_p = tl.arange(0, D_PE_P)
-        mask_p = offs_p < D_PE
-        q_rows = Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh
-        q_nope = tl.load(q_rows + offs_v[None, :], mask=mask_h[:, None], other=0.0)
-        q_pe = tl.load(q_rows + D_V + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+        q_nope, q_pe = query_heads(Q + b64 * sqb + s64 * sqs + offs_h[:, None] * sqh, mask_h, D_V, D_PE, D_PE_P)
         lse = tl.load(LSE + b64 * slb + s64 * sls + offs_h * slh, mask=mask_h, other=float("-inf"))
         h_ok = mask_h & (lse > float("-inf"))
         lse2 = tl.where(h_ok, lse * 1.4426950408889634, 0.0)
@@ -97,14 +84,8 @@ if triton is not None:
         pt_row = PT + b64 * spb + s64 * sps
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            idx = tl.load(idx_base + offs_k, mask=offs_k < K, other=-1)
-            valid = (idx >= 0) & (idx < T)
-            rows = kv_base + idx.to(tl.int64)[:, None] * skt
-            kn = tl.load(rows + offs_v[None, :], mask=valid[:, None], other=0.0)
-            kp = tl.load(rows + D_V + offs_p[None, :], mask=valid[:, None] & mask_p[None, :], other=0.0)
-            qk = tl.dot(q_nope, tl.trans(kn))
-            qk = tl.dot(q_pe, tl.trans(kp), qk)
-            pa = tl.exp2(qk * scale_log2 - lse2[:, None])
+            _, valid, kn, kp = selected_rows(kv_base, idx_base, offs_k, K, T, skt, D_V, D_PE, D_PE_P)
+            pa = tl.exp2(qk_logits(q_nope, q_pe, kn, kp) * scale_log2 - lse2[:, None])
             mass = tl.sum(tl.where(h_ok[:, None] & valid[None, :], pa, 0.0), 0)                   # [BK]
             if NUM_HB == 1:
                 tl.store(pt_row + offs_k, mass, mask=offs_k < K)
@@ -266,7 +247,7 @@ def sparse_target_mass(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, ind
     b, s, h, d = q.shape
     if not use_triton(q, kv, lse, indices)[0]:
         return ref.selected_mass(q, kv, lse, indices, sm_scale)
-    bh, bk, warps, stages = _fwd_cfg(FWD_CONFIG, d_v, h, None)
+    bh, bk, warps, stages = block_config(FWD_CONFIG, d_v, h, None)
     nhb = triton.cdiv(h, bh)
     k = indices.shape[2]
     pt = (torch.zeros if nhb > 1 else empty)(b, s, k, device=q.device, dtype=torch.float32)

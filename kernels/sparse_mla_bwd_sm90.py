@@ -1,6 +1,6 @@
 """Sparse MLA backward, first kernel of the split algorithm, for Hopper (sm_90) in Gluon: dQ, and dS and P for dKV.
 
-Why: the Triton `sparse_mla._sparse_mla_bwd_dq_kernel` has the forward's layout problem (`sparse_mla_sm90`'s
+Why: the Triton `sparse_mla_bwd._sparse_mla_bwd_dq_kernel` has the forward's layout problem (`sparse_mla_sm90`'s
 docstring): S = Q K^T and dP = dO V^T feed further dots, so `tl.dot` puts all 8 warps along the 64 heads and each
 warpgroup computes both products for the whole block, 1088 of the 2752 FLOPs a (head, key) pair costs in the
 backward, twice. Here warpgroup g computes S and dP for half of each block's keys ([4, 2] warp layout), P and dS

@@ -17,7 +17,8 @@ import torch
 
 from dsaforge.kernels import sparse_mla_sm90 as sm90
 from dsaforge.kernels._dispatch import empty, next_pow2, record
-from dsaforge.kernels.sparse_mla import FWD_CONFIG, LOG2E, _cfg, _sparse_mla_fwd_kernel
+from dsaforge.kernels.sparse_mla import FWD_CONFIG, _sparse_mla_fwd_kernel
+from dsaforge.kernels.sparse_mla_blocks import LOG2E, block_config
 
 try:
     import triton
@@ -76,7 +77,7 @@ def forward_with_target(q, kv, indices, sm_scale, d_v, chunk_rows: int | None = 
         bh, bk = sm90.BLOCK_H, sm90.SM90_FWD_FALLBACK[1]
     else:
         record("sparse_mla_fwd", "triton", "triton kernel with the KL target")
-        bh, bk, warps, stages = _cfg(FWD_CONFIG, d_v, h, None)
+        bh, bk, warps, stages = block_config(FWD_CONFIG, d_v, h, None)
     nhb, nb = triton.cdiv(h, bh), triton.cdiv(k, bk)
     rows = chunk_rows or max(1, min(s, TARGET_SCRATCH_BYTES // (b * h * (k * q.element_size() + nb * 4))))
     pb = torch.empty(b, rows, h, k, device=q.device, dtype=q.dtype)

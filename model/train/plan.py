@@ -126,7 +126,7 @@ def _sparse_backward_peak(cfg: ModelConfig, tokens: int, tp: int) -> float:
     C+R] in bf16, live together, and the split backward's dS/P scratch (from SPLIT_MIN_HEADS heads, bounded over
     the whole micro-batch). At 64K tokens and 128 heads that is 17 + 2 GiB, the gap between the plan without it
     (70.7 GiB) and the measured peak (84.8) of the `h200` sparse row."""
-    from dsaforge.kernels.sparse_mla import BWD_SCRATCH_BYTES, SPLIT_MIN_HEADS
+    from dsaforge.kernels.sparse_mla_bwd import BWD_SCRATCH_BYTES, SPLIT_MIN_HEADS
     heads = cfg.n_heads // tp
     grads = 2 * heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * tokens
     scratch = min(BWD_SCRATCH_BYTES, 2 * 2 * heads * cfg.index_topk * tokens) if heads >= SPLIT_MIN_HEADS else 0

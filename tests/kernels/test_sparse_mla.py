@@ -105,7 +105,7 @@ def test_backward_matches_autograd_reference(interpret, report, algorithm, deter
 def test_scratch_is_bounded_whatever_the_batch(interpret, report, monkeypatch):
     """The split backward's dS and P and the target's stored P are sized over the whole batch: more sequences of the
     same tokens take fewer rows per chunk, not more memory (16 x 4K once held 16x the scratch of 1 x 64K)."""
-    mod = importlib.import_module("dsaforge.kernels.sparse_mla")
+    mod = importlib.import_module("dsaforge.kernels.sparse_mla_bwd")
     target = importlib.import_module("dsaforge.kernels.sparse_mla_target")
     q, kv, idx = _inputs(b=4, s=6, h=3, k=16)
     per_seq_row = 2 * 3 * 16 * q.element_size()

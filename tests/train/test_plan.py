@@ -118,7 +118,7 @@ def test_sparse_plan_counts_the_attention_backward_and_a_batch_bounded_scratch()
     """The sparse stage's plan holds, beyond the block's saved tensors, the sparse MLA backward's dO and dQ and its
     dS/P scratch, the latter bounded over the micro-batch (so 16 x 4K plans what 1 x 64K does), and it no longer
     falls below the `h200` sparse peak measured on an H200 at 64K (84.8 GiB, docs/benchmarks/train_h200.md)."""
-    from dsaforge.kernels.sparse_mla import BWD_SCRATCH_BYTES
+    from dsaforge.kernels.sparse_mla_bwd import BWD_SCRATCH_BYTES
     from dsaforge.model.train.bench import plan_gib
     from dsaforge.model.train.plan import _sparse_backward_peak
     cfg = preset("h200")
