@@ -23,18 +23,18 @@ instructions.
 from __future__ import annotations
 
 from dsaforge.kernels import sparse_mla_sm90 as fwd
+from dsaforge.kernels import sparse_mla_sm90_blocks as blocks
 from dsaforge.kernels._dispatch import check
 
-gluon = fwd.gluon
+gluon = blocks.gluon
 if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
-                                                                 warpgroup_mma_init, warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 # ("sm90", BLOCK_K, STAGES). Not yet measured on a GPU: ("sm90", 64, 1) is the other configuration that fits.
 SM90_BWD_CONFIG = ("sm90", 32, 2)
-BLOCK_H = fwd.BLOCK_H
+BLOCK_H = blocks.BLOCK_H
 NUM_WARPS = 8
 
 if gluon is not None:
@@ -47,7 +47,7 @@ if gluon is not None:
             D_V: gl.constexpr, D_PE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
             NUM_HB: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = Q.dtype.element_ty
-        hb, b64, s_loc64 = fwd._program(NUM_HB)
+        hb, b64, s_loc64 = blocks._program(NUM_HB)
         s64 = s_loc64 + s_offset
 
         # S and dP [BLOCK_H, BLOCK_K]: warpgroup g takes keys [g*BLOCK_K/2, (g+1)*BLOCK_K/2) of every head.
@@ -90,7 +90,7 @@ if gluon is not None:
         kv_base = KV + b64 * skb
         idx_base = IDX + b64 * sib + s64 * sis
         for j in gl.static_range(STAGES - 1):      # Q and dO ride in block 0's group
-            fwd._issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j, K, T, offs_r, offs_c, offs_rp,
+            blocks._issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j, K, T, offs_r, offs_c, offs_rp,
                              offs_cp + D_V, BLOCK_K, STAGES)
 
         offs_hs = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
@@ -107,13 +107,13 @@ if gluon is not None:
         # in the loop it hoists the wgmma descriptors out of it, and they spill (as in the forward's "pingpong").
         nz = (T < 0).to(gl.int32)
         if STAGES == 2:    # indices are loaded a block ahead, while the MMAs run, so a copy never waits on a load
-            idx_n = fwd._load_idx(idx_base, 1, K, T, offs_r, BLOCK_K)
-            idx_np = fwd._load_idx(idx_base, 1, K, T, offs_rp, BLOCK_K)
+            idx_n = blocks._load_idx(idx_base, 1, K, T, offs_r, BLOCK_K)
+            idx_np = blocks._load_idx(idx_base, 1, K, T, offs_rp, BLOCK_K)
         for j in range(K // BLOCK_K):
             z = j * nz
             if STAGES == 1:
                 gl.thread_barrier()                # both warpgroups' MMAs are done with the rows this copy replaces
-                fwd._issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j, K, T, offs_r, offs_c, offs_rp,
+                blocks._issue_block(kn_smem, kp_smem, kv_base, idx_base, skt, j, K, T, offs_r, offs_c, offs_rp,
                                  offs_cp + D_V, BLOCK_K, STAGES)
             cp.wait_group(0)
             fence_async_shared()                   # cp.async wrote through the generic proxy; wgmma reads async
@@ -121,7 +121,7 @@ if gluon is not None:
             # (a warpgroup waits only its own): only now may the next copy overwrite block j-1's buffer.
             gl.thread_barrier()
             if STAGES == 2:
-                fwd._copy_block(kn_smem, kp_smem, kv_base, skt, (j + 1) % 2 + z, idx_n, idx_np, offs_c,
+                blocks._copy_block(kn_smem, kp_smem, kv_base, skt, (j + 1) % 2 + z, idx_n, idx_np, offs_c,
                                 offs_cp + D_V)
             buf = j % STAGES + z
             kn = kn_smem.index(buf)
@@ -130,10 +130,10 @@ if gluon is not None:
             sc = warpgroup_mma(q_smem.index(z), kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             sc = warpgroup_mma(qp_smem.index(z), kp.permute((1, 0)), sc, is_async=True)
             dp = warpgroup_mma(do_smem.index(z), kn.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            valid = fwd._valid(idx_base, j, K, T, offs_ks, BLOCK_K)
+            valid = blocks._valid(idx_base, j, K, T, offs_ks, BLOCK_K)
             if STAGES == 2:
-                idx_n = fwd._load_idx(idx_base, j + 2, K, T, offs_r, BLOCK_K)
-                idx_np = fwd._load_idx(idx_base, j + 2, K, T, offs_rp, BLOCK_K)
+                idx_n = blocks._load_idx(idx_base, j + 2, K, T, offs_r, BLOCK_K)
+                idx_np = blocks._load_idx(idx_base, j + 2, K, T, offs_rp, BLOCK_K)
             sc, dp = warpgroup_mma_wait(0, deps=[sc, dp])
             p = gl.exp2(sc * scale_log2 - lse2[:, None])
             p = gl.where(row_ok[:, None] & valid[None, :], p, 0.0)
@@ -201,7 +201,8 @@ def launch(q, kv, indices, dout, lse, delta, dq, ds, p, s0: int, n: int, sm_scal
 
 def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) -> dict:
     """Compile for sm_90a without a GPU and report shared memory, registers, spills, wgmma instructions and the
-    SASS's wgmma waits (`sparse_mla_sm90.compile_sm90`), as `sparse_mla_sm90.resource_usage` does for the forward."""
+    SASS's wgmma waits (`sparse_mla_sm90_blocks.compile_sm90`), as `sparse_mla_sm90.resource_usage` does for the
+    forward."""
     _, block_k, stages = config or SM90_BWD_CONFIG
     sig = {"Q": "*bf16", "KV": "*bf16", "IDX": "*i32", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
            "DQ": "*bf16", "DS": "*bf16", "P": "*bf16", "scale": "fp32", "scale_log2": "fp32"}
@@ -212,7 +213,7 @@ def resource_usage(config: tuple | None = None, d_v: int = 512, d_pe: int = 64) 
     # As Triton specializes: pointers and the strides that are multiples of 16 (every one but s_offset, T and K).
     aligned = {(i,): [["tt.divisibility", 16]] for i in [*range(9), *range(11, 11 + len(ints) - 3)]}
     res = dict(config=list(config or SM90_BWD_CONFIG))
-    res.update(fwd.compile_sm90(_sparse_mla_bwd_dq_sm90_kernel, sig, ce, aligned, {"num_warps": NUM_WARPS}))
+    res.update(blocks.compile_sm90(_sparse_mla_bwd_dq_sm90_kernel, sig, ce, aligned, {"num_warps": NUM_WARPS}))
     del res["ptx"]
     return res
 
