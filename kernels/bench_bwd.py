@@ -1,4 +1,4 @@
-"""Sparse MLA backward: the split algorithm with the Triton dq kernel against the Hopper (Gluon) one, side by side.
+"""Sparse MLA backward: the split algorithm with the Triton dq kernel against the Hopper (Gluon) ones, side by side.
 
 Run on one sm_90 GPU:  python -m dsaforge.kernels.bench_bwd --out docs/benchmarks/sparse_bwd_h200
 V3.2's attention shape (h 128, d_qk 576, d_v 512, top-k 2048), s_q 4096 queries over 64K and 128K keys. Each row
@@ -20,10 +20,10 @@ from dsaforge.kernels._dispatch import env_var, last_path
 from dsaforge.kernels.bench import _rand, environment, timeit
 from dsaforge.kernels.checks import _indices, rel_err
 from dsaforge.kernels.sparse_mla import sparse_mla_bwd, sparse_mla_flops, sparse_mla_fwd
-from dsaforge.kernels.sparse_mla_bwd_sm90 import SM90_BWD_CONFIG
+from dsaforge.kernels.sparse_mla_bwd_sm90 import SM90_BWD_CONFIG, SM90_FUSED_CONFIG, is_fused
 
 H, D, DV, K, S_Q = 128, 576, 512, 2048, 4096
-CONFIGS = (SM90_BWD_CONFIG, ("sm90", 64, 1))
+CONFIGS = (SM90_BWD_CONFIG, ("sm90", 64, 1), SM90_FUSED_CONFIG)
 
 
 def sm90_bwd(on: bool):
@@ -66,7 +66,7 @@ def run(sizes=(65536, 131072), configs=CONFIGS, s_q: int = S_Q, k: int = K, h: i
             rows.append(dict(base, variant="triton split", path=last_path("sparse_mla_bwd")[1], ms=ms_old,
                              tflops=flops / ms_old / 1e9, kernels_ms=kernel_ms(bwd)))
         for cfg in configs:
-            row = dict(base, variant="sm90 dq + triton dkv", config=list(cfg))
+            row = dict(base, variant="sm90, dkv fused" if is_fused(cfg) else "sm90 dq + triton dkv", config=list(cfg))
             try:
                 with sm90_bwd(True):
                     ms = timeit(lambda: bwd(cfg))
@@ -84,7 +84,7 @@ def run(sizes=(65536, 131072), configs=CONFIGS, s_q: int = S_Q, k: int = K, h: i
 
 
 def render(rows: list[dict], env: dict | None = None) -> str:
-    lines = ["# Sparse MLA backward: Triton split against the Hopper dq kernel", ""]
+    lines = ["# Sparse MLA backward: Triton split against the Hopper kernels", ""]
     if env:
         lines += [f"{env.get('gpu', '')}, torch {env.get('torch', '')}, triton {env.get('triton', '')}", ""]
     lines += ["FLOPs as FlashMLA counts the backward, 2*s_q*k*h*(3*d_qk + 2*d_v); d_qk 576, d_v 512; "
@@ -93,7 +93,7 @@ def render(rows: list[dict], env: dict | None = None) -> str:
               "| dQ, dKV rel. err. vs Triton |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         km = r.get("kernels_ms", {})
-        dq_ms = sum(v for kk, v in km.items() if "bwd_dq" in kk)
+        dq_ms = sum(v for kk, v in km.items() if "bwd_dq" in kk or "bwd_sm90" in kk)
         dkv_ms = sum(v for kk, v in km.items() if "bwd_dkv" in kk)
         if "error" in r:
             lines.append(f"| {r['s_q']} | {r['s_kv']} | {r['k']} | {r['h']} | {r['variant']} | {r.get('config', '')} "

@@ -86,10 +86,11 @@ def check_sparse_mla(shape: str, s_q: int = 128, s_kv: int = 8192, k: int = 2048
 
 def check_sparse_mla_bwd_sm90(h: int = 128, k: int = 2048, config: tuple | None = None, s_q: int = 128,
                               s_kv: int = 8192, chunk_rows: int = 48) -> dict:
-    """The split backward with the Hopper dq kernel (`sparse_mla_bwd_sm90`) against float64 and against the same
-    backward with the Triton dq kernel (DSAFORGE_SM90_BWD=0), at d_qk 576 / d_v 512: 10% empty slots, a row with no
-    valid key, a row whose first 300 slots are empty, dO head-major as the output projection hands it over, and rows
-    in chunks of chunk_rows so that the row offset is exercised."""
+    """The split backward with the Hopper dq kernel (`sparse_mla_bwd_sm90`; with an ("sm90-fused", ...) config the
+    same kernel forming dKV too) against float64 and against the same backward with the Triton dq kernel
+    (DSAFORGE_SM90_BWD=0), at d_qk 576 / d_v 512: 10% empty slots, a row with no valid key, a row whose first 300
+    slots are empty, dO head-major as the output projection hands it over, and rows in chunks of chunk_rows so that
+    the row offset is exercised."""
     dev, d_v = "cuda", 512
     d = d_v + 64
     q = torch.randn(1, s_q, h, d, device=dev, dtype=torch.bfloat16)
@@ -107,6 +108,8 @@ def check_sparse_mla_bwd_sm90(h: int = 128, k: int = 2048, config: tuple | None 
         dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, d_v, algorithm="split", chunk_rows=chunk_rows,
                                  config=config)
     path = last_path("sparse_mla_bwd")
+    fused = config is not None and config[0] == "sm90-fused"
+    want_path = "sm90 gluon kernel, dKV fused" if fused else "sm90 gluon dq kernel"
     with poison_outputs(), env_var("DSAFORGE_SM90_BWD", "0"):
         dq_t, dkv_t = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, d_v, algorithm="split",
                                      chunk_rows=chunk_rows)
@@ -120,7 +123,7 @@ def check_sparse_mla_bwd_sm90(h: int = 128, k: int = 2048, config: tuple | None 
                no_nan=not any(t.isnan().any() for t in (dq, dkv)))
     errs = [v for kk_, v in res.items() if kk_.endswith("rel_err")]
     res["passed"] = bool(max(errs) <= BF16_TOL and res["empty_row_zero"] and res["no_nan"]
-                         and path[1] == "sm90 gluon dq kernel" and path_t[1] != path[1])
+                         and path[1] == want_path and path_t[1] != path[1])
     return res
 
 

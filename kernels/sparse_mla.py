@@ -166,8 +166,8 @@ def sparse_mla_decode(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, 
     Where the Hopper kernel takes the shape, it runs unsplit from 8 (query, 64-head block) programs up: on an H200 at
     V3.2's shape over a 64K cache, replayed from a CUDA graph, it took 60-63 us from batch 2 to 16 and 76 us at
     batch 64 (1.99 TB/s of gathered cache), where the best split Triton launch took 58-98 us and 163 us. Below that,
-    32 split programs in all (batch 1: 16 splits, 43.8 us; 32 splits 46.0 us). `python -m dsaforge.kernels.bench_decode`,
-    docs/benchmarks/decode_sweep_h200.md.
+    32 split programs in all (batch 1: 16 splits, 43.8 us; 32 splits 46.0 us).
+    `python -m dsaforge.kernels.bench_decode`, docs/benchmarks/decode_sweep_h200.md.
     """
     if num_splits is None:
         b, s, h = q.shape[:3]

@@ -259,10 +259,11 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
     instead of one per head block. "fused": one kernel, dKV added per head block. "auto" (default): split from
     SPLIT_MIN_HEADS heads up, else fused. `deterministic=True` (split) writes each (query, slot) contribution
     instead and sums them per key in a fixed order.
-    On sm_90 GPUs the split algorithm's kernel 1 can be the Hopper (Gluon) one, where `sparse_mla_bwd_sm90.supported`
-    takes the shape and deterministic=False: opt-in (DSAFORGE_SM90_BWD=1, or `config` ("sm90", BLOCK_K, stages))
-    until it has been checked and timed on a GPU; else `config` is (BLOCK_H, BLOCK_K, warps, stages) for the
-    Triton kernel.
+    On sm_90 GPUs the split algorithm's kernel 1 can be the Hopper (Gluon) one, or that kernel can form dKV itself
+    (no scratch, no second kernel), where `sparse_mla_bwd_sm90.supported` takes the shape and deterministic=False:
+    opt-in until checked and timed on a GPU (`_sm90_choice`: DSAFORGE_SM90_BWD=1 or =fused, or `config`
+    ("sm90", BLOCK_K, stages) or ("sm90-fused", 64, columns)); else `config` is (BLOCK_H, BLOCK_K, warps, stages)
+    for the Triton kernel.
     """
     check_inputs(q, kv, indices, d_v)
     check(tuple(out.shape) == (*q.shape[:3], d_v), f"out must be {(*q.shape[:3], d_v)}, got {tuple(out.shape)}")
@@ -299,8 +300,13 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
               indices.stride(1), dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
               lse.stride(2), dq.stride(0), dq.stride(1), dq.stride(2))
 
+    cfg90, _ = _sm90_choice(q, kv, indices, dout, d_v, config, deterministic)
+    if cfg90 is not None and bwd90.is_fused(cfg90):
+        record("sparse_mla_bwd", "triton", "sm90 gluon kernel, dKV fused")
+        bwd90.launch(q, kv, indices, dout, lse, delta, dq, None, None, 0, s, sm_scale, d_v, cfg90, dkv=dkv)
+        return dq, dkv.to(kv.dtype)
     if algorithm == "fused":
-        bh, bk, warps, stages = block_config(BWD_CONFIG, d_v, h, config)
+        bh, bk, warps, stages = block_config(BWD_CONFIG, d_v, h, None if cfg90 else config)
         nhb = triton.cdiv(h, bh)
         _sparse_mla_bwd_kernel[(s * nhb, b)](
             q, kv, indices, dout, lse, delta, dq, dkv, sm_scale, sm_scale * LOG2E, *common,
@@ -308,13 +314,7 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
             BLOCK_K=bk, NUM_HB=nhb, num_warps=warps, num_stages=stages)
         return dq, dkv.to(kv.dtype)
 
-    cfg90 = config if config is not None and config[0] == "sm90" else None
-    # Opt-in until it has been measured on a GPU: an ("sm90", ...) config or DSAFORGE_SM90_BWD=1.
-    want90 = cfg90 is not None or (config is None and os.environ.get("DSAFORGE_SM90_BWD", "0") == "1")
-    use90, why90 = False, "deterministic=True" if deterministic else "off (DSAFORGE_SM90_BWD=1 turns it on)"
-    if want90 and not deterministic:
-        use90, why90 = bwd90.supported(q, kv, indices, dout, d_v, cfg90)
-    check(cfg90 is None or use90, f"the sm_90 backward config {config} does not apply: {why90}")
+    use90 = cfg90 is not None
     if use90:
         record("sparse_mla_bwd", "triton", "sm90 gluon dq kernel")
     bh, bk, warps, stages = block_config(DQ_CONFIG, d_v, h, None if cfg90 else config)
@@ -351,6 +351,23 @@ def sparse_mla_bwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, out
             if deterministic:
                 _segment_sum(part[:n], indices[bi, s0:s0 + n], dkv[bi])
     return dq, dkv.to(kv.dtype)
+
+
+def _sm90_choice(q, kv, indices, dout, d_v: int, config: tuple | None, deterministic: bool) -> tuple:
+    """(the Hopper backward's config to run, or None; why). Opt-in until measured on a GPU: a `config`
+    ("sm90", BLOCK_K, stages) or ("sm90-fused", 64, columns), or DSAFORGE_SM90_BWD=1 (the dq kernel inside the
+    split algorithm) or =fused (dQ and dKV in one Hopper kernel, whatever the algorithm). An explicit config that
+    does not apply is an error; the environment's choice falls back to the Triton kernels."""
+    cfg90 = config if config is not None and config[0] in ("sm90", "sm90-fused") else None
+    env = os.environ.get("DSAFORGE_SM90_BWD", "0")
+    if cfg90 is None and config is None and env != "0":
+        check(env in ("1", "fused"), f"DSAFORGE_SM90_BWD must be 0, 1 or fused, got {env!r}")
+        cfg90 = bwd90.SM90_FUSED_CONFIG if env == "fused" else bwd90.SM90_BWD_CONFIG
+    if cfg90 is None:
+        return None, "off (DSAFORGE_SM90_BWD=1 or =fused turns it on)"
+    ok, why = (False, "deterministic=True") if deterministic else bwd90.supported(q, kv, indices, dout, d_v, cfg90)
+    check(config is None or ok, f"the sm_90 backward config {config} does not apply: {why}")
+    return (cfg90 if ok else None), why
 
 
 def _segment_sum(part: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:

@@ -32,10 +32,12 @@ def test_sm90_forward_schedules(schedule):
 
 
 @pytest.mark.parametrize("h,k,config", [(128, 2048, None), (64, 2048, None), (128, 512, None), (64, 256, None),
-                                        (128, 2048, ("sm90", 64, 1))])
+                                        (128, 2048, ("sm90", 64, 1)), (128, 2048, ("sm90-fused", 64, 128)),
+                                        (64, 256, ("sm90-fused", 64, 128)), (128, 512, ("sm90-fused", 64, 64))])
 def test_sm90_backward(h, k, config):
-    """The split backward with the Hopper dq kernel against float64 and against the Triton dq kernel (empty slots,
-    a row with no valid key, head-major dO, rows in chunks), at 64 and 128 heads and a few top-k."""
+    """The backward with the Hopper dq kernel (or that kernel forming dKV too) against float64 and against the
+    Triton split backward (empty slots, a row with no valid key, head-major dO, rows in chunks), at 64 and 128 heads
+    and a few top-k."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon backward is for sm_90")
     res = _show(checks.check_sparse_mla_bwd_sm90(h, k, config))
