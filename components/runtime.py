@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 from dsaforge.config import Config, validate
 from dsaforge.stages import run_stage
-from dsaforge.tracking import (attach_run, find_pipeline_run, register_final_model, resolve_tracking_uri, stage_run,
-                               start_pipeline_run)
+from dsaforge.tracking import attach_run, resolve_tracking_uri, stage_run, start_pipeline_run
+from dsaforge.tracking_query import find_pipeline_run, register_final_model
 
 
 def parse_config(config_json: str, tracking_uri: str = "") -> Config:

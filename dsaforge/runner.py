@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from dsaforge.config import Config, ConfigError, to_yaml
-from dsaforge.tracking import close_orphans, reopen_run, resolve_tracking_uri, stage_errors, start_pipeline_run
+from dsaforge.tracking import close_orphans, reopen_run, resolve_tracking_uri, start_pipeline_run
+from dsaforge.tracking_query import stage_errors
 
 
 class PipelineFailed(RuntimeError):

@@ -17,7 +17,7 @@ from dsaforge.config import ConfigError
 
 def collect(uri: str, run_ids: Sequence[str], prefix: str = "eval/") -> tuple[list[str], list[str], list[list]]:
     """(column headers, metric names, rows of values or None) for the runs."""
-    from dsaforge.tracking import run_record
+    from dsaforge.tracking_query import run_record
 
     if len(run_ids) < 2:
         raise ConfigError("eval compare needs at least two runs")

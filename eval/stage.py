@@ -121,5 +121,5 @@ def _histories(tracker, names: list[str]) -> dict:
     uri, run_id = getattr(tracker, "uri", None), getattr(tracker, "run_id", None)
     if not (uri and run_id and names):
         return {}
-    from dsaforge.tracking import metric_histories
+    from dsaforge.tracking_query import metric_histories
     return metric_histories(uri, run_id, names)

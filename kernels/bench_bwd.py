@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dsaforge.kernels._dispatch import env_var, last_path
-from dsaforge.kernels.bench import _rand, environment, timeit
+from dsaforge.kernels.bench_harness import _rand, environment, timeit
 from dsaforge.kernels.checks import _indices, rel_err
 from dsaforge.kernels.sparse_mla import sparse_mla_bwd, sparse_mla_flops, sparse_mla_fwd
 from dsaforge.kernels.sparse_mla_bwd_sm90 import SM90_BWD_CONFIG, SM90_FUSED_CONFIG, is_fused

@@ -245,14 +245,14 @@ async def api_run(request: Request) -> Response:
 
 def _artifacts(console: Console, status) -> list[dict]:
     """Artifact files of the parent run and of each step's run (reports, plots, configs)."""
-    from dsaforge import tracking
+    from dsaforge.tracking_query import list_run_artifacts
 
     owners = ([("pipeline", status.parent_run_id)] if status.parent_run_id else [])
     owners += [(s.name, s.mlflow_run_id) for s in status.steps if s.mlflow_run_id]
     out = []
     for owner, run_id in owners:
         try:
-            paths = tracking.list_run_artifacts(console.tracking_uri, run_id)
+            paths = list_run_artifacts(console.tracking_uri, run_id)
         except Exception:  # noqa: BLE001 - an artifact store that cannot be listed shows no artifacts
             continue
         out += [{"owner": owner, "run_id": run_id, "path": p} for p in paths]
@@ -272,10 +272,10 @@ async def artifact(request: Request) -> Response:
     key = (request.path_params["mlflow_run_id"], request.path_params["path"])
     if key not in listed:
         return _error(request, 404, f"run {run.id[:8]} has no artifact {key[1]!r}")
-    from dsaforge import tracking
+    from dsaforge.tracking_query import download_run_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = await asyncio.to_thread(tracking.download_run_artifact, console.tracking_uri, *key, tmp)
+        local = await asyncio.to_thread(download_run_artifact, console.tracking_uri, *key, tmp)
         body = local.read_bytes()
     ctype = mimetypes.guess_type(key[1])[0] or "application/octet-stream"
     if key[1].endswith((".md", ".yaml", ".yml", ".jsonl", ".log")):

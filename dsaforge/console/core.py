@@ -158,13 +158,13 @@ class Console:
         return self.store.get(run.id)
 
     def _kill_tracking(self, run: Run, reason: str) -> None:
-        from dsaforge import tracking
+        from dsaforge.tracking_query import find_pipeline_runs, kill_runs
 
         try:
-            parent, children = tracking.find_pipeline_runs(self.tracking_uri, run.config["tracking"]["experiment"],
-                                                           run.remote_id or run.id)
+            parent, children = find_pipeline_runs(self.tracking_uri, run.config["tracking"]["experiment"],
+                                                  run.remote_id or run.id)
             live = [r.run_id for r in ([parent] if parent else []) + children if r.status == "RUNNING"]
-            tracking.kill_runs(self.tracking_uri, live, reason)
+            kill_runs(self.tracking_uri, live, reason)
         except Exception as e:  # noqa: BLE001 - the run's own state is already recorded in the queue
             print(f"dsaforge ui: could not mark run {run.id[:8]} in MLflow: {e}", flush=True)
 

@@ -74,12 +74,12 @@ def _metadata(executor_output: dict) -> dict:
 def run_status(run: Run, graph: Graph, uri: str, executor_outputs: dict[str, dict],
                task_states: Optional[dict[str, str]] = None) -> RunStatus:
     """`executor_outputs`: local tasks that finished, by name; `task_states`: a cluster's own word on each task."""
-    from dsaforge import tracking
+    from dsaforge.tracking_query import find_pipeline_runs
 
     pipeline_run_id = run.remote_id if run.backend != "local" and run.remote_id else run.id
     experiment = run.config.get("tracking", {}).get("experiment", "dsaforge")
     try:
-        parent, children = tracking.find_pipeline_runs(uri, experiment, pipeline_run_id)
+        parent, children = find_pipeline_runs(uri, experiment, pipeline_run_id)
         tracking_error = ""
     except Exception as e:  # noqa: BLE001 - an unreachable store shows on the page; the run itself is unaffected
         parent, children, tracking_error = None, [], f"MLflow store {uri}: {str(e).strip().splitlines()[0]}"
@@ -116,10 +116,10 @@ def _step_progress(run: Run, stage: str, uri: str, child_run_id: Optional[str]) 
     total = run.config.get("train", {}).get(stage, {}).get("steps") if stage in ("pretrain", "warmup", "sparse") else None
     if not total or not child_run_id:
         return None
-    from dsaforge import tracking
+    from dsaforge.tracking_query import last_step
 
     try:
-        step = tracking.last_step(uri, child_run_id, _STEP_METRIC)
+        step = last_step(uri, child_run_id, _STEP_METRIC)
     except Exception:  # noqa: BLE001 - progress is a nicety; the step's state stands without it
         return None
     return None if step is None else min(1.0, step / total)       # logged after the step, numbered from 1

@@ -115,7 +115,7 @@ def ensure_bucket(env: Mapping[str, str]) -> None:
 
 
 def migrate(env: Mapping[str, str]) -> None:
-    from dsaforge.tracking import upgrade_store
+    from dsaforge.tracking_query import upgrade_store
 
     wait_for_port(_need(env, "DSAFORGE_DB_HOST"), int(env.get("DSAFORGE_DB_PORT") or 5432), timeout_s=600)
     revision = upgrade_store(database_uri(env))
@@ -125,7 +125,7 @@ def migrate(env: Mapping[str, str]) -> None:
 
 
 def wait(env: Mapping[str, str], timeout_s: float = 1800) -> None:
-    from dsaforge.tracking import store_schema
+    from dsaforge.tracking_query import store_schema
 
     wait_for_port(_need(env, "DSAFORGE_DB_HOST"), int(env.get("DSAFORGE_DB_PORT") or 5432), timeout_s)
     deadline = time.monotonic() + timeout_s
