@@ -519,20 +519,3 @@ def ensure_store(uri: str, home: str, experiment: str) -> str:
     runs find both); returns the experiment id."""
     client = _client(uri)
     return _experiment_id(client, experiment, _artifact_root(uri, home, experiment))
-
-
-# The read side (run lookups, metric histories, the console's views, artifacts, the model registry, the server's
-# database) lives in dsaforge.tracking_query; its names stay importable from here. Looked up on first use, because
-# tracking_query imports this module.
-_QUERY_NAMES = frozenset({
-    "_run_or_error", "stage_runs", "metric_histories", "run_record", "find_pipeline_run", "stage_errors",
-    "register_final_model", "upgrade_store", "store_schema", "RunView", "_view", "find_pipeline_runs", "last_step",
-    "kill_runs", "list_run_artifacts", "download_run_artifact"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _QUERY_NAMES:
-        from dsaforge import tracking_query
-
-        return getattr(tracking_query, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

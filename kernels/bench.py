@@ -23,10 +23,8 @@ import torch.nn.functional as F
 
 from dsaforge.kernels import reference as ref
 from dsaforge.kernels._dispatch import last_path
-# The harness and the sweeps live in their own modules; their names stay importable from here too.
 from dsaforge.kernels.bench_harness import S_Q, SHAPES, SIZES, TOP_K, Clock, _rand, environment, peak_mb, timeit
-from dsaforge.kernels.bench_sweep import (FWD_SWEEP, KL_SWEEP, SWEEP, TOPK_SWEEP,  # noqa: F401 - re-exported
-                                          sweep, sweep_fwd, sweep_kl, sweep_scores, sweep_topk)
+from dsaforge.kernels.bench_sweep import sweep, sweep_fwd, sweep_kl, sweep_scores, sweep_topk
 from dsaforge.kernels.checks import _indices
 from dsaforge.kernels.indexer import indexer_flops, indexer_topk
 from dsaforge.kernels.kl import indexer_kl
@@ -365,6 +363,7 @@ def main(argv=None) -> dict:
         save()
     if args.sweep and dev == "cuda":
         smla = importlib.import_module("dsaforge.kernels.sparse_mla")   # the module, not the function it exports
+        smla_bwd = importlib.import_module("dsaforge.kernels.sparse_mla_bwd")
         parts = set((args.sweep_only or "topk,fwd,bwd,kl").split(","))
         res["sweep"] = []
         if "topk" in parts:
@@ -386,7 +385,7 @@ def main(argv=None) -> dict:
             if "bwd" in parts:
                 sw = sweep(dev, clock, shape)
                 res["sweep"].append(sw)
-                for kind, table in (("dq", smla.DQ_CONFIG), ("dkv", smla.DKV_CONFIG)):
+                for kind, table in (("dq", smla_bwd.DQ_CONFIG), ("dkv", smla_bwd.DKV_CONFIG)):
                     if sw.get(f"best_{kind}"):
                         table[SHAPES[shape]["d_v"]] = tuple(sw[f"best_{kind}"])
             save()

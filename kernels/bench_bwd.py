@@ -3,10 +3,10 @@
 Run on one sm_90 GPU:  python -m dsaforge.kernels.bench_bwd --out docs/benchmarks/sparse_bwd_h200
 V3.2's attention shape (h 128, d_qk 576, d_v 512, top-k 2048), s_q 4096 queries over 64K and 128K keys. Each row
 times the whole `sparse_mla_bwd` (split, deterministic=False) with the Triton dq kernel (DSAFORGE_SM90_BWD=0) and
-with the Hopper one in each configuration of --configs: ms (median of device-event timings, `bench.timeit`), TFLOP/s
-as FlashMLA counts the backward, 2*s_q*k*h*(3*d_qk + 2*d_v), and the ratio Triton / Hopper; each kernel's own time
-from one profiled call; and the relative error of the Hopper dQ and dKV against the Triton ones. Writes OUT.json
-and OUT.md. About a minute.
+with the Hopper kernel in each configuration of --configs (the dq kernel, or ("sm90-fused", ...) forming dKV too):
+ms (median of device-event timings, `bench_harness.timeit`), TFLOP/s as FlashMLA counts the backward,
+2*s_q*k*h*(3*d_qk + 2*d_v), and the ratio Triton / Hopper; each kernel's own time from one profiled call; and the
+relative error of the Hopper dQ and dKV against the Triton ones. Writes OUT.json and OUT.md. About a minute.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from dsaforge import tracking
+from dsaforge import tracking_query
 from dsaforge.pipelines import PIPELINES, builder, get_pipeline
 from tests.console.conftest import csrf_of, error_line
 
@@ -185,7 +185,7 @@ def test_failed_run_shows_the_failed_step_and_can_be_resubmitted_and_compared(se
     # the MLflow parent run is linked and FAILED
     page = s.get(f"{served.url}/runs/{run_id}", timeout=60).text
     assert f'href="http://127.0.0.1:5000/#/experiments/{run["mlflow_experiment_id"]}/runs/{run["mlflow_run_id"]}"' in page
-    parent, children = tracking.find_pipeline_runs(served.console.tracking_uri, "dsaforge", run_id)
+    parent, children = tracking_query.find_pipeline_runs(served.console.tracking_uri, "dsaforge", run_id)
     assert parent.status == "FAILED" and [c.status for c in children] == ["FAILED"]
     # artifacts: listed ones are served, with a safe content type; anything else is 404
     art = s.get(f"{served.url}/runs/{run_id}/artifacts/{parent.run_id}/config.json", timeout=60)
@@ -222,7 +222,7 @@ def test_cancel_stops_the_worker_and_marks_mlflow(served):
     run = requests.get(f"{served.url}/api/runs/{run_id}", timeout=60).json()
     assert run["status"] == "cancelled" and run["note"] == "cancelled from the console"
     assert live_in_group(pid) == []                       # the worker and its task processes are gone
-    parent, children = tracking.find_pipeline_runs(served.console.tracking_uri, "dsaforge", run_id)
+    parent, children = tracking_query.find_pipeline_runs(served.console.tracking_uri, "dsaforge", run_id)
     assert parent.status == "KILLED" and parent.tags["dsaforge.error"] == "cancelled from the console"
     assert all(c.status != "RUNNING" for c in children)
     # a finished run cannot be cancelled again

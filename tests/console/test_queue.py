@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from dsaforge import tracking
+from dsaforge import tracking_query
 from dsaforge.config import load_config
 from dsaforge.console import Settings
 from tests.console.conftest import Served
@@ -35,7 +35,8 @@ def test_queue_survives_a_console_restart(tmp_path, monkeypatch):
         a = one.console.submit("end-to-end", cfg)
         b = one.console.submit("end-to-end", cfg)
         wait(lambda: one.console.store.get(a.id).status == "running", what="run A to start")
-        wait(lambda: tracking.find_pipeline_runs(one.console.tracking_uri, "dsaforge", a.id)[0], what="A's MLflow run")
+        wait(lambda: tracking_query.find_pipeline_runs(one.console.tracking_uri, "dsaforge", a.id)[0],
+             what="A's MLflow run")
         assert one.console.store.get(b.id).status == "queued"
         pid_a = one.console.store.get(a.id).pid
     # ... and dies with A's worker (a crash of the machine or the container takes both).
@@ -46,7 +47,7 @@ def test_queue_survives_a_console_restart(tmp_path, monkeypatch):
         run_a = two.console.store.get(a.id)
         assert run_a.status == "interrupted"
         assert run_a.note == "the console stopped while this run was running, and its worker is gone"
-        parent, _ = tracking.find_pipeline_runs(two.console.tracking_uri, "dsaforge", a.id)
+        parent, _ = tracking_query.find_pipeline_runs(two.console.tracking_uri, "dsaforge", a.id)
         assert parent.status == "KILLED"
         assert parent.tags["dsaforge.error"] == "the console stopped while this run was running"
         wait(lambda: two.console.store.get(b.id).status == "running", what="run B to start after the restart")

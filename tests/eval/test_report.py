@@ -2,7 +2,8 @@
 run to its evaluate stage (what `dsaforge eval compare` takes)."""
 from dsaforge.config import load_config
 from dsaforge.eval import report
-from dsaforge.tracking import metric_histories, run_record, start_pipeline_run, start_stage_run
+from dsaforge.tracking import start_pipeline_run, start_stage_run
+from dsaforge.tracking_query import metric_histories, run_record
 
 
 def test_curves_and_records_from_a_pipeline_run(tmp_path):

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from dsaforge.deploy import mlflow_server as server
-from dsaforge.tracking import store_schema, upgrade_store
+from dsaforge.tracking_query import store_schema, upgrade_store
 
 ENV = {"DSAFORGE_DB_HOST": "db.ml.svc", "DSAFORGE_DB_PORT": "5432", "DSAFORGE_DB_NAME": "mlflow",
        "DSAFORGE_DB_USER": "mlflow", "DSAFORGE_DB_PASSWORD": "p@ss:w/rd%41", "DSAFORGE_ARTIFACTS_BUCKET": "mlflow"}

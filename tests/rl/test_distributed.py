@@ -131,7 +131,8 @@ def test_grpo_stage_runs_data_parallel_on_two_processes(tmp_path):
     from dsaforge.stages import run_stage
     from dsaforge.synth.tiny_rl import write_tiny_rl
     from dsaforge.synth.trajectory import load_trajectories
-    from dsaforge.tracking import metric_histories, stage_run
+    from dsaforge.tracking import stage_run
+    from dsaforge.tracking_query import metric_histories
 
     cfg = _cfg("parallel.nproc_per_node=2", "rl.mode=dense", "rl.steps=2", "rl.prompts_per_step=2",
                "rl.group_size=2", "rl.max_new_tokens=12", "rl.max_turns=1", "rl.eval_prompts=3", "rl.eval_every=2",
