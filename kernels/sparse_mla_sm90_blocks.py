@@ -65,7 +65,6 @@ if gluon is not None:
         return (idx >= 0) & (idx < T)
 
 
-
 def compile_sm90(fn, signature: dict, constexprs: dict, attrs: dict, options: dict) -> dict:
     """Compile a Gluon kernel for sm_90a without a GPU and read what it needs: shared memory, the wgmma
     instructions in its PTX, registers, stack and local memory (`cuobjdump -res-usage`, where Triton bundles it),
