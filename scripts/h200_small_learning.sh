@@ -10,8 +10,13 @@
 #       run has finished, their HF exports kept.
 #   EXTRA_SETS="synth.sandbox.backend=unsafe-subprocess rl.lr=1e-4" scripts/h200_small_learning.sh OUT
 #       Space-separated overrides of the run's config (here: a machine without bubblewrap, another GRPO lr).
+#   STABILISERS=1 scripts/h200_small_learning.sh OUT
+#       Then the stabilisers' same-run comparison on the same SFT model (4 grpo steps at top-p 0.9 with
+#       rl.diagnostics, as docs/benchmarks/rl_tiny_stabilisers_cpu.md on CPU), into OUT/run-stab and
+#       OUT/report/rl_small_stabilisers_h200.{md,json}.
 #   B_SETS="rl.lr=1e-4" scripts/h200_small_learning.sh OUT
-#       Then a second grpo on the same SFT model with these overrides added, into OUT/run-b and its report.
+#       Then (after the stabilisers' run, if asked for) a second grpo on the same SFT model with these overrides
+#       added, into OUT/run-b and its report.
 set -euo pipefail
 
 out=${1:?usage: $0 OUT}
@@ -24,6 +29,13 @@ mkdir -p "$out/report"
 "$py" -m dsaforge.model.rl.tiny --model small --out "$out/run" "${args[@]}" 2>&1 | tee "$out/run.log"
 "$py" -m dsaforge.model.rl.report "$out/run/grpo" --out "$out/report/rl_small_learning_h200"
 rm -rf "$out/run/pretrain/checkpoints"
+if [[ -n ${STABILISERS:-} ]]; then
+    mapfile -t s_args < <(sets "${extra[@]}" rl.steps=4 rl.diagnostics=true rl.top_p=0.9 rl.updates_per_step=2 \
+        rl.prompts_per_step=16 rl.group_size=4 rl.micro_batch_size=32 rl.eval_prompts=64)
+    "$py" -m dsaforge.model.rl.tiny --model small --from "$out/run" --out "$out/run-stab" "${s_args[@]}" 2>&1 \
+        | tee "$out/run-stab.log"
+    "$py" -m dsaforge.model.rl.report "$out/run-stab/grpo" --out "$out/report/rl_small_stabilisers_h200"
+fi
 if [[ -n ${B_SETS:-} ]]; then
     read -r -a b <<< "$B_SETS"
     mapfile -t b_args < <(sets "${extra[@]}" "${b[@]}")
