@@ -75,11 +75,13 @@ def test_rows_spec_and_profile_selection():
 
 def test_indexer_side_kernels_exist_and_are_attributed():
     mod = {n: importlib.import_module(f"dsaforge.kernels.{n}") for n in ("indexer", "topk", "kl", "lse", "sparse_mla",
-                                                                             "sparse_mla_target")}
+                                                                             "sparse_mla_bwd", "sparse_mla_target")}
     for name in bench.INDEXER_KERNELS:
         assert any(hasattr(m, name) for m in mod.values()), name
-    for name in ("_sparse_mla_fwd_kernel", "_sparse_mla_bwd_kernel", "_segment_sum_kernel"):
-        assert hasattr(mod["sparse_mla"], name) and bench.kernel_group(name) == "sparse attention"
+    for module, name in [("sparse_mla", "_sparse_mla_fwd_kernel"), ("sparse_mla_bwd", "_sparse_mla_bwd_kernel"),
+                         ("sparse_mla_bwd", "_sparse_mla_bwd_dq_kernel"), ("sparse_mla_bwd", "_segment_sum_kernel")]:
+        assert hasattr(mod[module], name) and bench.kernel_group(name) == "sparse attention", name
+    assert bench.kernel_group("_sparse_mla_bwd_sm90_kernel") == "sparse attention"
     shares = bench.kernel_shares([("_indexer_kl_kernel", 0.2), ("_select_kernel", 0.1), ("_indexer_kl_kernel", 0.1),
                                   ("_sparse_mla_bwd_kernel", 0.3), ("cudnn_generated_fort_native_sdpa_sm90", 0.1),
                                   ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", 0.1),
