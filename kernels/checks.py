@@ -19,6 +19,7 @@ from dsaforge.kernels.indexer import indexer_rerank, indexer_scores, indexer_top
 from dsaforge.kernels.kl import indexer_kl
 from dsaforge.kernels.lse import attention_lse
 from dsaforge.kernels.sparse_mla import sparse_mla_bwd, sparse_mla_decode, sparse_mla_fwd
+from dsaforge.kernels.sparse_mla_bwd_sm90 import is_fused
 from dsaforge.kernels.topk import topk_indices
 
 BF16_TOL = 1e-2
@@ -108,8 +109,7 @@ def check_sparse_mla_bwd_sm90(h: int = 128, k: int = 2048, config: tuple | None 
         dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, d_v, algorithm="split", chunk_rows=chunk_rows,
                                  config=config)
     path = last_path("sparse_mla_bwd")
-    fused = config is not None and config[0] == "sm90-fused"
-    want_path = "sm90 gluon kernel, dKV fused" if fused else "sm90 gluon dq kernel"
+    want_path = "sm90 gluon kernel, dKV fused" if is_fused(config) else "sm90 gluon dq kernel"
     with poison_outputs(), env_var("DSAFORGE_SM90_BWD", "0"):
         dq_t, dkv_t = sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, d_v, algorithm="split",
                                      chunk_rows=chunk_rows)

@@ -160,7 +160,7 @@ if triton is not None:
         sp_rows = b64 * spb + s_loc.to(tl.int64) * sps + offs_h[:, None] * sph
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            idx, valid, kn, kp = selected_rows(kv_base, idx_base, offs_k, K, T, skt, D_V, D_PE, D_PE_P)
+            _, valid, kn, kp = selected_rows(kv_base, idx_base, offs_k, K, T, skt, D_V, D_PE, D_PE_P)
             p, ds_lo = _p_ds(q_nope, q_pe, do, kn, kp, valid, row_ok, lse2, delta, scale, scale_log2)
             dq_n = tl.dot(ds_lo, kn, dq_n)
             dq_p = tl.dot(ds_lo, kp, dq_p)
